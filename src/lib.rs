@@ -1,0 +1,184 @@
+//! ipgate: a TLS-terminating reverse proxy that puts a hosting company's IP privacy promise
+//! into practice on the hot path.
+//!
+//! # Layout
+//! A request flows top to bottom:
+//! - [`listener`]: accepts client connections, enforces the connection cap, runs TLS
+//!   ([`tls`]) and serves HTTP/1.1 and HTTP/2 under the configured limits.
+//! - [`proxy`]: picks the site by Host, rewrites headers, forwards to the upstream, streams
+//!   bodies and upgrades, maps upstream failures to 502 and 504.
+//!
+//! Around it:
+//! - [`config`]: the TOML file, raw and compiled, with every error named by file, key, line.
+//! - [`state`]: the shared [`state::AppState`] and the swappable compiled [`state::Snapshot`].
+//! - [`admin`]: the admin listener (health, metrics, the `/v1` API).
+//! - [`metrics`]: the Prometheus registry owned by the state.
+//! - [`access_log`]: JSON lines on stdout, client addresses as `privacy.log_ip` says.
+//! - [`shutdown`]: signals; [`demo`]: the built-in demo upstream of the quick start.
+//! - [`cli`]: the command line.
+
+pub mod access_log;
+pub mod admin;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod listener;
+pub mod metrics;
+pub mod proxy;
+pub mod shutdown;
+pub mod state;
+pub mod tls;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::state::{AppState, Snapshot};
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Config(#[from] config::Errors),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Admin(String),
+}
+
+/// A gateway with its sockets bound, ready to [`Gateway::run`].
+pub struct Gateway {
+    state: Arc<AppState>,
+    listeners: Vec<(TcpListener, config::Listener)>,
+    admin: Option<TcpListener>,
+    demo: Option<TcpListener>,
+}
+
+impl Gateway {
+    /// Loads what the config names, binds every socket (port 0 picks a free port).
+    pub async fn bind(config: Config) -> Result<Gateway, StartError> {
+        let metrics = Arc::new(Metrics::new());
+        let admin_token = match &config.admin {
+            Some(a) => Some(admin::load_or_create_token(&a.token_file).map_err(StartError::Admin)?),
+            None => None,
+        };
+        let demo = match config.demo_upstream {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
+        let admin = match &config.admin {
+            Some(a) => Some(bind(a.addr).await?),
+            None => None,
+        };
+        let mut listeners = Vec::new();
+        for l in &config.listeners {
+            listeners.push((bind(l.addr).await?, l.clone()));
+        }
+        let snapshot = Snapshot::build(config, &metrics)?;
+        Ok(Gateway {
+            state: Arc::new(AppState::new(snapshot, metrics, admin_token)),
+            listeners,
+            admin,
+            demo,
+        })
+    }
+
+    /// Addresses of the client listeners, in config order.
+    pub fn listener_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners
+            .iter()
+            .filter_map(|(l, _)| l.local_addr().ok())
+            .collect()
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    pub fn demo_addr(&self) -> Option<SocketAddr> {
+        self.demo.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    pub fn state(&self) -> Arc<AppState> {
+        self.state.clone()
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting, lets requests in flight
+    /// finish within `limits.shutdown_grace`, flushes the access log and returns.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let state = self.state;
+        let graceful = GracefulShutdown::new();
+
+        for (l, conf) in &self.listeners {
+            if let Ok(addr) = l.local_addr() {
+                info!(%addr, tls = conf.tls, "listening");
+            }
+        }
+        let mut side_tasks = Vec::new();
+        if let Some(admin) = self.admin {
+            if let Ok(addr) = admin.local_addr() {
+                info!(%addr, "admin listening");
+            }
+            side_tasks.push(tokio::spawn(admin::serve(
+                state.clone(),
+                admin,
+                stop_rx.clone(),
+            )));
+        }
+        if let Some(demo) = self.demo {
+            if let Ok(addr) = demo.local_addr() {
+                info!(%addr, "demo upstream listening");
+            }
+            side_tasks.push(tokio::spawn(demo::serve(demo, stop_rx.clone())));
+        }
+
+        let mut accepts = Box::pin(futures_util::future::join_all(
+            self.listeners.into_iter().map(|(l, c)| {
+                listener::accept_loop(state.clone(), l, c, &graceful, stop_rx.clone())
+            }),
+        ));
+        tokio::select! {
+            _ = &mut accepts => {}
+            _ = shutdown => {}
+        }
+
+        info!("shutting down: no new connections, finishing requests in flight");
+        state.draining.store(true, Ordering::Relaxed);
+        let _ = stop_tx.send(true);
+        (&mut accepts).await;
+        drop(accepts);
+        let grace = state.snapshot.load().config.limits.shutdown_grace;
+        if tokio::time::timeout(grace, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            warn!(
+                ?grace,
+                "grace period over, closing the connections still open"
+            );
+        }
+        for t in side_tasks {
+            t.abort();
+        }
+        state.access_log.flush();
+        info!("stopped");
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })
+}

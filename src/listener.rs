@@ -1,0 +1,151 @@
+//! Client listeners: accept, enforce the connection cap, run the TLS handshake under its
+//! timeout, and serve HTTP/1.1 and HTTP/2 with hyper under the configured limits. Each
+//! connection is watched by the graceful-shutdown tracker so SIGTERM lets it finish.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tracing::{debug, warn};
+
+use crate::access_log::LoggedIp;
+use crate::config::{self, Limits};
+use crate::proxy::{self, ConnInfo};
+use crate::state::AppState;
+
+/// The HTTP server settings every client connection gets.
+pub fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes)
+        .keep_alive(true);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(limits.http2_max_streams)
+        // Peers that stop answering pings are dropped.
+        .keep_alive_interval(Some(std::time::Duration::from_secs(30)))
+        .keep_alive_timeout(std::time::Duration::from_secs(20));
+    b
+}
+
+/// Accepts on one listener until `stop` turns true.
+pub async fn accept_loop(
+    state: Arc<AppState>,
+    listener: TcpListener,
+    conf: config::Listener,
+    graceful: &GracefulShutdown,
+    mut stop: watch::Receiver<bool>,
+) {
+    let builder = Arc::new(http_builder(&state.snapshot.load().config.limits));
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => return,
+            a = listener.accept() => a,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of descriptors and the like: back off briefly instead of spinning.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = state.connections.clone().try_acquire_owned() else {
+            state
+                .metrics
+                .connections_rejected
+                .with_label_values(&["max_connections"])
+                .inc();
+            drop(tcp);
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let watcher = graceful.watcher();
+        let state = state.clone();
+        let builder = builder.clone();
+        let tls = conf.tls;
+        tokio::spawn(async move {
+            let _permit = permit;
+            state.metrics.connections_open.inc();
+            let info = ConnInfo {
+                peer,
+                client: normalize(peer),
+                tls,
+            };
+            if tls {
+                serve_tls(&state, &builder, tcp, info, watcher).await;
+            } else {
+                serve(&state, &builder, TokioIo::new(tcp), info, watcher).await;
+            }
+            state.metrics.connections_open.dec();
+        });
+    }
+}
+
+async fn serve_tls(
+    state: &Arc<AppState>,
+    builder: &auto::Builder<TokioExecutor>,
+    tcp: TcpStream,
+    info: ConnInfo,
+    watcher: hyper_util::server::graceful::Watcher,
+) {
+    let (acceptor, timeout, log_ip) = {
+        let snap = state.snapshot.load();
+        (
+            snap.tls.clone(),
+            snap.config.limits.tls_handshake_timeout,
+            snap.config.privacy.log_ip,
+        )
+    };
+    let Some(acceptor) = acceptor else { return };
+    match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+        Ok(Ok(stream)) => serve(state, builder, TokioIo::new(stream), info, watcher).await,
+        Ok(Err(e)) => {
+            state.metrics.tls_handshake_errors.inc();
+            debug!(client = %LoggedIp(info.client, log_ip), error = %e, "tls handshake failed");
+        }
+        Err(_) => {
+            state.metrics.tls_handshake_errors.inc();
+            debug!(client = %LoggedIp(info.client, log_ip), "tls handshake timed out");
+        }
+    }
+}
+
+async fn serve<I>(
+    state: &Arc<AppState>,
+    builder: &auto::Builder<TokioExecutor>,
+    io: TokioIo<I>,
+    info: ConnInfo,
+    watcher: hyper_util::server::graceful::Watcher,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let st = state.clone();
+    let service = service_fn(move |req| proxy::handle(st.clone(), info, req));
+    let conn = builder.serve_connection_with_upgrades(io, service);
+    if let Err(e) = watcher.watch(conn).await {
+        debug!(error = %e, "connection ended with an error");
+    }
+}
+
+/// The peer's address, with IPv4-mapped IPv6 turned into IPv4 (SPEC 1).
+pub fn normalize(peer: SocketAddr) -> std::net::IpAddr {
+    match peer.ip() {
+        std::net::IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(std::net::IpAddr::V4)
+            .unwrap_or(std::net::IpAddr::V6(v6)),
+        v4 => v4,
+    }
+}

@@ -1,0 +1,71 @@
+//! The `ipgate` binary: parses the command line and hands over to the library.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use ipgate::cli::{Cli, Command};
+use ipgate::config::Config;
+use ipgate::metrics::Metrics;
+use ipgate::state::Snapshot;
+use ipgate::Gateway;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Check => check(&cli.config),
+        Command::Run => run(&cli.config),
+    }
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    let result = Config::load(path).and_then(|c| Snapshot::build(c, &Metrics::new()).map(|_| ()));
+    match result {
+        Ok(()) => {
+            println!("{}: ok", path.display());
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            eprintln!("{errors}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(path: &std::path::Path) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("ipgate: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let config = match Config::load(path) {
+            Ok(c) => c,
+            Err(errors) => {
+                eprintln!("{errors}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let gateway = match Gateway::bind(config).await {
+            Ok(g) => g,
+            Err(e) => {
+                eprintln!("ipgate: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        gateway.run(ipgate::shutdown::terminate()).await;
+        ExitCode::SUCCESS
+    })
+}

@@ -1,0 +1,415 @@
+//! Forwarding one request: pick the site by Host, rewrite the headers (forwarding headers
+//! added, hop-by-hop ones stripped), stream the bodies both ways, splice upgraded
+//! connections (WebSocket), and turn upstream failures into 502 or 504 (SPEC 9, 10).
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tracing::debug;
+
+use crate::access_log::{Entry, LoggedIp};
+use crate::metrics::outcome;
+use crate::state::{AppState, SiteEntry};
+
+/// Response bodies: the upstream's, streamed, or a short one of ipgate's own.
+pub type Body = Either<Incoming, Full<Bytes>>;
+
+/// What the request path knows about the connection a request came on.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    /// The client address (SPEC 1); the peer until PROXY and X-Forwarded-For are handled.
+    pub client: IpAddr,
+    pub tls: bool,
+}
+
+/// Why a request was not proxied; each maps to one status (see `status`).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("no site for this host")]
+    NoSite,
+    #[error("upstream unreachable: {0}")]
+    UpstreamConnect(#[source] hyper_util::client::legacy::Error),
+    #[error("upstream failed: {0}")]
+    UpstreamProtocol(#[source] hyper_util::client::legacy::Error),
+    #[error("upstream sent no response head in time")]
+    UpstreamTimeout,
+}
+
+impl Error {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Error::NoSite => StatusCode::MISDIRECTED_REQUEST,
+            Error::UpstreamConnect(_) | Error::UpstreamProtocol(_) => StatusCode::BAD_GATEWAY,
+            Error::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    fn outcome(&self) -> &'static str {
+        match self {
+            Error::NoSite => outcome::MISDIRECTED,
+            _ => outcome::UPSTREAM_ERROR,
+        }
+    }
+}
+
+impl From<&Error> for Response<Body> {
+    fn from(e: &Error) -> Self {
+        let status = e.status();
+        let text = match e {
+            Error::NoSite => "421 no site is configured for this host\n",
+            Error::UpstreamConnect(_) | Error::UpstreamProtocol(_) => "502 bad gateway\n",
+            Error::UpstreamTimeout => "504 gateway timeout\n",
+        };
+        plain(status, text)
+    }
+}
+
+/// A short text response of ipgate's own.
+pub fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::from_static(
+        text.as_bytes(),
+    ))));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// Hop-by-hop headers (RFC 9110 7.6.1, plus the legacy ones proxies still see).
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+
+/// Serves one request from a client connection.
+pub async fn handle(
+    state: Arc<AppState>,
+    conn: ConnInfo,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let start = Instant::now();
+    let snap = state.snapshot.load_full();
+    let method = req.method().clone();
+    let version = req.version();
+    let uri = req.uri().clone();
+    let host_value = request_host(&req);
+    let host = host_value
+        .as_ref()
+        .and_then(|v| v.to_str().ok())
+        .map(strip_port)
+        .unwrap_or("");
+
+    let (resp, site_name, outcome) = match snap.site_for(host) {
+        None => {
+            state
+                .metrics
+                .requests
+                .with_label_values(&["none", outcome::MISDIRECTED])
+                .inc();
+            (Response::from(&Error::NoSite), "none", outcome::MISDIRECTED)
+        }
+        Some(site) => {
+            let result = forward(&state, site, conn, req, host_value.as_ref()).await;
+            site.metrics.duration.observe(start.elapsed().as_secs_f64());
+            match result {
+                Ok(resp) => {
+                    site.metrics.proxied.inc();
+                    (resp, site.site.name.as_str(), outcome::PROXIED)
+                }
+                Err(e) => {
+                    site.metrics.upstream_error.inc();
+                    match &e {
+                        Error::UpstreamConnect(_) => site.metrics.connect_errors.inc(),
+                        Error::UpstreamTimeout => site.metrics.timeouts.inc(),
+                        _ => site.metrics.protocol_errors.inc(),
+                    }
+                    debug!(site = %site.site.name, error = %e, "upstream error");
+                    (Response::from(&e), site.site.name.as_str(), e.outcome())
+                }
+            }
+        }
+    };
+
+    if state.access_log.is_enabled() {
+        state.access_log.log(&Entry {
+            ts: SystemTime::now(),
+            client: LoggedIp(conn.client, snap.config.privacy.log_ip),
+            method: method.as_str(),
+            host,
+            path: uri.path(),
+            proto: version_str(version),
+            status: resp.status().as_u16(),
+            site: site_name,
+            outcome,
+            duration_ms: start.elapsed().as_secs_f64() * 1000.0,
+        });
+    }
+    Ok(resp)
+}
+
+async fn forward(
+    state: &AppState,
+    site: &SiteEntry,
+    conn: ConnInfo,
+    mut req: Request<Incoming>,
+    host: Option<&HeaderValue>,
+) -> Result<Response<Body>, Error> {
+    let upgrade = upgrade_token(&req);
+    let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+
+    strip_hop_by_hop(&mut parts.headers);
+    if let Some(token) = upgrade {
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::UPGRADE, token);
+    }
+    add_forwarding_headers(&mut parts.headers, conn, host);
+
+    let upstream = &site.site.upstream;
+    let mut builder = Uri::builder().scheme("http");
+    if let Some(authority) = upstream.authority() {
+        builder = builder.authority(authority.clone());
+    }
+    parts.uri = builder
+        .path_and_query(
+            parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+        )
+        .build()
+        .unwrap_or_else(|_| upstream.clone());
+    // Upstreams speak HTTP/1.1 whatever the client spoke.
+    parts.version = Version::HTTP_11;
+    let upstream_req = Request::from_parts(parts, body);
+
+    let mut resp = match tokio::time::timeout(
+        site.site.upstream_timeout,
+        state.client.request(upstream_req),
+    )
+    .await
+    {
+        Err(_) => return Err(Error::UpstreamTimeout),
+        Ok(Err(e)) if e.is_connect() => return Err(Error::UpstreamConnect(e)),
+        Ok(Err(e)) => return Err(Error::UpstreamProtocol(e)),
+        Ok(Ok(resp)) => resp,
+    };
+
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(client_upgrade) = client_upgrade {
+            let upstream_upgrade = hyper::upgrade::on(&mut resp);
+            tokio::spawn(async move {
+                match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                    Ok((client, upstream)) => {
+                        let mut client = TokioIo::new(client);
+                        let mut upstream = TokioIo::new(upstream);
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                    }
+                    Err(e) => debug!(error = %e, "upgrade failed"),
+                }
+            });
+            return Ok(resp.map(Either::Left));
+        }
+    }
+    strip_hop_by_hop(resp.headers_mut());
+    Ok(resp.map(Either::Left))
+}
+
+/// The Host header, or the authority of an HTTP/2 (or absolute-form) request.
+fn request_host<B>(req: &Request<B>) -> Option<HeaderValue> {
+    if let Some(authority) = req.uri().authority() {
+        return HeaderValue::from_str(authority.as_str()).ok();
+    }
+    req.headers().get(header::HOST).cloned()
+}
+
+/// `example.nl:8443` → `example.nl`; `[2001:db8::1]:8443` → `[2001:db8::1]`.
+pub fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        return match host.find(']') {
+            Some(end) => &host[..=end],
+            None => host,
+        };
+    }
+    match host.rfind(':') {
+        Some(p) if host[p + 1..].bytes().all(|b| b.is_ascii_digit()) => &host[..p],
+        _ => host,
+    }
+}
+
+/// The `Upgrade` value of an HTTP/1.1 upgrade request (`Connection: upgrade`).
+fn upgrade_token<B>(req: &Request<B>) -> Option<HeaderValue> {
+    if req.version() != Version::HTTP_11 {
+        return None;
+    }
+    let wants = req
+        .headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    if !wants {
+        return None;
+    }
+    req.headers().get(header::UPGRADE).cloned()
+}
+
+/// Removes the hop-by-hop headers and every header the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    headers.remove(header::UPGRADE);
+}
+
+fn add_forwarding_headers(headers: &mut HeaderMap, conn: ConnInfo, host: Option<&HeaderValue>) {
+    let mut ip_buf = [0u8; 64];
+    let ip = format_ip(conn.client, &mut ip_buf);
+
+    let mut xff = String::new();
+    for v in headers.get_all(&X_FORWARDED_FOR) {
+        if let Ok(s) = v.to_str() {
+            if !xff.is_empty() {
+                xff.push_str(", ");
+            }
+            xff.push_str(s.trim());
+        }
+    }
+    let xff_value = if xff.is_empty() {
+        HeaderValue::from_str(ip)
+    } else {
+        xff.push_str(", ");
+        xff.push_str(ip);
+        HeaderValue::from_str(&xff)
+    };
+    if let Ok(v) = xff_value {
+        headers.insert(X_FORWARDED_FOR.clone(), v);
+    }
+    if let Ok(v) = HeaderValue::from_str(ip) {
+        headers.insert(X_REAL_IP.clone(), v);
+    }
+    headers.insert(
+        X_FORWARDED_PROTO.clone(),
+        HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
+    );
+    if let Some(host) = host {
+        headers.insert(X_FORWARDED_HOST.clone(), host.clone());
+        // The upstream's virtual hosts see the name the client asked for.
+        headers.insert(header::HOST, host.clone());
+    } else {
+        headers.remove(&X_FORWARDED_HOST);
+    }
+}
+
+/// Formats an address into a stack buffer (no allocation on the request path).
+fn format_ip(ip: IpAddr, buf: &mut [u8; 64]) -> &str {
+    use std::io::Write;
+    let mut cursor = std::io::Cursor::new(&mut buf[..]);
+    let _ = write!(cursor, "{ip}");
+    let len = cursor.position() as usize;
+    std::str::from_utf8(&buf[..len]).unwrap_or("")
+}
+
+fn version_str(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_09 => "HTTP/0.9",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_11 => "HTTP/1.1",
+        Version::HTTP_2 => "HTTP/2",
+        Version::HTTP_3 => "HTTP/3",
+        _ => "?",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_map_to_statuses() {
+        assert_eq!(Error::NoSite.status(), StatusCode::MISDIRECTED_REQUEST);
+        assert_eq!(Error::UpstreamTimeout.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(
+            Response::from(&Error::UpstreamTimeout).status(),
+            StatusCode::GATEWAY_TIMEOUT
+        );
+    }
+
+    #[test]
+    fn strips_ports_from_hosts() {
+        assert_eq!(strip_port("example.nl:8443"), "example.nl");
+        assert_eq!(strip_port("example.nl"), "example.nl");
+        assert_eq!(strip_port("[2001:db8::1]:443"), "[2001:db8::1]");
+        assert_eq!(strip_port("[2001:db8::1]"), "[2001:db8::1]");
+    }
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_named_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-hop"),
+        );
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert("x-end-to-end", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-end-to-end"));
+    }
+
+    #[test]
+    fn appends_to_forwarded_for() {
+        let mut h = HeaderMap::new();
+        h.insert(&X_FORWARDED_FOR, HeaderValue::from_static("198.51.100.1"));
+        let conn = ConnInfo {
+            peer: "192.0.2.7:5555".parse().unwrap(),
+            client: "192.0.2.7".parse().unwrap(),
+            tls: true,
+        };
+        add_forwarding_headers(&mut h, conn, Some(&HeaderValue::from_static("a.test")));
+        assert_eq!(h[&X_FORWARDED_FOR], "198.51.100.1, 192.0.2.7");
+        assert_eq!(h[&X_REAL_IP], "192.0.2.7");
+        assert_eq!(h[&X_FORWARDED_PROTO], "https");
+        assert_eq!(h[&X_FORWARDED_HOST], "a.test");
+    }
+}

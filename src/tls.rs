@@ -1,0 +1,224 @@
+//! TLS termination settings: TLS 1.2 and 1.3 only, forward-secret AEAD suites with 256-bit
+//! ones first (SPEC 11), ALPN `h2` and `http/1.1`, and an SNI resolver over many
+//! certificates (exact name, then wildcard, then the first certificate as default).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::crypto::aws_lc_rs as provider;
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::ServerConfig;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::config::{self, Report};
+
+/// Certificates by the DNS names they are valid for.
+#[derive(Debug, Default)]
+pub struct Certificates {
+    exact: HashMap<String, Arc<CertifiedKey>>,
+    /// `*.example.nl` stored under `example.nl`.
+    wildcard: HashMap<String, Arc<CertifiedKey>>,
+    default: Option<Arc<CertifiedKey>>,
+}
+
+impl Certificates {
+    /// Adds a certificate for every DNS name in its subjectAltName; the first one added is
+    /// the default for clients that send no SNI or a name no certificate carries. A name
+    /// carried by two certificates goes to the first.
+    pub fn add(&mut self, key: Arc<CertifiedKey>, names: &[String]) {
+        for name in names {
+            let name = name.to_ascii_lowercase();
+            match name.strip_prefix("*.") {
+                Some(parent) => self.wildcard.entry(parent.to_string()),
+                None => self.exact.entry(name),
+            }
+            .or_insert_with(|| key.clone());
+        }
+        if self.default.is_none() {
+            self.default = Some(key);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.exact.len() + self.wildcard.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.default.is_none()
+    }
+
+    /// The certificate for an SNI name (already lower case, as rustls hands it over).
+    pub fn lookup(&self, name: Option<&str>) -> Option<Arc<CertifiedKey>> {
+        if let Some(name) = name {
+            if let Some(k) = self.exact.get(name) {
+                return Some(k.clone());
+            }
+            if let Some((_, parent)) = name.split_once('.') {
+                if let Some(k) = self.wildcard.get(parent) {
+                    return Some(k.clone());
+                }
+            }
+        }
+        self.default.clone()
+    }
+}
+
+impl ResolvesServerCert for Certificates {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.lookup(hello.server_name())
+    }
+}
+
+/// The crypto provider with only the suites SPEC 11 allows, 256-bit first.
+pub fn crypto_provider() -> CryptoProvider {
+    let mut p = provider::default_provider();
+    p.cipher_suites = vec![
+        provider::cipher_suite::TLS13_AES_256_GCM_SHA384,
+        provider::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+        provider::cipher_suite::TLS13_AES_128_GCM_SHA256,
+        provider::cipher_suite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+        provider::cipher_suite::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+        provider::cipher_suite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+        provider::cipher_suite::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+        provider::cipher_suite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        provider::cipher_suite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+    ];
+    p
+}
+
+/// Loads every configured certificate (and makes the self-signed one if asked) into a
+/// server config. Problems go to `report`, naming the file and the config key.
+pub fn server_config(tls: &config::Tls, report: &mut Report) -> Option<Arc<ServerConfig>> {
+    let provider = Arc::new(crypto_provider());
+    let mut certs = Certificates::default();
+    for (i, files) in tls.certificates.iter().enumerate() {
+        let key = format!("tls.certificates[{i}]");
+        match load_pair(&files.cert, &files.key, &provider) {
+            Ok((ck, names)) => certs.add(Arc::new(ck), &names),
+            Err((field, message)) => {
+                let file = if field == "key" {
+                    &files.key
+                } else {
+                    &files.cert
+                };
+                report.other(file, None, &format!("{key}.{field}"), message);
+            }
+        }
+    }
+    if tls.self_signed {
+        match self_signed(&provider) {
+            Ok(ck) => certs.add(
+                Arc::new(ck),
+                &["localhost".to_string(), "127.0.0.1".to_string()],
+            ),
+            Err(e) => report.key("tls.self_signed", e),
+        }
+    }
+    if certs.is_empty() {
+        return None;
+    }
+    let mut cfg = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| report.key("tls", format!("TLS settings rejected: {e}")))
+        .ok()?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(certs));
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // Our suite order (256-bit first) rather than the client's.
+    cfg.ignore_client_order = true;
+    // Stateless TLS 1.3 resumption: tickets under a rotating in-memory key.
+    if let Ok(ticketer) = provider::Ticketer::new() {
+        cfg.ticketer = ticketer;
+    }
+    Some(Arc::new(cfg))
+}
+
+/// Which of the pair (`cert` or `key`) is at fault, and why.
+type LoadError = (&'static str, String);
+
+/// Reads a PEM chain (certbot's `fullchain.pem`) and its key (`privkey.pem`), checks that
+/// they belong together, and returns the key with the chain's DNS names.
+fn load_pair(
+    cert: &Path,
+    key: &Path,
+    provider: &CryptoProvider,
+) -> Result<(CertifiedKey, Vec<String>), LoadError> {
+    let err = |field: &'static str, m: String| (field, m);
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| err("cert", pem_error(&e)))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| err("cert", pem_error(&e)))?;
+    if chain.is_empty() {
+        return Err(err("cert", "no CERTIFICATE block in the file".into()));
+    }
+    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| err("key", pem_error(&e)))?;
+    let ck = CertifiedKey::from_der(chain, key_der, provider).map_err(|e| {
+        err(
+            "key",
+            format!("key does not match the certificate or is unsupported: {e}"),
+        )
+    })?;
+    let names = dns_names(&ck.cert[0]).map_err(|e| err("cert", e))?;
+    Ok((ck, names))
+}
+
+fn pem_error(e: &rustls_pki_types::pem::Error) -> String {
+    match e {
+        rustls_pki_types::pem::Error::Io(io) => format!("cannot read: {io}"),
+        rustls_pki_types::pem::Error::NoItemsFound => "no PEM block of the right kind".into(),
+        other => format!("not valid PEM: {other:?}"),
+    }
+}
+
+/// DNS names in a certificate's subjectAltName.
+pub fn dns_names(der: &CertificateDer<'_>) -> Result<Vec<String>, String> {
+    let cert = ::webpki::EndEntityCert::try_from(der)
+        .map_err(|e| format!("not a usable X.509 certificate: {e:?}"))?;
+    Ok(cert.valid_dns_names().map(str::to_string).collect())
+}
+
+/// A throwaway certificate for `localhost` and `127.0.0.1`, made at start.
+pub fn self_signed(provider: &CryptoProvider) -> Result<CertifiedKey, String> {
+    let ck =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .map_err(|e| format!("cannot make a self-signed certificate: {e}"))?;
+    let key = PrivateKeyDer::try_from(ck.key_pair.serialize_der())
+        .map_err(|e| format!("self-signed key: {e}"))?;
+    CertifiedKey::from_der(vec![ck.cert.der().clone()], key, provider)
+        .map_err(|e| format!("self-signed certificate: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key_for(names: &[&str]) -> (Arc<CertifiedKey>, Vec<String>) {
+        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        let ck = rcgen::generate_simple_self_signed(names.clone()).unwrap();
+        let key = PrivateKeyDer::try_from(ck.key_pair.serialize_der()).unwrap();
+        let certified =
+            CertifiedKey::from_der(vec![ck.cert.der().clone()], key, &crypto_provider()).unwrap();
+        let found = dns_names(&certified.cert[0]).unwrap();
+        (Arc::new(certified), found)
+    }
+
+    #[test]
+    fn sni_prefers_exact_then_wildcard_then_default() {
+        let mut certs = Certificates::default();
+        let (a, a_names) = key_for(&["a.test"]);
+        let (w, w_names) = key_for(&["*.b.test", "b.test"]);
+        assert_eq!(w_names, vec!["*.b.test", "b.test"]);
+        certs.add(a.clone(), &a_names);
+        certs.add(w.clone(), &w_names);
+        assert!(Arc::ptr_eq(&certs.lookup(Some("a.test")).unwrap(), &a));
+        assert!(Arc::ptr_eq(&certs.lookup(Some("x.b.test")).unwrap(), &w));
+        assert!(Arc::ptr_eq(&certs.lookup(Some("b.test")).unwrap(), &w));
+        // A wildcard covers one label only.
+        assert!(Arc::ptr_eq(&certs.lookup(Some("y.x.b.test")).unwrap(), &a));
+        assert!(Arc::ptr_eq(&certs.lookup(None).unwrap(), &a));
+    }
+}
