@@ -1,0 +1,80 @@
+//! `ipgate check`: the shipped configs pass; a broken one fails naming file, line and key.
+
+use std::process::Command;
+
+fn check(path: &std::path::Path) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ipgate"))
+        .args(["check", "-c"])
+        .arg(path)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn every_file_in_config_passes_ipgate_check() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let mut n = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) == Some("toml") {
+            let (ok, stdout, stderr) = check(&path);
+            assert!(ok, "{}: {stderr}", path.display());
+            assert!(stdout.contains("ok"));
+            n += 1;
+        }
+    }
+    assert!(n >= 1);
+}
+
+#[test]
+fn a_broken_config_fails_with_every_problem_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broken.toml");
+    std::fs::write(
+        &path,
+        r#"[gateway]
+default_ban = "forever"
+
+[[listener]]
+addr = "127.0.0.1:99999"
+
+[[site]]
+hosts = ["a.test"]
+upstream = "http://127.0.0.1:8080"
+jails = ["wp-login"]
+"#,
+    )
+    .unwrap();
+    let (ok, _, stderr) = check(&path);
+    assert!(!ok);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 3, "{stderr}");
+    let file = path.display().to_string();
+    assert!(
+        lines[0].starts_with(&format!("{file}:2: gateway.default_ban:")),
+        "{stderr}"
+    );
+    assert!(
+        lines[1].starts_with(&format!("{file}:5: listener[0].addr:")),
+        "{stderr}"
+    );
+    assert!(
+        lines[2].starts_with(&format!("{file}:10: site[0].jails[0]:")),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_misspelt_key_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("typo.toml");
+    std::fs::write(&path, "[[listener]]\naddr = \"127.0.0.1:0\"\ntsl = true\n").unwrap();
+    let (ok, _, stderr) = check(&path);
+    assert!(!ok);
+    assert!(stderr.contains(":3:") && stderr.contains("tsl"), "{stderr}");
+}

@@ -1,0 +1,470 @@
+//! Test harness: a real upstream on port 0, the real gateway on port 0 in front of it,
+//! certificates from a throwaway CA, and real TLS, HTTP/1.1, HTTP/2 and raw clients.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use ipgate::config::Config;
+use ipgate::Gateway;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio_rustls::client::TlsStream;
+
+pub type TestBody = BoxBody<Bytes, std::io::Error>;
+
+// ------------------------------------------------------------------ certificates
+
+/// A throwaway CA and leaf certificates signed by it, written as PEM files into `dir`.
+pub struct TestCa {
+    pub ca_der: CertificateDer<'static>,
+    ca_cert: rcgen::Certificate,
+    ca_key: rcgen::KeyPair,
+}
+
+impl TestCa {
+    pub fn new() -> TestCa {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "ipgate test CA");
+        let ca_cert = params.self_signed(&ca_key).unwrap();
+        TestCa {
+            ca_der: ca_cert.der().clone(),
+            ca_cert,
+            ca_key,
+        }
+    }
+
+    /// Writes `NAME.crt` (leaf + CA, like certbot's fullchain.pem) and `NAME.key`; returns
+    /// the leaf's DER.
+    pub fn issue(&self, dir: &Path, file: &str, names: &[&str]) -> CertificateDer<'static> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params =
+            rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        let cert = params.signed_by(&key, &self.ca_cert, &self.ca_key).unwrap();
+        let chain = format!("{}{}", cert.pem(), self.ca_cert.pem());
+        std::fs::write(dir.join(format!("{file}.crt")), chain).unwrap();
+        std::fs::write(dir.join(format!("{file}.key")), key.serialize_pem()).unwrap();
+        cert.der().clone()
+    }
+}
+
+// ------------------------------------------------------------------ upstream
+
+/// A real HTTP/1.1 upstream on 127.0.0.1:0. Paths:
+/// - `/big?n=BYTES`: streams BYTES of the pattern `i % 251`, in 64 KiB chunks;
+/// - `/upload`: reads the whole body, answers `LEN SUM` (sum of bytes mod 2^32);
+/// - `/slow?ms=N`: waits N ms, then echoes;
+/// - `/drip`: sends `first`, waits 1.5 s, sends `second`;
+/// - `/hop`: answers with hop-by-hop headers set;
+/// - `/ws`: WebSocket echo;
+/// - anything else: a JSON echo of method, path, version and headers.
+pub struct Upstream {
+    pub addr: SocketAddr,
+}
+
+impl Upstream {
+    pub async fn start() -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                tokio::spawn(async move {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), service_fn(upstream_handle))
+                        .with_upgrades()
+                        .await;
+                });
+            }
+        });
+        Upstream { addr }
+    }
+}
+
+fn full(body: impl Into<Bytes>) -> TestBody {
+    Full::new(body.into())
+        .map_err(|never: Infallible| match never {})
+        .boxed()
+}
+
+fn query_num(req: &Request<Incoming>, key: &str) -> Option<u64> {
+    req.uri().query()?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == key).then(|| v.parse().ok()).flatten()
+    })
+}
+
+pub fn pattern(offset: u64, len: usize) -> Vec<u8> {
+    (0..len as u64)
+        .map(|i| ((offset + i) % 251) as u8)
+        .collect()
+}
+
+async fn upstream_handle(mut req: Request<Incoming>) -> Result<Response<TestBody>, Infallible> {
+    let path = req.uri().path().to_string();
+    match path.as_str() {
+        "/big" => {
+            let total = query_num(&req, "n").unwrap_or(1 << 20);
+            let chunk = 64 * 1024u64;
+            let stream = futures_util::stream::iter((0..total.div_ceil(chunk)).map(move |k| {
+                let off = k * chunk;
+                let len = chunk.min(total - off) as usize;
+                Ok::<_, std::io::Error>(Frame::data(Bytes::from(pattern(off, len))))
+            }));
+            let mut resp = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+            resp.headers_mut()
+                .insert("content-length", total.to_string().parse().unwrap());
+            Ok(resp)
+        }
+        "/upload" => {
+            let mut body = req.into_body();
+            let (mut len, mut sum) = (0u64, 0u32);
+            while let Some(frame) = body.frame().await {
+                let Ok(frame) = frame else { break };
+                if let Some(data) = frame.data_ref() {
+                    len += data.len() as u64;
+                    for b in data.iter() {
+                        sum = sum.wrapping_add(*b as u32);
+                    }
+                }
+            }
+            Ok(Response::new(full(format!("{len} {sum}"))))
+        }
+        "/drip" => {
+            let stream = futures_util::stream::unfold(0u8, |step| async move {
+                match step {
+                    0 => Some((Ok(Frame::data(Bytes::from_static(b"first"))), 1)),
+                    1 => {
+                        tokio::time::sleep(Duration::from_millis(1500)).await;
+                        Some((Ok(Frame::data(Bytes::from_static(b"second"))), 2))
+                    }
+                    _ => None,
+                }
+            });
+            Ok(Response::new(BodyExt::boxed(StreamBody::new(stream))))
+        }
+        "/hop" => {
+            let mut resp = Response::new(full("hop"));
+            let h = resp.headers_mut();
+            h.insert("connection", "x-up-hop".parse().unwrap());
+            h.insert("x-up-hop", "secret".parse().unwrap());
+            h.insert("keep-alive", "timeout=5".parse().unwrap());
+            h.insert("x-up-end", "kept".parse().unwrap());
+            Ok(resp)
+        }
+        "/ws" => {
+            let key = req
+                .headers()
+                .get("sec-websocket-key")
+                .cloned()
+                .unwrap_or_else(|| "".parse().unwrap());
+            let on_upgrade = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                let Ok(upgraded) = on_upgrade.await else {
+                    return;
+                };
+                let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    tokio_tungstenite::tungstenite::protocol::Role::Server,
+                    None,
+                )
+                .await;
+                while let Some(Ok(msg)) = ws.next().await {
+                    if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            let accept =
+                tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+            let resp = Response::builder()
+                .status(StatusCode::SWITCHING_PROTOCOLS)
+                .header("upgrade", "websocket")
+                .header("connection", "upgrade")
+                .header("sec-websocket-accept", accept)
+                .body(full(""))
+                .unwrap();
+            Ok(resp)
+        }
+        _ => {
+            if path == "/slow" {
+                let ms = query_num(&req, "ms").unwrap_or(1000);
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
+            let mut headers = serde_json::Map::new();
+            for (name, value) in req.headers() {
+                let entry = headers
+                    .entry(name.as_str().to_string())
+                    .or_insert_with(|| serde_json::Value::Array(vec![]));
+                if let serde_json::Value::Array(a) = entry {
+                    a.push(value.to_str().unwrap_or("?").into());
+                }
+            }
+            let echo = serde_json::json!({
+                "method": req.method().as_str(),
+                "uri": req.uri().to_string(),
+                "version": format!("{:?}", req.version()),
+                "headers": headers,
+            });
+            Ok(Response::new(full(echo.to_string())))
+        }
+    }
+}
+
+// ------------------------------------------------------------------ gateway
+
+/// A running gateway with its upstream and files.
+pub struct TestGateway {
+    pub plain: SocketAddr,
+    pub tls: SocketAddr,
+    pub admin: SocketAddr,
+    pub upstream: SocketAddr,
+    pub dir: tempfile::TempDir,
+    pub ca: Arc<TestCa>,
+    /// DER of the certificates for `a.test` and `b.test`.
+    pub cert_a: CertificateDer<'static>,
+    pub cert_b: CertificateDer<'static>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// The default sites: everything to the upstream.
+pub const DEFAULT_SITES: &str = r#"
+[[site]]
+hosts = ["*"]
+upstream = "http://{upstream}"
+"#;
+
+/// Starts an upstream and a gateway whose config is the harness's base (plain and TLS
+/// listeners, certificates for a.test and b.test, admin, access log off) plus `sites`
+/// (with `{upstream}` replaced) and `extra`.
+pub async fn spawn_gateway(sites: &str, extra: &str) -> TestGateway {
+    let upstream = Upstream::start().await;
+    spawn_gateway_with(upstream.addr, sites, extra).await
+}
+
+pub fn base_config(sites: &str, extra: &str, upstream: SocketAddr) -> String {
+    format!(
+        r#"
+[gateway]
+state_dir = "state"
+
+[[listener]]
+addr = "127.0.0.1:0"
+tls = false
+
+[[listener]]
+addr = "127.0.0.1:0"
+tls = true
+
+[tls]
+certificates = [{{ cert = "a.crt", key = "a.key" }}, {{ cert = "b.crt", key = "b.key" }}]
+
+[admin]
+addr = "127.0.0.1:0"
+token_file = "admin.token"
+
+[log]
+access = "off"
+
+{extra}
+{sites}
+"#
+    )
+    .replace("{upstream}", &upstream.to_string())
+}
+
+pub async fn spawn_gateway_with(upstream: SocketAddr, sites: &str, extra: &str) -> TestGateway {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Arc::new(TestCa::new());
+    let cert_a = ca.issue(dir.path(), "a", &["a.test", "localhost"]);
+    let cert_b = ca.issue(dir.path(), "b", &["b.test", "*.wild.test"]);
+    let text = base_config(sites, extra, upstream);
+    let path = dir.path().join("ipgate.toml");
+    std::fs::write(&path, &text).unwrap();
+    let config = Config::load(&path).unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
+    let gateway = Gateway::bind(config).await.unwrap();
+    let addrs = gateway.listener_addrs();
+    let admin = gateway.admin_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(gateway.run(async {
+        let _ = stopped.await;
+    }));
+    TestGateway {
+        plain: addrs[0],
+        tls: addrs[1],
+        admin,
+        upstream,
+        dir,
+        ca,
+        cert_a,
+        cert_b,
+        stop: Some(stop),
+        task: Some(task),
+    }
+}
+
+impl TestGateway {
+    /// Asks the gateway to stop and waits until it has.
+    pub async fn shutdown(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.path().to_path_buf()
+    }
+
+    pub async fn metrics(&self) -> String {
+        let (status, body) = plain_get(self.admin, "/metrics", "admin").await;
+        assert_eq!(status, 200);
+        body
+    }
+}
+
+// ------------------------------------------------------------------ clients
+
+pub fn client_config(ca: &CertificateDer<'static>, alpn: &[&[u8]]) -> rustls::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.clone()).unwrap();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    cfg
+}
+
+/// A verified TLS connection to `addr` for `sni`.
+pub async fn connect_tls(
+    addr: SocketAddr,
+    ca: &CertificateDer<'static>,
+    sni: &str,
+    alpn: &[&[u8]],
+) -> TlsStream<TcpStream> {
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config(ca, alpn)));
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    connector
+        .connect(ServerName::try_from(sni.to_string()).unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
+/// Sends one request over a fresh HTTP/1.1-over-TLS connection; returns the response with
+/// its body read whole.
+pub async fn https_request(
+    gw: &TestGateway,
+    req: Request<TestBody>,
+) -> (http::response::Parts, Bytes) {
+    let tls = connect_tls(gw.tls, &gw.ca.ca_der, "a.test", &[b"http/1.1"]).await;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let resp = sender.send_request(req).await.unwrap();
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    (parts, body)
+}
+
+pub fn get(uri: &str, host: &str) -> Request<TestBody> {
+    Request::builder()
+        .uri(uri)
+        .header("host", host)
+        .body(full(""))
+        .unwrap()
+}
+
+/// GET over HTTPS with Host `a.test`; status and body as text.
+pub async fn https_get(gw: &TestGateway, path: &str) -> (u16, String) {
+    let (parts, body) = https_request(gw, get(path, "a.test")).await;
+    (
+        parts.status.as_u16(),
+        String::from_utf8_lossy(&body).into_owned(),
+    )
+}
+
+/// GET over plain HTTP/1.1; status and body as text.
+pub async fn plain_get(addr: SocketAddr, path: &str, host: &str) -> (u16, String) {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let resp = sender.send_request(get(path, host)).await.unwrap();
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// An HTTP/2 connection over TLS (ALPN h2).
+pub async fn h2_sender(gw: &TestGateway) -> hyper::client::conn::http2::SendRequest<TestBody> {
+    let tls = connect_tls(gw.tls, &gw.ca.ca_der, "a.test", &[b"h2"]).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+/// Writes raw bytes, then reads until the server closes or `wait` passes.
+pub async fn raw_exchange(addr: SocketAddr, bytes: &[u8], wait: Duration) -> Vec<u8> {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let _ = tcp.write_all(bytes).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(wait, tcp.read_to_end(&mut out)).await;
+    out
+}
+
+pub fn json(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+}
+
+/// The first value of a header in an upstream echo.
+pub fn echoed<'a>(echo: &'a serde_json::Value, name: &str) -> Option<&'a str> {
+    echo["headers"][name][0].as_str()
+}
+
+/// A free loopback port nobody listens on (bound, then released).
+pub async fn closed_port() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    drop(l);
+    addr
+}
+
+/// The value of a sample line in a Prometheus exposition, e.g.
+/// `ipgate_requests_total{outcome="proxied",site="*"}`.
+pub fn metric(text: &str, sample: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
+}

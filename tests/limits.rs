@@ -1,0 +1,154 @@
+//! Self-protection: slow and half-open clients, oversized heads, the connection cap.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+#[tokio::test]
+async fn half_open_connections_do_not_block_a_normal_request() {
+    let gw = spawn_gateway(DEFAULT_SITES, "").await;
+    let mut idle = Vec::new();
+    for i in 0..300 {
+        if i % 2 == 0 {
+            // A request head that never ends (slowloris).
+            let mut tcp = TcpStream::connect(gw.plain).await.unwrap();
+            tcp.write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\nX-Slow: 1\r\n")
+                .await
+                .unwrap();
+            idle.push(tcp);
+        } else {
+            // A TLS connection that never sends its ClientHello.
+            idle.push(TcpStream::connect(gw.tls).await.unwrap());
+        }
+    }
+    let start = Instant::now();
+    let (status, _) = tokio::time::timeout(Duration::from_secs(2), https_get(&gw, "/"))
+        .await
+        .expect("no answer within 2 s while 300 connections hang");
+    assert_eq!(status, 200);
+    assert!(start.elapsed() < Duration::from_secs(2));
+    drop(idle);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_100_kib_header_gets_431() {
+    let gw = spawn_gateway(DEFAULT_SITES, "").await;
+    let mut req = b"GET / HTTP/1.1\r\nHost: a.test\r\nX-Big: ".to_vec();
+    req.extend(std::iter::repeat_n(b'a', 100 * 1024));
+    req.extend_from_slice(b"\r\n\r\n");
+    let reply = raw_exchange(gw.plain, &req, Duration::from_secs(3)).await;
+    let text = String::from_utf8_lossy(&reply);
+    assert!(text.starts_with("HTTP/1.1 431"), "got {text:?}");
+    // A normal request still passes.
+    assert_eq!(plain_get(gw.plain, "/", "a.test").await.0, 200);
+    gw.shutdown().await;
+}
+
+/// Reads until EOF; returns how long that took, or None if the server kept it open.
+async fn closed_within(tcp: &mut TcpStream, limit: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout(limit.saturating_sub(start.elapsed()), tcp.read(&mut buf)).await
+        {
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(start.elapsed()),
+            Ok(Ok(_)) => continue,
+            Err(_) => return None,
+        }
+    }
+}
+
+#[tokio::test]
+async fn slow_heads_idle_keepalives_and_stalled_handshakes_are_closed() {
+    let extra = r#"
+[limits]
+header_read_timeout = "400ms"
+tls_handshake_timeout = "400ms"
+"#;
+    let gw = spawn_gateway(DEFAULT_SITES, extra).await;
+    // Slow head.
+    let mut slow = TcpStream::connect(gw.plain).await.unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\n")
+        .await
+        .unwrap();
+    assert!(closed_within(&mut slow, Duration::from_secs(3))
+        .await
+        .is_some());
+    // Idle keep-alive after a complete exchange.
+    let mut ka = TcpStream::connect(gw.plain).await.unwrap();
+    ka.write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = ka.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    assert!(closed_within(&mut ka, Duration::from_secs(3))
+        .await
+        .is_some());
+    // Stalled TLS handshake.
+    let mut stalled = TcpStream::connect(gw.tls).await.unwrap();
+    assert!(closed_within(&mut stalled, Duration::from_secs(3))
+        .await
+        .is_some());
+    let m = gw.metrics().await;
+    assert_eq!(metric(&m, "ipgate_tls_handshake_errors_total"), Some(1.0));
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn connections_over_the_cap_are_closed_at_accept() {
+    let extra = "[limits]\nmax_connections = 3\n";
+    let gw = spawn_gateway(DEFAULT_SITES, extra).await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut tcp = TcpStream::connect(gw.plain).await.unwrap();
+        // A complete request proves the connection is being served (holds a slot).
+        tcp.write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = tcp.read(&mut buf).await.unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+        held.push(tcp);
+    }
+    let mut extra_conn = TcpStream::connect(gw.plain).await.unwrap();
+    let _ = extra_conn
+        .write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        .await;
+    let mut buf = vec![0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(3), extra_conn.read(&mut buf))
+        .await
+        .expect("over-cap connection left open")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "over-cap connection was served");
+    let m = gw.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            r#"ipgate_connections_rejected_total{reason="max_connections"}"#
+        ),
+        Some(1.0)
+    );
+    // Freeing a slot lets the next client in.
+    drop(held.pop());
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let mut tcp = TcpStream::connect(gw.plain).await.unwrap();
+        let _ = tcp
+            .write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+            .await;
+        let n = tcp.read(&mut buf).await.unwrap_or(0);
+        if n > 0 {
+            assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+            break;
+        }
+        assert!(Instant::now() < deadline, "slot never freed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    gw.shutdown().await;
+}
