@@ -85,6 +85,7 @@ impl Gateway {
         for l in &config.listeners {
             listeners.push((bind(l.addr).await?, l.clone()));
         }
+        warn_unenforced(&config);
         let snapshot = Snapshot::build(config, &metrics)?;
         Ok(Gateway {
             state: Arc::new(AppState::new(snapshot, metrics, admin_token)),
@@ -126,7 +127,7 @@ impl Gateway {
                 info!(%addr, tls = conf.tls, "listening");
             }
         }
-        let mut side_tasks = Vec::new();
+        let mut side_tasks = vec![tokio::spawn(shutdown::reload_on_hangup(state.clone()))];
         if let Some(admin) = self.admin {
             if let Ok(addr) = admin.local_addr() {
                 info!(%addr, "admin listening");
@@ -181,4 +182,38 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
     TcpListener::bind(addr)
         .await
         .map_err(|source| StartError::Bind { addr, source })
+}
+
+/// Names the configured features this build accepts but does not enforce yet, so nobody
+/// believes a rule protects them when it does not.
+fn warn_unenforced(config: &Config) {
+    let mut unenforced = Vec::new();
+    if !config.lists.is_empty() {
+        unenforced.push("[lists.*]");
+    }
+    if !config.jails.is_empty() {
+        unenforced.push("[[jail]]");
+    }
+    if !config.gateway.trusted_proxies.is_empty() {
+        unenforced.push("gateway.trusted_proxies");
+    }
+    if config.listeners.iter().any(|l| l.proxy_protocol) {
+        unenforced.push("listener.proxy_protocol");
+    }
+    if config
+        .sites
+        .iter()
+        .any(|s| !s.allow_only.is_empty() || s.routes.iter().any(|r| !r.allow_only.is_empty()))
+    {
+        unenforced.push("allow_only");
+    }
+    if config.sites.iter().any(|s| s.rate_limit.is_some()) {
+        unenforced.push("rate_limit");
+    }
+    if !unenforced.is_empty() {
+        warn!(
+            features = %unenforced.join(", "),
+            "configured but NOT ENFORCED by this version of ipgate"
+        );
+    }
 }

@@ -1,4 +1,5 @@
-//! Process signals: SIGTERM and SIGINT (ctrl-c) start a graceful shutdown.
+//! Process signals: SIGTERM and SIGINT (ctrl-c) start a graceful shutdown; SIGHUP reloads
+//! the config.
 
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -14,5 +15,20 @@ pub async fn terminate() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// Reloads the config on every SIGHUP, for as long as the process runs.
+pub async fn reload_on_hangup(state: std::sync::Arc<crate::state::AppState>) {
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    while hup.recv().await.is_some() {
+        match state.reload() {
+            Ok(()) => tracing::info!("config reloaded"),
+            Err(errors) => {
+                tracing::error!("reload refused, the previous config stays in force:\n{errors}")
+            }
+        }
     }
 }

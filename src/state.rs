@@ -118,6 +118,40 @@ impl AppState {
     }
 }
 
+impl AppState {
+    /// Re-reads the config file the running one came from, with the certificates it names,
+    /// and swaps it in atomically. A config that does not validate is refused whole and the
+    /// old one stays in force. Listener and admin addresses are bound once: a change to
+    /// them needs a restart and is reported, not applied.
+    pub fn reload(&self) -> Result<(), Errors> {
+        let current = self.snapshot.load();
+        let result = Config::load(&current.config.source)
+            .and_then(|config| Snapshot::build(config, &self.metrics));
+        let next = match result {
+            Ok(next) => next,
+            Err(errors) => {
+                self.metrics
+                    .config_reloads
+                    .with_label_values(&["failure"])
+                    .inc();
+                return Err(errors);
+            }
+        };
+        if next.config.listeners != current.config.listeners
+            || next.config.admin.as_ref().map(|a| a.addr)
+                != current.config.admin.as_ref().map(|a| a.addr)
+        {
+            tracing::warn!("listener or admin addresses changed: they take effect at restart");
+        }
+        self.snapshot.store(Arc::new(next));
+        self.metrics
+            .config_reloads
+            .with_label_values(&["success"])
+            .inc();
+        Ok(())
+    }
+}
+
 /// A pooled keep-alive HTTP/1.1 client for the upstreams.
 fn upstream_client() -> UpstreamClient {
     let mut connector = HttpConnector::new();

@@ -468,3 +468,88 @@ pub fn metric(text: &str, sample: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
 }
+
+// ------------------------------------------------------------------ the binary
+
+/// Addresses a gateway process reported in its log.
+pub struct ProcessAddrs {
+    pub plain: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+/// Starts `ipgate run -c FILE`; returns the child and the addresses of its plain listener
+/// and admin listener, read from its log lines.
+pub fn start_binary(config: &Path) -> (std::process::Child, ProcessAddrs) {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ipgate"))
+        .args(["run", "-c"])
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let addr = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("addr="))
+                .and_then(|a| a.parse::<SocketAddr>().ok());
+            if let Some(addr) = addr {
+                if line.contains("admin listening") {
+                    let _ = tx.send(("admin", addr));
+                } else if line.contains("listening") && line.contains("tls=false") {
+                    let _ = tx.send(("plain", addr));
+                }
+            }
+        }
+    });
+    let (mut plain, mut admin) = (None, None);
+    while plain.is_none() || admin.is_none() {
+        let (kind, addr) = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("gateway did not report its addresses");
+        if kind == "plain" {
+            plain = Some(addr);
+        } else {
+            admin = Some(addr);
+        }
+    }
+    (
+        child,
+        ProcessAddrs {
+            plain: plain.unwrap(),
+            admin: admin.unwrap(),
+        },
+    )
+}
+
+/// Sends a signal (`TERM`, `HUP`, ...) to a child process we started.
+pub fn signal(child: &std::process::Child, name: &str) {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Polls `check` every 50 ms until it holds or `limit` passes.
+pub async fn eventually<F, Fut>(limit: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if check().await {
+            return true;
+        }
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
