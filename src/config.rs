@@ -563,6 +563,12 @@ fn compile(raw: RawConfig, source: &Path, base: &Path, r: &mut Report) -> Config
             .filter_map(|(i, s)| cidr(r, &format!("{key}.entries[{i}]"), s))
             .collect();
         let files = l.files.iter().map(|f| resolve(base, f)).collect();
+        if l.dry_run && action == Action::Allow {
+            r.key(
+                &format!("{key}.dry_run"),
+                "dry_run applies to block lists only",
+            );
+        }
         lists.push(List {
             name: name.clone(),
             action,

@@ -3,14 +3,17 @@
 //!
 //! # Layout
 //! A request flows top to bottom:
-//! - [`listener`]: accepts client connections, enforces the connection cap, runs TLS
-//!   ([`tls`]) and serves HTTP/1.1 and HTTP/2 under the configured limits.
-//! - [`proxy`]: picks the site by Host, rewrites headers, forwards to the upstream, streams
-//!   bodies and upgrades, maps upstream failures to 502 and 504.
+//! - [`listener`]: accepts client connections, enforces the connection cap, closes blocked
+//!   clients before TLS, runs TLS ([`tls`]) and serves HTTP/1.1 and HTTP/2 under limits.
+//! - [`client_addr`]: who the client is: peer, PROXY header, trusted X-Forwarded-For.
+//! - [`policy`]: static lists, temporary entries and the allow/block decision.
+//! - [`proxy`]: picks the site by Host, applies the request-level decision and `allow_only`,
+//!   rewrites headers, forwards, streams bodies and upgrades, maps failures to 502 and 504.
 //!
 //! Around it:
 //! - [`config`]: the TOML file, raw and compiled, with every error named by file, key, line.
 //! - [`state`]: the shared [`state::AppState`] and the swappable compiled [`state::Snapshot`].
+//! - [`store`]: the embedded database (redb) that makes temporary entries durable.
 //! - [`admin`]: the admin listener (health, metrics, the `/v1` API).
 //! - [`metrics`]: the Prometheus registry owned by the state.
 //! - [`access_log`]: JSON lines on stdout, client addresses as `privacy.log_ip` says.
@@ -20,13 +23,16 @@
 pub mod access_log;
 pub mod admin;
 pub mod cli;
+pub mod client_addr;
 pub mod config;
 pub mod demo;
 pub mod listener;
 pub mod metrics;
+pub mod policy;
 pub mod proxy;
 pub mod shutdown;
 pub mod state;
+pub mod store;
 pub mod tls;
 
 use std::future::Future;
@@ -55,6 +61,8 @@ pub enum StartError {
     },
     #[error("{0}")]
     Admin(String),
+    #[error("{0}")]
+    Store(#[from] store::Error),
 }
 
 /// A gateway with its sockets bound, ready to [`Gateway::run`].
@@ -86,9 +94,19 @@ impl Gateway {
             listeners.push((bind(l.addr).await?, l.clone()));
         }
         warn_unenforced(&config);
+        let state_dir = config.gateway.state_dir.clone();
         let snapshot = Snapshot::build(config, &metrics)?;
+        let store = Arc::new(store::Store::open(&state_dir)?);
+        let loaded = store.load(policy::temporary::now_ms())?;
+        let state = AppState::new(snapshot, metrics, admin_token, Some(store));
+        let n = loaded.len();
+        for (action, target, entry) in loaded {
+            state.temp.table(action).insert(target, entry);
+        }
+        state.publish_list_gauges();
+        info!(entries = n, dir = %state_dir.display(), "temporary entries loaded");
         Ok(Gateway {
-            state: Arc::new(AppState::new(snapshot, metrics, admin_token)),
+            state: Arc::new(state),
             listeners,
             admin,
             demo,
@@ -127,7 +145,20 @@ impl Gateway {
                 info!(%addr, tls = conf.tls, "listening");
             }
         }
-        let mut side_tasks = vec![tokio::spawn(shutdown::reload_on_hangup(state.clone()))];
+        let sweeper = {
+            let state = state.clone();
+            async move {
+                let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+                loop {
+                    tick.tick().await;
+                    state.sweep().await;
+                }
+            }
+        };
+        let mut side_tasks = vec![
+            tokio::spawn(shutdown::reload_on_hangup(state.clone())),
+            tokio::spawn(sweeper),
+        ];
         if let Some(admin) = self.admin {
             if let Ok(addr) = admin.local_addr() {
                 info!(%addr, "admin listening");
@@ -188,24 +219,8 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
 /// believes a rule protects them when it does not.
 fn warn_unenforced(config: &Config) {
     let mut unenforced = Vec::new();
-    if !config.lists.is_empty() {
-        unenforced.push("[lists.*]");
-    }
     if !config.jails.is_empty() {
         unenforced.push("[[jail]]");
-    }
-    if !config.gateway.trusted_proxies.is_empty() {
-        unenforced.push("gateway.trusted_proxies");
-    }
-    if config.listeners.iter().any(|l| l.proxy_protocol) {
-        unenforced.push("listener.proxy_protocol");
-    }
-    if config
-        .sites
-        .iter()
-        .any(|s| !s.allow_only.is_empty() || s.routes.iter().any(|r| !r.allow_only.is_empty()))
-    {
-        unenforced.push("allow_only");
     }
     if config.sites.iter().any(|s| s.rate_limit.is_some()) {
         unenforced.push("rate_limit");

@@ -2,7 +2,6 @@
 //! timeout, and serve HTTP/1.1 and HTTP/2 with hyper under the configured limits. Each
 //! connection is watched by the graceful-shutdown tracker so SIGTERM lets it finish.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use hyper::service::service_fn;
@@ -15,7 +14,9 @@ use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use crate::access_log::LoggedIp;
+use crate::client_addr;
 use crate::config::{self, Limits};
+use crate::policy::Verdict;
 use crate::proxy::{self, ConnInfo};
 use crate::state::AppState;
 
@@ -61,12 +62,16 @@ pub async fn accept_loop(
                 continue;
             }
         };
+        let client = client_addr::peer(peer);
+        // The address is known now: a blocked client is closed before a byte is read
+        // (SPEC 3), and before it can take a connection slot.
+        if !conf.proxy_protocol && is_blocked(&state, client) {
+            state.metrics.rejected.blocked.inc();
+            drop(tcp);
+            continue;
+        }
         let Ok(permit) = state.connections.clone().try_acquire_owned() else {
-            state
-                .metrics
-                .connections_rejected
-                .with_label_values(&["max_connections"])
-                .inc();
+            state.metrics.rejected.max_connections.inc();
             drop(tcp);
             continue;
         };
@@ -75,14 +80,19 @@ pub async fn accept_loop(
         let state = state.clone();
         let builder = builder.clone();
         let tls = conf.tls;
+        let proxy_protocol = conf.proxy_protocol;
         tokio::spawn(async move {
             let _permit = permit;
+            let mut tcp = tcp;
+            let mut client = client;
+            if proxy_protocol {
+                match proxied_client(&state, &mut tcp, client).await {
+                    Some(c) => client = c,
+                    None => return,
+                }
+            }
             state.metrics.connections_open.inc();
-            let info = ConnInfo {
-                peer,
-                client: normalize(peer),
-                tls,
-            };
+            let info = ConnInfo { peer, client, tls };
             if tls {
                 serve_tls(&state, &builder, tcp, info, watcher).await;
             } else {
@@ -91,6 +101,49 @@ pub async fn accept_loop(
             state.metrics.connections_open.dec();
         });
     }
+}
+
+fn is_blocked(state: &AppState, client: std::net::IpAddr) -> bool {
+    matches!(
+        state.snapshot.load().policy.decide(&state.temp, client),
+        Verdict::Block(_)
+    )
+}
+
+/// On a `proxy_protocol` listener: the client named by the PROXY header of a trusted peer,
+/// or `None` when the connection must be closed (untrusted peer, bad header, blocked client).
+async fn proxied_client(
+    state: &AppState,
+    tcp: &mut TcpStream,
+    peer: std::net::IpAddr,
+) -> Option<std::net::IpAddr> {
+    let (trusted, timeout, log_ip) = {
+        let snap = state.snapshot.load();
+        (
+            snap.trusted.contains(peer),
+            snap.config.limits.tls_handshake_timeout,
+            snap.config.privacy.log_ip,
+        )
+    };
+    if !trusted {
+        state.metrics.rejected.untrusted_proxy.inc();
+        debug!(peer = %LoggedIp(peer, log_ip), "PROXY header from an untrusted peer refused");
+        return None;
+    }
+    let client = match client_addr::read_proxy_header(tcp, timeout).await {
+        Ok(Some(client)) => client,
+        Ok(None) => peer,
+        Err(e) => {
+            state.metrics.rejected.proxy_header.inc();
+            debug!(peer = %LoggedIp(peer, log_ip), error = %e, "bad PROXY header");
+            return None;
+        }
+    };
+    if is_blocked(state, client) {
+        state.metrics.rejected.blocked.inc();
+        return None;
+    }
+    Some(client)
 }
 
 async fn serve_tls(
@@ -136,16 +189,5 @@ async fn serve<I>(
     let conn = builder.serve_connection_with_upgrades(io, service);
     if let Err(e) = watcher.watch(conn).await {
         debug!(error = %e, "connection ended with an error");
-    }
-}
-
-/// The peer's address, with IPv4-mapped IPv6 turned into IPv4 (SPEC 1).
-pub fn normalize(peer: SocketAddr) -> std::net::IpAddr {
-    match peer.ip() {
-        std::net::IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map(std::net::IpAddr::V4)
-            .unwrap_or(std::net::IpAddr::V6(v6)),
-        v4 => v4,
     }
 }

@@ -18,8 +18,17 @@ pub mod outcome {
     pub const MISDIRECTED: &str = "misdirected";
 }
 
+/// `ipgate_connections_rejected_total` children, resolved once: floods hit these.
+pub struct Rejections {
+    pub blocked: IntCounter,
+    pub max_connections: IntCounter,
+    pub untrusted_proxy: IntCounter,
+    pub proxy_header: IntCounter,
+}
+
 pub struct Metrics {
     registry: Registry,
+    pub rejected: Rejections,
     pub requests: IntCounterVec,
     pub connections_rejected: IntCounterVec,
     pub list_entries: IntGaugeVec,
@@ -56,16 +65,23 @@ impl Metrics {
                 IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"),
             )
         };
+        let connections_rejected = counter_vec(
+            "ipgate_connections_rejected_total",
+            "Client connections closed right after accept, by reason.",
+            &["reason"],
+        );
         Metrics {
+            rejected: Rejections {
+                blocked: connections_rejected.with_label_values(&["blocked"]),
+                max_connections: connections_rejected.with_label_values(&["max_connections"]),
+                untrusted_proxy: connections_rejected.with_label_values(&["untrusted_proxy"]),
+                proxy_header: connections_rejected.with_label_values(&["proxy_header"]),
+            },
+            connections_rejected,
             requests: counter_vec(
                 "ipgate_requests_total",
                 "Requests answered, by site and outcome.",
                 &["site", "outcome"],
-            ),
-            connections_rejected: counter_vec(
-                "ipgate_connections_rejected_total",
-                "Client connections closed right after accept, by reason.",
-                &["reason"],
             ),
             list_entries: reg(
                 &registry,
@@ -174,6 +190,8 @@ impl Default for Metrics {
 pub struct SiteMetrics {
     pub proxied: IntCounter,
     pub upstream_error: IntCounter,
+    pub blocked: IntCounter,
+    pub denied: IntCounter,
     pub duration: Histogram,
     pub connect_errors: IntCounter,
     pub timeouts: IntCounter,
@@ -187,6 +205,8 @@ impl SiteMetrics {
             upstream_error: m
                 .requests
                 .with_label_values(&[site, outcome::UPSTREAM_ERROR]),
+            blocked: m.requests.with_label_values(&[site, outcome::BLOCKED]),
+            denied: m.requests.with_label_values(&[site, outcome::DENIED]),
             duration: m.request_duration.with_label_values(&[site]),
             connect_errors: m.upstream_errors.with_label_values(&[site, "connect"]),
             timeouts: m.upstream_errors.with_label_values(&[site, "timeout"]),

@@ -16,8 +16,10 @@ use hyper_util::rt::TokioIo;
 use tracing::debug;
 
 use crate::access_log::{Entry, LoggedIp};
+use crate::client_addr;
 use crate::metrics::outcome;
-use crate::state::{AppState, SiteEntry};
+use crate::policy::Verdict;
+use crate::state::{AppState, SiteEntry, Snapshot};
 
 /// Response bodies: the upstream's, streamed, or a short one of ipgate's own.
 pub type Body = Either<Incoming, Full<Bytes>>;
@@ -25,8 +27,9 @@ pub type Body = Either<Incoming, Full<Bytes>>;
 /// What the request path knows about the connection a request came on.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnInfo {
+    /// The TCP peer.
     pub peer: SocketAddr,
-    /// The client address (SPEC 1); the peer until PROXY and X-Forwarded-For are handled.
+    /// The client at connection level: the peer, or the PROXY header's source.
     pub client: IpAddr,
     pub tls: bool,
 }
@@ -36,6 +39,10 @@ pub struct ConnInfo {
 pub enum Error {
     #[error("no site for this host")]
     NoSite,
+    #[error("client is blocked")]
+    Blocked,
+    #[error("client is not in the allow lists of this site or route")]
+    Denied,
     #[error("upstream unreachable: {0}")]
     UpstreamConnect(#[source] hyper_util::client::legacy::Error),
     #[error("upstream failed: {0}")]
@@ -48,6 +55,7 @@ impl Error {
     pub fn status(&self) -> StatusCode {
         match self {
             Error::NoSite => StatusCode::MISDIRECTED_REQUEST,
+            Error::Blocked | Error::Denied => StatusCode::FORBIDDEN,
             Error::UpstreamConnect(_) | Error::UpstreamProtocol(_) => StatusCode::BAD_GATEWAY,
             Error::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -56,6 +64,8 @@ impl Error {
     fn outcome(&self) -> &'static str {
         match self {
             Error::NoSite => outcome::MISDIRECTED,
+            Error::Blocked => outcome::BLOCKED,
+            Error::Denied => outcome::DENIED,
             _ => outcome::UPSTREAM_ERROR,
         }
     }
@@ -66,6 +76,7 @@ impl From<&Error> for Response<Body> {
         let status = e.status();
         let text = match e {
             Error::NoSite => "421 no site is configured for this host\n",
+            Error::Blocked | Error::Denied => "403 forbidden\n",
             Error::UpstreamConnect(_) | Error::UpstreamProtocol(_) => "502 bad gateway\n",
             Error::UpstreamTimeout => "504 gateway timeout\n",
         };
@@ -121,8 +132,43 @@ pub async fn handle(
         .map(strip_port)
         .unwrap_or("");
 
-    let (resp, site_name, outcome) = match snap.site_for(host) {
-        None => {
+    // From a trusted proxy, the client is the rightmost untrusted X-Forwarded-For address.
+    let client = if !snap.trusted.is_empty() && snap.trusted.contains(conn.client) {
+        client_addr::from_forwarded_for(req.headers(), &snap.trusted).unwrap_or(conn.client)
+    } else {
+        conn.client
+    };
+
+    let site = snap.site_for(host);
+    let refused = match snap.policy.decide(&state.temp, client) {
+        Verdict::Block(_) => Some(Error::Blocked),
+        _ if site.is_some_and(|s| !admitted(&snap, s, req.uri().path(), client)) => {
+            Some(Error::Denied)
+        }
+        _ => None,
+    };
+    let (resp, site_name, outcome) = match (site, refused) {
+        (site, Some(e)) => {
+            let name = match site {
+                Some(s) => {
+                    match e {
+                        Error::Blocked => s.metrics.blocked.inc(),
+                        _ => s.metrics.denied.inc(),
+                    }
+                    s.site.name.as_str()
+                }
+                None => {
+                    state
+                        .metrics
+                        .requests
+                        .with_label_values(&["none", e.outcome()])
+                        .inc();
+                    "none"
+                }
+            };
+            (Response::from(&e), name, e.outcome())
+        }
+        (None, None) => {
             state
                 .metrics
                 .requests
@@ -130,8 +176,8 @@ pub async fn handle(
                 .inc();
             (Response::from(&Error::NoSite), "none", outcome::MISDIRECTED)
         }
-        Some(site) => {
-            let result = forward(&state, site, conn, req, host_value.as_ref()).await;
+        (Some(site), None) => {
+            let result = forward(&state, site, conn, client, req, host_value.as_ref()).await;
             site.metrics.duration.observe(start.elapsed().as_secs_f64());
             match result {
                 Ok(resp) => {
@@ -155,7 +201,7 @@ pub async fn handle(
     if state.access_log.is_enabled() {
         state.access_log.log(&Entry {
             ts: SystemTime::now(),
-            client: LoggedIp(conn.client, snap.config.privacy.log_ip),
+            client: LoggedIp(client, snap.config.privacy.log_ip),
             method: method.as_str(),
             host,
             path: uri.path(),
@@ -169,10 +215,30 @@ pub async fn handle(
     Ok(resp)
 }
 
+/// Whether `allow_only` admits the client: the longest matching route's list if it has one,
+/// else the site's; no list means everyone (SPEC 5). Membership is in the named static allow
+/// lists only.
+fn admitted(snap: &Snapshot, site: &SiteEntry, path: &str, client: IpAddr) -> bool {
+    let route = site
+        .site
+        .routes
+        .iter()
+        .filter(|r| path.starts_with(r.path.as_str()) && !r.allow_only.is_empty())
+        .max_by_key(|r| r.path.len());
+    let names = route.map_or(&site.site.allow_only, |r| &r.allow_only);
+    names.is_empty()
+        || names.iter().any(|n| {
+            snap.policy
+                .allow_list(n)
+                .is_some_and(|l| l.table.contains(client))
+        })
+}
+
 async fn forward(
     state: &AppState,
     site: &SiteEntry,
     conn: ConnInfo,
+    client: IpAddr,
     mut req: Request<Incoming>,
     host: Option<&HeaderValue>,
 ) -> Result<Response<Body>, Error> {
@@ -187,7 +253,7 @@ async fn forward(
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         parts.headers.insert(header::UPGRADE, token);
     }
-    add_forwarding_headers(&mut parts.headers, conn, host);
+    add_forwarding_headers(&mut parts.headers, client, conn, host);
 
     let upstream = &site.site.upstream;
     let mut builder = Uri::builder().scheme("http");
@@ -300,9 +366,19 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::UPGRADE);
 }
 
-fn add_forwarding_headers(headers: &mut HeaderMap, conn: ConnInfo, host: Option<&HeaderValue>) {
+/// Adds X-Forwarded-For (the connection's client appended), X-Real-IP (the client as
+/// decided, which differs when a trusted proxy named it in X-Forwarded-For),
+/// X-Forwarded-Proto and X-Forwarded-Host, and sets Host to what the client asked for.
+fn add_forwarding_headers(
+    headers: &mut HeaderMap,
+    client: IpAddr,
+    conn: ConnInfo,
+    host: Option<&HeaderValue>,
+) {
     let mut ip_buf = [0u8; 64];
     let ip = format_ip(conn.client, &mut ip_buf);
+    let mut real_buf = [0u8; 64];
+    let real_ip = format_ip(client, &mut real_buf);
 
     let mut xff = String::new();
     for v in headers.get_all(&X_FORWARDED_FOR) {
@@ -323,7 +399,7 @@ fn add_forwarding_headers(headers: &mut HeaderMap, conn: ConnInfo, host: Option<
     if let Ok(v) = xff_value {
         headers.insert(X_FORWARDED_FOR.clone(), v);
     }
-    if let Ok(v) = HeaderValue::from_str(ip) {
+    if let Ok(v) = HeaderValue::from_str(real_ip) {
         headers.insert(X_REAL_IP.clone(), v);
     }
     headers.insert(
@@ -406,7 +482,12 @@ mod tests {
             client: "192.0.2.7".parse().unwrap(),
             tls: true,
         };
-        add_forwarding_headers(&mut h, conn, Some(&HeaderValue::from_static("a.test")));
+        add_forwarding_headers(
+            &mut h,
+            conn.client,
+            conn,
+            Some(&HeaderValue::from_static("a.test")),
+        );
         assert_eq!(h[&X_FORWARDED_FOR], "198.51.100.1, 192.0.2.7");
         assert_eq!(h[&X_REAL_IP], "192.0.2.7");
         assert_eq!(h[&X_FORWARDED_PROTO], "https");

@@ -16,8 +16,12 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
 use crate::access_log::AccessLog;
-use crate::config::{Config, Errors, Report, Site};
+use crate::config::{Action, Config, Errors, Report, Site};
 use crate::metrics::{Metrics, SiteMetrics};
+use crate::policy::table::CidrTable;
+use crate::policy::temporary::{now_ms, Entry, TempEntries};
+use crate::policy::Policy;
+use crate::store::{self, Store};
 use crate::tls;
 
 /// The config in force, compiled for the request path.
@@ -26,6 +30,10 @@ pub struct Snapshot {
     /// `None` when no listener needs TLS and no certificate is configured.
     pub tls: Option<TlsAcceptor>,
     pub sites: Vec<SiteEntry>,
+    /// The static block and allow lists.
+    pub policy: Policy,
+    /// `gateway.trusted_proxies`.
+    pub trusted: CidrTable,
     /// Exact host (lower case) to index in `sites`.
     hosts: HashMap<String, usize>,
     /// The `"*"` site.
@@ -44,6 +52,7 @@ impl Snapshot {
     pub fn build(config: Config, metrics: &Metrics) -> Result<Snapshot, Errors> {
         let mut report = Report::new(&config.source, "");
         let tls = tls::server_config(&config.tls, &mut report).map(TlsAcceptor::from);
+        let policy = Policy::build(&config.lists, &mut report, metrics);
         if !report.is_empty() {
             return Err(report.into_errors());
         }
@@ -64,9 +73,11 @@ impl Snapshot {
             });
         }
         Ok(Snapshot {
+            trusted: CidrTable::new(config.gateway.trusted_proxies.clone()),
             config,
             tls,
             sites,
+            policy,
             hosts,
             default_site,
         })
@@ -97,10 +108,18 @@ pub struct AppState {
     /// Set once shutdown starts: `/healthz` answers 503 so balancers stop sending.
     pub draining: AtomicBool,
     pub admin_token: Option<String>,
+    pub temp: TempEntries,
+    /// Durable home of the temporary entries (`None` only in `check`-style uses).
+    pub store: Option<Arc<Store>>,
 }
 
 impl AppState {
-    pub fn new(snapshot: Snapshot, metrics: Arc<Metrics>, admin_token: Option<String>) -> Self {
+    pub fn new(
+        snapshot: Snapshot,
+        metrics: Arc<Metrics>,
+        admin_token: Option<String>,
+        store: Option<Arc<Store>>,
+    ) -> Self {
         let access_log = AccessLog::stdout(
             snapshot.config.access_log,
             metrics.access_log_dropped.clone(),
@@ -114,6 +133,103 @@ impl AppState {
             connections,
             draining: AtomicBool::new(false),
             admin_token,
+            temp: TempEntries::default(),
+            store,
+        }
+    }
+
+    /// Adds or replaces a temporary entry: written to the store first, so an entry the caller
+    /// acknowledges survives a crash, then made visible to the request path.
+    pub async fn add_entry(
+        &self,
+        action: Action,
+        target: ipnet::IpNet,
+        entry: Entry,
+    ) -> Result<(), store::Error> {
+        if let Some(store) = self.store.clone() {
+            let e = entry.clone();
+            tokio::task::spawn_blocking(move || store.put(action, target, &e))
+                .await
+                .map_err(|e| store::Error::from(e.to_string()))??;
+        }
+        if action == Action::Block {
+            self.metrics.bans.with_label_values(&[&entry.source]).inc();
+        }
+        self.temp.table(action).insert(target, entry);
+        self.publish_temporary_gauges();
+        Ok(())
+    }
+
+    /// Removes temporary entries from memory and the store; returns those that existed.
+    pub async fn remove_entries(
+        &self,
+        targets: Vec<(Action, ipnet::IpNet)>,
+    ) -> Result<Vec<(Action, ipnet::IpNet, Entry)>, store::Error> {
+        let now = now_ms();
+        let mut removed = Vec::new();
+        for &(action, target) in &targets {
+            if let Some(e) = self.temp.table(action).remove(target) {
+                if e.expires_at > now {
+                    removed.push((action, target, e));
+                }
+            }
+        }
+        if let Some(store) = self.store.clone() {
+            tokio::task::spawn_blocking(move || store.delete(&targets))
+                .await
+                .map_err(|e| store::Error::from(e.to_string()))??;
+        }
+        self.publish_temporary_gauges();
+        Ok(removed)
+    }
+
+    /// Frees expired entries, in memory and on disk (SPEC 7).
+    pub async fn sweep(&self) {
+        let now = now_ms();
+        let mut gone: Vec<(Action, ipnet::IpNet)> = Vec::new();
+        for action in [Action::Block, Action::Allow] {
+            gone.extend(
+                self.temp
+                    .table(action)
+                    .sweep(now)
+                    .into_iter()
+                    .map(|t| (action, t)),
+            );
+        }
+        if gone.is_empty() {
+            return;
+        }
+        self.publish_temporary_gauges();
+        if let Some(store) = self.store.clone() {
+            let n = gone.len();
+            match tokio::task::spawn_blocking(move || store.delete(&gone)).await {
+                Ok(Ok(_)) => tracing::debug!(entries = n, "expired entries removed"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "could not delete expired entries"),
+                Err(e) => tracing::warn!(error = %e, "could not delete expired entries"),
+            }
+        }
+    }
+
+    /// Sets `ipgate_list_entries` for the static lists of the config in force and for the
+    /// temporary entries.
+    pub fn publish_list_gauges(&self) {
+        let snap = self.snapshot.load();
+        self.metrics.list_entries.reset();
+        for l in snap.policy.allow.iter().chain(&snap.policy.block) {
+            self.metrics
+                .list_entries
+                .with_label_values(&[&l.name, "static"])
+                .set(l.table.len() as i64);
+        }
+        self.publish_temporary_gauges();
+    }
+
+    fn publish_temporary_gauges(&self) {
+        for action in [Action::Block, Action::Allow] {
+            self.metrics
+                .list_entries
+                .with_label_values(&[store::action_name(action), "temporary"])
+                .set(self.temp.table(action).len() as i64);
         }
     }
 }
@@ -144,6 +260,7 @@ impl AppState {
             tracing::warn!("listener or admin addresses changed: they take effect at restart");
         }
         self.snapshot.store(Arc::new(next));
+        self.publish_list_gauges();
         self.metrics
             .config_reloads
             .with_label_values(&["success"])

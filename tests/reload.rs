@@ -15,9 +15,8 @@ async fn sighup_applies_a_valid_config_and_refuses_a_broken_one() {
     ca.issue(dir.path(), "a", &["a.test"]);
     ca.issue(dir.path(), "b", &["b.test"]);
     let path = dir.path().join("ipgate.toml");
-    let site = |hosts: &str| {
-        format!("[[site]]\nhosts = [{hosts}]\nupstream = \"http://{{upstream}}\"\n")
-    };
+    let site =
+        |hosts: &str| format!("[[site]]\nhosts = [{hosts}]\nupstream = \"http://{{upstream}}\"\n");
     std::fs::write(&path, base_config(&site("\"a.test\""), "", upstream.addr)).unwrap();
     let (mut child, addrs) = start_binary(&path);
     assert_eq!(plain_get(addrs.plain, "/", "a.test").await.0, 200);

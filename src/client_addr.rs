@@ -1,0 +1,179 @@
+//! The client address (SPEC 1): the TCP peer; on a `proxy_protocol` listener, the source in
+//! the PROXY header (v1 or v2, parsed by `ppp`) sent by a trusted peer; at request level, from
+//! a trusted peer, the rightmost X-Forwarded-For address that is not itself trusted.
+//! IPv4-mapped IPv6 is IPv4 everywhere.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use http::HeaderMap;
+use ppp::{HeaderResult, PartialResult};
+use tokio::net::TcpStream;
+
+use crate::policy::table::CidrTable;
+
+/// An address with IPv4-mapped IPv6 turned into IPv4.
+#[inline]
+pub fn normalize(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    }
+}
+
+pub fn peer(addr: SocketAddr) -> IpAddr {
+    normalize(addr.ip())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyHeaderError {
+    #[error("no valid PROXY header: {0}")]
+    Invalid(String),
+    #[error("connection closed before the PROXY header was complete")]
+    Closed,
+    #[error("PROXY header incomplete after the handshake timeout")]
+    Timeout,
+    #[error("read error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Longest PROXY header read: v1 is at most 107 bytes; v2 is 16 + addresses + TLVs, and
+/// TLVs beyond this are not something a front proxy of a hosting box sends.
+const MAX_HEADER: usize = 1024;
+
+/// Reads and consumes the PROXY header at the start of `tcp`, leaving the bytes after it
+/// unread. Returns the source address it carries, or `None` for a v2 LOCAL command or a v1
+/// UNKNOWN (health checks by the proxy itself: use the peer).
+pub async fn read_proxy_header(
+    tcp: &mut TcpStream,
+    timeout: Duration,
+) -> Result<Option<IpAddr>, ProxyHeaderError> {
+    use tokio::io::AsyncReadExt;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut buf = vec![0u8; MAX_HEADER];
+    let mut last = 0;
+    loop {
+        // Peek, so that nothing past the header is taken from the socket.
+        let n = tokio::time::timeout_at(deadline, tcp.peek(&mut buf))
+            .await
+            .map_err(|_| ProxyHeaderError::Timeout)??;
+        if n == 0 {
+            return Err(ProxyHeaderError::Closed);
+        }
+        let parsed = HeaderResult::parse(&buf[..n]);
+        if parsed.is_incomplete() {
+            if n >= MAX_HEADER {
+                return Err(ProxyHeaderError::Invalid("header too long".into()));
+            }
+            if n == last {
+                // peek returns at once while data is buffered: wait for more to arrive.
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(ProxyHeaderError::Timeout);
+                }
+            }
+            last = n;
+            continue;
+        }
+        let (len, source) = match parsed {
+            HeaderResult::V1(Ok(h)) => {
+                let source = match h.addresses {
+                    ppp::v1::Addresses::Tcp4(a) => Some(IpAddr::V4(a.source_address)),
+                    ppp::v1::Addresses::Tcp6(a) => Some(IpAddr::V6(a.source_address)),
+                    ppp::v1::Addresses::Unknown => None,
+                };
+                (h.header.len(), source)
+            }
+            HeaderResult::V2(Ok(h)) => {
+                let source = match (h.command, h.addresses) {
+                    (ppp::v2::Command::Local, _) => None,
+                    (_, ppp::v2::Addresses::IPv4(a)) => Some(IpAddr::V4(a.source_address)),
+                    (_, ppp::v2::Addresses::IPv6(a)) => Some(IpAddr::V6(a.source_address)),
+                    (_, other) => {
+                        return Err(ProxyHeaderError::Invalid(format!(
+                            "unsupported address family {other:?}"
+                        )))
+                    }
+                };
+                (h.len(), source)
+            }
+            HeaderResult::V1(Err(e)) => return Err(ProxyHeaderError::Invalid(e.to_string())),
+            HeaderResult::V2(Err(e)) => return Err(ProxyHeaderError::Invalid(e.to_string())),
+        };
+        let mut consumed = vec![0u8; len];
+        tcp.read_exact(&mut consumed).await?;
+        return Ok(source.map(normalize));
+    }
+}
+
+/// The client behind trusted proxies: walking X-Forwarded-For from the right, the first
+/// address that is not trusted. `None` when there is no such header or every address in it
+/// is trusted (then the peer stands).
+pub fn from_forwarded_for(headers: &HeaderMap, trusted: &CidrTable) -> Option<IpAddr> {
+    let mut found = None;
+    // Later header lines are to the right of earlier ones.
+    for value in headers.get_all("x-forwarded-for").iter().rev() {
+        let Ok(text) = value.to_str() else {
+            return found;
+        };
+        for part in text.rsplit(',') {
+            let part = part.trim();
+            let Ok(ip) = part.parse::<IpAddr>() else {
+                // Garbage is untrusted input: stop at it and keep what is known.
+                return found;
+            };
+            let ip = normalize(ip);
+            if !trusted.contains(ip) {
+                return Some(ip);
+            }
+            found = None;
+        }
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn trusted() -> CidrTable {
+        CidrTable::new(vec![
+            "10.0.0.0/8".parse().unwrap(),
+            "192.0.2.1/32".parse().unwrap(),
+        ])
+    }
+
+    fn xff(values: &[&str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for v in values {
+            h.append("x-forwarded-for", v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn takes_the_rightmost_untrusted_address() {
+        let t = trusted();
+        let got = |v: &[&str]| from_forwarded_for(&xff(v), &t).map(|i| i.to_string());
+        assert_eq!(got(&["198.51.100.1"]).as_deref(), Some("198.51.100.1"));
+        // A spoofed left part is ignored: the rightmost untrusted wins.
+        assert_eq!(
+            got(&["6.6.6.6, 198.51.100.1, 10.1.1.1"]).as_deref(),
+            Some("198.51.100.1")
+        );
+        assert_eq!(
+            got(&["6.6.6.6", "198.51.100.2, 192.0.2.1"]).as_deref(),
+            Some("198.51.100.2")
+        );
+        assert_eq!(
+            got(&["::ffff:198.51.100.3"]).as_deref(),
+            Some("198.51.100.3")
+        );
+        assert_eq!(got(&["10.0.0.1, 192.0.2.1"]), None);
+        assert_eq!(got(&["garbage, 10.0.0.1"]), None);
+        assert_eq!(got(&[]), None);
+    }
+}

@@ -1,0 +1,352 @@
+//! Temporary entries: targets (address or CIDR) with an expiry, in sharded concurrent maps
+//! keyed by (prefix length, masked address). A lookup probes once per prefix length in use,
+//! longest first; which lengths are in use is a bitmask read without locking. Expiry is
+//! checked on every read, so an entry never matches after it expires; `sweep` frees them.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use dashmap::DashMap;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+
+use crate::config::Action;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// One temporary entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    pub created_at: u64,
+    pub expires_at: u64,
+    /// `api`, or the name of the jail that made it.
+    pub source: Arc<str>,
+    pub reason: Option<Arc<str>>,
+}
+
+type Hasher = foldhash::fast::RandomState;
+
+/// Entries of one action (block or allow).
+pub struct TempTable {
+    v4: DashMap<(u8, u32), Entry, Hasher>,
+    v6: DashMap<(u8, u128), Entry, Hasher>,
+    /// Entries per prefix length (0..=32 for IPv4, 33..=161 for IPv6), under a lock that
+    /// only writers take; readers see `v4_lens` / `v6_lens`.
+    counts: Mutex<[u32; 33 + 129]>,
+    v4_lens: AtomicU64,
+    v6_lens: [AtomicU64; 3],
+}
+
+impl Default for TempTable {
+    fn default() -> Self {
+        TempTable {
+            v4: DashMap::with_hasher(Hasher::default()),
+            v6: DashMap::with_hasher(Hasher::default()),
+            counts: Mutex::new([0; 33 + 129]),
+            v4_lens: AtomicU64::new(0),
+            v6_lens: Default::default(),
+        }
+    }
+}
+
+#[inline]
+fn mask4(ip: u32, len: u8) -> u32 {
+    if len == 0 {
+        0
+    } else {
+        ip & (u32::MAX << (32 - len as u32))
+    }
+}
+
+#[inline]
+fn mask6(ip: u128, len: u8) -> u128 {
+    if len == 0 {
+        0
+    } else {
+        ip & (u128::MAX << (128 - len as u32))
+    }
+}
+
+impl TempTable {
+    /// Inserts or replaces the entry for `target`.
+    pub fn insert(&self, target: IpNet, entry: Entry) {
+        let new = match target {
+            IpNet::V4(n) => self
+                .v4
+                .insert((n.prefix_len(), u32::from(n.network())), entry)
+                .is_none(),
+            IpNet::V6(n) => self
+                .v6
+                .insert((n.prefix_len(), u128::from(n.network())), entry)
+                .is_none(),
+        };
+        if new {
+            self.count(target, 1);
+        }
+    }
+
+    /// Removes the entry for exactly `target`.
+    pub fn remove(&self, target: IpNet) -> Option<Entry> {
+        let removed = match target {
+            IpNet::V4(n) => self
+                .v4
+                .remove(&(n.prefix_len(), u32::from(n.network())))
+                .map(|(_, e)| e),
+            IpNet::V6(n) => self
+                .v6
+                .remove(&(n.prefix_len(), u128::from(n.network())))
+                .map(|(_, e)| e),
+        };
+        if removed.is_some() {
+            self.count(target, -1);
+        }
+        removed
+    }
+
+    /// The entry for exactly `target`, if it has not expired.
+    pub fn get(&self, target: IpNet, now: u64) -> Option<Entry> {
+        let e = match target {
+            IpNet::V4(n) => self
+                .v4
+                .get(&(n.prefix_len(), u32::from(n.network())))
+                .map(|e| e.clone()),
+            IpNet::V6(n) => self
+                .v6
+                .get(&(n.prefix_len(), u128::from(n.network())))
+                .map(|e| e.clone()),
+        }?;
+        (e.expires_at > now).then_some(e)
+    }
+
+    fn count(&self, target: IpNet, delta: i32) {
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = match target {
+            IpNet::V4(n) => n.prefix_len() as usize,
+            IpNet::V6(n) => 33 + n.prefix_len() as usize,
+        };
+        counts[slot] = counts[slot].saturating_add_signed(delta);
+        self.publish(&counts);
+    }
+
+    fn publish(&self, counts: &[u32; 33 + 129]) {
+        let mut v4 = 0u64;
+        let mut v6 = [0u64; 3];
+        for (len, &c) in counts[..33].iter().enumerate() {
+            if c > 0 {
+                v4 |= 1 << len;
+            }
+        }
+        for (len, &c) in counts[33..].iter().enumerate() {
+            if c > 0 {
+                v6[len / 64] |= 1 << (len % 64);
+            }
+        }
+        self.v4_lens.store(v4, Ordering::Release);
+        for (slot, bits) in self.v6_lens.iter().zip(v6) {
+            slot.store(bits, Ordering::Release);
+        }
+    }
+
+    /// Whether a live entry covers `ip`: one probe per prefix length in use, longest first.
+    /// The clock is read only when a probe hits.
+    #[inline]
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        self.find(ip, None).is_some()
+    }
+
+    /// The most specific live entry covering `ip`.
+    pub fn find(&self, ip: IpAddr, now: Option<u64>) -> Option<(IpNet, Entry)> {
+        let mut now = now;
+        let mut live = |e: &Entry| e.expires_at > *now.get_or_insert_with(now_ms);
+        match ip {
+            IpAddr::V4(v4) => {
+                let ip = u32::from(v4);
+                let mut lens = self.v4_lens.load(Ordering::Acquire);
+                while lens != 0 {
+                    let len = 63 - lens.leading_zeros() as u8;
+                    lens &= !(1u64 << len);
+                    let key = (len, mask4(ip, len));
+                    if let Some(e) = self.v4.get(&key) {
+                        if live(&e) {
+                            let net = Ipv4Net::new(key.1.into(), len).ok()?;
+                            return Some((IpNet::V4(net), e.clone()));
+                        }
+                    }
+                }
+                None
+            }
+            IpAddr::V6(v6) => {
+                let ip = u128::from(v6);
+                for word in (0..3).rev() {
+                    let mut lens = self.v6_lens[word].load(Ordering::Acquire);
+                    while lens != 0 {
+                        let bit = 63 - lens.leading_zeros();
+                        lens &= !(1u64 << bit);
+                        let len = (word as u32 * 64 + bit) as u8;
+                        let key = (len, mask6(ip, len));
+                        if let Some(e) = self.v6.get(&key) {
+                            if live(&e) {
+                                let net = Ipv6Net::new(key.1.into(), len).ok()?;
+                                return Some((IpNet::V6(net), e.clone()));
+                            }
+                        }
+                    }
+                }
+                None
+            }
+        }
+    }
+
+    /// Every live entry covering `ip` (admin path).
+    pub fn covering(&self, ip: IpAddr, now: u64) -> Vec<(IpNet, Entry)> {
+        self.all(now)
+            .into_iter()
+            .filter(|(net, _)| net.contains(&ip))
+            .collect()
+    }
+
+    /// Every live entry (admin path).
+    pub fn all(&self, now: u64) -> Vec<(IpNet, Entry)> {
+        let mut out = Vec::new();
+        for r in self.v4.iter() {
+            if r.expires_at > now {
+                if let Ok(n) = Ipv4Net::new(r.key().1.into(), r.key().0) {
+                    out.push((IpNet::V4(n), r.value().clone()));
+                }
+            }
+        }
+        for r in self.v6.iter() {
+            if r.expires_at > now {
+                if let Ok(n) = Ipv6Net::new(r.key().1.into(), r.key().0) {
+                    out.push((IpNet::V6(n), r.value().clone()));
+                }
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// Drops every entry expired at `now`; returns their targets.
+    pub fn sweep(&self, now: u64) -> Vec<IpNet> {
+        let mut gone = Vec::new();
+        self.v4.retain(|&(len, net), e| {
+            let keep = e.expires_at > now;
+            if !keep {
+                if let Ok(n) = Ipv4Net::new(net.into(), len) {
+                    gone.push(IpNet::V4(n));
+                }
+            }
+            keep
+        });
+        self.v6.retain(|&(len, net), e| {
+            let keep = e.expires_at > now;
+            if !keep {
+                if let Ok(n) = Ipv6Net::new(net.into(), len) {
+                    gone.push(IpNet::V6(n));
+                }
+            }
+            keep
+        });
+        if !gone.is_empty() {
+            let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+            for t in &gone {
+                let slot = match t {
+                    IpNet::V4(n) => n.prefix_len() as usize,
+                    IpNet::V6(n) => 33 + n.prefix_len() as usize,
+                };
+                counts[slot] = counts[slot].saturating_sub(1);
+            }
+            self.publish(&counts);
+        }
+        gone
+    }
+
+    pub fn len(&self) -> usize {
+        self.v4.len() + self.v6.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The temporary block and allow entries.
+#[derive(Default)]
+pub struct TempEntries {
+    pub block: TempTable,
+    pub allow: TempTable,
+}
+
+impl TempEntries {
+    pub fn table(&self, action: Action) -> &TempTable {
+        match action {
+            Action::Block => &self.block,
+            Action::Allow => &self.allow,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(expires_at: u64) -> Entry {
+        Entry {
+            created_at: 0,
+            expires_at,
+            source: "api".into(),
+            reason: None,
+        }
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn matches_by_prefix_until_expiry() {
+        let t = TempTable::default();
+        let now = now_ms();
+        t.insert("10.0.0.0/24".parse().unwrap(), entry(now + 60_000));
+        t.insert("192.0.2.7/32".parse().unwrap(), entry(now + 60_000));
+        t.insert("2001:db8:1:2::/64".parse().unwrap(), entry(now + 60_000));
+        t.insert("198.51.100.1/32".parse().unwrap(), entry(now - 1));
+        assert!(t.contains(ip("10.0.0.255")));
+        assert!(!t.contains(ip("10.0.1.0")));
+        assert!(t.contains(ip("192.0.2.7")));
+        assert!(!t.contains(ip("192.0.2.6")));
+        assert!(t.contains(ip("2001:db8:1:2:ffff::1")));
+        assert!(!t.contains(ip("2001:db8:1:3::1")));
+        // Expired but not swept: never matches.
+        assert!(!t.contains(ip("198.51.100.1")));
+        assert_eq!(t.len(), 4);
+        assert_eq!(
+            t.sweep(now),
+            vec!["198.51.100.1/32".parse::<IpNet>().unwrap()]
+        );
+        assert_eq!(t.len(), 3);
+        assert!(t.remove("10.0.0.0/24".parse().unwrap()).is_some());
+        assert!(!t.contains(ip("10.0.0.1")));
+        // The /24 length is no longer probed.
+        assert_eq!(t.v4_lens.load(Ordering::Relaxed), 1 << 32);
+    }
+
+    #[test]
+    fn prefers_the_most_specific_entry() {
+        let t = TempTable::default();
+        let now = now_ms();
+        t.insert("10.0.0.0/8".parse().unwrap(), entry(now + 1000));
+        t.insert("10.1.2.3/32".parse().unwrap(), entry(now + 2000));
+        let (net, e) = t.find(ip("10.1.2.3"), None).unwrap();
+        assert_eq!(net.to_string(), "10.1.2.3/32");
+        assert_eq!(e.expires_at, now + 2000);
+        assert_eq!(t.covering(ip("10.1.2.3"), now).len(), 2);
+    }
+}

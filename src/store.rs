@@ -1,0 +1,221 @@
+//! The embedded state store (redb, ACID, under `gateway.state_dir`): temporary entries are
+//! written and committed (fsync) before the admin API acknowledges them, loaded at start
+//! with expired ones dropped, and deleted when they expire, so nothing about an address
+//! stays on disk longer than in memory. Every call blocks: use it from `spawn_blocking`.
+
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use ipnet::IpNet;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::config::Action;
+use crate::policy::temporary::Entry;
+
+/// `"block 10.0.0.0/24"` → the entry as JSON.
+const ENTRIES: TableDefinition<&str, &[u8]> = TableDefinition::new("entries");
+
+#[derive(Debug, thiserror::Error)]
+#[error("state store: {0}")]
+pub struct Error(String);
+
+impl From<String> for Error {
+    fn from(s: String) -> Self {
+        Error(s)
+    }
+}
+
+fn err(e: impl Into<redb::Error>) -> Error {
+    Error(e.into().to_string())
+}
+
+pub struct Store {
+    db: Database,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Stored {
+    created_at: u64,
+    expires_at: u64,
+    source: String,
+    reason: Option<String>,
+}
+
+fn key(action: Action, target: IpNet) -> String {
+    format!("{} {target}", action_name(action))
+}
+
+pub fn action_name(action: Action) -> &'static str {
+    match action {
+        Action::Block => "block",
+        Action::Allow => "allow",
+    }
+}
+
+impl Store {
+    /// Opens (or creates) `DIR/state.redb`, creating the directory (mode 0700) if needed.
+    pub fn open(dir: &Path) -> Result<Store, Error> {
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode_0700()
+                .create(dir)
+                .map_err(|e| Error(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        let path = dir.join("state.redb");
+        let db = Database::create(&path)
+            .map_err(|e| Error(format!("cannot open {}: {}", path.display(), err(e).0)))?;
+        let txn = db.begin_write().map_err(err)?;
+        txn.open_table(ENTRIES).map_err(err)?;
+        txn.commit().map_err(err)?;
+        Ok(Store { db })
+    }
+
+    /// Writes an entry durably (returns once it is on disk).
+    pub fn put(&self, action: Action, target: IpNet, entry: &Entry) -> Result<(), Error> {
+        let value = serde_json::to_vec(&Stored {
+            created_at: entry.created_at,
+            expires_at: entry.expires_at,
+            source: entry.source.to_string(),
+            reason: entry.reason.as_deref().map(str::to_string),
+        })
+        .map_err(|e| Error(e.to_string()))?;
+        let txn = self.db.begin_write().map_err(err)?;
+        {
+            let mut t = txn.open_table(ENTRIES).map_err(err)?;
+            t.insert(key(action, target).as_str(), value.as_slice())
+                .map_err(err)?;
+        }
+        txn.commit().map_err(err)
+    }
+
+    /// Deletes entries durably; returns how many existed.
+    pub fn delete(&self, targets: &[(Action, IpNet)]) -> Result<usize, Error> {
+        if targets.is_empty() {
+            return Ok(0);
+        }
+        let txn = self.db.begin_write().map_err(err)?;
+        let mut n = 0;
+        {
+            let mut t = txn.open_table(ENTRIES).map_err(err)?;
+            for (action, target) in targets {
+                if t.remove(key(*action, *target).as_str())
+                    .map_err(err)?
+                    .is_some()
+                {
+                    n += 1;
+                }
+            }
+        }
+        txn.commit().map_err(err)?;
+        Ok(n)
+    }
+
+    /// Every entry still live at `now`; expired ones are deleted on the way.
+    pub fn load(&self, now: u64) -> Result<Vec<(Action, IpNet, Entry)>, Error> {
+        let mut live = Vec::new();
+        let mut expired = Vec::new();
+        {
+            let txn = self.db.begin_read().map_err(err)?;
+            let t = txn.open_table(ENTRIES).map_err(err)?;
+            for row in t.iter().map_err(err)? {
+                let (k, v) = row.map_err(err)?;
+                let Some((action, target)) = parse_key(k.value()) else {
+                    continue;
+                };
+                let Ok(s) = serde_json::from_slice::<Stored>(v.value()) else {
+                    continue;
+                };
+                if s.expires_at <= now {
+                    expired.push((action, target));
+                    continue;
+                }
+                live.push((
+                    action,
+                    target,
+                    Entry {
+                        created_at: s.created_at,
+                        expires_at: s.expires_at,
+                        source: Arc::from(s.source),
+                        reason: s.reason.map(Arc::from),
+                    },
+                ));
+            }
+        }
+        self.delete(&expired)?;
+        Ok(live)
+    }
+
+    /// The stored entries whose target contains `ip` (admin lookups).
+    pub fn covering(&self, ip: IpAddr, now: u64) -> Result<Vec<(Action, IpNet, Entry)>, Error> {
+        Ok(self
+            .load(now)?
+            .into_iter()
+            .filter(|(_, t, _)| t.contains(&ip))
+            .collect())
+    }
+}
+
+fn parse_key(k: &str) -> Option<(Action, IpNet)> {
+    let (action, target) = k.split_once(' ')?;
+    let action = match action {
+        "block" => Action::Block,
+        "allow" => Action::Allow,
+        _ => return None,
+    };
+    Some((action, target.parse().ok()?))
+}
+
+trait Mode0700 {
+    fn mode_0700(&mut self) -> &mut Self;
+}
+
+impl Mode0700 for std::fs::DirBuilder {
+    fn mode_0700(&mut self) -> &mut Self {
+        use std::os::unix::fs::DirBuilderExt;
+        self.mode(0o700)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_survive_reopening_and_expired_ones_are_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = |expires_at| Entry {
+            created_at: 1,
+            expires_at,
+            source: "api".into(),
+            reason: Some("test".into()),
+        };
+        {
+            let s = Store::open(dir.path()).unwrap();
+            s.put(Action::Block, "10.0.0.0/24".parse().unwrap(), &e(1000))
+                .unwrap();
+            s.put(Action::Allow, "2001:db8::/64".parse().unwrap(), &e(1000))
+                .unwrap();
+            s.put(Action::Block, "192.0.2.1/32".parse().unwrap(), &e(10))
+                .unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        let live = s.load(500).unwrap();
+        assert_eq!(live.len(), 2);
+        assert_eq!(live[0].2, e(1000));
+        // The expired one is gone from disk too.
+        assert_eq!(
+            s.delete(&[(Action::Block, "192.0.2.1/32".parse().unwrap())])
+                .unwrap(),
+            0
+        );
+        assert_eq!(
+            s.delete(&[(Action::Block, "10.0.0.0/24".parse().unwrap())])
+                .unwrap(),
+            1
+        );
+        assert_eq!(s.load(500).unwrap().len(), 1);
+    }
+}
