@@ -1,22 +1,33 @@
 //! The admin listener: `GET /healthz` and `GET /metrics` without a token; everything under
-//! `/v1/` needs `Authorization: Bearer TOKEN` with the token from `admin.token_file`.
+//! `/v1/` needs `Authorization: Bearer TOKEN` with the token from `admin.token_file`:
+//! temporary entries, per-address lookup and erasure, reload. JSON everywhere.
 
 use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use std::net::IpAddr;
+use std::sync::Arc as StdArc;
+use std::time::{Duration, UNIX_EPOCH};
+
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{debug, info};
 
+use crate::config::{self, Action};
+use crate::policy::temporary::{now_ms, Entry};
+use crate::policy::{Rule, Verdict};
 use crate::state::AppState;
+use crate::store::action_name;
 
 /// Reads the admin token, or writes a new random one (mode 0600) when the file does not
 /// exist yet, so a fresh install has a secret nobody chose and nothing is shipped.
@@ -117,10 +128,381 @@ async fn route(state: &AppState, req: Request<Incoming>) -> Response<AdminBody> 
             if !authorized(state, &req) {
                 return json_error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
             }
-            json_error(StatusCode::NOT_FOUND, "no such endpoint")
+            v1(state, req).await
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+/// An entry as the API shows it (SPEC "Admin API").
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EntryView {
+    pub target: String,
+    pub action: String,
+    /// The list's name for config entries; `block` or `allow` for temporary ones.
+    pub list: String,
+    /// `config`, `api`, or the jail's name.
+    pub source: String,
+    pub reason: Option<String>,
+    /// RFC 3339, UTC; `null` for config entries.
+    pub expires_at: Option<String>,
+}
+
+impl EntryView {
+    fn temporary(action: Action, target: IpNet, e: &Entry) -> EntryView {
+        EntryView {
+            target: target.to_string(),
+            action: action_name(action).into(),
+            list: action_name(action).into(),
+            source: e.source.to_string(),
+            reason: e.reason.as_deref().map(str::to_string),
+            expires_at: Some(rfc3339(e.expires_at)),
+        }
+    }
+
+    fn config(action: Action, list: &str, target: IpNet) -> EntryView {
+        EntryView {
+            target: target.to_string(),
+            action: action_name(action).into(),
+            list: list.to_string(),
+            source: "config".into(),
+            reason: None,
+            expires_at: None,
+        }
+    }
+}
+
+fn rfc3339(ms: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewEntry {
+    target: String,
+    action: String,
+    ttl: Option<String>,
+    reason: Option<String>,
+}
+
+/// Longest `reason` kept; longer ones are refused rather than stored.
+const MAX_REASON: usize = 512;
+
+async fn v1(state: &AppState, req: Request<Incoming>) -> Response<AdminBody> {
+    let path = req.uri().path().to_string();
+    let query: Vec<(String, String)> =
+        form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
+            .into_owned()
+            .collect();
+    let param = |k: &str| query.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    let method = req.method().clone();
+    match (method, path.as_str()) {
+        (Method::GET, "/v1/entries") => {
+            let action = match param("list") {
+                None => None,
+                Some(a) => match parse_action(a) {
+                    Ok(a) => Some(a),
+                    Err(e) => return json_error(StatusCode::BAD_REQUEST, &e),
+                },
+            };
+            json(StatusCode::OK, &list_entries(state, action, param("kind")))
+        }
+        (Method::POST, "/v1/entries") => {
+            let body = match Limited::new(req.into_body(), 64 * 1024).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(_) => {
+                    return json_error(StatusCode::BAD_REQUEST, "body unreadable or over 64 KiB")
+                }
+            };
+            add_entry(state, &body).await
+        }
+        (Method::DELETE, "/v1/entries") => {
+            let Some(target) = param("target") else {
+                return json_error(StatusCode::BAD_REQUEST, "target is required");
+            };
+            let target = match config::parse_target(target) {
+                Ok(t) => t,
+                Err(e) => return json_error(StatusCode::BAD_REQUEST, &e),
+            };
+            let actions = match param("action") {
+                None => vec![Action::Block, Action::Allow],
+                Some(a) => match parse_action(a) {
+                    Ok(a) => vec![a],
+                    Err(e) => return json_error(StatusCode::BAD_REQUEST, &e),
+                },
+            };
+            let targets = actions.into_iter().map(|a| (a, target)).collect();
+            match state.remove_entries(targets).await {
+                Ok(removed) if removed.is_empty() => {
+                    json_error(StatusCode::NOT_FOUND, "no such temporary entry")
+                }
+                Ok(_) => empty(StatusCode::NO_CONTENT),
+                Err(e) => json_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+            }
+        }
+        (Method::GET, p) if p.starts_with("/v1/ips/") => match parse_ip(&p[8..]) {
+            Ok(ip) => json(StatusCode::OK, &lookup(state, ip)),
+            Err(e) => json_error(StatusCode::BAD_REQUEST, &e),
+        },
+        (Method::DELETE, p) if p.starts_with("/v1/ips/") => match parse_ip(&p[8..]) {
+            Ok(ip) => forget(state, ip).await,
+            Err(e) => json_error(StatusCode::BAD_REQUEST, &e),
+        },
+        (Method::POST, "/v1/reload") => match state.reload() {
+            Ok(()) => json(StatusCode::OK, &reload_summary(state)),
+            Err(errors) => {
+                let list: Vec<serde_json::Value> = errors
+                    .0
+                    .iter()
+                    .map(|p| {
+                        serde_json::json!({
+                            "file": p.file.display().to_string(),
+                            "line": p.line,
+                            "key": p.key,
+                            "message": p.message,
+                            "text": p.to_string(),
+                        })
+                    })
+                    .collect();
+                json(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    &serde_json::json!({ "result": "refused", "errors": list }),
+                )
+            }
+        },
+        _ => json_error(StatusCode::NOT_FOUND, "no such endpoint"),
+    }
+}
+
+fn parse_action(a: &str) -> Result<Action, String> {
+    match a {
+        "block" => Ok(Action::Block),
+        "allow" => Ok(Action::Allow),
+        other => Err(format!("'{other}': action is \"block\" or \"allow\"")),
+    }
+}
+
+fn parse_ip(text: &str) -> Result<IpAddr, String> {
+    let decoded: String = form_urlencoded::parse(format!("x={text}").as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default();
+    decoded
+        .parse::<IpAddr>()
+        .map(crate::client_addr::normalize)
+        .map_err(|_| format!("'{decoded}' is not an IP address"))
+}
+
+fn list_entries(state: &AppState, action: Option<Action>, kind: Option<&str>) -> Vec<EntryView> {
+    let snap = state.snapshot.load();
+    let mut out = Vec::new();
+    if kind != Some("temporary") {
+        for l in snap.policy.allow.iter().chain(&snap.policy.block) {
+            if action.is_none_or(|a| a == l.action) {
+                out.extend(
+                    l.table
+                        .cidrs()
+                        .iter()
+                        .map(|&t| EntryView::config(l.action, &l.name, t)),
+                );
+            }
+        }
+    }
+    if kind != Some("static") {
+        let now = now_ms();
+        for a in [Action::Block, Action::Allow] {
+            if action.is_none_or(|x| x == a) {
+                out.extend(
+                    state
+                        .temp
+                        .table(a)
+                        .all(now)
+                        .iter()
+                        .map(|(t, e)| EntryView::temporary(a, *t, e)),
+                );
+            }
+        }
+    }
+    out
+}
+
+async fn add_entry(state: &AppState, body: &[u8]) -> Response<AdminBody> {
+    let new: NewEntry = match serde_json::from_slice(body) {
+        Ok(n) => n,
+        Err(e) => return json_error(StatusCode::BAD_REQUEST, &format!("malformed body: {e}")),
+    };
+    let target = match config::parse_target(&new.target) {
+        Ok(t) => t,
+        Err(e) => return json_error(StatusCode::BAD_REQUEST, &e),
+    };
+    let action = match parse_action(&new.action) {
+        Ok(a) => a,
+        Err(e) => return json_error(StatusCode::BAD_REQUEST, &e),
+    };
+    let (default_ttl, max_retention) = {
+        let c = &state.snapshot.load().config;
+        (c.gateway.default_ban, c.privacy.max_retention)
+    };
+    let ttl = match new.ttl.as_deref() {
+        None => default_ttl,
+        Some(t) => match config::parse_duration(t) {
+            Ok(d) => d,
+            Err(e) => return json_error(StatusCode::BAD_REQUEST, &format!("ttl: {e}")),
+        },
+    };
+    if new.reason.as_ref().is_some_and(|r| r.len() > MAX_REASON) {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            &format!("reason is longer than {MAX_REASON} bytes"),
+        );
+    }
+    // No datum outlives privacy.max_retention.
+    let ttl = ttl.min(max_retention);
+    let now = now_ms();
+    let entry = Entry {
+        created_at: now,
+        expires_at: now + ttl.as_millis() as u64,
+        source: StdArc::from("api"),
+        reason: new.reason.filter(|r| !r.is_empty()).map(StdArc::from),
+    };
+    match state.add_entry(action, target, entry.clone()).await {
+        Ok(()) => json(
+            StatusCode::CREATED,
+            &EntryView::temporary(action, target, &entry),
+        ),
+        Err(e) => json_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    }
+}
+
+/// The decision for `ip`, the rule that made it, and every datum held about it.
+fn lookup(state: &AppState, ip: IpAddr) -> serde_json::Value {
+    let snap = state.snapshot.load();
+    let now = now_ms();
+    let verdict = snap.policy.decide(&state.temp, ip);
+    let (decision, rule) = match verdict {
+        Verdict::Pass => ("pass", serde_json::Value::Null),
+        Verdict::Allow(r) | Verdict::Block(r) => {
+            let action = if matches!(verdict, Verdict::Allow(_)) {
+                Action::Allow
+            } else {
+                Action::Block
+            };
+            let rule = match r {
+                Rule::Static(_) => {
+                    let l = snap.policy.list(verdict);
+                    serde_json::json!({
+                        "kind": "static",
+                        "list": l.map(|l| l.name.as_str()),
+                        "targets": l.map(|l| l.table.matching(ip).map(|n| n.to_string()).collect::<Vec<_>>()),
+                    })
+                }
+                Rule::Temporary => match state.temp.table(action).find(ip, Some(now)) {
+                    Some((t, e)) => serde_json::json!({
+                        "kind": "temporary",
+                        "entry": EntryView::temporary(action, t, &e),
+                    }),
+                    None => serde_json::Value::Null,
+                },
+            };
+            (action_name(action), rule)
+        }
+    };
+    let temporary: Vec<EntryView> = [Action::Block, Action::Allow]
+        .into_iter()
+        .flat_map(|a| {
+            state
+                .temp
+                .table(a)
+                .covering(ip, now)
+                .into_iter()
+                .map(move |(t, e)| EntryView::temporary(a, t, &e))
+        })
+        .collect();
+    let config_entries: Vec<EntryView> = snap
+        .policy
+        .matching(ip)
+        .into_iter()
+        .flat_map(|(l, nets)| {
+            nets.into_iter()
+                .map(|n| EntryView::config(l.action, &l.name, n))
+        })
+        .collect();
+    serde_json::json!({
+        "ip": ip.to_string(),
+        "decision": decision,
+        "rule": rule,
+        "entries": temporary,
+        "config_entries": config_entries,
+    })
+}
+
+/// Erases what is held about `ip`: temporary entries whose target is the address itself or,
+/// for IPv6, the prefix it is counted as. Entries for wider networks and config entries are
+/// reported, not erased: they are about a network or are configuration.
+async fn forget(state: &AppState, ip: IpAddr) -> Response<AdminBody> {
+    let prefix = state.snapshot.load().config.rate_limit.ipv6_prefix;
+    let mut targets = vec![IpNet::from(ip)];
+    if let IpAddr::V6(v6) = ip {
+        if let Ok(net) = ipnet::Ipv6Net::new(v6, prefix) {
+            targets.push(IpNet::V6(net.trunc()));
+        }
+    }
+    let pairs: Vec<(Action, IpNet)> = targets
+        .iter()
+        .flat_map(|&t| [(Action::Block, t), (Action::Allow, t)])
+        .collect();
+    let erased = match state.remove_entries(pairs).await {
+        Ok(r) => r,
+        Err(e) => return json_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    };
+    let held = lookup(state, ip);
+    json(
+        StatusCode::OK,
+        &serde_json::json!({
+            "ip": ip.to_string(),
+            "erased": erased
+                .iter()
+                .map(|(a, t, e)| EntryView::temporary(*a, *t, e))
+                .collect::<Vec<_>>(),
+            "kept": {
+                "entries": held["entries"],
+                "config_entries": held["config_entries"],
+            },
+        }),
+    )
+}
+
+fn reload_summary(state: &AppState) -> serde_json::Value {
+    let snap = state.snapshot.load();
+    let lists: serde_json::Map<String, serde_json::Value> = snap
+        .policy
+        .allow
+        .iter()
+        .chain(&snap.policy.block)
+        .map(|l| (l.name.clone(), l.table.len().into()))
+        .collect();
+    serde_json::json!({
+        "result": "ok",
+        "sites": snap.sites.len(),
+        "lists": lists,
+    })
+}
+
+fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<AdminBody> {
+    let body = serde_json::to_vec(value).unwrap_or_default();
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+fn empty(status: StatusCode) -> Response<AdminBody> {
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    *resp.status_mut() = status;
+    resp
 }
 
 /// Bearer token check in constant time over the token's length.
@@ -157,14 +539,7 @@ fn text(status: StatusCode, body: &'static str) -> Response<AdminBody> {
 }
 
 fn json_error(status: StatusCode, message: &str) -> Response<AdminBody> {
-    let body = serde_json::to_vec(&serde_json::json!({ "error": message })).unwrap_or_default();
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    resp
+    json(status, &serde_json::json!({ "error": message }))
 }
 
 #[cfg(test)]

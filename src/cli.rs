@@ -1,10 +1,19 @@
-//! The command line: `run` (the default) and `check`.
+//! The command line: `run` (the default) and `check` act on the config; the admin commands
+//! (`ban`, `unban`, `allow`, `disallow`, `list`, `lookup`, `forget`, `reload`) call the
+//! running gateway's admin API, found through the same config file or `--admin` and
+//! `--token-file`. Errors are one line on stderr with a non-zero exit.
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use anyhow::{anyhow, bail, Context};
+use bytes::Bytes;
+use clap::{Args, Parser, Subcommand};
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
 
-use crate::config::DEFAULT_CONFIG_PATH;
+use crate::admin::EntryView;
+use crate::config::{Config, DEFAULT_CONFIG_PATH};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -16,6 +25,12 @@ pub struct Cli {
     /// Config file.
     #[arg(short = 'c', long = "config", global = true, default_value = DEFAULT_CONFIG_PATH)]
     pub config: PathBuf,
+    /// Admin API base URL (default: from the config's admin.addr), e.g. http://127.0.0.1:9191
+    #[arg(long, global = true)]
+    pub admin: Option<String>,
+    /// File holding the admin token (default: the config's admin.token_file).
+    #[arg(long = "token-file", global = true)]
+    pub token_file: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -26,4 +41,304 @@ pub enum Command {
     Run,
     /// Validate the config, its list files and certificates; name every problem.
     Check,
+    /// Add a temporary block entry for an address or CIDR.
+    Ban(EntryArgs),
+    /// Remove a temporary block entry.
+    Unban { target: String },
+    /// Add a temporary allow entry for an address or CIDR.
+    Allow(EntryArgs),
+    /// Remove a temporary allow entry.
+    Disallow { target: String },
+    /// Every entry, static and temporary.
+    List {
+        /// Only block entries.
+        #[arg(long, conflicts_with = "allow")]
+        block: bool,
+        /// Only allow entries.
+        #[arg(long)]
+        allow: bool,
+        /// Print the API's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The decision for an address, why, and every datum held about it.
+    Lookup {
+        ip: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Erase every datum held about an address that is not configuration.
+    Forget { ip: String },
+    /// Reload the config (same as SIGHUP).
+    Reload,
+}
+
+#[derive(Debug, Args)]
+pub struct EntryArgs {
+    /// IPv4 or IPv6 address or CIDR.
+    pub target: String,
+    /// How long, like 90s, 10m, 1h, 7d (default: gateway.default_ban).
+    #[arg(long)]
+    pub ttl: Option<String>,
+    /// Why, kept with the entry.
+    #[arg(long)]
+    pub reason: Option<String>,
+}
+
+/// Talks to the admin API.
+pub struct AdminClient {
+    authority: String,
+    token: String,
+}
+
+impl AdminClient {
+    /// Finds the admin address and token from the flags, else from the config file.
+    pub fn from_cli(cli: &Cli) -> anyhow::Result<AdminClient> {
+        let config = if cli.admin.is_none() || cli.token_file.is_none() {
+            let c = Config::load(&cli.config).map_err(|e| {
+                anyhow!(
+                    "{} (use --admin and --token-file to skip the config)",
+                    e.to_string().lines().next().unwrap_or_default()
+                )
+            })?;
+            Some(c)
+        } else {
+            None
+        };
+        let admin = config.as_ref().and_then(|c| c.admin.clone());
+        let authority = match &cli.admin {
+            Some(url) => {
+                let uri: http::Uri = url.parse().context("--admin is not a URL")?;
+                uri.authority()
+                    .map(|a| a.to_string())
+                    .ok_or_else(|| anyhow!("--admin has no host:port"))?
+            }
+            None => admin
+                .as_ref()
+                .map(|a| a.addr.to_string())
+                .ok_or_else(|| anyhow!("the config has no [admin] section"))?,
+        };
+        let token_file = match &cli.token_file {
+            Some(f) => f.clone(),
+            None => admin
+                .map(|a| a.token_file)
+                .ok_or_else(|| anyhow!("the config has no [admin] section"))?,
+        };
+        let token = std::fs::read_to_string(&token_file)
+            .with_context(|| format!("cannot read the admin token {}", token_file.display()))?
+            .trim()
+            .to_string();
+        Ok(AdminClient { authority, token })
+    }
+
+    /// One request; returns the status and the body.
+    pub async fn call(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        body: Option<serde_json::Value>,
+    ) -> anyhow::Result<(StatusCode, Bytes)> {
+        let tcp = tokio::net::TcpStream::connect(&self.authority)
+            .await
+            .with_context(|| format!("cannot reach the admin API at {}", self.authority))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+        tokio::spawn(conn);
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let req = Request::builder()
+            .method(method)
+            .uri(path_and_query)
+            .header("host", &self.authority)
+            .header("authorization", format!("Bearer {}", self.token))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))?;
+        let resp = sender.send_request(req).await?;
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await?.to_bytes();
+        Ok((status, bytes))
+    }
+}
+
+/// The API's `{"error": ...}` message, or the status.
+fn api_error(status: StatusCode, body: &[u8]) -> anyhow::Error {
+    let msg = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["error"].as_str().map(str::to_string))
+        .unwrap_or_else(|| status.to_string());
+    anyhow!("{msg}")
+}
+
+fn encode(s: &str) -> String {
+    form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+/// Runs an admin command; prints its result on stdout.
+pub async fn admin_command(cli: &Cli, command: &Command) -> anyhow::Result<()> {
+    let client = AdminClient::from_cli(cli)?;
+    match command {
+        Command::Ban(a) | Command::Allow(a) => {
+            let action = if matches!(command, Command::Ban(_)) {
+                "block"
+            } else {
+                "allow"
+            };
+            let body = serde_json::json!({
+                "target": a.target, "action": action, "ttl": a.ttl, "reason": a.reason,
+            });
+            let (status, bytes) = client.call(Method::POST, "/v1/entries", Some(body)).await?;
+            if status != StatusCode::CREATED {
+                return Err(api_error(status, &bytes));
+            }
+            let e: EntryView = serde_json::from_slice(&bytes)?;
+            println!(
+                "{} {} until {}",
+                if action == "block" {
+                    "blocked"
+                } else {
+                    "allowed"
+                },
+                e.target,
+                e.expires_at.unwrap_or_default()
+            );
+        }
+        Command::Unban { target } | Command::Disallow { target } => {
+            let action = if matches!(command, Command::Unban { .. }) {
+                "block"
+            } else {
+                "allow"
+            };
+            let path = format!("/v1/entries?target={}&action={action}", encode(target));
+            let (status, bytes) = client.call(Method::DELETE, &path, None).await?;
+            match status {
+                StatusCode::NO_CONTENT => {
+                    println!("removed the temporary {action} entry for {target}")
+                }
+                StatusCode::NOT_FOUND => bail!("no temporary {action} entry for {target}"),
+                _ => return Err(api_error(status, &bytes)),
+            }
+        }
+        Command::List { block, allow, json } => {
+            let path = match (block, allow) {
+                (true, _) => "/v1/entries?list=block",
+                (_, true) => "/v1/entries?list=allow",
+                _ => "/v1/entries",
+            };
+            let (status, bytes) = client.call(Method::GET, path, None).await?;
+            if status != StatusCode::OK {
+                return Err(api_error(status, &bytes));
+            }
+            if *json {
+                println!("{}", String::from_utf8_lossy(&bytes));
+            } else {
+                let entries: Vec<EntryView> = serde_json::from_slice(&bytes)?;
+                print_entries(&entries);
+            }
+        }
+        Command::Lookup { ip, json } => {
+            let (status, bytes) = client
+                .call(Method::GET, &format!("/v1/ips/{}", encode(ip)), None)
+                .await?;
+            if status != StatusCode::OK {
+                return Err(api_error(status, &bytes));
+            }
+            if *json {
+                println!("{}", String::from_utf8_lossy(&bytes));
+            } else {
+                print_lookup(&serde_json::from_slice(&bytes)?);
+            }
+        }
+        Command::Forget { ip } => {
+            let (status, bytes) = client
+                .call(Method::DELETE, &format!("/v1/ips/{}", encode(ip)), None)
+                .await?;
+            if status != StatusCode::OK {
+                return Err(api_error(status, &bytes));
+            }
+            let v: serde_json::Value = serde_json::from_slice(&bytes)?;
+            let erased: Vec<EntryView> = serde_json::from_value(v["erased"].clone())?;
+            println!(
+                "erased {} temporary entr{} for {ip}",
+                erased.len(),
+                if erased.len() == 1 { "y" } else { "ies" }
+            );
+            print_entries(&erased);
+            let kept: Vec<EntryView> =
+                serde_json::from_value(v["kept"]["entries"].clone()).unwrap_or_default();
+            let config: Vec<EntryView> =
+                serde_json::from_value(v["kept"]["config_entries"].clone()).unwrap_or_default();
+            if !kept.is_empty() || !config.is_empty() {
+                println!("kept (about a wider network, or configuration):");
+                print_entries(&kept.into_iter().chain(config).collect::<Vec<_>>());
+            }
+        }
+        Command::Reload => {
+            let (status, bytes) = client.call(Method::POST, "/v1/reload", None).await?;
+            let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+            if status == StatusCode::OK {
+                println!("reloaded: {} site(s), lists {}", v["sites"], v["lists"]);
+            } else if status == StatusCode::UNPROCESSABLE_ENTITY {
+                let errors: Vec<&str> = v["errors"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(|e| e["text"].as_str()).collect())
+                    .unwrap_or_default();
+                for e in &errors {
+                    eprintln!("{e}");
+                }
+                bail!(
+                    "reload refused ({} problem(s)); the running config stays in force",
+                    errors.len()
+                );
+            } else {
+                return Err(api_error(status, &bytes));
+            }
+        }
+        Command::Run | Command::Check => {}
+    }
+    Ok(())
+}
+
+fn print_entries(entries: &[EntryView]) {
+    if entries.is_empty() {
+        return;
+    }
+    println!(
+        "{:<43} {:<6} {:<12} {:<10} {:<21} REASON",
+        "TARGET", "ACTION", "LIST", "SOURCE", "EXPIRES"
+    );
+    for e in entries {
+        println!(
+            "{:<43} {:<6} {:<12} {:<10} {:<21} {}",
+            e.target,
+            e.action,
+            e.list,
+            e.source,
+            e.expires_at.as_deref().unwrap_or("-"),
+            e.reason.as_deref().unwrap_or("")
+        );
+    }
+}
+
+fn print_lookup(v: &serde_json::Value) {
+    let rule = &v["rule"];
+    let why = match rule["kind"].as_str() {
+        Some("static") => format!("static list {}", rule["list"].as_str().unwrap_or("?")),
+        Some("temporary") => format!(
+            "temporary entry {} ({})",
+            rule["entry"]["target"].as_str().unwrap_or("?"),
+            rule["entry"]["source"].as_str().unwrap_or("?")
+        ),
+        _ => "no entry matches".to_string(),
+    };
+    println!(
+        "{}: {} ({why})",
+        v["ip"].as_str().unwrap_or("?"),
+        v["decision"].as_str().unwrap_or("?")
+    );
+    let entries: Vec<EntryView> = serde_json::from_value(v["entries"].clone()).unwrap_or_default();
+    let config: Vec<EntryView> =
+        serde_json::from_value(v["config_entries"].clone()).unwrap_or_default();
+    if entries.is_empty() && config.is_empty() {
+        println!("nothing is held about this address");
+    } else {
+        print_entries(&entries.into_iter().chain(config).collect::<Vec<_>>());
+    }
 }

@@ -19,9 +19,25 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    match cli.command.unwrap_or(Command::Run) {
+    match cli.command.as_ref().unwrap_or(&Command::Run) {
         Command::Check => check(&cli.config),
         Command::Run => run(&cli.config),
+        command => admin(&cli, command),
+    }
+}
+
+fn admin(cli: &Cli, command: &Command) -> ExitCode {
+    let result = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(ipgate::cli::admin_command(cli, command)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ipgate: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -229,7 +229,7 @@ impl TempTable {
                 }
             }
         }
-        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out.sort_by_key(|e| e.0);
         out
     }
 

@@ -235,6 +235,8 @@ async fn upstream_handle(mut req: Request<Incoming>) -> Result<Response<TestBody
 
 /// A running gateway with its upstream and files.
 pub struct TestGateway {
+    /// Every client listener in config order (`plain` and `tls` are the first two).
+    pub listeners: Vec<SocketAddr>,
     pub plain: SocketAddr,
     pub tls: SocketAddr,
     pub admin: SocketAddr,
@@ -260,14 +262,25 @@ upstream = "http://{upstream}"
 /// (with `{upstream}` replaced) and `extra`.
 pub async fn spawn_gateway(sites: &str, extra: &str) -> TestGateway {
     let upstream = Upstream::start().await;
-    spawn_gateway_with(upstream.addr, sites, extra).await
+    spawn_gateway_with(upstream.addr, "", sites, extra).await
+}
+
+/// Like `spawn_gateway`, with more keys for the `[gateway]` table (`trusted_proxies = ...`).
+pub async fn spawn_gateway_keys(gateway: &str, sites: &str, extra: &str) -> TestGateway {
+    let upstream = Upstream::start().await;
+    spawn_gateway_with(upstream.addr, gateway, sites, extra).await
 }
 
 pub fn base_config(sites: &str, extra: &str, upstream: SocketAddr) -> String {
+    base_config_keys("", sites, extra, upstream)
+}
+
+pub fn base_config_keys(gateway: &str, sites: &str, extra: &str, upstream: SocketAddr) -> String {
     format!(
         r#"
 [gateway]
 state_dir = "state"
+{gateway}
 
 [[listener]]
 addr = "127.0.0.1:0"
@@ -294,12 +307,17 @@ access = "off"
     .replace("{upstream}", &upstream.to_string())
 }
 
-pub async fn spawn_gateway_with(upstream: SocketAddr, sites: &str, extra: &str) -> TestGateway {
+pub async fn spawn_gateway_with(
+    upstream: SocketAddr,
+    gateway: &str,
+    sites: &str,
+    extra: &str,
+) -> TestGateway {
     let dir = tempfile::tempdir().unwrap();
     let ca = Arc::new(TestCa::new());
     let cert_a = ca.issue(dir.path(), "a", &["a.test", "localhost"]);
     let cert_b = ca.issue(dir.path(), "b", &["b.test", "*.wild.test"]);
-    let text = base_config(sites, extra, upstream);
+    let text = base_config_keys(gateway, sites, extra, upstream);
     let path = dir.path().join("ipgate.toml");
     std::fs::write(&path, &text).unwrap();
     let config = Config::load(&path).unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
@@ -311,6 +329,7 @@ pub async fn spawn_gateway_with(upstream: SocketAddr, sites: &str, extra: &str) 
         let _ = stopped.await;
     }));
     TestGateway {
+        listeners: addrs.clone(),
         plain: addrs[0],
         tls: addrs[1],
         admin,
@@ -551,5 +570,124 @@ where
             return false;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+// ------------------------------------------------------------------ clients by address
+
+/// A TCP connection from a chosen loopback address (127.0.0.x plays distinct clients).
+pub async fn connect_from(local: &str, addr: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{local}:0").parse().unwrap()).unwrap();
+    socket.connect(addr).await.unwrap()
+}
+
+/// Whether the server closed the connection without sending a single byte, after we sent
+/// `first` (a ClientHello or a request head).
+pub async fn closed_without_a_byte(mut tcp: TcpStream, first: &[u8]) -> bool {
+    let _ = tcp.write_all(first).await;
+    let mut buf = [0u8; 16];
+    match tokio::time::timeout(Duration::from_secs(3), tcp.read(&mut buf)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => true,
+        Ok(Ok(_)) => false,
+        Err(_) => false,
+    }
+}
+
+/// GET over plain HTTP/1.1 on an established stream, with extra headers.
+pub async fn get_on(
+    tcp: TcpStream,
+    path: &str,
+    host: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut req = get(path, host);
+    for (k, v) in headers {
+        req.headers_mut().append(
+            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            v.parse().unwrap(),
+        );
+    }
+    let resp = sender.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// GET over TLS from a chosen loopback address.
+pub async fn https_get_from(gw: &TestGateway, local: &str, path: &str) -> (u16, String) {
+    let tcp = connect_from(local, gw.tls).await;
+    let connector =
+        tokio_rustls::TlsConnector::from(Arc::new(client_config(&gw.ca.ca_der, &[b"http/1.1"])));
+    let tls = connector
+        .connect(ServerName::try_from("a.test").unwrap(), tcp)
+        .await
+        .unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let resp = sender.send_request(get(path, "a.test")).await.unwrap();
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Calls the admin API; `token` None sends no Authorization header.
+pub async fn admin_call(
+    admin: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+    token: Option<&str>,
+) -> (u16, serde_json::Value) {
+    let tcp = TcpStream::connect(admin).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "admin");
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let req = req
+        .body(full(body.map(|b| b.to_string()).unwrap_or_default()))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let value = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+    (status, value)
+}
+
+impl TestGateway {
+    pub fn token(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("admin.token"))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    /// Runs the `ipgate` binary's admin command against this gateway (without blocking the
+    /// runtime the gateway runs on).
+    pub async fn cli(&self, args: &[&str]) -> std::process::Output {
+        let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_ipgate"))
+            .args(args)
+            .arg("--admin")
+            .arg(format!("http://{}", self.admin))
+            .arg("--token-file")
+            .arg(self.dir.path().join("admin.token"))
+            .output();
+        tokio::time::timeout(Duration::from_secs(30), run)
+            .await
+            .expect("CLI did not finish")
+            .unwrap()
     }
 }

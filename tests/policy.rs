@@ -1,0 +1,457 @@
+//! The policy engine end to end: static lists, allow wins, allow_only, temporary entries by
+//! CLI and API, X-Forwarded-For and PROXY headers, durability (SPEC 1-3, 5, 7, 8).
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const CLIENT_HELLO_START: &[u8] = &[0x16, 0x03, 0x01, 0x00, 0x05, 0x01, 0x00, 0x00, 0x01, 0x03];
+
+#[tokio::test]
+async fn a_statically_blocked_client_is_closed_before_the_handshake_while_others_pass() {
+    let extra = r#"
+[lists.deny]
+action = "block"
+entries = ["127.0.0.2/32", "2001:db8::/32"]
+"#;
+    let gw = spawn_gateway(DEFAULT_SITES, extra).await;
+    let blocked = connect_from("127.0.0.2", gw.tls).await;
+    assert!(closed_without_a_byte(blocked, CLIENT_HELLO_START).await);
+    let blocked_plain = connect_from("127.0.0.2", gw.plain).await;
+    assert!(closed_without_a_byte(blocked_plain, b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n").await);
+    assert_eq!(https_get_from(&gw, "127.0.0.1", "/").await.0, 200);
+    assert_eq!(https_get_from(&gw, "127.0.0.3", "/").await.0, 200);
+    let m = gw.metrics().await;
+    assert_eq!(
+        metric(&m, r#"ipgate_connections_rejected_total{reason="blocked"}"#),
+        Some(2.0)
+    );
+    assert_eq!(
+        metric(&m, r#"ipgate_list_entries{kind="static",list="deny"}"#),
+        Some(2.0)
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn allow_wins_over_block() {
+    let extra = r#"
+[lists.office]
+action = "allow"
+entries = ["127.0.0.3"]
+
+[lists.deny]
+action = "block"
+entries = ["127.0.0.0/24"]
+"#;
+    let gw = spawn_gateway(DEFAULT_SITES, extra).await;
+    assert_eq!(https_get_from(&gw, "127.0.0.3", "/").await.0, 200);
+    let other = connect_from("127.0.0.4", gw.tls).await;
+    assert!(closed_without_a_byte(other, CLIENT_HELLO_START).await);
+    // A temporary allow entry wins over the static block too.
+    let (status, _) = admin_call(
+        gw.admin,
+        "POST",
+        "/v1/entries",
+        Some(serde_json::json!({"target": "127.0.0.4", "action": "allow", "ttl": "1h"})),
+        Some(&gw.token()),
+    )
+    .await;
+    assert_eq!(status, 201);
+    assert_eq!(https_get_from(&gw, "127.0.0.4", "/").await.0, 200);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn allow_only_gives_403_to_outsiders() {
+    let extra = r#"
+[lists.office]
+action = "allow"
+entries = ["127.0.0.3/32"]
+"#;
+    let sites = r#"
+[[site]]
+name = "panel"
+hosts = ["*"]
+upstream = "http://{upstream}"
+[[site.route]]
+path = "/phpmyadmin"
+allow_only = ["office"]
+"#;
+    let gw = spawn_gateway(sites, extra).await;
+    assert_eq!(
+        https_get_from(&gw, "127.0.0.3", "/phpmyadmin/").await.0,
+        200
+    );
+    assert_eq!(
+        https_get_from(&gw, "127.0.0.1", "/phpmyadmin/index.php")
+            .await
+            .0,
+        403
+    );
+    assert_eq!(https_get_from(&gw, "127.0.0.1", "/blog/").await.0, 200);
+    let m = gw.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            r#"ipgate_requests_total{outcome="denied",site="panel"}"#
+        ),
+        Some(1.0)
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_ban_by_cli_blocks_and_then_passes_after_its_ttl() {
+    let gw = spawn_gateway(DEFAULT_SITES, "").await;
+    assert_eq!(https_get_from(&gw, "127.0.0.5", "/").await.0, 200);
+    let out = gw
+        .cli(&["ban", "127.0.0.5", "--ttl", "2s", "--reason", "test ban"])
+        .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("blocked 127.0.0.5/32"));
+    let c = connect_from("127.0.0.5", gw.tls).await;
+    assert!(closed_without_a_byte(c, CLIENT_HELLO_START).await);
+    // Others are unaffected.
+    assert_eq!(https_get_from(&gw, "127.0.0.6", "/").await.0, 200);
+
+    let list = gw.cli(&["list", "--block", "--json"]).await;
+    let entries = json(&String::from_utf8_lossy(&list.stdout));
+    assert_eq!(entries[0]["target"], "127.0.0.5/32");
+    assert_eq!(entries[0]["source"], "api");
+    assert_eq!(entries[0]["reason"], "test ban");
+
+    // Expiry: it passes again within the TTL plus the sweeper's second.
+    assert!(
+        eventually(Duration::from_secs(6), || async {
+            let c = connect_from("127.0.0.5", gw.tls).await;
+            !closed_without_a_byte(c, CLIENT_HELLO_START).await
+        })
+        .await,
+        "ban never expired"
+    );
+    assert_eq!(https_get_from(&gw, "127.0.0.5", "/").await.0, 200);
+    // And its memory is freed by the sweeper.
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            let m = gw.metrics().await;
+            metric(&m, r#"ipgate_list_entries{kind="temporary",list="block"}"#) == Some(0.0)
+        })
+        .await
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn cli_errors_are_one_line_with_non_zero_exit() {
+    let gw = spawn_gateway(DEFAULT_SITES, "").await;
+    let out = gw.cli(&["ban", "300.1.2.3"]).await;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("300.1.2.3"), "{err}");
+    let out = gw.cli(&["unban", "192.0.2.1"]).await;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no temporary block entry"));
+    gw.shutdown().await;
+}
+
+const DENY_198: &str = r#"
+[lists.deny]
+action = "block"
+entries = ["198.51.100.7/32", "2001:db8:bad::/48"]
+"#;
+
+#[tokio::test]
+async fn forwarded_for_is_ignored_from_untrusted_peers_and_honoured_from_trusted_ones() {
+    let gw = spawn_gateway_keys(
+        r#"trusted_proxies = ["127.0.0.1/32", "10.0.0.0/8"]"#,
+        DEFAULT_SITES,
+        DENY_198,
+    )
+    .await;
+    // Untrusted peer: its X-Forwarded-For decides nothing and is only passed along.
+    let c = connect_from("127.0.0.6", gw.plain).await;
+    let (status, body) = get_on(c, "/", "a.test", &[("x-forwarded-for", "198.51.100.7")]).await;
+    assert_eq!(status, 200);
+    let echo = json(&body);
+    assert_eq!(echoed(&echo, "x-real-ip"), Some("127.0.0.6"));
+    assert_eq!(
+        echoed(&echo, "x-forwarded-for"),
+        Some("198.51.100.7, 127.0.0.6")
+    );
+
+    // Trusted peer: the rightmost untrusted address is the client, and it is blocked: 403.
+    let c = connect_from("127.0.0.1", gw.plain).await;
+    let (status, _) = get_on(
+        c,
+        "/",
+        "a.test",
+        &[("x-forwarded-for", "198.51.100.7, 10.1.1.1")],
+    )
+    .await;
+    assert_eq!(status, 403);
+    // A spoofed entry left of the real client does not help.
+    let c = connect_from("127.0.0.1", gw.plain).await;
+    let (status, body) = get_on(
+        c,
+        "/",
+        "a.test",
+        &[("x-forwarded-for", "198.51.100.7, 203.0.113.9")],
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(echoed(&json(&body), "x-real-ip"), Some("203.0.113.9"));
+    let m = gw.metrics().await;
+    assert_eq!(
+        metric(&m, r#"ipgate_requests_total{outcome="blocked",site="*"}"#),
+        Some(1.0)
+    );
+    gw.shutdown().await;
+}
+
+fn proxy_v1(src: &str) -> Vec<u8> {
+    format!("PROXY TCP4 {src} 192.0.2.1 40000 443\r\n").into_bytes()
+}
+
+fn proxy_v2(src: std::net::SocketAddr, dst: std::net::SocketAddr) -> Vec<u8> {
+    ppp::v2::Builder::with_addresses(
+        ppp::v2::Version::Two | ppp::v2::Command::Proxy,
+        ppp::v2::Protocol::Stream,
+        (src, dst),
+    )
+    .build()
+    .unwrap()
+}
+
+fn proxy_v2_local() -> Vec<u8> {
+    ppp::v2::Builder::with_addresses(
+        ppp::v2::Version::Two | ppp::v2::Command::Local,
+        ppp::v2::Protocol::Unspecified,
+        ppp::v2::Addresses::Unspecified,
+    )
+    .build()
+    .unwrap()
+}
+
+/// Sends a PROXY header and a request on one connection; returns the raw answer.
+async fn through_proxy(from: &str, addr: std::net::SocketAddr, header: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = connect_from(from, addr).await;
+    let mut data = header.to_vec();
+    data.extend_from_slice(b"GET /who HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n");
+    let _ = tcp.write_all(&data).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(3), tcp.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn real_ip(answer: &str) -> Option<String> {
+    let body = answer.split("\r\n\r\n").nth(1)?;
+    echoed(&json(body), "x-real-ip").map(str::to_string)
+}
+
+#[tokio::test]
+async fn proxy_protocol_v1_and_v2_from_trusted_peers() {
+    let extra =
+        format!("{DENY_198}\n[[listener]]\naddr = \"127.0.0.1:0\"\nproxy_protocol = true\n");
+    let gw = spawn_gateway_keys(
+        r#"trusted_proxies = ["127.0.0.1/32"]"#,
+        DEFAULT_SITES,
+        &extra,
+    )
+    .await;
+    let pp = gw.listeners[2];
+    let dst: std::net::SocketAddr = "192.0.2.1:443".parse().unwrap();
+
+    // v1 TCP4: the header's source is the client.
+    let a = through_proxy("127.0.0.1", pp, &proxy_v1("203.0.113.5")).await;
+    assert!(a.starts_with("HTTP/1.1 200"), "{a}");
+    assert_eq!(real_ip(&a).as_deref(), Some("203.0.113.5"));
+    // v1 with a blocked source: closed before any byte.
+    let a = through_proxy("127.0.0.1", pp, &proxy_v1("198.51.100.7")).await;
+    assert_eq!(a, "");
+    // v2 TCP6.
+    let src6: std::net::SocketAddr = "[2001:db8:1::5]:40000".parse().unwrap();
+    let dst6: std::net::SocketAddr = "[2001:db8::1]:443".parse().unwrap();
+    let a = through_proxy("127.0.0.1", pp, &proxy_v2(src6, dst6)).await;
+    assert_eq!(real_ip(&a).as_deref(), Some("2001:db8:1::5"), "{a}");
+    // v2 TCP6 from a blocked /48.
+    let bad6: std::net::SocketAddr = "[2001:db8:bad::9]:40000".parse().unwrap();
+    assert_eq!(
+        through_proxy("127.0.0.1", pp, &proxy_v2(bad6, dst6)).await,
+        ""
+    );
+    // v2 TCP4 with an IPv4-mapped source counts as IPv4.
+    let a = through_proxy(
+        "127.0.0.1",
+        pp,
+        &proxy_v2("203.0.113.6:1".parse().unwrap(), dst),
+    )
+    .await;
+    assert_eq!(real_ip(&a).as_deref(), Some("203.0.113.6"));
+    // v2 LOCAL: the peer itself.
+    let a = through_proxy("127.0.0.1", pp, &proxy_v2_local()).await;
+    assert_eq!(real_ip(&a).as_deref(), Some("127.0.0.1"), "{a}");
+    // Missing or malformed header: closed.
+    // Regression: a request without a header waited out the timeout (ppp said "incomplete").
+    assert_eq!(through_proxy("127.0.0.1", pp, b"").await, "");
+    // Regression: a v1 line with its CRLF but bad addresses also waited out the timeout.
+    assert_eq!(
+        through_proxy("127.0.0.1", pp, b"PROXY TCP4 nonsense\r\n").await,
+        ""
+    );
+    // A header from an untrusted peer is not believed: closed.
+    assert_eq!(
+        through_proxy("127.0.0.9", pp, &proxy_v1("203.0.113.5")).await,
+        ""
+    );
+    let m = gw.metrics().await;
+    assert_eq!(
+        metric(&m, r#"ipgate_connections_rejected_total{reason="blocked"}"#),
+        Some(2.0)
+    );
+    assert_eq!(
+        metric(
+            &m,
+            r#"ipgate_connections_rejected_total{reason="untrusted_proxy"}"#
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &m,
+            r#"ipgate_connections_rejected_total{reason="proxy_header"}"#
+        ),
+        Some(2.0)
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn admin_api_needs_the_token_and_validates_input() {
+    let gw = spawn_gateway(DEFAULT_SITES, "").await;
+    let token = gw.token();
+    let (s, _) = admin_call(gw.admin, "GET", "/v1/entries", None, None).await;
+    assert_eq!(s, 401);
+    let (s, _) = admin_call(
+        gw.admin,
+        "GET",
+        "/v1/entries",
+        None,
+        Some("wrong-token-xxxxxxxx"),
+    )
+    .await;
+    assert_eq!(s, 401);
+    let (s, _) = admin_call(gw.admin, "GET", "/healthz", None, None).await;
+    assert_eq!(s, 200);
+    for body in [
+        serde_json::json!({"target": "10.0.0.300", "action": "block"}),
+        serde_json::json!({"target": "10.0.0.1", "action": "ban"}),
+        serde_json::json!({"target": "10.0.0.1", "action": "block", "ttl": "soon"}),
+        serde_json::json!({"target": "10.0.0.1"}),
+    ] {
+        let (s, v) = admin_call(
+            gw.admin,
+            "POST",
+            "/v1/entries",
+            Some(body.clone()),
+            Some(&token),
+        )
+        .await;
+        assert_eq!(s, 400, "{body}");
+        assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()));
+    }
+    let (s, _) = admin_call(gw.admin, "GET", "/v1/ips/not-an-ip", None, Some(&token)).await;
+    assert_eq!(s, 400);
+
+    let (s, e) = admin_call(
+        gw.admin,
+        "POST",
+        "/v1/entries",
+        Some(serde_json::json!({"target": "2001:db8::1", "action": "block", "ttl": "10m", "reason": "r"})),
+        Some(&token),
+    )
+    .await;
+    assert_eq!(s, 201);
+    assert_eq!(e["target"], "2001:db8::1/128");
+    assert_eq!(e["source"], "api");
+    assert!(e["expires_at"].as_str().unwrap().ends_with('Z'));
+    let (s, v) = admin_call(gw.admin, "GET", "/v1/ips/2001:db8::1", None, Some(&token)).await;
+    assert_eq!(s, 200);
+    assert_eq!(v["decision"], "block");
+    assert_eq!(v["rule"]["kind"], "temporary");
+    let (s, _) = admin_call(
+        gw.admin,
+        "DELETE",
+        "/v1/entries?target=2001:db8::1&action=block",
+        None,
+        Some(&token),
+    )
+    .await;
+    assert_eq!(s, 204);
+    let (s, _) = admin_call(
+        gw.admin,
+        "DELETE",
+        "/v1/entries?target=2001:db8::1&action=block",
+        None,
+        Some(&token),
+    )
+    .await;
+    assert_eq!(s, 404);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_ban_survives_kill_9_and_restart() {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new();
+    ca.issue(dir.path(), "a", &["a.test"]);
+    ca.issue(dir.path(), "b", &["b.test"]);
+    let path = dir.path().join("ipgate.toml");
+    std::fs::write(&path, base_config(DEFAULT_SITES, "", upstream.addr)).unwrap();
+
+    let (mut child, addrs) = start_binary(&path);
+    let token_file = dir.path().join("admin.token");
+    let cli = |args: &[&str], admin: std::net::SocketAddr| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_ipgate"))
+            .args(args)
+            .arg("--admin")
+            .arg(format!("http://{admin}"))
+            .arg("--token-file")
+            .arg(&token_file)
+            .output()
+            .unwrap()
+    };
+    let out = cli(
+        &["ban", "127.0.0.7", "--ttl", "1h", "--reason", "durable"],
+        addrs.admin,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Acknowledged: now kill -9 at once, no chance to flush anything.
+    signal(&child, "KILL");
+    child.wait().unwrap();
+
+    let (mut child, addrs) = start_binary(&path);
+    let c = connect_from("127.0.0.7", addrs.plain).await;
+    assert!(closed_without_a_byte(c, b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n").await);
+    let c = connect_from("127.0.0.8", addrs.plain).await;
+    assert_eq!(get_on(c, "/", "a.test", &[]).await.0, 200);
+    let out = cli(&["lookup", "127.0.0.7", "--json"], addrs.admin);
+    let v = json(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(v["decision"], "block");
+    assert_eq!(v["entries"][0]["reason"], "durable");
+    signal(&child, "TERM");
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}
