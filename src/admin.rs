@@ -8,7 +8,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use std::net::IpAddr;
-use std::sync::Arc as StdArc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -154,8 +153,8 @@ impl EntryView {
             target: target.to_string(),
             action: action_name(action).into(),
             list: action_name(action).into(),
-            source: e.source.to_string(),
-            reason: e.reason.as_deref().map(str::to_string),
+            source: e.source().to_string(),
+            reason: e.reason().map(str::to_string),
             expires_at: Some(rfc3339(e.expires_at)),
         }
     }
@@ -359,12 +358,12 @@ async fn add_entry(state: &AppState, body: &[u8]) -> Response<AdminBody> {
     // No datum outlives privacy.max_retention.
     let ttl = ttl.min(max_retention);
     let now = now_ms();
-    let entry = Entry {
-        created_at: now,
-        expires_at: now + ttl.as_millis() as u64,
-        source: StdArc::from("api"),
-        reason: new.reason.filter(|r| !r.is_empty()).map(StdArc::from),
-    };
+    let entry = Entry::new(
+        now,
+        now + ttl.as_millis() as u64,
+        "api",
+        new.reason.as_deref().filter(|r| !r.is_empty()),
+    );
     match state.add_entry(action, target, entry.clone()).await {
         Ok(()) => json(
             StatusCode::CREATED,

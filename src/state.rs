@@ -153,7 +153,7 @@ impl AppState {
                 .map_err(|e| store::Error::from(e.to_string()))??;
         }
         if action == Action::Block {
-            self.metrics.bans.with_label_values(&[&entry.source]).inc();
+            self.metrics.bans.with_label_values(&[entry.source()]).inc();
         }
         self.temp.table(action).insert(target, entry);
         self.publish_temporary_gauges();

@@ -5,7 +5,6 @@
 
 use std::net::IpAddr;
 use std::path::Path;
-use std::sync::Arc;
 
 use ipnet::IpNet;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -78,8 +77,8 @@ impl Store {
         let value = serde_json::to_vec(&Stored {
             created_at: entry.created_at,
             expires_at: entry.expires_at,
-            source: entry.source.to_string(),
-            reason: entry.reason.as_deref().map(str::to_string),
+            source: entry.source().to_string(),
+            reason: entry.reason().map(str::to_string),
         })
         .map_err(|e| Error(e.to_string()))?;
         let txn = self.db.begin_write().map_err(err)?;
@@ -135,12 +134,7 @@ impl Store {
                 live.push((
                     action,
                     target,
-                    Entry {
-                        created_at: s.created_at,
-                        expires_at: s.expires_at,
-                        source: Arc::from(s.source),
-                        reason: s.reason.map(Arc::from),
-                    },
+                    Entry::new(s.created_at, s.expires_at, &s.source, s.reason.as_deref()),
                 ));
             }
         }
@@ -186,12 +180,7 @@ mod tests {
     #[test]
     fn entries_survive_reopening_and_expired_ones_are_dropped() {
         let dir = tempfile::tempdir().unwrap();
-        let e = |expires_at| Entry {
-            created_at: 1,
-            expires_at,
-            source: "api".into(),
-            reason: Some("test".into()),
-        };
+        let e = |expires_at| Entry::new(1, expires_at, "api", Some("test"));
         {
             let s = Store::open(dir.path()).unwrap();
             s.put(Action::Block, "10.0.0.0/24".parse().unwrap(), &e(1000))

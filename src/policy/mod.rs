@@ -209,12 +209,7 @@ entries = ["203.0.0.0/16", "198.51.100.0/24"]
             Verdict::Block(Rule::Static(0))
         );
         assert_eq!(p.decide(&temp, ip("192.0.2.1")), Verdict::Pass);
-        let e = Entry {
-            created_at: 0,
-            expires_at: now_ms() + 60_000,
-            source: "api".into(),
-            reason: None,
-        };
+        let e = Entry::new(0, now_ms() + 60_000, "api", None);
         temp.block
             .insert("192.0.2.1/32".parse().unwrap(), e.clone());
         assert_eq!(
