@@ -116,7 +116,12 @@ fn temp_entries(rng: &mut Rng) -> (TempEntries, Vec<IpAddr>) {
     let temp = TempEntries::default();
     let expires_at = now_ms() + 3_600_000;
     // One jail's bans share who-and-why, as the jails will.
-    let shared = Entry::new(0, expires_at, "wp-login", Some("wp-login: 5 failures in 10m"));
+    let shared = Entry::new(
+        0,
+        expires_at,
+        "wp-login",
+        Some("wp-login: 5 failures in 10m"),
+    );
     let mut members = Vec::with_capacity(1_000_000);
     for i in 0..1_000_000 {
         let (net, member) = if i < 700_000 {
@@ -130,10 +135,7 @@ fn temp_entries(rng: &mut Rng) -> (TempEntries, Vec<IpAddr>) {
                 IpAddr::V6(a),
             )
         };
-        temp.block.insert(
-            net,
-            shared.clone(),
-        );
+        temp.block.insert(net, shared.clone());
         members.push(member);
     }
     (temp, members)

@@ -77,7 +77,24 @@ impl Mode0600 for std::fs::OpenOptions {
 }
 
 /// Serves the admin API until `stop` turns true.
-pub async fn serve(state: Arc<AppState>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+pub async fn serve(state: Arc<AppState>, listener: TcpListener, stop: watch::Receiver<bool>) {
+    serve_http1(listener, stop, move |req| {
+        let state = state.clone();
+        async move { route(&state, req).await }
+    })
+    .await
+}
+
+/// A small HTTP/1.1 server for local endpoints (admin, demo): one task per connection, a
+/// 10 s request-head timeout, until `stop` turns true.
+pub(crate) async fn serve_http1<F, Fut>(
+    listener: TcpListener,
+    mut stop: watch::Receiver<bool>,
+    handler: F,
+) where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<AdminBody>> + Send + 'static,
+{
     loop {
         let (tcp, _) = tokio::select! {
             biased;
@@ -87,24 +104,24 @@ pub async fn serve(state: Arc<AppState>, listener: TcpListener, mut stop: watch:
                 Err(_) => continue,
             },
         };
-        let state = state.clone();
+        let handler = handler.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, std::convert::Infallible>(route(&state, req).await) }
+                let fut = handler(req);
+                async move { Ok::<_, std::convert::Infallible>(fut.await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(10))
+                .header_read_timeout(Duration::from_secs(10))
                 .serve_connection(TokioIo::new(tcp), service);
             if let Err(e) = conn.await {
-                debug!(error = %e, "admin connection error");
+                debug!(error = %e, "local http connection error");
             }
         });
     }
 }
 
-type AdminBody = Full<Bytes>;
+pub(crate) type AdminBody = Full<Bytes>;
 
 async fn route(state: &AppState, req: Request<Incoming>) -> Response<AdminBody> {
     match (req.method(), req.uri().path()) {

@@ -8,30 +8,12 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 /// Serves the demo page until `stop` turns true.
-pub async fn serve(listener: TcpListener, mut stop: watch::Receiver<bool>) {
-    loop {
-        let (tcp, _) = tokio::select! {
-            biased;
-            _ = stop.wait_for(|s| *s) => return,
-            a = listener.accept() => match a {
-                Ok(a) => a,
-                Err(_) => continue,
-            },
-        };
-        tokio::spawn(async move {
-            let service =
-                service_fn(|req| async move { Ok::<_, std::convert::Infallible>(page(&req)) });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), service)
-                .await;
-        });
-    }
+pub async fn serve(listener: TcpListener, stop: watch::Receiver<bool>) {
+    crate::admin::serve_http1(listener, stop, |req| async move { page(&req) }).await
 }
 
 fn page(req: &Request<Incoming>) -> Response<Full<Bytes>> {

@@ -51,8 +51,16 @@ impl Certificates {
         self.default.is_none()
     }
 
-    /// The certificate for an SNI name (already lower case, as rustls hands it over).
+    /// The certificate for an SNI name (DNS names are case-insensitive).
     pub fn lookup(&self, name: Option<&str>) -> Option<Arc<CertifiedKey>> {
+        let lower;
+        let name = match name {
+            Some(n) if n.bytes().any(|b| b.is_ascii_uppercase()) => {
+                lower = n.to_ascii_lowercase();
+                Some(lower.as_str())
+            }
+            other => other,
+        };
         if let Some(name) = name {
             if let Some(k) = self.exact.get(name) {
                 return Some(k.clone());
@@ -215,6 +223,7 @@ mod tests {
         certs.add(a.clone(), &a_names);
         certs.add(w.clone(), &w_names);
         assert!(Arc::ptr_eq(&certs.lookup(Some("a.test")).unwrap(), &a));
+        assert!(Arc::ptr_eq(&certs.lookup(Some("X.B.Test")).unwrap(), &w));
         assert!(Arc::ptr_eq(&certs.lookup(Some("x.b.test")).unwrap(), &w));
         assert!(Arc::ptr_eq(&certs.lookup(Some("b.test")).unwrap(), &w));
         // A wildcard covers one label only.

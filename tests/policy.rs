@@ -411,12 +411,7 @@ async fn admin_api_needs_the_token_and_validates_input() {
 #[tokio::test]
 async fn a_ban_survives_kill_9_and_restart() {
     let upstream = Upstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let ca = TestCa::new();
-    ca.issue(dir.path(), "a", &["a.test"]);
-    ca.issue(dir.path(), "b", &["b.test"]);
-    let path = dir.path().join("ipgate.toml");
-    std::fs::write(&path, base_config(DEFAULT_SITES, "", upstream.addr)).unwrap();
+    let (dir, path) = binary_config(upstream.addr, DEFAULT_SITES, "");
 
     let (mut child, addrs) = start_binary(&path);
     let token_file = dir.path().join("admin.token");

@@ -10,14 +10,9 @@ use common::*;
 #[tokio::test]
 async fn sighup_applies_a_valid_config_and_refuses_a_broken_one() {
     let upstream = Upstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let ca = TestCa::new();
-    ca.issue(dir.path(), "a", &["a.test"]);
-    ca.issue(dir.path(), "b", &["b.test"]);
-    let path = dir.path().join("ipgate.toml");
     let site =
         |hosts: &str| format!("[[site]]\nhosts = [{hosts}]\nupstream = \"http://{{upstream}}\"\n");
-    std::fs::write(&path, base_config(&site("\"a.test\""), "", upstream.addr)).unwrap();
+    let (_dir, path) = binary_config(upstream.addr, &site("\"a.test\""), "");
     let (mut child, addrs) = start_binary(&path);
     assert_eq!(plain_get(addrs.plain, "/", "a.test").await.0, 200);
     assert_eq!(plain_get(addrs.plain, "/", "b.test").await.0, 421);

@@ -9,12 +9,7 @@ use common::*;
 #[tokio::test]
 async fn sigterm_lets_the_request_in_flight_finish_and_exits_0() {
     let upstream = Upstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let ca = TestCa::new();
-    ca.issue(dir.path(), "a", &["a.test"]);
-    ca.issue(dir.path(), "b", &["b.test"]);
-    let path = dir.path().join("ipgate.toml");
-    std::fs::write(&path, base_config(DEFAULT_SITES, "", upstream.addr)).unwrap();
+    let (_dir, path) = binary_config(upstream.addr, DEFAULT_SITES, "");
     let (mut child, addrs) = start_binary(&path);
     let addr = addrs.plain;
 

@@ -6,7 +6,8 @@ request, through ipgate versus straight to the backend, in interleaved rounds of
     python3 benches/load/run.py                  # 5 rounds x 5 s (~2 min)
     ROUNDS=3 DURATION=3 python3 benches/load/run.py
 
-Needs wrk and nginx (the backend: one worker answering `200 ok`); h2load (nghttp2-client)
+ipgate runs with a 100k-CIDR block list (as in ../shared/bench) that never matches the
+load's 127.0.0.1, so every request pays for the decision. Needs wrk and nginx (the backend: one worker answering `200 ok`); h2load (nghttp2-client)
 adds an HTTP/2 row. Debian: apt-get install -y wrk nginx nghttp2-client.
 Every process started is stopped at the end; every load run stops by itself (wrk -d).
 Traffic goes to 127.0.0.1 only. For the side-by-side run against nginx and HAProxy as
@@ -116,6 +117,17 @@ events {{ worker_connections 4096; }}
 http {{ access_log off; keepalive_requests 1000000;
   server {{ listen 127.0.0.1:{BACKEND}; location / {{ return 200 "ok"; }} }} }}
 """)
+    # The shared harness's deny list: 100k IPv4 CIDRs (half /32, half /16../28), never 127/8.
+    import random
+    rng, seen = random.Random(42), set()
+    while len(seen) < 100_000:
+        addr = rng.getrandbits(32)
+        if (addr >> 24) in (0, 127) or (addr >> 24) >= 224:
+            continue
+        plen = 32 if rng.getrandbits(1) else 16 + rng.randrange(13)
+        seen.add(f"{addr >> 24}.{addr >> 16 & 255}.{addr >> 8 & 255}.{addr & 255}/{plen}")
+    with open(f"{work}/deny.txt", "w") as f:
+        f.write("\n".join(sorted(seen)) + "\n")
     with open(f"{work}/ipgate.toml", "w") as f:
         f.write(f"""[gateway]
 state_dir = "state"
@@ -128,6 +140,9 @@ tls = true
 self_signed = true
 [admin]
 addr = "127.0.0.1:{ADMIN}"
+[lists.deny]
+action = "block"
+files = ["deny.txt"]
 [[site]]
 hosts = ["*"]
 upstream = "http://127.0.0.1:{BACKEND}"

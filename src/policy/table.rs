@@ -243,7 +243,9 @@ mod tests {
             // Half the probes inside a listed network (hits), half anywhere (mostly misses).
             let raw = if k % 2 == 0 {
                 match nets[(next() % nets.len() as u64) as usize] {
-                    IpNet::V4(n) => u32::from(n.network()) | (next() as u32 & !u32::from(n.netmask())),
+                    IpNet::V4(n) => {
+                        u32::from(n.network()) | (next() as u32 & !u32::from(n.netmask()))
+                    }
                     IpNet::V6(_) => unreachable!(),
                 }
             } else {

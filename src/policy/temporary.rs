@@ -317,10 +317,7 @@ impl TempTable {
     #[inline]
     pub fn is_empty(&self) -> bool {
         self.v4_lens.load(Ordering::Acquire) == 0
-            && self
-                .v6_lens
-                .iter()
-                .all(|w| w.load(Ordering::Acquire) == 0)
+            && self.v6_lens.iter().all(|w| w.load(Ordering::Acquire) == 0)
     }
 }
 

@@ -691,3 +691,19 @@ impl TestGateway {
             .unwrap()
     }
 }
+
+/// A temp dir with certificates for a.test and b.test and an `ipgate.toml` from the base
+/// config, for tests that run the binary. Returns the dir and the config's path.
+pub fn binary_config(
+    upstream: SocketAddr,
+    sites: &str,
+    extra: &str,
+) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new();
+    ca.issue(dir.path(), "a", &["a.test"]);
+    ca.issue(dir.path(), "b", &["b.test"]);
+    let path = dir.path().join("ipgate.toml");
+    std::fs::write(&path, base_config(sites, extra, upstream)).unwrap();
+    (dir, path)
+}
