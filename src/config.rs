@@ -219,6 +219,8 @@ pub struct RawJail {
     pub method: Option<String>,
     pub path: Option<String>,
     #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default)]
     pub status: Vec<u16>,
     pub hits: u32,
     pub window: String,
@@ -262,6 +264,7 @@ pub struct RawLimits {
     pub header_read_timeout: Option<String>,
     pub max_header_bytes: Option<usize>,
     pub http2_max_streams: Option<u32>,
+    pub max_tracked_clients: Option<usize>,
     pub shutdown_grace: Option<String>,
 }
 
@@ -367,11 +370,14 @@ pub struct List {
     pub dry_run: bool,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Jail {
     pub name: String,
     pub method: Option<http::Method>,
+    /// Path prefix the request must have.
     pub path: String,
+    /// Hosts the jail watches (empty: every host of the sites that name it).
+    pub hosts: Vec<String>,
     pub status: Vec<u16>,
     pub hits: u32,
     pub window: Duration,
@@ -414,6 +420,9 @@ pub struct Limits {
     /// Largest request head (HTTP/1.1 buffer, HTTP/2 header list); larger gets 431.
     pub max_header_bytes: usize,
     pub http2_max_streams: u32,
+    /// Clients (IPv6: prefixes) each rate limit and each jail keeps state for; beyond it the
+    /// longest idle are dropped (`ipgate_client_evictions_total`).
+    pub max_tracked_clients: usize,
     /// How long requests in flight get to finish after SIGTERM.
     pub shutdown_grace: Duration,
 }
@@ -614,6 +623,7 @@ fn compile(raw: RawConfig, source: &Path, base: &Path, r: &mut Report) -> Config
             name: j.name.clone(),
             method,
             path: j.path.clone().unwrap_or_else(|| "/".to_string()),
+            hosts: j.hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
             status: j.status.clone(),
             hits: j.hits,
             window: dur(r, &format!("{key}.window"), Some(j.window.clone()), ""),
@@ -745,6 +755,7 @@ fn compile(raw: RawConfig, source: &Path, base: &Path, r: &mut Report) -> Config
         ),
         max_header_bytes,
         http2_max_streams: l.http2_max_streams.unwrap_or(128),
+        max_tracked_clients: l.max_tracked_clients.unwrap_or(100_000).max(2),
         shutdown_grace: dur(r, "limits.shutdown_grace", l.shutdown_grace.clone(), "30s"),
     };
 
@@ -993,7 +1004,7 @@ upstream = "http://127.0.0.1:9"
         let dir = std::env::temp_dir();
         let path = dir.join("ipgate-test.toml");
         match Config::parse(&path, text) {
-            Ok(c) => match Snapshot::build(c, &Metrics::new()) {
+            Ok(c) => match Snapshot::build(c, &Metrics::new(), None) {
                 Ok(_) => vec![],
                 Err(e) => e.0,
             },
@@ -1011,7 +1022,7 @@ upstream = "http://127.0.0.1:9"
                 continue;
             }
             let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
-            Snapshot::build(config, &Metrics::new()).unwrap_or_else(|e| panic!("{e}"));
+            Snapshot::build(config, &Metrics::new(), None).unwrap_or_else(|e| panic!("{e}"));
             checked += 1;
         }
         assert!(checked >= 1);
@@ -1122,7 +1133,10 @@ upstream = "ftp://x"
         );
         let path = dir.path().join("ipgate.toml");
         let config = Config::parse(&path, &text).unwrap();
-        let p = Snapshot::build(config, &Metrics::new()).err().unwrap().0;
+        let p = Snapshot::build(config, &Metrics::new(), None)
+            .err()
+            .unwrap()
+            .0;
         assert_eq!(p.len(), 3, "{p:?}");
         assert_eq!(p[0].key, "tls.certificates[0].key");
         assert!(p[0].message.contains("does not match"), "{}", p[0].message);

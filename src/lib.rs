@@ -26,10 +26,12 @@ pub mod cli;
 pub mod client_addr;
 pub mod config;
 pub mod demo;
+pub mod jail;
 pub mod listener;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod ratelimit;
 pub mod shutdown;
 pub mod state;
 pub mod store;
@@ -93,9 +95,8 @@ impl Gateway {
         for l in &config.listeners {
             listeners.push((bind(l.addr).await?, l.clone()));
         }
-        warn_unenforced(&config);
         let state_dir = config.gateway.state_dir.clone();
-        let snapshot = Snapshot::build(config, &metrics)?;
+        let snapshot = Snapshot::build(config, &metrics, None)?;
         let store = Arc::new(store::Store::open(&state_dir)?);
         let loaded = store.load(policy::temporary::now_ms())?;
         let state = AppState::new(snapshot, metrics, admin_token, Some(store));
@@ -149,9 +150,17 @@ impl Gateway {
             let state = state.clone();
             async move {
                 let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+                let mut n: u64 = 0;
                 loop {
                     tick.tick().await;
                     state.sweep().await;
+                    n += 1;
+                    if n % 5 == 0 {
+                        state.sweep_clients();
+                    }
+                    if n % 60 == 0 {
+                        state.prune_offenses().await;
+                    }
                 }
             }
         };
@@ -213,22 +222,4 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
     TcpListener::bind(addr)
         .await
         .map_err(|source| StartError::Bind { addr, source })
-}
-
-/// Names the configured features this build accepts but does not enforce yet, so nobody
-/// believes a rule protects them when it does not.
-fn warn_unenforced(config: &Config) {
-    let mut unenforced = Vec::new();
-    if !config.jails.is_empty() {
-        unenforced.push("[[jail]]");
-    }
-    if config.sites.iter().any(|s| s.rate_limit.is_some()) {
-        unenforced.push("rate_limit");
-    }
-    if !unenforced.is_empty() {
-        warn!(
-            features = %unenforced.join(", "),
-            "configured but NOT ENFORCED by this version of ipgate"
-        );
-    }
 }

@@ -42,7 +42,8 @@ fn admin(cli: &Cli, command: &Command) -> ExitCode {
 }
 
 fn check(path: &std::path::Path) -> ExitCode {
-    let result = Config::load(path).and_then(|c| Snapshot::build(c, &Metrics::new()).map(|_| ()));
+    let result =
+        Config::load(path).and_then(|c| Snapshot::build(c, &Metrics::new(), None).map(|_| ()));
     match result {
         Ok(()) => {
             println!("{}: ok", path.display());

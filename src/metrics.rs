@@ -40,6 +40,8 @@ pub struct Metrics {
     pub tracked_clients: IntGauge,
     pub client_evictions: IntCounter,
     pub would_block: IntCounterVec,
+    /// `ipgate_would_block_total{rule="rate_limit"}`, resolved once.
+    pub would_block_rate_limit: IntCounter,
     pub connections_open: IntGauge,
     pub access_log_dropped: IntCounter,
 }
@@ -70,7 +72,14 @@ impl Metrics {
             "Client connections closed right after accept, by reason.",
             &["reason"],
         );
+        let would_block = counter_vec(
+            "ipgate_would_block_total",
+            "Requests a dry-run rule would have refused, by rule.",
+            &["rule"],
+        );
         Metrics {
+            would_block_rate_limit: would_block.with_label_values(&["rate_limit"]),
+            would_block,
             rejected: Rejections {
                 blocked: connections_rejected.with_label_values(&["blocked"]),
                 max_connections: connections_rejected.with_label_values(&["max_connections"]),
@@ -145,11 +154,6 @@ impl Metrics {
                 )
                 .expect("valid metric"),
             ),
-            would_block: counter_vec(
-                "ipgate_would_block_total",
-                "Requests a dry-run rule would have refused, by rule.",
-                &["rule"],
-            ),
             connections_open: reg(
                 &registry,
                 IntGauge::new(
@@ -192,6 +196,7 @@ pub struct SiteMetrics {
     pub upstream_error: IntCounter,
     pub blocked: IntCounter,
     pub denied: IntCounter,
+    pub rate_limited: IntCounter,
     pub duration: Histogram,
     pub connect_errors: IntCounter,
     pub timeouts: IntCounter,
@@ -207,6 +212,7 @@ impl SiteMetrics {
                 .with_label_values(&[site, outcome::UPSTREAM_ERROR]),
             blocked: m.requests.with_label_values(&[site, outcome::BLOCKED]),
             denied: m.requests.with_label_values(&[site, outcome::DENIED]),
+            rate_limited: m.requests.with_label_values(&[site, outcome::RATE_LIMITED]),
             duration: m.request_duration.with_label_values(&[site]),
             connect_errors: m.upstream_errors.with_label_values(&[site, "connect"]),
             timeouts: m.upstream_errors.with_label_values(&[site, "timeout"]),

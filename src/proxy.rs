@@ -19,6 +19,7 @@ use crate::access_log::{Entry, LoggedIp};
 use crate::client_addr;
 use crate::metrics::outcome;
 use crate::policy::Verdict;
+use crate::ratelimit::{client_key, key_target};
 use crate::state::{AppState, SiteEntry, Snapshot};
 
 /// Response bodies: the upstream's, streamed, or a short one of ipgate's own.
@@ -43,6 +44,9 @@ pub enum Error {
     Blocked,
     #[error("client is not in the allow lists of this site or route")]
     Denied,
+    /// Over the rate limit; the client may retry after this many seconds.
+    #[error("rate limited")]
+    RateLimited(u64),
     #[error("upstream unreachable: {0}")]
     UpstreamConnect(#[source] hyper_util::client::legacy::Error),
     #[error("upstream failed: {0}")]
@@ -56,6 +60,7 @@ impl Error {
         match self {
             Error::NoSite => StatusCode::MISDIRECTED_REQUEST,
             Error::Blocked | Error::Denied => StatusCode::FORBIDDEN,
+            Error::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Error::UpstreamConnect(_) | Error::UpstreamProtocol(_) => StatusCode::BAD_GATEWAY,
             Error::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -66,6 +71,7 @@ impl Error {
             Error::NoSite => outcome::MISDIRECTED,
             Error::Blocked => outcome::BLOCKED,
             Error::Denied => outcome::DENIED,
+            Error::RateLimited(_) => outcome::RATE_LIMITED,
             _ => outcome::UPSTREAM_ERROR,
         }
     }
@@ -77,10 +83,16 @@ impl From<&Error> for Response<Body> {
         let text = match e {
             Error::NoSite => "421 no site is configured for this host\n",
             Error::Blocked | Error::Denied => "403 forbidden\n",
+            Error::RateLimited(_) => "429 too many requests\n",
             Error::UpstreamConnect(_) | Error::UpstreamProtocol(_) => "502 bad gateway\n",
             Error::UpstreamTimeout => "504 gateway timeout\n",
         };
-        plain(status, text)
+        let mut resp = plain(status, text);
+        if let Error::RateLimited(secs) = e {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(*secs));
+        }
+        resp
     }
 }
 
@@ -140,12 +152,14 @@ pub async fn handle(
     };
 
     let site = snap.site_for(host);
-    let refused = match snap.policy.decide(&state.temp, client) {
+    let verdict = snap.policy.decide(&state.temp, client);
+    // Allow-listed clients are exempt from rate limits and jails (SPEC 2).
+    let exempt = matches!(verdict, Verdict::Allow(_));
+    let refused = match verdict {
         Verdict::Block(_) => Some(Error::Blocked),
-        _ if site.is_some_and(|s| !admitted(&snap, s, req.uri().path(), client)) => {
-            Some(Error::Denied)
-        }
-        _ => None,
+        _ if site.is_some_and(|s| !admitted(&snap, s, uri.path(), client)) => Some(Error::Denied),
+        _ if exempt => None,
+        _ => site.and_then(|s| rate_limited(&state, s, uri.path(), client)),
     };
     let (resp, site_name, outcome) = match (site, refused) {
         (site, Some(e)) => {
@@ -153,6 +167,7 @@ pub async fn handle(
                 Some(s) => {
                     match e {
                         Error::Blocked => s.metrics.blocked.inc(),
+                        Error::RateLimited(_) => s.metrics.rate_limited.inc(),
                         _ => s.metrics.denied.inc(),
                     }
                     s.site.name.as_str()
@@ -182,6 +197,18 @@ pub async fn handle(
             match result {
                 Ok(resp) => {
                     site.metrics.proxied.inc();
+                    if !exempt && !site.jails.is_empty() {
+                        observe_jails(
+                            &state,
+                            &snap,
+                            site,
+                            &method,
+                            host,
+                            &uri,
+                            resp.status(),
+                            client,
+                        );
+                    }
                     (resp, site.site.name.as_str(), outcome::PROXIED)
                 }
                 Err(e) => {
@@ -213,6 +240,55 @@ pub async fn handle(
         });
     }
     Ok(resp)
+}
+
+/// Checks the rate limit for the path (SPEC 4); `Some` when over it and not a dry run.
+fn rate_limited(state: &AppState, site: &SiteEntry, path: &str, client: IpAddr) -> Option<Error> {
+    let limiter = site.limiter_for(path);
+    let key = client_key(client, limiter.settings.ipv6_prefix);
+    let wait = limiter.check(key).err()?;
+    if limiter.settings.dry_run {
+        state.metrics.would_block_rate_limit.inc();
+        return None;
+    }
+    // Whole seconds, rounded up: retrying earlier would be refused again.
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    Some(Error::RateLimited(secs.max(1)))
+}
+
+/// Counts the response against the site's jails; a jail that reaches its `hits` bans the
+/// client (or, in a dry run, counts what it would have done).
+#[allow(clippy::too_many_arguments)]
+fn observe_jails(
+    state: &Arc<AppState>,
+    snap: &Snapshot,
+    site: &SiteEntry,
+    method: &http::Method,
+    host: &str,
+    uri: &Uri,
+    status: StatusCode,
+    client: IpAddr,
+) {
+    let prefix = snap.config.rate_limit.ipv6_prefix;
+    let key = client_key(client, prefix);
+    for jail in &site.jails {
+        if !jail.matches(method, host, uri.path(), status.as_u16()) || !jail.observe(key) {
+            continue;
+        }
+        let target = key_target(key, prefix);
+        if let Some(counter) = &jail.would_block {
+            counter.inc();
+            tracing::info!(
+                jail = %jail.config.name,
+                client = %LoggedIp(client, snap.config.privacy.log_ip),
+                "dry run: a jail would ban this client"
+            );
+            continue;
+        }
+        let state = state.clone();
+        let jail = jail.clone();
+        tokio::spawn(async move { state.jail_ban(&jail, target).await });
+    }
 }
 
 /// Whether `allow_only` admits the client: the longest matching route's list if it has one,

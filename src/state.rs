@@ -17,10 +17,12 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::access_log::AccessLog;
 use crate::config::{Action, Config, Errors, Report, Site};
+use crate::jail::Jail;
 use crate::metrics::{Metrics, SiteMetrics};
 use crate::policy::table::CidrTable;
 use crate::policy::temporary::{now_ms, Entry, TempEntries};
 use crate::policy::Policy;
+use crate::ratelimit::Limiter;
 use crate::store::{self, Store};
 use crate::tls;
 
@@ -34,27 +36,86 @@ pub struct Snapshot {
     pub policy: Policy,
     /// `gateway.trusted_proxies`.
     pub trusted: CidrTable,
+    /// Every rate limit by rule name (`global`, `site:NAME`, `site:NAME:PATH`), kept across
+    /// reloads while its settings stay the same, so client state survives a reload.
+    pub limiters: HashMap<String, Arc<Limiter>>,
+    /// Every jail by name, kept across reloads the same way.
+    pub jails: HashMap<String, Arc<Jail>>,
     /// Exact host (lower case) to index in `sites`.
     hosts: HashMap<String, usize>,
     /// The `"*"` site.
     default_site: Option<usize>,
 }
 
-/// A site with its metric children resolved.
+/// A site with its metric children, rate limits and jails resolved.
 pub struct SiteEntry {
     pub site: Site,
     pub metrics: SiteMetrics,
+    /// The site's rate limit (its own, or the global one).
+    pub limiter: Arc<Limiter>,
+    /// Routes with a rate limit of their own: (path prefix, limiter), longest first.
+    pub route_limiters: Vec<(String, Arc<Limiter>)>,
+    pub jails: Vec<Arc<Jail>>,
+}
+
+impl SiteEntry {
+    /// The rate limit for a path: the longest matching route's, else the site's.
+    pub fn limiter_for(&self, path: &str) -> &Arc<Limiter> {
+        self.route_limiters
+            .iter()
+            .find(|(p, _)| path.starts_with(p.as_str()))
+            .map_or(&self.limiter, |(_, l)| l)
+    }
 }
 
 impl Snapshot {
     /// Loads what the config names (certificates) and compiles the lookup tables. Every
     /// problem is reported, so `ipgate check` and a refused reload can name them all.
-    pub fn build(config: Config, metrics: &Metrics) -> Result<Snapshot, Errors> {
+    pub fn build(
+        config: Config,
+        metrics: &Metrics,
+        previous: Option<&Snapshot>,
+    ) -> Result<Snapshot, Errors> {
         let mut report = Report::new(&config.source, "");
         let tls = tls::server_config(&config.tls, &mut report).map(TlsAcceptor::from);
         let policy = Policy::build(&config.lists, &mut report, metrics);
         if !report.is_empty() {
             return Err(report.into_errors());
+        }
+        let cap = config.limits.max_tracked_clients;
+        let mut limiters: HashMap<String, Arc<Limiter>> = HashMap::new();
+        let mut limiter = |name: String, settings: &crate::config::RateLimit| {
+            let kept = previous
+                .and_then(|p| p.limiters.get(&name))
+                .filter(|l| &l.settings == settings)
+                .cloned();
+            let l = kept.unwrap_or_else(|| {
+                Arc::new(Limiter::new(
+                    settings.clone(),
+                    cap,
+                    metrics.client_evictions.clone(),
+                ))
+            });
+            limiters.insert(name, l.clone());
+            l
+        };
+        let global = limiter("global".into(), &config.rate_limit);
+        let mut jails: HashMap<String, Arc<Jail>> = HashMap::new();
+        for j in &config.jails {
+            let kept = previous
+                .and_then(|p| p.jails.get(&j.name))
+                .filter(|old| &old.config == j)
+                .cloned();
+            let jail = kept.unwrap_or_else(|| {
+                Arc::new(Jail::new(
+                    j.clone(),
+                    cap,
+                    metrics.client_evictions.clone(),
+                    j.dry_run
+                        .then(|| metrics.would_block.with_label_values(&[&j.name])),
+                ))
+            });
+            jails.insert(j.name.clone(), jail);
         }
         let mut hosts = HashMap::new();
         let mut default_site = None;
@@ -67,13 +128,38 @@ impl Snapshot {
                     hosts.insert(h.clone(), i);
                 }
             }
+            let site_limiter = match &site.rate_limit {
+                Some(rl) => limiter(format!("site:{}", site.name), rl),
+                None => global.clone(),
+            };
+            let mut route_limiters: Vec<(String, Arc<Limiter>)> = site
+                .routes
+                .iter()
+                .filter_map(|r| {
+                    let rl = r.rate_limit.as_ref()?;
+                    Some((
+                        r.path.clone(),
+                        limiter(format!("site:{}:{}", site.name, r.path), rl),
+                    ))
+                })
+                .collect();
+            route_limiters.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
             sites.push(SiteEntry {
                 metrics: SiteMetrics::new(metrics, &site.name),
+                limiter: site_limiter,
+                route_limiters,
+                jails: site
+                    .jails
+                    .iter()
+                    .filter_map(|n| jails.get(n).cloned())
+                    .collect(),
                 site: site.clone(),
             });
         }
         Ok(Snapshot {
             trusted: CidrTable::new(config.gateway.trusted_proxies.clone()),
+            limiters,
+            jails,
             config,
             tls,
             sites,
@@ -183,6 +269,91 @@ impl AppState {
         Ok(removed)
     }
 
+    /// Bans a client a jail caught: records the offense, then adds a block entry for
+    /// `ban × ban_factor^(earlier offenses)`, capped by `max_ban` and `privacy.max_retention`.
+    pub async fn jail_ban(&self, jail: &Jail, target: ipnet::IpNet) {
+        let (retention, log_ip) = {
+            let snap = self.snapshot.load();
+            (
+                snap.config.privacy.max_retention,
+                snap.config.privacy.log_ip,
+            )
+        };
+        let now = now_ms();
+        let earlier = match self.store.clone() {
+            Some(store) => {
+                let name = jail.config.name.clone();
+                let ms = retention.as_millis() as u64;
+                tokio::task::spawn_blocking(move || store.record_offense(&name, target, now, ms))
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .unwrap_or(0)
+            }
+            None => 0,
+        };
+        let ban = jail.ban_for(earlier, retention);
+        let reason = format!(
+            "jail {}: {} matching responses within {}",
+            jail.config.name,
+            jail.config.hits,
+            humantime::format_duration(jail.config.window)
+        );
+        let entry = Entry::new(
+            now,
+            now + ban.as_millis() as u64,
+            &jail.config.name,
+            Some(&reason),
+        );
+        match self.add_entry(Action::Block, target, entry).await {
+            Ok(()) => tracing::info!(
+                jail = %jail.config.name,
+                client = %crate::access_log::LoggedIp(target.addr(), log_ip),
+                ban_secs = ban.as_secs(),
+                earlier_offenses = earlier,
+                "banned"
+            ),
+            Err(e) => {
+                tracing::error!(jail = %jail.config.name, error = %e, "could not store a ban")
+            }
+        }
+    }
+
+    /// Forgets offense times older than `privacy.max_retention`.
+    pub async fn prune_offenses(&self) {
+        let retention = self
+            .snapshot
+            .load()
+            .config
+            .privacy
+            .max_retention
+            .as_millis() as u64;
+        if let Some(store) = self.store.clone() {
+            let now = now_ms();
+            if let Ok(Err(e)) =
+                tokio::task::spawn_blocking(move || store.prune_offenses(now, retention)).await
+            {
+                tracing::warn!(error = %e, "could not prune the offense history");
+            }
+        }
+    }
+
+    /// Drops idle rate-limit and jail state and publishes `ipgate_tracked_clients`.
+    pub fn sweep_clients(&self) {
+        let snap = self.snapshot.load();
+        let now = now_ms();
+        let mut tracked = 0;
+        for l in snap.limiters.values() {
+            l.sweep(now);
+            tracked += l.tracked();
+        }
+        for j in snap.jails.values() {
+            j.sweep(now);
+            tracked += j.tracked();
+        }
+        self.metrics.tracked_clients.set(tracked as i64);
+    }
+
     /// Frees expired entries, in memory and on disk (SPEC 7).
     pub async fn sweep(&self) {
         let now = now_ms();
@@ -242,7 +413,7 @@ impl AppState {
     pub fn reload(&self) -> Result<(), Errors> {
         let current = self.snapshot.load();
         let result = Config::load(&current.config.source)
-            .and_then(|config| Snapshot::build(config, &self.metrics));
+            .and_then(|config| Snapshot::build(config, &self.metrics, Some(&current)));
         let next = match result {
             Ok(next) => next,
             Err(errors) => {

@@ -15,6 +15,8 @@ use crate::policy::temporary::Entry;
 
 /// `"block 10.0.0.0/24"` → the entry as JSON.
 const ENTRIES: TableDefinition<&str, &[u8]> = TableDefinition::new("entries");
+/// `"JAIL TARGET"` → JSON list of offense times (ms), none older than `max_retention`.
+const OFFENSES: TableDefinition<&str, &[u8]> = TableDefinition::new("offenses");
 
 #[derive(Debug, thiserror::Error)]
 #[error("state store: {0}")]
@@ -68,6 +70,7 @@ impl Store {
             .map_err(|e| Error(format!("cannot open {}: {}", path.display(), err(e).0)))?;
         let txn = db.begin_write().map_err(err)?;
         txn.open_table(ENTRIES).map_err(err)?;
+        txn.open_table(OFFENSES).map_err(err)?;
         txn.commit().map_err(err)?;
         Ok(Store { db })
     }
@@ -152,6 +155,114 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Records an offense of `target` against `jail` at `now`; returns how many earlier
+    /// offenses within `retention` there were. Older ones are dropped on the way.
+    pub fn record_offense(
+        &self,
+        jail: &str,
+        target: IpNet,
+        now: u64,
+        retention: u64,
+    ) -> Result<usize, Error> {
+        let key = format!("{jail} {target}");
+        let txn = self.db.begin_write().map_err(err)?;
+        let earlier;
+        {
+            let mut t = txn.open_table(OFFENSES).map_err(err)?;
+            let mut times: Vec<u64> = t
+                .get(key.as_str())
+                .map_err(err)?
+                .and_then(|v| serde_json::from_slice(v.value()).ok())
+                .unwrap_or_default();
+            times.retain(|&at| now.saturating_sub(at) < retention);
+            earlier = times.len();
+            times.push(now);
+            let value = serde_json::to_vec(&times).map_err(|e| Error(e.to_string()))?;
+            t.insert(key.as_str(), value.as_slice()).map_err(err)?;
+        }
+        txn.commit().map_err(err)?;
+        Ok(earlier)
+    }
+
+    /// The offense history of every target containing `ip`: (jail, target, times).
+    pub fn offenses(&self, ip: IpAddr) -> Result<Vec<(String, IpNet, Vec<u64>)>, Error> {
+        let txn = self.db.begin_read().map_err(err)?;
+        let t = txn.open_table(OFFENSES).map_err(err)?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(err)? {
+            let (k, v) = row.map_err(err)?;
+            let Some((jail, target)) = k.value().rsplit_once(' ') else {
+                continue;
+            };
+            let Ok(target) = target.parse::<IpNet>() else {
+                continue;
+            };
+            if target.contains(&ip) {
+                let times = serde_json::from_slice(v.value()).unwrap_or_default();
+                out.push((jail.to_string(), target, times));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes the offense history of these targets; returns how many records went.
+    pub fn forget_offenses(&self, targets: &[IpNet]) -> Result<usize, Error> {
+        let txn = self.db.begin_write().map_err(err)?;
+        let mut n = 0;
+        {
+            let mut t = txn.open_table(OFFENSES).map_err(err)?;
+            let doomed: Vec<String> = t
+                .iter()
+                .map_err(err)?
+                .filter_map(|row| row.ok())
+                .map(|(k, _)| k.value().to_string())
+                .filter(|k| {
+                    k.rsplit_once(' ')
+                        .and_then(|(_, t)| t.parse::<IpNet>().ok())
+                        .is_some_and(|t| targets.contains(&t))
+                })
+                .collect();
+            for k in doomed {
+                t.remove(k.as_str()).map_err(err)?;
+                n += 1;
+            }
+        }
+        txn.commit().map_err(err)?;
+        Ok(n)
+    }
+
+    /// Drops offense times older than `retention` (privacy.max_retention).
+    pub fn prune_offenses(&self, now: u64, retention: u64) -> Result<(), Error> {
+        let txn = self.db.begin_write().map_err(err)?;
+        {
+            let mut t = txn.open_table(OFFENSES).map_err(err)?;
+            let rows: Vec<(String, Vec<u64>)> = t
+                .iter()
+                .map_err(err)?
+                .filter_map(|row| row.ok())
+                .map(|(k, v)| {
+                    (
+                        k.value().to_string(),
+                        serde_json::from_slice(v.value()).unwrap_or_default(),
+                    )
+                })
+                .collect();
+            for (k, mut times) in rows {
+                let before = times.len();
+                times.retain(|&at| now.saturating_sub(at) < retention);
+                if times.is_empty() {
+                    t.remove(k.as_str()).map_err(err)?;
+                } else if times.len() != before {
+                    let value = serde_json::to_vec(&times).map_err(|e| Error(e.to_string()))?;
+                    t.insert(k.as_str(), value.as_slice()).map_err(err)?;
+                }
+            }
+        }
+        txn.commit().map_err(err)
+    }
+}
+
 fn parse_key(k: &str) -> Option<(Action, IpNet)> {
     let (action, target) = k.split_once(' ')?;
     let action = match action {
@@ -206,5 +317,29 @@ mod tests {
             1
         );
         assert_eq!(s.load(500).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn offenses_count_within_retention_and_are_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let t: IpNet = "2001:db8:1:2::/64".parse().unwrap();
+        assert_eq!(s.record_offense("wp", t, 1_000, 10_000).unwrap(), 0);
+        assert_eq!(s.record_offense("wp", t, 2_000, 10_000).unwrap(), 1);
+        // The first is older than the retention by now.
+        assert_eq!(s.record_offense("wp", t, 11_500, 10_000).unwrap(), 1);
+        let held = s.offenses("2001:db8:1:2::7".parse().unwrap()).unwrap();
+        assert_eq!(held.len(), 1);
+        assert_eq!(held[0].2, vec![2_000, 11_500]);
+        s.prune_offenses(20_000, 10_000).unwrap();
+        assert_eq!(
+            s.offenses("2001:db8:1:2::7".parse().unwrap()).unwrap()[0].2,
+            vec![11_500]
+        );
+        assert_eq!(s.forget_offenses(&[t]).unwrap(), 1);
+        assert!(s
+            .offenses("2001:db8:1:2::7".parse().unwrap())
+            .unwrap()
+            .is_empty());
     }
 }
