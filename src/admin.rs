@@ -257,7 +257,7 @@ async fn v1(state: &AppState, req: Request<Incoming>) -> Response<AdminBody> {
             }
         }
         (Method::GET, p) if p.starts_with("/v1/ips/") => match parse_ip(&p[8..]) {
-            Ok(ip) => json(StatusCode::OK, &lookup(state, ip)),
+            Ok(ip) => json(StatusCode::OK, &lookup(state, ip).await),
             Err(e) => json_error(StatusCode::BAD_REQUEST, &e),
         },
         (Method::DELETE, p) if p.starts_with("/v1/ips/") => match parse_ip(&p[8..]) {
@@ -390,8 +390,91 @@ async fn add_entry(state: &AppState, body: &[u8]) -> Response<AdminBody> {
     }
 }
 
+/// The targets an address's client state is kept under: the address, and for IPv6 the
+/// prefix it is counted as.
+fn own_targets(state: &AppState, ip: IpAddr) -> Vec<IpNet> {
+    let prefix = state.snapshot.load().config.rate_limit.ipv6_prefix;
+    let mut targets = vec![IpNet::from(ip)];
+    if let IpAddr::V6(v6) = ip {
+        if let Ok(net) = ipnet::Ipv6Net::new(v6, prefix) {
+            targets.push(IpNet::V6(net.trunc()));
+        }
+    }
+    targets
+}
+
+/// Rate-limit and jail state held for `ip`, as JSON (and erased first when `erase`).
+fn client_state(state: &AppState, ip: IpAddr, erase: bool) -> serde_json::Value {
+    let snap = state.snapshot.load();
+    let mut limits = Vec::new();
+    for (rule, l) in &snap.limiters {
+        let key = crate::ratelimit::client_key(ip, l.settings.ipv6_prefix);
+        if l.is_tracked(key) {
+            limits.push(serde_json::json!({ "rule": rule }));
+            if erase {
+                l.forget(key);
+            }
+        }
+    }
+    let key = crate::ratelimit::client_key(ip, snap.config.rate_limit.ipv6_prefix);
+    let mut jails = Vec::new();
+    for (name, j) in &snap.jails {
+        if let Some(c) = j.counter(key) {
+            jails.push(serde_json::json!({
+                "jail": name, "hits": c.hits, "window_started": rfc3339(c.start_ms),
+            }));
+        }
+        if erase {
+            j.forget(key);
+        }
+    }
+    serde_json::json!({ "rate_limits": limits, "jail_counters": jails })
+}
+
+/// Offense history held for `ip` (its address or IPv6 prefix), erased when `erase`.
+async fn offenses(state: &AppState, ip: IpAddr, erase: bool) -> serde_json::Value {
+    let Some(store) = state.store.clone() else {
+        return serde_json::json!([]);
+    };
+    let targets = own_targets(state, ip);
+    let held = tokio::task::spawn_blocking(move || {
+        let held = store.offenses(ip).unwrap_or_default();
+        let held: Vec<_> = held
+            .into_iter()
+            .filter(|(_, t, _)| targets.contains(t))
+            .collect();
+        if erase {
+            let _ = store.forget_offenses(&targets);
+        }
+        held
+    })
+    .await
+    .unwrap_or_default();
+    serde_json::Value::Array(
+        held.into_iter()
+            .map(|(jail, target, times)| {
+                serde_json::json!({
+                    "jail": jail,
+                    "target": target.to_string(),
+                    "at": times.into_iter().map(rfc3339).collect::<Vec<_>>(),
+                })
+            })
+            .collect(),
+    )
+}
+
 /// The decision for `ip`, the rule that made it, and every datum held about it.
-fn lookup(state: &AppState, ip: IpAddr) -> serde_json::Value {
+async fn lookup(state: &AppState, ip: IpAddr) -> serde_json::Value {
+    let mut v = decision(state, ip);
+    let client = client_state(state, ip, false);
+    v["rate_limits"] = client["rate_limits"].clone();
+    v["jail_counters"] = client["jail_counters"].clone();
+    v["offenses"] = offenses(state, ip, false).await;
+    v
+}
+
+/// The decision for `ip`, the rule that made it, and the entries that concern it.
+fn decision(state: &AppState, ip: IpAddr) -> serde_json::Value {
     let snap = state.snapshot.load();
     let now = now_ms();
     let verdict = snap.policy.decide(&state.temp, ip);
@@ -453,16 +536,13 @@ fn lookup(state: &AppState, ip: IpAddr) -> serde_json::Value {
 }
 
 /// Erases what is held about `ip`: temporary entries whose target is the address itself or,
-/// for IPv6, the prefix it is counted as. Entries for wider networks and config entries are
-/// reported, not erased: they are about a network or are configuration.
+/// for IPv6, the prefix it is counted as; its rate-limit and jail state; its offense history.
+/// Entries for wider networks and config entries are reported, not erased: they are about a
+/// network or are configuration.
 async fn forget(state: &AppState, ip: IpAddr) -> Response<AdminBody> {
-    let prefix = state.snapshot.load().config.rate_limit.ipv6_prefix;
-    let mut targets = vec![IpNet::from(ip)];
-    if let IpAddr::V6(v6) = ip {
-        if let Ok(net) = ipnet::Ipv6Net::new(v6, prefix) {
-            targets.push(IpNet::V6(net.trunc()));
-        }
-    }
+    let targets = own_targets(state, ip);
+    let client = client_state(state, ip, true);
+    let offenses = offenses(state, ip, true).await;
     let pairs: Vec<(Action, IpNet)> = targets
         .iter()
         .flat_map(|&t| [(Action::Block, t), (Action::Allow, t)])
@@ -471,7 +551,7 @@ async fn forget(state: &AppState, ip: IpAddr) -> Response<AdminBody> {
         Ok(r) => r,
         Err(e) => return json_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
     };
-    let held = lookup(state, ip);
+    let held = decision(state, ip);
     json(
         StatusCode::OK,
         &serde_json::json!({
@@ -480,6 +560,9 @@ async fn forget(state: &AppState, ip: IpAddr) -> Response<AdminBody> {
                 .iter()
                 .map(|(a, t, e)| EntryView::temporary(*a, *t, e))
                 .collect::<Vec<_>>(),
+            "erased_rate_limits": client["rate_limits"],
+            "erased_jail_counters": client["jail_counters"],
+            "erased_offenses": offenses,
             "kept": {
                 "entries": held["entries"],
                 "config_entries": held["config_entries"],

@@ -261,6 +261,9 @@ pub async fn admin_command(cli: &Cli, command: &Command) -> anyhow::Result<()> {
                 if erased.len() == 1 { "y" } else { "ies" }
             );
             print_entries(&erased);
+            if print_client_state(&v, "erased_") {
+                println!("(the rate-limit, jail and offense data above was erased)");
+            }
             let kept: Vec<EntryView> =
                 serde_json::from_value(v["kept"]["entries"].clone()).unwrap_or_default();
             let config: Vec<EntryView> =
@@ -336,9 +339,58 @@ fn print_lookup(v: &serde_json::Value) {
     let entries: Vec<EntryView> = serde_json::from_value(v["entries"].clone()).unwrap_or_default();
     let config: Vec<EntryView> =
         serde_json::from_value(v["config_entries"].clone()).unwrap_or_default();
-    if entries.is_empty() && config.is_empty() {
+    let held_state = print_client_state(v, "");
+    if entries.is_empty() && config.is_empty() && !held_state {
         println!("nothing is held about this address");
     } else {
         print_entries(&entries.into_iter().chain(config).collect::<Vec<_>>());
     }
+}
+
+/// Prints rate-limit, jail and offense data from a lookup or forget answer (keys with an
+/// optional prefix such as `erased_`); true when there was any.
+fn print_client_state(v: &serde_json::Value, prefix: &str) -> bool {
+    let mut any = false;
+    for l in v[format!("{prefix}rate_limits")]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        println!(
+            "rate limit {}: a bucket is held",
+            l["rule"].as_str().unwrap_or("?")
+        );
+        any = true;
+    }
+    for j in v[format!("{prefix}jail_counters")]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        println!(
+            "jail {}: {} matching response(s) since {}",
+            j["jail"].as_str().unwrap_or("?"),
+            j["hits"],
+            j["window_started"].as_str().unwrap_or("?")
+        );
+        any = true;
+    }
+    for o in v[format!("{prefix}offenses")]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        let times: Vec<&str> = o["at"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|t| t.as_str()).collect())
+            .unwrap_or_default();
+        println!(
+            "offenses against jail {} by {}: {}",
+            o["jail"].as_str().unwrap_or("?"),
+            o["target"].as_str().unwrap_or("?"),
+            times.join(", ")
+        );
+        any = true;
+    }
+    any
 }

@@ -222,6 +222,7 @@ pub struct RawJail {
     pub hosts: Vec<String>,
     #[serde(default)]
     pub status: Vec<u16>,
+    pub location: Option<String>,
     pub hits: u32,
     pub window: String,
     pub ban: String,
@@ -378,6 +379,9 @@ pub struct Jail {
     pub path: String,
     /// Hosts the jail watches (empty: every host of the sites that name it).
     pub hosts: Vec<String>,
+    /// Text the response's Location header must contain (tells a failed login's redirect
+    /// from a successful one's).
+    pub location: Option<String>,
     pub status: Vec<u16>,
     pub hits: u32,
     pub window: Duration,
@@ -624,6 +628,7 @@ fn compile(raw: RawConfig, source: &Path, base: &Path, r: &mut Report) -> Config
             method,
             path: j.path.clone().unwrap_or_else(|| "/".to_string()),
             hosts: j.hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
+            location: j.location.clone(),
             status: j.status.clone(),
             hits: j.hits,
             window: dur(r, &format!("{key}.window"), Some(j.window.clone()), ""),

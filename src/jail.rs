@@ -51,12 +51,22 @@ impl Jail {
     }
 
     /// Whether a response counts as a failure for this jail.
-    pub fn matches(&self, method: &Method, host: &str, path: &str, status: u16) -> bool {
+    pub fn matches(
+        &self,
+        method: &Method,
+        host: &str,
+        path: &str,
+        status: u16,
+        location: Option<&str>,
+    ) -> bool {
         let c = &self.config;
         c.method.as_ref().is_none_or(|m| m == method)
             && path.starts_with(c.path.as_str())
             && (c.status.is_empty() || c.status.contains(&status))
             && (c.hosts.is_empty() || c.hosts.iter().any(|h| h.eq_ignore_ascii_case(host)))
+            && c.location
+                .as_deref()
+                .is_none_or(|want| location.is_some_and(|l| l.contains(want)))
     }
 
     /// Counts a failure; true when it makes `hits` within the window (the count restarts).
@@ -116,6 +126,7 @@ mod tests {
             method: Some(Method::POST),
             path: "/wp-login.php".into(),
             hosts: vec![],
+            location: None,
             status: vec![200],
             hits,
             window: Duration::from_secs(600),
@@ -130,11 +141,13 @@ mod tests {
     #[test]
     fn matches_method_path_prefix_and_status() {
         let j = jail(3);
-        assert!(j.matches(&Method::POST, "a.test", "/wp-login.php", 200));
-        assert!(j.matches(&Method::POST, "a.test", "/wp-login.php?x=1", 200));
-        assert!(!j.matches(&Method::GET, "a.test", "/wp-login.php", 200));
-        assert!(!j.matches(&Method::POST, "a.test", "/wp-login.php", 302));
-        assert!(!j.matches(&Method::POST, "a.test", "/index.php", 200));
+        let m = |method: &Method, path: &str, status: u16| {
+            j.matches(method, "a.test", path, status, None)
+        };
+        assert!(m(&Method::POST, "/wp-login.php", 200));
+        assert!(!m(&Method::GET, "/wp-login.php", 200));
+        assert!(!m(&Method::POST, "/wp-login.php", 302));
+        assert!(!m(&Method::POST, "/index.php", 200));
     }
 
     #[test]

@@ -198,16 +198,7 @@ pub async fn handle(
                 Ok(resp) => {
                     site.metrics.proxied.inc();
                     if !exempt && !site.jails.is_empty() {
-                        observe_jails(
-                            &state,
-                            &snap,
-                            site,
-                            &method,
-                            host,
-                            &uri,
-                            resp.status(),
-                            client,
-                        );
+                        observe_jails(&state, &snap, site, &method, host, &uri, &resp, client);
                     }
                     (resp, site.site.name.as_str(), outcome::PROXIED)
                 }
@@ -266,13 +257,18 @@ fn observe_jails(
     method: &http::Method,
     host: &str,
     uri: &Uri,
-    status: StatusCode,
+    resp: &Response<Body>,
     client: IpAddr,
 ) {
     let prefix = snap.config.rate_limit.ipv6_prefix;
     let key = client_key(client, prefix);
+    let status = resp.status().as_u16();
+    let location = resp
+        .headers()
+        .get(header::LOCATION)
+        .and_then(|v| v.to_str().ok());
     for jail in &site.jails {
-        if !jail.matches(method, host, uri.path(), status.as_u16()) || !jail.observe(key) {
+        if !jail.matches(method, host, uri.path(), status, location) || !jail.observe(key) {
             continue;
         }
         let target = key_target(key, prefix);

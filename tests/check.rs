@@ -78,3 +78,30 @@ fn a_misspelt_key_is_an_error() {
     assert!(!ok);
     assert!(stderr.contains(":3:") && stderr.contains("tsl"), "{stderr}");
 }
+
+#[test]
+fn every_jail_snippet_passes_ipgate_check_in_a_config() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/jails");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut n = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let snippet = std::fs::read_to_string(&path).unwrap();
+        let names: Vec<String> = snippet
+            .lines()
+            .filter_map(|l| l.strip_prefix("name = "))
+            .map(str::to_string)
+            .collect();
+        assert!(!names.is_empty(), "{}: no jail", path.display());
+        let config = format!(
+            "[[listener]]\naddr = \"127.0.0.1:0\"\n\n{snippet}\n[[site]]\nhosts = [\"*\"]\nupstream = \"http://127.0.0.1:8080\"\njails = [{}]\n",
+            names.join(", ")
+        );
+        let file = tmp.path().join("with-snippet.toml");
+        std::fs::write(&file, config).unwrap();
+        let (ok, _, stderr) = check(&file);
+        assert!(ok, "{}: {stderr}", path.display());
+        n += 1;
+    }
+    assert_eq!(n, 6);
+}
