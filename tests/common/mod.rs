@@ -499,19 +499,53 @@ pub struct ProcessAddrs {
 /// Starts `ipgate run -c FILE`; returns the child and the addresses of its plain listener
 /// and admin listener, read from its log lines.
 pub fn start_binary(config: &Path) -> (std::process::Child, ProcessAddrs) {
+    let (child, addrs, _) = start_binary_logged(config, "info");
+    (child, addrs)
+}
+
+/// Everything a gateway process wrote, line by line, as it runs.
+#[derive(Clone, Default)]
+pub struct Output(Arc<std::sync::Mutex<String>>);
+
+impl Output {
+    pub fn text(&self) -> String {
+        self.0.lock().unwrap().clone()
+    }
+    fn push(&self, line: &str) {
+        let mut s = self.0.lock().unwrap();
+        s.push_str(line);
+        s.push('\n');
+    }
+}
+
+/// Like `start_binary`, at log level `level`, keeping stdout and stderr (together).
+pub fn start_binary_logged(
+    config: &Path,
+    level: &str,
+) -> (std::process::Child, ProcessAddrs, Output) {
     use std::io::{BufRead, BufReader};
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ipgate"))
         .args(["run", "-c"])
         .arg(config)
-        .env("RUST_LOG", "info")
-        .stdout(std::process::Stdio::null())
+        .env("RUST_LOG", level)
+        .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    let output = Output::default();
+    let stdout = child.stdout.take().unwrap();
+    let out = output.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            out.push(&line);
+        }
+    });
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
+    let out = output.clone();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            out.push(&line);
             let addr = line
                 .split_whitespace()
                 .find_map(|w| w.strip_prefix("addr="))
@@ -542,6 +576,7 @@ pub fn start_binary(config: &Path) -> (std::process::Child, ProcessAddrs) {
             plain: plain.unwrap(),
             admin: admin.unwrap(),
         },
+        output,
     )
 }
 
