@@ -17,7 +17,9 @@
 //! - [`admin`]: the admin listener (health, metrics, the `/v1` API).
 //! - [`metrics`]: the Prometheus registry owned by the state.
 //! - [`access_log`]: JSON lines on stdout, client addresses as `privacy.log_ip` says.
-//! - [`shutdown`]: signals; [`demo`]: the built-in demo upstream of the quick start.
+//! - [`shutdown`]: signals; [`watcher`]: re-reads changed list and certificate files.
+//! - [`ratelimit`] and [`jail`]: per-client limits and bans, with bounded state.
+//! - [`demo`]: the built-in demo upstream of the quick start.
 //! - [`cli`]: the command line.
 
 pub mod access_log;
@@ -36,6 +38,7 @@ pub mod shutdown;
 pub mod state;
 pub mod store;
 pub mod tls;
+pub mod watcher;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -167,6 +170,7 @@ impl Gateway {
         let mut side_tasks = vec![
             tokio::spawn(shutdown::reload_on_hangup(state.clone())),
             tokio::spawn(sweeper),
+            tokio::spawn(watcher::run(state.clone())),
         ];
         if let Some(admin) = self.admin {
             if let Ok(addr) = admin.local_addr() {

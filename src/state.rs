@@ -440,6 +440,32 @@ impl AppState {
     }
 }
 
+impl AppState {
+    /// Re-reads the list files and certificates of the config in force (not the config
+    /// file) and swaps them in; on any problem the current ones stay.
+    pub fn refresh_files(&self) -> Result<(), Errors> {
+        let current = self.snapshot.load();
+        match Snapshot::build(current.config.clone(), &self.metrics, Some(&current)) {
+            Ok(next) => {
+                self.snapshot.store(Arc::new(next));
+                self.publish_list_gauges();
+                self.metrics
+                    .config_reloads
+                    .with_label_values(&["success"])
+                    .inc();
+                Ok(())
+            }
+            Err(e) => {
+                self.metrics
+                    .config_reloads
+                    .with_label_values(&["failure"])
+                    .inc();
+                Err(e)
+            }
+        }
+    }
+}
+
 /// A pooled keep-alive HTTP/1.1 client for the upstreams.
 fn upstream_client() -> UpstreamClient {
     let mut connector = HttpConnector::new();
