@@ -105,3 +105,47 @@ fn every_jail_snippet_passes_ipgate_check_in_a_config() {
     }
     assert_eq!(n, 6);
 }
+
+/// The ISPConfig example and the packaged default pass `ipgate check` once the certificate
+/// and list files they name exist (here: throwaway ones in a temp dir).
+#[test]
+fn the_deploy_configs_pass_ipgate_check() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tmp = tempfile::tempdir().unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["example.nl".into()]).unwrap();
+    std::fs::write(tmp.path().join("fullchain.pem"), cert.cert.pem()).unwrap();
+    std::fs::write(
+        tmp.path().join("privkey.pem"),
+        cert.key_pair.serialize_pem(),
+    )
+    .unwrap();
+    std::fs::write(tmp.path().join("drop.txt"), "1.10.16.0/20 ; SBL256894\n").unwrap();
+    let t = tmp.path().display().to_string();
+    for file in [
+        "deploy/examples/ispconfig-box.toml",
+        "deploy/debian/ipgate.toml",
+    ] {
+        let mut text = std::fs::read_to_string(root.join(file)).unwrap();
+        for name in [
+            "example.nl",
+            "webmail.example.nl",
+            "cloud.example.nl",
+            "panel.example.nl",
+        ] {
+            text = text
+                .replace(
+                    &format!("/etc/letsencrypt/live/{name}/fullchain.pem"),
+                    &format!("{t}/fullchain.pem"),
+                )
+                .replace(
+                    &format!("/etc/letsencrypt/live/{name}/privkey.pem"),
+                    &format!("{t}/privkey.pem"),
+                );
+        }
+        text = text.replace("/etc/ipgate/lists/drop.txt", &format!("{t}/drop.txt"));
+        let path = tmp.path().join("deploy.toml");
+        std::fs::write(&path, text).unwrap();
+        let (ok, _, stderr) = check(&path);
+        assert!(ok, "{file}: {stderr}");
+    }
+}
