@@ -139,6 +139,44 @@ async fn an_invalid_reload_answers_422_and_the_old_config_keeps_serving() {
 }
 
 #[tokio::test]
+async fn temporary_entries_and_limiter_state_survive_a_reload() {
+    let sites = "[[site]]\nhosts = [\"*\"]\nupstream = \"http://{upstream}\"\nrate_limit = { requests_per_second = 0.01, burst = 2 }\n";
+    let gw = spawn_gateway(sites, "").await;
+    let token = gw.token();
+    let (s, _) = admin_call(
+        gw.admin,
+        "POST",
+        "/v1/entries",
+        Some(serde_json::json!({"target": "127.0.0.41", "action": "block", "ttl": "1h"})),
+        Some(&token),
+    )
+    .await;
+    assert_eq!(s, 201);
+    for _ in 0..2 {
+        let c = connect_from("127.0.0.42", gw.plain).await;
+        assert_eq!(get_on(c, "/", "a.test", &[]).await.0, 200);
+    }
+    let c = connect_from("127.0.0.42", gw.plain).await;
+    assert_eq!(get_on(c, "/", "a.test", &[]).await.0, 429);
+    // An unrelated change, then reload.
+    let path = gw.path().join("ipgate.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        text.replace("[log]", "[privacy]\nlog_ip = \"none\"\n\n[log]"),
+    )
+    .unwrap();
+    let (s, _) = admin_call(gw.admin, "POST", "/v1/reload", None, Some(&token)).await;
+    assert_eq!(s, 200);
+    // The ban is still there, and the emptied bucket is still empty.
+    let c = connect_from("127.0.0.41", gw.plain).await;
+    assert!(closed_without_a_byte(c, b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n").await);
+    let c = connect_from("127.0.0.42", gw.plain).await;
+    assert_eq!(get_on(c, "/", "a.test", &[]).await.0, 429);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
 async fn max_retention_caps_a_longer_ttl() {
     let gw = spawn_gateway(DEFAULT_SITES, "[privacy]\nmax_retention = \"1h\"\n").await;
     let (status, e) = admin_call(
@@ -183,6 +221,13 @@ async fn anonymized_logging_leaves_no_full_client_address_in_any_output() {
         let _ = tokio::time::timeout(Duration::from_secs(2), c.read_to_end(&mut buf)).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // No metric carries an address.
+    let (_, metrics) = plain_get(addrs.admin, "/metrics", "admin").await;
+    assert!(metrics.contains("ipgate_bans_total"), "{metrics}");
+    assert!(
+        !metrics.contains("127.0.0."),
+        "an address in the metrics:\n{metrics}"
+    );
     signal(&child, "TERM");
     let _ = tokio::task::spawn_blocking(move || child.wait()).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
