@@ -623,6 +623,13 @@ fn compile(raw: RawConfig, source: &Path, base: &Path, r: &mut Report) -> Config
                 "must be between 1.0 and 100.0",
             );
         }
+        let window = dur(r, &format!("{key}.window"), Some(j.window.clone()), "");
+        if window > privacy.max_retention {
+            r.key(
+                &format!("{key}.window"),
+                "longer than privacy.max_retention: counters would outlive the retention promise",
+            );
+        }
         jails.push(Jail {
             name: j.name.clone(),
             method,
@@ -631,7 +638,7 @@ fn compile(raw: RawConfig, source: &Path, base: &Path, r: &mut Report) -> Config
             location: j.location.clone(),
             status: j.status.clone(),
             hits: j.hits,
-            window: dur(r, &format!("{key}.window"), Some(j.window.clone()), ""),
+            window,
             ban: dur(r, &format!("{key}.ban"), Some(j.ban.clone()), ""),
             ban_factor,
             max_ban: dur(r, &format!("{key}.max_ban"), j.max_ban.clone(), "7d"),
@@ -1081,6 +1088,12 @@ upstream = "http://127.0.0.1:9"
                 Some(9),
             ),
             ("[limits]\nmax_header_bytes = 100\n", "limits.max_header_bytes", "8192", Some(9)),
+            (
+                "[privacy]\nmax_retention = \"1d\"\n[[jail]]\nname = \"j\"\nhits = 1\nwindow = \"2d\"\nban = \"1h\"\n",
+                "jail[0].window",
+                "max_retention",
+                Some(13),
+            ),
         ];
         for (add, key, text, line) in cases {
             let p = problems(&format!("{MINIMAL}{add}"));

@@ -314,6 +314,29 @@ mod tests {
     }
 
     #[test]
+    fn idle_state_is_swept_and_live_state_kept() {
+        #[derive(Default, Clone)]
+        struct S(u64);
+        impl Touched for S {
+            fn last_ms(&self) -> u64 {
+                self.0
+            }
+        }
+        let m: BoundedMap<S> = BoundedMap::new(
+            100,
+            Duration::from_secs(10),
+            IntCounter::new("e", "e").unwrap(),
+        );
+        let now = now_ms();
+        m.with(1, |s| s.0 = now - 60_000);
+        m.with(2, |s| s.0 = now);
+        m.sweep(now);
+        assert!(m.get(1).is_none(), "idle state was kept");
+        assert!(m.get(2).is_some(), "live state was dropped");
+        assert_eq!(m.len(), 1);
+    }
+
+    #[test]
     fn state_stays_within_the_cap_under_rotating_clients() {
         let evictions = IntCounter::new("e", "e").unwrap();
         let settings = config::RateLimit {

@@ -263,5 +263,17 @@ upstream = "http://{upstream}"
         Some(1.0)
     );
     assert!(m.contains("ipgate_request_duration_seconds_bucket{site=\"a\""));
+    // ipgate's own answers set no cookie (the privacy promise).
+    let reply = raw_exchange(
+        gw.plain,
+        b"GET / HTTP/1.1\r\nHost: other.test\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(3),
+    )
+    .await;
+    let head = String::from_utf8_lossy(&reply).to_ascii_lowercase();
+    assert!(
+        head.starts_with("http/1.1 421") && !head.contains("set-cookie"),
+        "{head}"
+    );
     gw.shutdown().await;
 }
