@@ -227,7 +227,7 @@ pub async fn handle(
             status: resp.status().as_u16(),
             site: site_name,
             outcome,
-            duration_ms: start.elapsed().as_secs_f64() * 1000.0,
+            duration: start.elapsed(),
         });
     }
     Ok(resp)
