@@ -7,7 +7,8 @@ request, through ipgate versus straight to the backend, in interleaved rounds of
     ROUNDS=3 DURATION=3 python3 benches/load/run.py
 
 ipgate runs with a 100k-CIDR block list (as in ../shared/bench) that never matches the
-load's 127.0.0.1, so every request pays for the decision. Needs wrk and nginx (the backend: one worker answering `200 ok`); h2load (nghttp2-client)
+load's 127.0.0.1 and a rate limit far above reach, so every request pays for the decision
+and the limiter. Any status but 200 stops the run. Needs wrk and nginx (the backend: one worker answering `200 ok`); h2load (nghttp2-client)
 adds an HTTP/2 row. Debian: apt-get install -y wrk nginx nghttp2-client.
 Every process started is stopped at the end; every load run stops by itself (wrk -d).
 Traffic goes to 127.0.0.1 only. For the side-by-side run against nginx and HAProxy as
@@ -140,6 +141,9 @@ tls = true
 self_signed = true
 [admin]
 addr = "127.0.0.1:{ADMIN}"
+[rate_limit]                   # evaluated on every request, never reached (as in ../shared/bench)
+requests_per_second = 1000000
+burst = 1000000
 [lists.deny]
 action = "block"
 files = ["deny.txt"]
@@ -177,6 +181,8 @@ upstream = "http://127.0.0.1:{BACKEND}"
                 us = (c1 - c0) * 1e6 / reqs if target == "ipgate" and reqs else None
                 backend_us = (b1 - b0) * 1e6 / reqs if reqs else 0
                 server_us = backend_us + (us or 0)
+                if bad:
+                    sys.exit(f"{scenario} {target}: {bad} unexpected statuses; the figures would be wrong")
                 results[(scenario, target)].append((reqs / elapsed, us, p50, bad, server_us))
                 print(f"round {r + 1} {scenario:9} {target:7} {reqs / elapsed:9.0f} req/s"
                       f"  p50 {p50:.2f} ms  bad {bad}  server CPU {server_us:.1f} us/req"
