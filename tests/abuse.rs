@@ -23,20 +23,6 @@ async fn get_from(gw: &TestGateway, local: &str, path: &str, host: &str) -> (u16
     (resp.status().as_u16(), retry)
 }
 
-/// A POST on a fresh plain connection; None when the gateway closed it (blocked).
-async fn post_from(addr: std::net::SocketAddr, local: &str, path: &str, host: &str) -> Option<u16> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut tcp = connect_from(local, addr).await;
-    let req = format!(
-        "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 9\r\nConnection: close\r\n\r\nlog=admin"
-    );
-    let _ = tcp.write_all(req.as_bytes()).await;
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(3), tcp.read_to_end(&mut out)).await;
-    let text = String::from_utf8_lossy(&out);
-    text.get(9..12).and_then(|s| s.parse().ok())
-}
-
 const WP_JAIL: &str = r#"
 [[jail]]
 name = "wp-login"

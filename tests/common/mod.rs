@@ -742,3 +742,18 @@ pub fn binary_config(
     std::fs::write(&path, base_config(sites, extra, upstream)).unwrap();
     (dir, path)
 }
+
+/// A POST with a small body on a fresh plain connection from `local`; the status, or None
+/// when the gateway closed the connection (blocked).
+pub async fn post_from(addr: SocketAddr, local: &str, path: &str, host: &str) -> Option<u16> {
+    let mut tcp = connect_from(local, addr).await;
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 9\r\nConnection: close\r\n\r\nlog=admin"
+    );
+    let _ = tcp.write_all(req.as_bytes()).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(3), tcp.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out)
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+}
