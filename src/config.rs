@@ -463,14 +463,6 @@ impl Config {
         let config = compile(raw, path, base, &mut report);
         report.finish(config)
     }
-
-    /// The site for a request's host (port already removed, lower case), or `None` (421).
-    pub fn site_for(&self, host: &str) -> Option<&Site> {
-        self.sites
-            .iter()
-            .find(|s| s.hosts.iter().any(|h| h.eq_ignore_ascii_case(host)))
-            .or_else(|| self.sites.iter().find(|s| s.hosts.iter().any(|h| h == "*")))
-    }
 }
 
 fn compile(raw: RawConfig, source: &Path, base: &Path, r: &mut Report) -> Config {

@@ -111,6 +111,10 @@ impl Jail {
         self.counters.len()
     }
 
+    pub fn cap(&self) -> usize {
+        self.counters.cap()
+    }
+
     pub fn sweep(&self, now: u64) {
         self.counters.sweep(now)
     }

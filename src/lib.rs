@@ -129,14 +129,6 @@ impl Gateway {
         self.admin.as_ref().and_then(|l| l.local_addr().ok())
     }
 
-    pub fn demo_addr(&self) -> Option<SocketAddr> {
-        self.demo.as_ref().and_then(|l| l.local_addr().ok())
-    }
-
-    pub fn state(&self) -> Arc<AppState> {
-        self.state.clone()
-    }
-
     /// Serves until `shutdown` completes, then stops accepting, lets requests in flight
     /// finish within `limits.shutdown_grace`, flushes the access log and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {

@@ -71,6 +71,7 @@ struct Generations<V> {
 pub struct BoundedMap<V> {
     gens: ArcSwap<Generations<V>>,
     young_len: AtomicUsize,
+    cap: usize,
     half: usize,
     idle_ms: u64,
     rotating: Mutex<()>,
@@ -85,6 +86,7 @@ impl<V: Touched + Default> BoundedMap<V> {
                 old: Arc::new(Map::default()),
             }),
             young_len: AtomicUsize::new(0),
+            cap,
             half: (cap / 2).max(1),
             idle_ms: idle.as_millis() as u64,
             rotating: Mutex::new(()),
@@ -175,6 +177,11 @@ impl<V: Touched + Default> BoundedMap<V> {
         gens.old.retain(|_, v| keep(v));
     }
 
+    /// The most clients this map holds.
+    pub fn cap(&self) -> usize {
+        self.cap
+    }
+
     /// Clients with state.
     pub fn len(&self) -> usize {
         let gens = self.gens.load();
@@ -257,6 +264,10 @@ impl Limiter {
 
     pub fn tracked(&self) -> usize {
         self.buckets.len()
+    }
+
+    pub fn cap(&self) -> usize {
+        self.buckets.cap()
     }
 
     pub fn sweep(&self, now: u64) {

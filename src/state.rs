@@ -85,10 +85,9 @@ impl Snapshot {
         let cap = config.limits.max_tracked_clients;
         let mut limiters: HashMap<String, Arc<Limiter>> = HashMap::new();
         let mut limiter = |name: String, settings: &crate::config::RateLimit| {
-            let kept = previous
-                .and_then(|p| p.limiters.get(&name))
-                .filter(|l| &l.settings == settings)
-                .cloned();
+            let kept = kept(previous.map(|p| &p.limiters), &name, |l| {
+                &l.settings == settings && l.cap() == cap
+            });
             let l = kept.unwrap_or_else(|| {
                 Arc::new(Limiter::new(
                     settings.clone(),
@@ -102,10 +101,9 @@ impl Snapshot {
         let global = limiter("global".into(), &config.rate_limit);
         let mut jails: HashMap<String, Arc<Jail>> = HashMap::new();
         for j in &config.jails {
-            let kept = previous
-                .and_then(|p| p.jails.get(&j.name))
-                .filter(|old| &old.config == j)
-                .cloned();
+            let kept = kept(previous.map(|p| &p.jails), &j.name, |old| {
+                &old.config == j && old.cap() == cap
+            });
             let jail = kept.unwrap_or_else(|| {
                 Arc::new(Jail::new(
                     j.clone(),
@@ -180,6 +178,16 @@ impl Snapshot {
             .or(self.default_site.as_ref())
             .and_then(|&i| self.sites.get(i))
     }
+}
+
+/// The rule of the previous snapshot named `name`, if `same` says its settings are unchanged:
+/// kept, client state and all, across a reload.
+fn kept<T>(
+    previous: Option<&HashMap<String, Arc<T>>>,
+    name: &str,
+    same: impl Fn(&T) -> bool,
+) -> Option<Arc<T>> {
+    previous?.get(name).filter(|t| same(t)).cloned()
 }
 
 pub type UpstreamClient = Client<HttpConnector, Incoming>;

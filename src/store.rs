@@ -144,15 +144,6 @@ impl Store {
         self.delete(&expired)?;
         Ok(live)
     }
-
-    /// The stored entries whose target contains `ip` (admin lookups).
-    pub fn covering(&self, ip: IpAddr, now: u64) -> Result<Vec<(Action, IpNet, Entry)>, Error> {
-        Ok(self
-            .load(now)?
-            .into_iter()
-            .filter(|(_, t, _)| t.contains(&ip))
-            .collect())
-    }
 }
 
 impl Store {

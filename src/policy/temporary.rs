@@ -137,21 +137,6 @@ impl TempTable {
         removed
     }
 
-    /// The entry for exactly `target`, if it has not expired.
-    pub fn get(&self, target: IpNet, now: u64) -> Option<Entry> {
-        let e = match target {
-            IpNet::V4(n) => self
-                .v4
-                .get(&(n.prefix_len(), u32::from(n.network())))
-                .map(|e| e.clone()),
-            IpNet::V6(n) => self
-                .v6
-                .get(&(n.prefix_len(), u128::from(n.network())))
-                .map(|e| e.clone()),
-        }?;
-        (e.expires_at > now).then_some(e)
-    }
-
     fn count(&self, target: IpNet, delta: i32) {
         let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         let slot = match target {
