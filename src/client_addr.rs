@@ -53,7 +53,7 @@ pub async fn read_proxy_header(
 ) -> Result<Option<IpAddr>, ProxyHeaderError> {
     use tokio::io::AsyncReadExt;
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut buf = vec![0u8; MAX_HEADER];
+    let mut buf = [0u8; MAX_HEADER];
     let mut last = 0;
     loop {
         // Peek, so that nothing past the header is taken from the socket.
@@ -112,8 +112,8 @@ pub async fn read_proxy_header(
             HeaderResult::V1(Err(e)) => return Err(ProxyHeaderError::Invalid(e.to_string())),
             HeaderResult::V2(Err(e)) => return Err(ProxyHeaderError::Invalid(e.to_string())),
         };
-        let mut consumed = vec![0u8; len];
-        tcp.read_exact(&mut consumed).await?;
+        // Take exactly the header off the socket; what follows is TLS or HTTP.
+        tcp.read_exact(&mut buf[..len.min(MAX_HEADER)]).await?;
         return Ok(source.map(normalize));
     }
 }

@@ -421,12 +421,20 @@ fn upgrade_token<B>(req: &Request<B>) -> Option<HeaderValue> {
 /// Removes the hop-by-hop headers and every header the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if headers.contains_key(header::CONNECTION) {
+        // The usual tokens (keep-alive, close, upgrade) name headers removed below anyway;
+        // skipping them keeps the common request free of an allocation here.
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .map(str::trim)
+            .filter(|t| {
+                !["keep-alive", "close", "upgrade"]
+                    .iter()
+                    .any(|c| t.eq_ignore_ascii_case(c))
+            })
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
             .collect();
         for name in named {
             headers.remove(name);
