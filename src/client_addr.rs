@@ -63,11 +63,6 @@ pub async fn read_proxy_header(
         if n == 0 {
             return Err(ProxyHeaderError::Closed);
         }
-        if !could_be_proxy_header(&buf[..n]) {
-            return Err(ProxyHeaderError::Invalid(
-                "the connection does not start with a PROXY header".into(),
-            ));
-        }
         let parsed = HeaderResult::parse(&buf[..n]);
         if parsed.is_incomplete() {
             // A v1 header ends at its CRLF: with the CRLF here, "incomplete" means malformed.
@@ -116,18 +111,6 @@ pub async fn read_proxy_header(
         tcp.read_exact(&mut buf[..len.min(MAX_HEADER)]).await?;
         return Ok(source.map(normalize));
     }
-}
-
-/// Whether `data` starts like a v1 (`PROXY `) or v2 (12-byte signature) header, so that
-/// anything else is refused at once instead of waiting for bytes that will not come.
-fn could_be_proxy_header(data: &[u8]) -> bool {
-    const V1: &[u8] = b"PROXY ";
-    const V2: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
-    let starts = |sig: &[u8]| {
-        let n = data.len().min(sig.len());
-        data[..n] == sig[..n]
-    };
-    starts(V1) || starts(V2)
 }
 
 /// The client behind trusted proxies: walking X-Forwarded-For from the right, the first

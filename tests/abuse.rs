@@ -291,7 +291,7 @@ async fn via_proxy_v6(
     path: &str,
     host: &str,
 ) -> Option<u16> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let header = ppp::v2::Builder::with_addresses(
         ppp::v2::Version::Two | ppp::v2::Command::Proxy,
         ppp::v2::Protocol::Stream,
@@ -312,7 +312,7 @@ async fn via_proxy_v6(
     );
     let _ = tcp.write_all(&data).await;
     let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(3), tcp.read_to_end(&mut out)).await;
+    read_until_closed(&mut tcp, &mut out).await;
     String::from_utf8_lossy(&out)
         .get(9..12)
         .and_then(|s| s.parse().ok())

@@ -752,8 +752,19 @@ pub async fn post_from(addr: SocketAddr, local: &str, path: &str, host: &str) ->
     );
     let _ = tcp.write_all(req.as_bytes()).await;
     let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(3), tcp.read_to_end(&mut out)).await;
+    read_until_closed(&mut tcp, &mut out).await;
     String::from_utf8_lossy(&out)
         .get(9..12)
         .and_then(|s| s.parse().ok())
+}
+
+/// Reads until the server closes the connection (FIN or reset). Panics when it neither
+/// answers in full nor closes within 3 s: "closed" and "hung" must not look alike.
+pub async fn read_until_closed(tcp: &mut TcpStream, out: &mut Vec<u8>) {
+    let r = tokio::time::timeout(Duration::from_secs(3), tcp.read_to_end(out)).await;
+    assert!(
+        r.is_ok(),
+        "the gateway neither answered nor closed within 3 s (got {} bytes)",
+        out.len()
+    );
 }
