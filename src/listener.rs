@@ -46,7 +46,6 @@ pub async fn accept_loop(
     graceful: &GracefulShutdown,
     mut stop: watch::Receiver<bool>,
 ) {
-    let builder = Arc::new(http_builder(&state.snapshot.load().config.limits));
     loop {
         let accepted = tokio::select! {
             biased;
@@ -78,7 +77,8 @@ pub async fn accept_loop(
         let _ = tcp.set_nodelay(true);
         let watcher = graceful.watcher();
         let state = state.clone();
-        let builder = builder.clone();
+        // Per connection, so a reload's limits apply to the next connection.
+        let builder = state.snapshot.load().http.clone();
         let tls = conf.tls;
         let proxy_protocol = conf.proxy_protocol;
         tokio::spawn(async move {

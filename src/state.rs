@@ -41,6 +41,8 @@ pub struct Snapshot {
     pub limiters: HashMap<String, Arc<Limiter>>,
     /// Every jail by name, kept across reloads the same way.
     pub jails: HashMap<String, Arc<Jail>>,
+    /// HTTP server settings from `limits` for new client connections.
+    pub http: Arc<hyper_util::server::conn::auto::Builder<TokioExecutor>>,
     /// Exact host (lower case) to index in `sites`.
     hosts: HashMap<String, usize>,
     /// The `"*"` site.
@@ -155,6 +157,7 @@ impl Snapshot {
             });
         }
         Ok(Snapshot {
+            http: Arc::new(crate::listener::http_builder(&config.limits)),
             trusted: CidrTable::new(config.gateway.trusted_proxies.clone()),
             limiters,
             jails,

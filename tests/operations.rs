@@ -177,6 +177,32 @@ async fn temporary_entries_and_limiter_state_survive_a_reload() {
 }
 
 #[tokio::test]
+async fn reloaded_limits_apply_to_the_next_connection() {
+    let gw = spawn_gateway(DEFAULT_SITES, "").await;
+    let mut req = b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\nX-Big: ".to_vec();
+    req.extend(std::iter::repeat_n(b'a', 20 * 1024));
+    req.extend_from_slice(b"\r\n\r\n");
+    let reply = raw_exchange(gw.plain, &req, Duration::from_secs(3)).await;
+    assert!(reply.starts_with(b"HTTP/1.1 200"));
+    let path = gw.path().join("ipgate.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        text.replace("[log]", "[limits]\nmax_header_bytes = 8192\n\n[log]"),
+    )
+    .unwrap();
+    let (s, _) = admin_call(gw.admin, "POST", "/v1/reload", None, Some(&gw.token())).await;
+    assert_eq!(s, 200);
+    let reply = raw_exchange(gw.plain, &req, Duration::from_secs(3)).await;
+    assert!(
+        reply.starts_with(b"HTTP/1.1 431"),
+        "{}",
+        String::from_utf8_lossy(&reply)
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test]
 async fn max_retention_caps_a_longer_ttl() {
     let gw = spawn_gateway(DEFAULT_SITES, "[privacy]\nmax_retention = \"1h\"\n").await;
     let (status, e) = admin_call(
