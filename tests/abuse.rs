@@ -6,8 +6,6 @@ use std::time::{Duration, SystemTime};
 
 use common::*;
 
-const CLIENT_HELLO_START: &[u8] = &[0x16, 0x03, 0x01, 0x00, 0x05, 0x01, 0x00, 0x00, 0x01, 0x03];
-
 async fn get_from(gw: &TestGateway, local: &str, path: &str, host: &str) -> (u16, Option<String>) {
     let tcp = connect_from(local, gw.plain).await;
     let (mut sender, conn) =

@@ -768,3 +768,12 @@ pub async fn read_until_closed(tcp: &mut TcpStream, out: &mut Vec<u8>) {
         out.len()
     );
 }
+
+/// The first bytes of a TLS ClientHello: enough for a server to start a handshake.
+pub const CLIENT_HELLO_START: &[u8] = &[0x16, 0x03, 0x01, 0x00, 0x05, 0x01, 0x00, 0x00, 0x01, 0x03];
+
+/// Whether a plain request from `local` is refused at accept (closed without a byte).
+pub async fn refused(local: &str, addr: SocketAddr) -> bool {
+    let c = connect_from(local, addr).await;
+    closed_without_a_byte(c, b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n").await
+}
