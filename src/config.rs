@@ -148,6 +148,8 @@ pub struct RawGateway {
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
     pub default_ban: Option<String>,
+    /// Threads serving client connections, each with its own event loop and upstream pool.
+    pub workers: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -307,6 +309,8 @@ pub struct Gateway {
     pub state_dir: PathBuf,
     pub trusted_proxies: Vec<IpNet>,
     pub default_ban: Duration,
+    /// Worker threads (`gateway.workers`; default: one per CPU). Restart-only.
+    pub workers: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -498,6 +502,14 @@ fn compile(raw: RawConfig, source: &Path, base: &Path, r: &mut Report) -> Config
             .filter_map(|(i, s)| cidr(r, &format!("gateway.trusted_proxies[{i}]"), s))
             .collect(),
         default_ban: dur(r, "gateway.default_ban", raw.gateway.default_ban, "1h"),
+        workers: match raw.gateway.workers {
+            None => std::thread::available_parallelism().map_or(1, usize::from),
+            Some(n @ 1..=1024) => n,
+            Some(n) => {
+                r.key("gateway.workers", format!("{n}: expected 1 to 1024"));
+                1
+            }
+        },
     };
 
     if raw.listeners.is_empty() {
@@ -1048,6 +1060,7 @@ upstream = "http://127.0.0.1:9"
             // (addition to MINIMAL, expected key, text in the message, expected line)
             ("[gateway]\nstat_dir = \"/x\"\n", "", "stat_dir", Some(9)),
             ("[gateway]\ndefault_ban = \"1 fortnight\"\n", "gateway.default_ban", "duration", Some(9)),
+            ("[gateway]\nworkers = 0\n", "gateway.workers", "1 to 1024", Some(9)),
             ("[privacy]\nlog_ip = \"some\"\n", "privacy.log_ip", "anonymized", Some(9)),
             (
                 "[lists.office]\naction = \"allow\"\nentries = [\"10.0.0.0/8\", \"10.0.0.300\"]\n",

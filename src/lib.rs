@@ -3,6 +3,8 @@
 //!
 //! # Layout
 //! A request flows top to bottom:
+//! - [`worker`]: one thread per CPU, each with its own event loop, listening sockets and
+//!   upstream pool; a connection never leaves the thread that accepted it.
 //! - [`listener`]: accepts client connections, enforces the connection cap, closes blocked
 //!   clients before TLS, runs TLS ([`tls`]) and serves HTTP/1.1 and HTTP/2 under limits.
 //! - [`client_addr`]: who the client is: peer, PROXY header, trusted X-Forwarded-For.
@@ -39,16 +41,16 @@ pub mod state;
 pub mod store;
 pub mod tls;
 pub mod watcher;
+pub mod worker;
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{error, info};
 
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -73,7 +75,8 @@ pub enum StartError {
 /// A gateway with its sockets bound, ready to [`Gateway::run`].
 pub struct Gateway {
     state: Arc<AppState>,
-    listeners: Vec<(TcpListener, config::Listener)>,
+    /// Per worker: its socket on every client listener.
+    workers: Vec<worker::Sockets>,
     admin: Option<TcpListener>,
     demo: Option<TcpListener>,
 }
@@ -94,9 +97,16 @@ impl Gateway {
             Some(a) => Some(bind(a.addr).await?),
             None => None,
         };
-        let mut listeners = Vec::new();
+        let n = config.gateway.workers;
+        let mut workers: Vec<worker::Sockets> = (0..n).map(|_| Vec::new()).collect();
         for l in &config.listeners {
-            listeners.push((bind(l.addr).await?, l.clone()));
+            let sockets = worker::bind(l.addr, n).map_err(|source| StartError::Bind {
+                addr: l.addr,
+                source,
+            })?;
+            for (w, socket) in workers.iter_mut().zip(sockets) {
+                w.push((socket, l.clone()));
+            }
         }
         let state_dir = config.gateway.state_dir.clone();
         let snapshot = Snapshot::build(config, &metrics, None)?;
@@ -111,7 +121,7 @@ impl Gateway {
         info!(entries = n, dir = %state_dir.display(), "temporary entries loaded");
         Ok(Gateway {
             state: Arc::new(state),
-            listeners,
+            workers,
             admin,
             demo,
         })
@@ -119,10 +129,15 @@ impl Gateway {
 
     /// Addresses of the client listeners, in config order.
     pub fn listener_addrs(&self) -> Vec<SocketAddr> {
-        self.listeners
-            .iter()
-            .filter_map(|(l, _)| l.local_addr().ok())
-            .collect()
+        self.workers
+            .first()
+            .map(|sockets| {
+                sockets
+                    .iter()
+                    .filter_map(|(l, _)| l.local_addr().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     pub fn admin_addr(&self) -> Option<SocketAddr> {
@@ -134,11 +149,11 @@ impl Gateway {
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let (stop_tx, stop_rx) = watch::channel(false);
         let state = self.state;
-        let graceful = GracefulShutdown::new();
-
-        for (l, conf) in &self.listeners {
-            if let Ok(addr) = l.local_addr() {
-                info!(%addr, tls = conf.tls, "listening");
+        if let Some(sockets) = self.workers.first() {
+            for (l, conf) in sockets {
+                if let Ok(addr) = l.local_addr() {
+                    info!(%addr, tls = conf.tls, workers = self.workers.len(), "listening");
+                }
             }
         }
         let sweeper = {
@@ -181,30 +196,36 @@ impl Gateway {
             side_tasks.push(tokio::spawn(demo::serve(demo, stop_rx.clone())));
         }
 
-        let mut accepts = Box::pin(futures_util::future::join_all(
-            self.listeners.into_iter().map(|(l, c)| {
-                listener::accept_loop(state.clone(), l, c, &graceful, stop_rx.clone())
-            }),
-        ));
-        tokio::select! {
-            _ = &mut accepts => {}
-            _ = shutdown => {}
+        let mut finished = Vec::with_capacity(self.workers.len());
+        for (i, sockets) in self.workers.into_iter().enumerate() {
+            let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+            let (state, stop) = (state.clone(), stop_rx.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("ipgate-worker-{i}"))
+                .spawn(move || {
+                    worker::run(state, sockets, stop);
+                    let _ = done_tx.send(());
+                });
+            match spawned {
+                Ok(_) => finished.push(done_rx),
+                Err(e) => {
+                    error!(error = %e, "cannot start a worker thread; its sockets are closed")
+                }
+            }
+        }
+        if finished.is_empty() {
+            error!("no worker thread is running");
+        } else {
+            shutdown.await;
         }
 
         info!("shutting down: no new connections, finishing requests in flight");
         state.draining.store(true, Ordering::Relaxed);
         let _ = stop_tx.send(true);
-        (&mut accepts).await;
-        drop(accepts);
-        let grace = state.snapshot.load().config.limits.shutdown_grace;
-        if tokio::time::timeout(grace, graceful.shutdown())
-            .await
-            .is_err()
-        {
-            warn!(
-                ?grace,
-                "grace period over, closing the connections still open"
-            );
+        // Each worker stops accepting, then waits up to `limits.shutdown_grace` for its
+        // connections.
+        for done in finished {
+            let _ = done.await;
         }
         for t in side_tasks {
             t.abort();

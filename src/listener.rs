@@ -19,6 +19,7 @@ use crate::config::{self, Limits};
 use crate::policy::Verdict;
 use crate::proxy::{self, ConnInfo};
 use crate::state::AppState;
+use crate::worker::Worker;
 
 /// The HTTP server settings every client connection gets.
 pub fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
@@ -40,12 +41,13 @@ pub fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
 
 /// Accepts on one listener until `stop` turns true.
 pub async fn accept_loop(
-    state: Arc<AppState>,
+    worker: Arc<Worker>,
     listener: TcpListener,
     conf: config::Listener,
     graceful: &GracefulShutdown,
     mut stop: watch::Receiver<bool>,
 ) {
+    let state = &worker.state;
     loop {
         let accepted = tokio::select! {
             biased;
@@ -64,7 +66,7 @@ pub async fn accept_loop(
         let client = client_addr::peer(peer);
         // The address is known now: a blocked client is closed before a byte is read
         // (SPEC 3), and before it can take a connection slot.
-        if !conf.proxy_protocol && is_blocked(&state, client) {
+        if !conf.proxy_protocol && is_blocked(state, client) {
             state.metrics.rejected.blocked.inc();
             drop(tcp);
             continue;
@@ -76,17 +78,18 @@ pub async fn accept_loop(
         };
         let _ = tcp.set_nodelay(true);
         let watcher = graceful.watcher();
-        let state = state.clone();
+        let worker = worker.clone();
         // Per connection, so a reload's limits apply to the next connection.
         let builder = state.snapshot.load().http.clone();
         let tls = conf.tls;
         let proxy_protocol = conf.proxy_protocol;
         tokio::spawn(async move {
             let _permit = permit;
+            let state = &worker.state;
             let mut tcp = tcp;
             let mut client = client;
             if proxy_protocol {
-                match proxied_client(&state, &mut tcp, client).await {
+                match proxied_client(state, &mut tcp, client).await {
                     Some(c) => client = c,
                     None => return,
                 }
@@ -94,9 +97,9 @@ pub async fn accept_loop(
             state.metrics.connections_open.inc();
             let info = ConnInfo { peer, client, tls };
             if tls {
-                serve_tls(&state, &builder, tcp, info, watcher).await;
+                serve_tls(&worker, &builder, tcp, info, watcher).await;
             } else {
-                serve(&state, &builder, TokioIo::new(tcp), info, watcher).await;
+                serve(&worker, &builder, TokioIo::new(tcp), info, watcher).await;
             }
             state.metrics.connections_open.dec();
         });
@@ -147,12 +150,13 @@ async fn proxied_client(
 }
 
 async fn serve_tls(
-    state: &Arc<AppState>,
+    worker: &Arc<Worker>,
     builder: &auto::Builder<TokioExecutor>,
     tcp: TcpStream,
     info: ConnInfo,
     watcher: hyper_util::server::graceful::Watcher,
 ) {
+    let state = &worker.state;
     let (acceptor, timeout, log_ip) = {
         let snap = state.snapshot.load();
         (
@@ -163,7 +167,7 @@ async fn serve_tls(
     };
     let Some(acceptor) = acceptor else { return };
     match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
-        Ok(Ok(stream)) => serve(state, builder, TokioIo::new(stream), info, watcher).await,
+        Ok(Ok(stream)) => serve(worker, builder, TokioIo::new(stream), info, watcher).await,
         Ok(Err(e)) => {
             state.metrics.tls_handshake_errors.inc();
             debug!(client = %LoggedIp(info.client, log_ip), error = %e, "tls handshake failed");
@@ -176,7 +180,7 @@ async fn serve_tls(
 }
 
 async fn serve<I>(
-    state: &Arc<AppState>,
+    worker: &Arc<Worker>,
     builder: &auto::Builder<TokioExecutor>,
     io: TokioIo<I>,
     info: ConnInfo,
@@ -184,8 +188,8 @@ async fn serve<I>(
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let st = state.clone();
-    let service = service_fn(move |req| proxy::handle(st.clone(), info, req));
+    let w = worker.clone();
+    let service = service_fn(move |req| proxy::handle(w.clone(), info, req));
     let conn = builder.serve_connection_with_upgrades(io, service);
     if let Err(e) = watcher.watch(conn).await {
         debug!(error = %e, "connection ended with an error");

@@ -21,6 +21,7 @@ use crate::metrics::outcome;
 use crate::policy::Verdict;
 use crate::ratelimit::{client_key, key_target};
 use crate::state::{AppState, SiteEntry, Snapshot};
+use crate::worker::Worker;
 
 /// Response bodies: the upstream's, streamed, or a short one of ipgate's own.
 pub type Body = Either<Incoming, Full<Bytes>>;
@@ -128,10 +129,11 @@ static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
 /// Serves one request from a client connection.
 pub async fn handle(
-    state: Arc<AppState>,
+    worker: Arc<Worker>,
     conn: ConnInfo,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
+    let state = &worker.state;
     let start = Instant::now();
     let snap = state.snapshot.load_full();
     let method = req.method().clone();
@@ -159,7 +161,7 @@ pub async fn handle(
         Verdict::Block(_) => Some(Error::Blocked),
         _ if site.is_some_and(|s| !admitted(&snap, s, uri.path(), client)) => Some(Error::Denied),
         _ if exempt => None,
-        _ => site.and_then(|s| rate_limited(&state, s, uri.path(), client)),
+        _ => site.and_then(|s| rate_limited(state, s, uri.path(), client)),
     };
     let (resp, site_name, outcome) = match (site, refused) {
         (site, Some(e)) => {
@@ -192,13 +194,13 @@ pub async fn handle(
             (Response::from(&Error::NoSite), "none", outcome::MISDIRECTED)
         }
         (Some(site), None) => {
-            let result = forward(&state, site, conn, client, req, host_value.as_ref()).await;
+            let result = forward(&worker, site, conn, client, req, host_value.as_ref()).await;
             site.metrics.duration.observe(start.elapsed().as_secs_f64());
             match result {
                 Ok(resp) => {
                     site.metrics.proxied.inc();
                     if !exempt && !site.jails.is_empty() {
-                        observe_jails(&state, &snap, site, &method, host, &uri, &resp, client);
+                        observe_jails(state, &snap, site, &method, host, &uri, &resp, client);
                     }
                     (resp, site.site.name.as_str(), outcome::PROXIED)
                 }
@@ -307,7 +309,7 @@ fn admitted(snap: &Snapshot, site: &SiteEntry, path: &str, client: IpAddr) -> bo
 }
 
 async fn forward(
-    state: &AppState,
+    worker: &Worker,
     site: &SiteEntry,
     conn: ConnInfo,
     client: IpAddr,
@@ -348,7 +350,7 @@ async fn forward(
 
     let mut resp = match tokio::time::timeout(
         site.site.upstream_timeout,
-        state.client.request(upstream_req),
+        worker.client.request(upstream_req),
     )
     .await
     {

@@ -1,17 +1,13 @@
 //! The application state shared by every task: the compiled config in force (`Snapshot`,
-//! swapped atomically on reload so readers never lock), the metrics, the upstream client
-//! pool and the access log.
+//! swapped atomically on reload so readers never lock), the metrics, the temporary entries
+//! and the access log. (Each worker thread owns its upstream pool: see [`crate::worker`].)
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::TokioExecutor;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
@@ -193,12 +189,9 @@ fn kept<T>(
     previous?.get(name).filter(|t| same(t)).cloned()
 }
 
-pub type UpstreamClient = Client<HttpConnector, Incoming>;
-
 pub struct AppState {
     pub snapshot: ArcSwap<Snapshot>,
     pub metrics: Arc<Metrics>,
-    pub client: UpstreamClient,
     pub access_log: AccessLog,
     /// One permit per open client connection (`limits.max_connections`).
     pub connections: Arc<Semaphore>,
@@ -225,7 +218,6 @@ impl AppState {
         AppState {
             snapshot: ArcSwap::from_pointee(snapshot),
             metrics,
-            client: upstream_client(),
             access_log,
             connections,
             draining: AtomicBool::new(false),
@@ -475,17 +467,4 @@ impl AppState {
             }
         }
     }
-}
-
-/// A pooled keep-alive HTTP/1.1 client for the upstreams.
-fn upstream_client() -> UpstreamClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(Duration::from_secs(5)));
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(60))
-        .pool_max_idle_per_host(256)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .build(connector)
 }

@@ -95,8 +95,11 @@ tls_handshake_timeout = "400ms"
     assert!(closed_within(&mut stalled, Duration::from_secs(3))
         .await
         .is_some());
-    let m = gw.metrics().await;
-    assert_eq!(metric(&m, "ipgate_tls_handshake_errors_total"), Some(1.0));
+    assert_eq!(
+        gw.metric_settled("ipgate_tls_handshake_errors_total", 1.0)
+            .await,
+        Some(1.0)
+    );
     gw.shutdown().await;
 }
 

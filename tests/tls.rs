@@ -72,8 +72,11 @@ async fn tls_1_1_and_1_0_clients_are_refused() {
         let reply = raw_exchange(gw.tls, &hello, Duration::from_secs(3)).await;
         assert_alert(&reply, 70, "TLS 1.x < 1.2"); // protocol_version
     }
-    let m = gw.metrics().await;
-    assert_eq!(metric(&m, "ipgate_tls_handshake_errors_total"), Some(2.0));
+    assert_eq!(
+        gw.metric_settled("ipgate_tls_handshake_errors_total", 2.0)
+            .await,
+        Some(2.0)
+    );
     gw.shutdown().await;
 }
 

@@ -363,6 +363,19 @@ impl TestGateway {
         assert_eq!(status, 200);
         body
     }
+
+    /// The value of `sample` once it equals `want`, else its last value after 5 s. For
+    /// counters the gateway bumps just after the client has seen the connection end.
+    pub async fn metric_settled(&self, sample: &str, want: f64) -> Option<f64> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let last = metric(&self.metrics().await, sample);
+            if last == Some(want) || std::time::Instant::now() > deadline {
+                return last;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
 
 // ------------------------------------------------------------------ clients

@@ -1,0 +1,141 @@
+//! Worker threads, one per CPU by default (`gateway.workers`). Each runs its own
+//! single-threaded Tokio runtime with its own socket on every client listener (SO_REUSEPORT:
+//! the kernel spreads new connections over the workers) and its own upstream connection pool.
+//! A client connection, its requests and their upstream connections therefore live on one
+//! thread: no task migrates, no wake-up crosses threads and no pool lock is shared on the
+//! request path. What the workers share is read-mostly: the [`AppState`] (snapshot behind an
+//! `ArcSwap`, sharded temporary entries, atomic metrics).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{error, warn};
+
+use crate::config;
+use crate::listener;
+use crate::state::AppState;
+
+pub type UpstreamClient = Client<HttpConnector, Incoming>;
+
+/// What one worker thread's tasks share: the gateway state and the thread's upstream pool.
+pub struct Worker {
+    pub state: Arc<AppState>,
+    pub client: UpstreamClient,
+}
+
+/// The client listeners of one worker: its own socket for each configured listener.
+pub type Sockets = Vec<(std::net::TcpListener, config::Listener)>;
+
+/// A pooled keep-alive HTTP/1.1 client for the upstreams (one per worker).
+fn upstream_client() -> UpstreamClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(Duration::from_secs(5)));
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(256)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .build(connector)
+}
+
+/// Binds `count` listening sockets on `addr` (port 0: a free port, the same for all). More
+/// than one share the port through SO_REUSEPORT; a single one is bound without it, so a port
+/// another process holds is always an error.
+pub fn bind(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let mut sockets: Vec<std::net::TcpListener> = Vec::with_capacity(count);
+    let mut at = addr;
+    for _ in 0..count.max(1) {
+        let socket = Socket::new(Domain::for_address(at), Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_reuse_address(true)?;
+        if count > 1 {
+            socket.set_reuse_port(true)?;
+        }
+        socket.set_nonblocking(true)?;
+        socket.bind(&at.into())?;
+        socket.listen(4096)?;
+        let listener: std::net::TcpListener = socket.into();
+        if at.port() == 0 {
+            at = listener.local_addr()?;
+        }
+        sockets.push(listener);
+    }
+    Ok(sockets)
+}
+
+/// Runs one worker thread until `stop` turns true and its connections have finished (or
+/// `limits.shutdown_grace` is over). Blocks the calling thread.
+pub fn run(state: Arc<AppState>, sockets: Sockets, stop: watch::Receiver<bool>) {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            error!(error = %e, "cannot start a worker runtime; its sockets are closed");
+            return;
+        }
+    };
+    runtime.block_on(async move {
+        let worker = Arc::new(Worker {
+            state,
+            client: upstream_client(),
+        });
+        let graceful = GracefulShutdown::new();
+        let mut loops = Vec::with_capacity(sockets.len());
+        for (socket, conf) in sockets {
+            match TcpListener::from_std(socket) {
+                Ok(l) => loops.push(listener::accept_loop(
+                    worker.clone(),
+                    l,
+                    conf,
+                    &graceful,
+                    stop.clone(),
+                )),
+                Err(e) => error!(addr = %conf.addr, error = %e, "cannot use a listening socket"),
+            }
+        }
+        futures_util::future::join_all(loops).await;
+        let grace = worker.state.snapshot.load().config.limits.shutdown_grace;
+        if tokio::time::timeout(grace, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            warn!(
+                ?grace,
+                "grace period over, closing the connections still open"
+            );
+        }
+    });
+    // Tasks still running (a jail ban being written) get a moment to finish.
+    runtime.shutdown_timeout(Duration::from_secs(5));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workers_share_one_port_and_a_taken_port_is_an_error() {
+        let sockets = bind("127.0.0.1:0".parse().unwrap(), 3).unwrap();
+        let port = sockets[0].local_addr().unwrap().port();
+        assert_ne!(port, 0);
+        assert!(sockets
+            .iter()
+            .all(|s| s.local_addr().unwrap().port() == port));
+        // A single socket is bound without SO_REUSEPORT: the port is exclusive both ways.
+        let single = bind("127.0.0.1:0".parse().unwrap(), 1).unwrap();
+        let taken = single[0].local_addr().unwrap();
+        assert!(bind(taken, 1).is_err());
+        assert!(bind(taken, 2).is_err());
+    }
+}
