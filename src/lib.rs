@@ -11,6 +11,7 @@
 //! - [`policy`]: static lists, temporary entries and the allow/block decision.
 //! - [`proxy`]: picks the site by Host, applies the request-level decision and `allow_only`,
 //!   rewrites headers, forwards, streams bodies and upgrades, maps failures to 502 and 504.
+//! - [`upstream`]: each worker's keep-alive connections to the sites' web servers.
 //!
 //! Around it:
 //! - [`config`]: the TOML file, raw and compiled, with every error named by file, key, line.
@@ -40,6 +41,7 @@ pub mod shutdown;
 pub mod state;
 pub mod store;
 pub mod tls;
+pub mod upstream;
 pub mod watcher;
 pub mod worker;
 

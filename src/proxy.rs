@@ -21,6 +21,7 @@ use crate::metrics::outcome;
 use crate::policy::Verdict;
 use crate::ratelimit::{client_key, key_target};
 use crate::state::{AppState, SiteEntry, Snapshot};
+use crate::upstream;
 use crate::worker::Worker;
 
 /// Response bodies: the upstream's, streamed, or a short one of ipgate's own.
@@ -49,9 +50,9 @@ pub enum Error {
     #[error("rate limited")]
     RateLimited(u64),
     #[error("upstream unreachable: {0}")]
-    UpstreamConnect(#[source] hyper_util::client::legacy::Error),
+    UpstreamConnect(#[source] std::io::Error),
     #[error("upstream failed: {0}")]
-    UpstreamProtocol(#[source] hyper_util::client::legacy::Error),
+    UpstreamProtocol(#[source] hyper::Error),
     #[error("upstream sent no response head in time")]
     UpstreamTimeout,
 }
@@ -328,35 +329,35 @@ async fn forward(
         parts.headers.insert(header::UPGRADE, token);
     }
     add_forwarding_headers(&mut parts.headers, client, conn, host);
-
-    let upstream = &site.site.upstream;
-    let mut builder = Uri::builder().scheme("http");
-    if let Some(authority) = upstream.authority() {
-        builder = builder.authority(authority.clone());
+    if host.is_none() {
+        // HTTP/1.0 without Host: HTTP/1.1 upstreams need one.
+        if let Ok(v) = HeaderValue::from_str(site.upstream.as_str()) {
+            parts.headers.insert(header::HOST, v);
+        }
     }
-    parts.uri = builder
-        .path_and_query(
-            parts
-                .uri
-                .path_and_query()
-                .cloned()
-                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
-        )
-        .build()
-        .unwrap_or_else(|_| upstream.clone());
+
+    // Origin-form to the upstream: the request's path and query, nothing else.
+    if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+        parts.uri = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"))
+            .into();
+    }
     // Upstreams speak HTTP/1.1 whatever the client spoke.
     parts.version = Version::HTTP_11;
     let upstream_req = Request::from_parts(parts, body);
 
     let mut resp = match tokio::time::timeout(
         site.site.upstream_timeout,
-        worker.client.request(upstream_req),
+        worker.upstream.send(&site.upstream, upstream_req),
     )
     .await
     {
         Err(_) => return Err(Error::UpstreamTimeout),
-        Ok(Err(e)) if e.is_connect() => return Err(Error::UpstreamConnect(e)),
-        Ok(Err(e)) => return Err(Error::UpstreamProtocol(e)),
+        Ok(Err(upstream::Error::Connect(e))) => return Err(Error::UpstreamConnect(e)),
+        Ok(Err(upstream::Error::Protocol(e))) => return Err(Error::UpstreamProtocol(e)),
         Ok(Ok(resp)) => resp,
     };
 

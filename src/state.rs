@@ -54,6 +54,8 @@ pub struct SiteEntry {
     /// Routes with a rate limit of their own: (path prefix, limiter), longest first.
     pub route_limiters: Vec<(String, Arc<Limiter>)>,
     pub jails: Vec<Arc<Jail>>,
+    /// `host:port` of `site.upstream` (config validation guarantees one).
+    pub upstream: http::uri::Authority,
 }
 
 impl SiteEntry {
@@ -141,6 +143,11 @@ impl Snapshot {
                 .collect();
             route_limiters.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
             sites.push(SiteEntry {
+                upstream: site
+                    .upstream
+                    .authority()
+                    .cloned()
+                    .unwrap_or_else(|| http::uri::Authority::from_static("127.0.0.1:80")),
                 metrics: SiteMetrics::new(metrics, &site.name),
                 limiter: site_limiter,
                 route_limiters,

@@ -10,10 +10,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
@@ -23,30 +19,16 @@ use tracing::{error, warn};
 use crate::config;
 use crate::listener;
 use crate::state::AppState;
-
-pub type UpstreamClient = Client<HttpConnector, Incoming>;
+use crate::upstream;
 
 /// What one worker thread's tasks share: the gateway state and the thread's upstream pool.
 pub struct Worker {
     pub state: Arc<AppState>,
-    pub client: UpstreamClient,
+    pub upstream: Arc<upstream::Pool>,
 }
 
 /// The client listeners of one worker: its own socket for each configured listener.
 pub type Sockets = Vec<(std::net::TcpListener, config::Listener)>;
-
-/// A pooled keep-alive HTTP/1.1 client for the upstreams (one per worker).
-fn upstream_client() -> UpstreamClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(Duration::from_secs(5)));
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(60))
-        .pool_max_idle_per_host(256)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .build(connector)
-}
 
 /// Binds `count` listening sockets on `addr` (port 0: a free port, the same for all). More
 /// than one share the port through SO_REUSEPORT; a single one is bound without it, so a port
@@ -88,7 +70,7 @@ pub fn run(state: Arc<AppState>, sockets: Sockets, stop: watch::Receiver<bool>) 
     runtime.block_on(async move {
         let worker = Arc::new(Worker {
             state,
-            client: upstream_client(),
+            upstream: Arc::default(),
         });
         let graceful = GracefulShutdown::new();
         let mut loops = Vec::with_capacity(sockets.len());

@@ -277,3 +277,109 @@ upstream = "http://{upstream}"
     );
     gw.shutdown().await;
 }
+
+/// A bare HTTP/1.1 upstream that counts the connections it accepts, answers every GET on a
+/// connection with `200 ok`, and closes a connection idle for `idle_close` (as Apache's
+/// KeepAliveTimeout does), without telling anyone. It records the Host header it saw last.
+async fn counting_upstream(
+    idle_close: Duration,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    std::sync::Arc<std::sync::Mutex<String>>,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let host = Arc::new(Mutex::new(String::new()));
+    let (count, seen) = (accepted.clone(), host.clone());
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let mut chunk = [0u8; 4096];
+                    let n = match tokio::time::timeout(idle_close, tcp.read(&mut chunk)).await {
+                        Ok(Ok(n)) if n > 0 => n,
+                        _ => return, // idle too long, or the peer closed: close
+                    };
+                    buf.extend_from_slice(&chunk[..n]);
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                        if let Some(h) = head.lines().find_map(|l| l.strip_prefix("host: ")) {
+                            *seen.lock().unwrap() = h.to_string();
+                        }
+                        buf.drain(..end + 4);
+                        let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if tcp.write_all(reply).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted, host)
+}
+
+#[tokio::test]
+async fn upstream_connections_are_kept_alive_and_one_closed_while_idle_is_not_a_502() {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (upstream, accepted, _) = counting_upstream(Duration::from_millis(300)).await;
+    let gw = spawn_gateway_with(upstream, "", DEFAULT_SITES, "").await;
+    // Twenty requests on one client connection (so one worker) share one upstream connection.
+    let mut tcp = tokio::net::TcpStream::connect(gw.plain).await.unwrap();
+    for _ in 0..20 {
+        tcp.write_all(b"GET / HTTP/1.1\r\nhost: a.test\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        while !got.ends_with(b"ok") {
+            let mut chunk = [0u8; 1024];
+            let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut chunk))
+                .await
+                .expect("no answer")
+                .unwrap();
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&chunk[..n]);
+        }
+        assert!(
+            got.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&got)
+        );
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    // The upstream drops the idle connection; the next request must not fail on it.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    for _ in 0..3 {
+        assert_eq!(plain_get(gw.plain, "/", "a.test").await.0, 200);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    assert!(accepted.load(Ordering::SeqCst) >= 4);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_http10_request_without_host_gets_one_upstream() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (upstream, _, host) = counting_upstream(Duration::from_secs(5)).await;
+    let gw = spawn_gateway_with(upstream, "", DEFAULT_SITES, "").await;
+    let mut tcp = tokio::net::TcpStream::connect(gw.plain).await.unwrap();
+    tcp.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut got)).await;
+    assert!(
+        got.starts_with(b"HTTP/1.0 200"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    assert_eq!(*host.lock().unwrap(), upstream.to_string());
+    gw.shutdown().await;
+}
