@@ -28,6 +28,8 @@ pub fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(limits.max_header_bytes)
+        // One flat buffer per write: send(2) instead of writev(2), cheaper on the kernel side.
+        .writev(false)
         .keep_alive(true);
     b.http2()
         .timer(TokioTimer::new())

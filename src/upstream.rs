@@ -135,6 +135,7 @@ async fn connect(upstream: &Authority) -> Result<http1::SendRequest<Incoming>, E
         .map_err(Error::Connect)?;
     let _ = tcp.set_nodelay(true);
     let (sender, conn) = http1::Builder::new()
+        .writev(false)
         .handshake(TokioIo::new(tcp))
         .await
         .map_err(Error::Protocol)?;
