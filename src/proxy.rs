@@ -195,7 +195,17 @@ pub async fn handle(
             (Response::from(&Error::NoSite), "none", outcome::MISDIRECTED)
         }
         (Some(site), None) => {
-            let result = forward(&worker, site, conn, client, req, host_value.as_ref()).await;
+            // Boxed: the forwarding future is ~2.5 KiB, and hyper moves the request future
+            // (into its dispatcher, into a task per HTTP/2 stream); one allocation is cheaper.
+            let result = Box::pin(forward(
+                &worker,
+                site,
+                conn,
+                client,
+                req,
+                host_value.as_ref(),
+            ))
+            .await;
             site.metrics.duration.observe(start.elapsed().as_secs_f64());
             match result {
                 Ok(resp) => {

@@ -73,7 +73,9 @@ impl Pool {
                 },
             }
         }
-        let mut sender = connect(upstream).await?;
+        // Boxed: the connect future (DNS, TCP, handshake) is large and rarely needed; kept
+        // inline it would be copied with every request's future.
+        let mut sender = Box::pin(connect(upstream)).await?;
         let resp = sender.send_request(req).await.map_err(Error::Protocol)?;
         self.give_back(upstream, sender);
         Ok(resp)
