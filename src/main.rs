@@ -10,11 +10,6 @@ use ipgate::state::Snapshot;
 use ipgate::Gateway;
 use tracing_subscriber::EnvFilter;
 
-// The request path allocates and frees many small buffers (headers, futures) across
-// threads; with mimalloc the allocator fell from ~7.5 % to ~2.5 % of the proxy's CPU samples.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
