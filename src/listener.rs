@@ -70,12 +70,12 @@ pub async fn accept_loop(
         // (SPEC 3), and before it can take a connection slot.
         if !conf.proxy_protocol && is_blocked(state, client) {
             state.metrics.rejected.blocked.inc();
-            drop(tcp);
+            reset(tcp);
             continue;
         }
         let Ok(permit) = state.connections.clone().try_acquire_owned() else {
             state.metrics.rejected.max_connections.inc();
-            drop(tcp);
+            reset(tcp);
             continue;
         };
         let _ = tcp.set_nodelay(true);
@@ -106,6 +106,13 @@ pub async fn accept_loop(
             state.metrics.connections_open.dec();
         });
     }
+}
+
+/// Closes a refused connection with an RST (zero linger): no FIN exchange and no TIME_WAIT
+/// socket left behind per attempt, which is what a flood of them would otherwise cost.
+fn reset(tcp: TcpStream) {
+    let _ = tcp.set_zero_linger();
+    drop(tcp);
 }
 
 fn is_blocked(state: &AppState, client: std::net::IpAddr) -> bool {
