@@ -97,8 +97,7 @@ async fn a_jail_bans_after_hits_and_the_ban_expires() {
     }
     assert!(
         eventually(Duration::from_secs(3), || async {
-            let c = connect_from("127.0.0.13", gw.tls).await;
-            closed_without_a_byte(c, CLIENT_HELLO_START).await
+            refused_with("127.0.0.13", gw.tls, CLIENT_HELLO_START).await
         })
         .await,
         "no ban after 3 failures"

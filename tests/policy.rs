@@ -15,15 +15,25 @@ action = "block"
 entries = ["127.0.0.2/32", "2001:db8::/32"]
 "#;
     let gw = spawn_gateway(DEFAULT_SITES, extra).await;
-    let blocked = connect_from("127.0.0.2", gw.tls).await;
-    assert!(closed_without_a_byte(blocked, CLIENT_HELLO_START).await);
+    assert!(refused_with("127.0.0.2", gw.tls, CLIENT_HELLO_START).await);
     assert!(refused("127.0.0.2", gw.plain).await);
+    // Reset, not closed with a FIN: the gateway keeps no TIME_WAIT socket per attempt.
+    let reset = match try_connect_from("127.0.0.2", gw.plain).await {
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        Ok(mut tcp) => {
+            use tokio::io::AsyncReadExt;
+            let mut buf = [0u8; 1];
+            let read = tokio::time::timeout(Duration::from_secs(3), tcp.read(&mut buf)).await;
+            matches!(read, Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset)
+        }
+    };
+    assert!(reset, "a blocked client's connection was not reset");
     assert_eq!(https_get_from(&gw, "127.0.0.1", "/").await.0, 200);
     assert_eq!(https_get_from(&gw, "127.0.0.3", "/").await.0, 200);
     let m = gw.metrics().await;
     assert_eq!(
         metric(&m, r#"ipgate_connections_rejected_total{reason="blocked"}"#),
-        Some(2.0)
+        Some(3.0)
     );
     assert_eq!(
         metric(&m, r#"ipgate_list_entries{kind="static",list="deny"}"#),
@@ -45,8 +55,7 @@ entries = ["127.0.0.0/24"]
 "#;
     let gw = spawn_gateway(DEFAULT_SITES, extra).await;
     assert_eq!(https_get_from(&gw, "127.0.0.3", "/").await.0, 200);
-    let other = connect_from("127.0.0.4", gw.tls).await;
-    assert!(closed_without_a_byte(other, CLIENT_HELLO_START).await);
+    assert!(refused_with("127.0.0.4", gw.tls, CLIENT_HELLO_START).await);
     // A temporary allow entry wins over the static block too.
     let (status, _) = admin_call(
         gw.admin,
@@ -113,8 +122,7 @@ async fn a_ban_by_cli_blocks_and_then_passes_after_its_ttl() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("blocked 127.0.0.5/32"));
-    let c = connect_from("127.0.0.5", gw.tls).await;
-    assert!(closed_without_a_byte(c, CLIENT_HELLO_START).await);
+    assert!(refused_with("127.0.0.5", gw.tls, CLIENT_HELLO_START).await);
     // Others are unaffected.
     assert_eq!(https_get_from(&gw, "127.0.0.6", "/").await.0, 200);
 
@@ -127,8 +135,7 @@ async fn a_ban_by_cli_blocks_and_then_passes_after_its_ttl() {
     // Expiry: it passes again within the TTL plus the sweeper's second.
     assert!(
         eventually(Duration::from_secs(6), || async {
-            let c = connect_from("127.0.0.5", gw.tls).await;
-            !closed_without_a_byte(c, CLIENT_HELLO_START).await
+            !refused_with("127.0.0.5", gw.tls, CLIENT_HELLO_START).await
         })
         .await,
         "ban never expired"

@@ -625,9 +625,14 @@ where
 
 /// A TCP connection from a chosen loopback address (127.0.0.x plays distinct clients).
 pub async fn connect_from(local: &str, addr: SocketAddr) -> TcpStream {
+    try_connect_from(local, addr).await.unwrap()
+}
+
+/// Like `connect_from`, for a client the gateway may refuse (reset) at accept.
+pub async fn try_connect_from(local: &str, addr: SocketAddr) -> std::io::Result<TcpStream> {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.bind(format!("{local}:0").parse().unwrap()).unwrap();
-    socket.connect(addr).await.unwrap()
+    socket.connect(addr).await
 }
 
 /// Whether the server closed the connection without sending a single byte, after we sent
@@ -759,7 +764,8 @@ pub fn binary_config(
 /// A POST with a small body on a fresh plain connection from `local`; the status, or None
 /// when the gateway closed the connection (blocked).
 pub async fn post_from(addr: SocketAddr, local: &str, path: &str, host: &str) -> Option<u16> {
-    let mut tcp = connect_from(local, addr).await;
+    // A refused (reset) connection may fail already at connect: no status.
+    let mut tcp = try_connect_from(local, addr).await.ok()?;
     let req = format!(
         "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 9\r\nConnection: close\r\n\r\nlog=admin"
     );
@@ -787,6 +793,14 @@ pub const CLIENT_HELLO_START: &[u8] = &[0x16, 0x03, 0x01, 0x00, 0x05, 0x01, 0x00
 
 /// Whether a plain request from `local` is refused at accept (closed without a byte).
 pub async fn refused(local: &str, addr: SocketAddr) -> bool {
-    let c = connect_from(local, addr).await;
-    closed_without_a_byte(c, b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n").await
+    refused_with(local, addr, b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n").await
+}
+
+/// Whether a connection from `local` is closed without a byte after sending `first`. The
+/// gateway resets refused connections, and the reset may already fail the connect.
+pub async fn refused_with(local: &str, addr: SocketAddr, first: &[u8]) -> bool {
+    match try_connect_from(local, addr).await {
+        Ok(tcp) => closed_without_a_byte(tcp, first).await,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+    }
 }
