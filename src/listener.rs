@@ -97,7 +97,7 @@ pub async fn accept_loop(
                 }
             }
             state.metrics.connections_open.inc();
-            let info = ConnInfo { peer, client, tls };
+            let info = ConnInfo::new(peer, client, tls);
             if tls {
                 serve_tls(&worker, &builder, tcp, info, watcher).await;
             } else {
@@ -198,7 +198,7 @@ async fn serve<I>(
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let w = worker.clone();
-    let service = service_fn(move |req| proxy::handle(w.clone(), info, req));
+    let service = service_fn(move |req| proxy::handle(w.clone(), info.clone(), req));
     let conn = builder.serve_connection_with_upgrades(io, service);
     if let Err(e) = watcher.watch(conn).await {
         debug!(error = %e, "connection ended with an error");

@@ -28,13 +28,30 @@ use crate::worker::Worker;
 pub type Body = Either<Incoming, Full<Bytes>>;
 
 /// What the request path knows about the connection a request came on.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnInfo {
     /// The TCP peer.
     pub peer: SocketAddr,
     /// The client at connection level: the peer, or the PROXY header's source.
     pub client: IpAddr,
     pub tls: bool,
+    /// `client` as a header value, formatted once per connection (cloning it per request
+    /// is a reference count, not an allocation).
+    pub client_value: HeaderValue,
+}
+
+impl ConnInfo {
+    pub fn new(peer: SocketAddr, client: IpAddr, tls: bool) -> ConnInfo {
+        let mut buf = [0u8; 64];
+        let client_value = HeaderValue::from_str(format_ip(client, &mut buf))
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        ConnInfo {
+            peer,
+            client,
+            tls,
+            client_value,
+        }
+    }
 }
 
 /// Why a request was not proxied; each maps to one status (see `status`).
@@ -200,7 +217,7 @@ pub async fn handle(
             let result = Box::pin(forward(
                 &worker,
                 site,
-                conn,
+                &conn,
                 client,
                 req,
                 host_value.as_ref(),
@@ -322,7 +339,7 @@ fn admitted(snap: &Snapshot, site: &SiteEntry, path: &str, client: IpAddr) -> bo
 async fn forward(
     worker: &Worker,
     site: &SiteEntry,
-    conn: ConnInfo,
+    conn: &ConnInfo,
     client: IpAddr,
     mut req: Request<Incoming>,
     host: Option<&HeaderValue>,
@@ -465,14 +482,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 fn add_forwarding_headers(
     headers: &mut HeaderMap,
     client: IpAddr,
-    conn: ConnInfo,
+    conn: &ConnInfo,
     host: Option<&HeaderValue>,
 ) {
-    let mut ip_buf = [0u8; 64];
-    let ip = format_ip(conn.client, &mut ip_buf);
-    let mut real_buf = [0u8; 64];
-    let real_ip = format_ip(client, &mut real_buf);
-
     let mut xff = String::new();
     for v in headers.get_all(&X_FORWARDED_FOR) {
         if let Ok(s) = v.to_str() {
@@ -482,8 +494,9 @@ fn add_forwarding_headers(
             xff.push_str(s.trim());
         }
     }
+    let ip = conn.client_value.to_str().unwrap_or("");
     let xff_value = if xff.is_empty() {
-        HeaderValue::from_str(ip)
+        Ok(conn.client_value.clone())
     } else {
         xff.push_str(", ");
         xff.push_str(ip);
@@ -492,7 +505,13 @@ fn add_forwarding_headers(
     if let Ok(v) = xff_value {
         headers.insert(X_FORWARDED_FOR.clone(), v);
     }
-    if let Ok(v) = HeaderValue::from_str(real_ip) {
+    let real_ip = if client == conn.client {
+        Ok(conn.client_value.clone())
+    } else {
+        let mut buf = [0u8; 64];
+        HeaderValue::from_str(format_ip(client, &mut buf))
+    };
+    if let Ok(v) = real_ip {
         headers.insert(X_REAL_IP.clone(), v);
     }
     headers.insert(
@@ -508,12 +527,31 @@ fn add_forwarding_headers(
     }
 }
 
-/// Formats an address into a stack buffer (no allocation on the request path).
+/// Formats an address into a stack buffer (no allocation on the request path; IPv4, the
+/// usual case, without the `fmt` machinery).
 fn format_ip(ip: IpAddr, buf: &mut [u8; 64]) -> &str {
-    use std::io::Write;
-    let mut cursor = std::io::Cursor::new(&mut buf[..]);
-    let _ = write!(cursor, "{ip}");
-    let len = cursor.position() as usize;
+    let len = match ip {
+        IpAddr::V4(v4) => {
+            let mut n = 0;
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    buf[n] = b'.';
+                    n += 1;
+                }
+                let mut digits = itoa::Buffer::new();
+                let d = digits.format(octet).as_bytes();
+                buf[n..n + d.len()].copy_from_slice(d);
+                n += d.len();
+            }
+            n
+        }
+        IpAddr::V6(v6) => {
+            use std::io::Write;
+            let mut cursor = std::io::Cursor::new(&mut buf[..]);
+            let _ = write!(cursor, "{v6}");
+            cursor.position() as usize
+        }
+    };
     std::str::from_utf8(&buf[..len]).unwrap_or("")
 }
 
@@ -540,6 +578,21 @@ mod tests {
             Response::from(&Error::UpstreamTimeout).status(),
             StatusCode::GATEWAY_TIMEOUT
         );
+    }
+
+    #[test]
+    fn formats_addresses() {
+        let mut buf = [0u8; 64];
+        for ip in [
+            "0.0.0.0",
+            "255.255.255.255",
+            "10.2.30.104",
+            "2001:db8::1",
+            "::ffff:1.2.3.4",
+        ] {
+            let parsed: IpAddr = ip.parse().unwrap();
+            assert_eq!(format_ip(parsed, &mut buf), parsed.to_string());
+        }
     }
 
     #[test]
@@ -570,15 +623,15 @@ mod tests {
     fn appends_to_forwarded_for() {
         let mut h = HeaderMap::new();
         h.insert(&X_FORWARDED_FOR, HeaderValue::from_static("198.51.100.1"));
-        let conn = ConnInfo {
-            peer: "192.0.2.7:5555".parse().unwrap(),
-            client: "192.0.2.7".parse().unwrap(),
-            tls: true,
-        };
+        let conn = ConnInfo::new(
+            "192.0.2.7:5555".parse().unwrap(),
+            "192.0.2.7".parse().unwrap(),
+            true,
+        );
         add_forwarding_headers(
             &mut h,
             conn.client,
-            conn,
+            &conn,
             Some(&HeaderValue::from_static("a.test")),
         );
         assert_eq!(h[&X_FORWARDED_FOR], "198.51.100.1, 192.0.2.7");

@@ -440,6 +440,9 @@ impl AppState {
         {
             tracing::warn!("listener or admin addresses changed: they take effect at restart");
         }
+        if next.config.gateway.workers != current.config.gateway.workers {
+            tracing::warn!("gateway.workers changed: it takes effect at restart");
+        }
         self.snapshot.store(Arc::new(next));
         self.publish_list_gauges();
         self.metrics

@@ -50,7 +50,7 @@ struct Idle {
 pub struct Pool {
     // Locked by this worker's thread only (the futures must be `Send`, so no `RefCell`):
     // never contended, held for a push or a pop.
-    idle: Mutex<HashMap<Box<str>, Vec<Idle>>>,
+    idle: Mutex<HashMap<Authority, Vec<Idle>, foldhash::fast::RandomState>>,
 }
 
 impl Pool {
@@ -60,7 +60,7 @@ impl Pool {
         upstream: &Authority,
         mut req: Request<Incoming>,
     ) -> Result<Response<Incoming>, Error> {
-        while let Some(mut sender) = self.checkout(upstream.as_str()) {
+        while let Some(mut sender) = self.checkout(upstream) {
             match sender.try_send_request(req).await {
                 Ok(resp) => {
                     self.give_back(upstream, sender);
@@ -82,7 +82,7 @@ impl Pool {
     }
 
     /// The most recently used idle connection that is still open and fresh.
-    fn checkout(&self, key: &str) -> Option<http1::SendRequest<Incoming>> {
+    fn checkout(&self, key: &Authority) -> Option<http1::SendRequest<Incoming>> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.get_mut(key)?;
         while let Some(c) = list.pop() {
@@ -97,10 +97,10 @@ impl Pool {
     /// connection that ends instead (closed, upgraded, body abandoned) is dropped.
     fn give_back(self: &Arc<Self>, upstream: &Authority, mut sender: http1::SendRequest<Incoming>) {
         if sender.is_ready() {
-            self.put(upstream.as_str(), sender);
+            self.put(upstream, sender);
             return;
         }
-        let (pool, key) = (self.clone(), Box::<str>::from(upstream.as_str()));
+        let (pool, key) = (self.clone(), upstream.clone());
         tokio::spawn(async move {
             if sender.ready().await.is_ok() {
                 pool.put(&key, sender);
@@ -108,11 +108,11 @@ impl Pool {
         });
     }
 
-    fn put(&self, key: &str, sender: http1::SendRequest<Incoming>) {
+    fn put(&self, key: &Authority, sender: http1::SendRequest<Incoming>) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = match idle.get_mut(key) {
             Some(l) => l,
-            None => idle.entry(key.into()).or_default(),
+            None => idle.entry(key.clone()).or_default(),
         };
         if list.len() < MAX_IDLE {
             list.push(Idle {
