@@ -8,10 +8,14 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use std::net::SocketAddr;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream};
+
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::net::TcpStream;
 use tokio::sync::watch;
-use tracing::{debug, warn};
+use tracing::{debug, error, warn};
 
 use crate::access_log::LoggedIp;
 use crate::client_addr;
@@ -41,15 +45,50 @@ pub fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     b
 }
 
+/// A listening socket whose accepted connections are not registered with the event loop
+/// until they are admitted: refusing a client costs accept, one setsockopt and close, with
+/// no epoll registration to add and remove.
+struct Acceptor(AsyncFd<mio::net::TcpListener>);
+
+impl Acceptor {
+    fn new(listener: std::net::TcpListener) -> std::io::Result<Acceptor> {
+        listener.set_nonblocking(true)?;
+        let listener = mio::net::TcpListener::from_std(listener);
+        // Deprecated because a borrowed descriptor could be closed while registered; this one
+        // is owned by the AsyncFd for as long as it is registered (the replacement is `unsafe`,
+        // which this crate forbids).
+        #[allow(deprecated)]
+        let fd = AsyncFd::with_interest(listener, Interest::READABLE)?;
+        Ok(Acceptor(fd))
+    }
+
+    async fn accept(&self) -> std::io::Result<(mio::net::TcpStream, SocketAddr)> {
+        loop {
+            let mut ready = self.0.readable().await?;
+            // Readiness is cleared, and waited for again, only on WouldBlock.
+            if let Ok(accepted) = ready.try_io(|l| l.get_ref().accept()) {
+                return accepted;
+            }
+        }
+    }
+}
+
 /// Accepts on one listener until `stop` turns true.
 pub async fn accept_loop(
     worker: Arc<Worker>,
-    listener: TcpListener,
+    listener: std::net::TcpListener,
     conf: config::Listener,
     graceful: &GracefulShutdown,
     mut stop: watch::Receiver<bool>,
 ) {
     let state = &worker.state;
+    let listener = match Acceptor::new(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            error!(addr = %conf.addr, error = %e, "cannot use a listening socket");
+            return;
+        }
+    };
     loop {
         let accepted = tokio::select! {
             biased;
@@ -77,6 +116,14 @@ pub async fn accept_loop(
             state.metrics.rejected.max_connections.inc();
             reset(tcp);
             continue;
+        };
+        // Admitted: now it joins this worker's event loop.
+        let tcp = match TcpStream::from_std(std::net::TcpStream::from(tcp)) {
+            Ok(t) => t,
+            Err(e) => {
+                warn!(error = %e, "cannot register a connection");
+                continue;
+            }
         };
         let _ = tcp.set_nodelay(true);
         let watcher = graceful.watcher();
@@ -110,8 +157,8 @@ pub async fn accept_loop(
 
 /// Closes a refused connection with an RST (zero linger): no FIN exchange and no TIME_WAIT
 /// socket left behind per attempt, which is what a flood of them would otherwise cost.
-fn reset(tcp: TcpStream) {
-    let _ = tcp.set_zero_linger();
+fn reset(tcp: mio::net::TcpStream) {
+    let _ = socket2::SockRef::from(&tcp).set_linger(Some(std::time::Duration::ZERO));
     drop(tcp);
 }
 

@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use hyper_util::server::graceful::GracefulShutdown;
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{error, warn};
 
@@ -73,19 +72,9 @@ pub fn run(state: Arc<AppState>, sockets: Sockets, stop: watch::Receiver<bool>) 
             upstream: Arc::default(),
         });
         let graceful = GracefulShutdown::new();
-        let mut loops = Vec::with_capacity(sockets.len());
-        for (socket, conf) in sockets {
-            match TcpListener::from_std(socket) {
-                Ok(l) => loops.push(listener::accept_loop(
-                    worker.clone(),
-                    l,
-                    conf,
-                    &graceful,
-                    stop.clone(),
-                )),
-                Err(e) => error!(addr = %conf.addr, error = %e, "cannot use a listening socket"),
-            }
-        }
+        let loops = sockets.into_iter().map(|(socket, conf)| {
+            listener::accept_loop(worker.clone(), socket, conf, &graceful, stop.clone())
+        });
         futures_util::future::join_all(loops).await;
         let grace = worker.state.snapshot.load().config.limits.shutdown_grace;
         if tokio::time::timeout(grace, graceful.shutdown())
