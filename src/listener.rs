@@ -2,17 +2,15 @@
 //! timeout, and serve HTTP/1.1 and HTTP/2 with hyper under the configured limits. Each
 //! connection is watched by the graceful-shutdown tracker so SIGTERM lets it finish.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use std::net::SocketAddr;
-use tokio::io::{AsyncRead, AsyncWrite};
-
 use tokio::io::unix::AsyncFd;
-use tokio::io::Interest;
+use tokio::io::{AsyncRead, AsyncWrite, Interest};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tracing::{debug, error, warn};

@@ -494,12 +494,11 @@ fn add_forwarding_headers(
             xff.push_str(s.trim());
         }
     }
-    let ip = conn.client_value.to_str().unwrap_or("");
     let xff_value = if xff.is_empty() {
         Ok(conn.client_value.clone())
     } else {
         xff.push_str(", ");
-        xff.push_str(ip);
+        xff.push_str(conn.client_value.to_str().unwrap_or(""));
         HeaderValue::from_str(&xff)
     };
     if let Ok(v) = xff_value {

@@ -157,15 +157,7 @@ async fn temporary_entries_and_limiter_state_survive_a_reload() {
     let c = connect_from("127.0.0.42", gw.plain).await;
     assert_eq!(get_on(c, "/", "a.test", &[]).await.0, 429);
     // An unrelated change, then reload.
-    let path = gw.path().join("ipgate.toml");
-    let text = std::fs::read_to_string(&path).unwrap();
-    std::fs::write(
-        &path,
-        text.replace("[log]", "[privacy]\nlog_ip = \"none\"\n\n[log]"),
-    )
-    .unwrap();
-    let (s, _) = admin_call(gw.admin, "POST", "/v1/reload", None, Some(&token)).await;
-    assert_eq!(s, 200);
+    assert_eq!(gw.reload_with("[privacy]\nlog_ip = \"none\"\n").await, 200);
     // The ban is still there, and the emptied bucket is still empty.
     assert!(refused("127.0.0.41", gw.plain).await);
     let c = connect_from("127.0.0.42", gw.plain).await;
@@ -181,15 +173,10 @@ async fn reloaded_limits_apply_to_the_next_connection() {
     req.extend_from_slice(b"\r\n\r\n");
     let reply = raw_exchange(gw.plain, &req, Duration::from_secs(3)).await;
     assert!(reply.starts_with(b"HTTP/1.1 200"));
-    let path = gw.path().join("ipgate.toml");
-    let text = std::fs::read_to_string(&path).unwrap();
-    std::fs::write(
-        &path,
-        text.replace("[log]", "[limits]\nmax_header_bytes = 8192\n\n[log]"),
-    )
-    .unwrap();
-    let (s, _) = admin_call(gw.admin, "POST", "/v1/reload", None, Some(&gw.token())).await;
-    assert_eq!(s, 200);
+    assert_eq!(
+        gw.reload_with("[limits]\nmax_header_bytes = 8192\n").await,
+        200
+    );
     let reply = raw_exchange(gw.plain, &req, Duration::from_secs(3)).await;
     assert!(
         reply.starts_with(b"HTTP/1.1 431"),

@@ -17,11 +17,7 @@ async fn appending_to_a_list_file_blocks_within_5_seconds_without_a_signal() {
     std::fs::create_dir_all(&lists).unwrap();
     std::fs::write(lists.join("drop.txt"), "; test list\n192.0.2.0/24 ; SBL1\n").unwrap();
     // Switch the running gateway to a config with the list (one reload), then leave it alone.
-    let path = gw.path().join("ipgate.toml");
-    let text = std::fs::read_to_string(&path).unwrap();
-    std::fs::write(&path, text.replace("[log]", &format!("{extra}\n[log]"))).unwrap();
-    let (s, _) = admin_call(gw.admin, "POST", "/v1/reload", None, Some(&gw.token())).await;
-    assert_eq!(s, 200);
+    assert_eq!(gw.reload_with(extra).await, 200);
     assert_eq!(https_get_from(&gw, "127.0.0.30", "/").await.0, 200);
 
     // Append, as an operator or a list updater would.

@@ -364,6 +364,17 @@ impl TestGateway {
         body
     }
 
+    /// Adds `tables` to the running gateway's config file (before `[log]`) and reloads it
+    /// through the admin API; returns the HTTP status of the reload.
+    pub async fn reload_with(&self, tables: &str) -> u16 {
+        let path = self.path().join("ipgate.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, text.replace("[log]", &format!("{tables}\n[log]"))).unwrap();
+        admin_call(self.admin, "POST", "/v1/reload", None, Some(&self.token()))
+            .await
+            .0
+    }
+
     /// The value of `sample` once it equals `want`, else its last value after 5 s. For
     /// counters the gateway bumps just after the client has seen the connection end.
     pub async fn metric_settled(&self, sample: &str, want: f64) -> Option<f64> {
