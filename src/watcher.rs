@@ -1,13 +1,13 @@
 //! Watches the list files and certificate files the config in force names: when one changes,
 //! they are all re-read with that config (not the config file, which changes only by reload)
 //! and swapped in, so appending to a list or renewing a certificate needs no signal. Parent
-//! directories are watched, so rename-replace and certbot's symlink swaps are seen; bursts of
-//! events are debounced.
+//! directories are watched, so rename-replace and certbot's symlink swaps are seen; events for
+//! other files there are dropped on notify's thread, and bursts of events are debounced.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use notify::{RecommendedWatcher, RecursiveMode, Watcher};
@@ -21,8 +21,11 @@ const DEBOUNCE: Duration = Duration::from_millis(300);
 /// How often the set of watched files is compared with the config in force.
 const RESYNC: Duration = Duration::from_secs(2);
 
-/// Files to watch, by their (canonical) directory.
-fn watched_files(state: &AppState) -> HashMap<PathBuf, HashSet<OsString>> {
+/// File names to watch, by their (canonical) directory.
+type Watched = HashMap<PathBuf, HashSet<OsString>>;
+
+/// The files the config in force names, by directory.
+fn watched_files(state: &AppState) -> Watched {
     let snap = state.snapshot.load();
     let c = &snap.config;
     let files = c
@@ -30,7 +33,7 @@ fn watched_files(state: &AppState) -> HashMap<PathBuf, HashSet<OsString>> {
         .iter()
         .flat_map(|l| l.files.iter())
         .chain(c.tls.certificates.iter().flat_map(|p| [&p.cert, &p.key]));
-    let mut by_dir: HashMap<PathBuf, HashSet<OsString>> = HashMap::new();
+    let mut by_dir = Watched::new();
     for f in files {
         let (Some(dir), Some(name)) = (f.parent(), f.file_name()) else {
             continue;
@@ -49,12 +52,21 @@ fn watched_files(state: &AppState) -> HashMap<PathBuf, HashSet<OsString>> {
 
 /// Runs until the process ends: watches, debounces, re-reads.
 pub async fn run(state: Arc<AppState>) {
-    let (tx, mut rx) = mpsc::unbounded_channel::<PathBuf>();
+    // The files watched now, shared with notify's thread, which filters there: events for
+    // other files in a watched directory (a log written beside a list) neither queue up nor
+    // keep the debounce below from ever ending.
+    let watched: Arc<Mutex<Watched>> = Arc::default();
+    // One pending signal is enough: a full channel means a re-read is already due.
+    let (tx, mut rx) = mpsc::channel::<()>(1);
+    let filter = watched.clone();
     let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if let Ok(event) = res {
-            for p in event.paths {
-                let _ = tx.send(p);
-            }
+        let Ok(event) = res else { return };
+        let relevant = {
+            let w = filter.lock().unwrap_or_else(|p| p.into_inner());
+            event.paths.iter().any(|p| is_watched(&w, p))
+        };
+        if relevant {
+            let _ = tx.try_send(());
         }
     });
     let mut watcher: RecommendedWatcher = match watcher {
@@ -64,48 +76,44 @@ pub async fn run(state: Arc<AppState>) {
             return;
         }
     };
-    let mut watched: HashMap<PathBuf, HashSet<OsString>> = HashMap::new();
+    let mut dirs: HashSet<PathBuf> = HashSet::new();
     loop {
         // Keep the watches in line with the config in force (reloads change it).
         let wanted = watched_files(&state);
-        for dir in watched.keys().filter(|d| !wanted.contains_key(*d)) {
+        let wanted_dirs: HashSet<PathBuf> = wanted.keys().cloned().collect();
+        *watched.lock().unwrap_or_else(|p| p.into_inner()) = wanted;
+        for dir in dirs.difference(&wanted_dirs) {
             let _ = watcher.unwatch(dir);
         }
-        for dir in wanted.keys().filter(|d| !watched.contains_key(*d)) {
+        for dir in wanted_dirs.difference(&dirs) {
             if let Err(e) = watcher.watch(dir, RecursiveMode::NonRecursive) {
                 warn!(dir = %dir.display(), error = %e, "cannot watch directory");
             }
         }
-        watched = wanted;
+        dirs = wanted_dirs;
 
-        let first = tokio::select! {
-            p = rx.recv() => match p {
-                Some(p) => p,
-                None => return,
-            },
+        tokio::select! {
+            r = rx.recv() => if r.is_none() { return },
             _ = tokio::time::sleep(RESYNC) => continue,
-        };
-        let mut relevant = is_watched(&watched, &first);
-        // Debounce: wait for a quiet moment, taking what else arrives.
+        }
+        // Debounce: wait until the watched files have been quiet for a moment.
         loop {
             match tokio::time::timeout(DEBOUNCE, rx.recv()).await {
-                Ok(Some(p)) => relevant |= is_watched(&watched, &p),
+                Ok(Some(())) => {}
                 Ok(None) => return,
                 Err(_) => break,
             }
         }
-        if relevant {
-            match state.refresh_files() {
-                Ok(()) => info!("list or certificate files changed: re-read"),
-                Err(errors) => warn!(
-                    "list or certificate files changed but do not load; the previous ones stay:\n{errors}"
-                ),
-            }
+        match state.refresh_files() {
+            Ok(()) => info!("list or certificate files changed: re-read"),
+            Err(errors) => warn!(
+                "list or certificate files changed but do not load; the previous ones stay:\n{errors}"
+            ),
         }
     }
 }
 
-fn is_watched(watched: &HashMap<PathBuf, HashSet<OsString>>, path: &Path) -> bool {
+fn is_watched(watched: &Watched, path: &Path) -> bool {
     match (path.parent(), path.file_name()) {
         (Some(dir), Some(name)) => watched.get(dir).is_some_and(|names| names.contains(name)),
         _ => false,

@@ -6,28 +6,33 @@ use std::time::Duration;
 
 use common::*;
 
-#[tokio::test]
-async fn appending_to_a_list_file_blocks_within_5_seconds_without_a_signal() {
+/// A gateway that has switched (by one reload) to a config with the block list
+/// `lists/drop.txt` in its dir, and `client` not blocked yet.
+async fn gateway_with_drop_list(client: &str) -> (Upstream, TestGateway, std::path::PathBuf) {
     let extra = "[lists.drop]\naction = \"block\"\nfiles = [\"lists/drop.txt\"]\n";
-    // The list file must exist before the gateway starts: write it into the dir it will use.
     let upstream = Upstream::start().await;
     // Start without the list, create it in the gateway's dir, then reload once into it.
     let gw = spawn_gateway_with(upstream.addr, "", DEFAULT_SITES, "").await;
     let lists = gw.path().join("lists");
     std::fs::create_dir_all(&lists).unwrap();
     std::fs::write(lists.join("drop.txt"), "; test list\n192.0.2.0/24 ; SBL1\n").unwrap();
-    // Switch the running gateway to a config with the list (one reload), then leave it alone.
     assert_eq!(gw.reload_with(extra).await, 200);
-    assert_eq!(https_get_from(&gw, "127.0.0.30", "/").await.0, 200);
+    assert_eq!(https_get_from(&gw, client, "/").await.0, 200);
+    (upstream, gw, lists)
+}
+
+fn append_line(path: &std::path::Path, line: &str) {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new().append(true).open(path).unwrap();
+    writeln!(f, "{line}").unwrap();
+}
+
+#[tokio::test]
+async fn appending_to_a_list_file_blocks_within_5_seconds_without_a_signal() {
+    let (_upstream, gw, lists) = gateway_with_drop_list("127.0.0.30").await;
 
     // Append, as an operator or a list updater would.
-    use std::io::Write;
-    let mut f = std::fs::OpenOptions::new()
-        .append(true)
-        .open(lists.join("drop.txt"))
-        .unwrap();
-    writeln!(f, "127.0.0.30/32 ; appended").unwrap();
-    drop(f);
+    append_line(&lists.join("drop.txt"), "127.0.0.30/32 ; appended");
     let start = std::time::Instant::now();
     assert!(
         eventually(Duration::from_secs(5), || async {
@@ -38,14 +43,42 @@ async fn appending_to_a_list_file_blocks_within_5_seconds_without_a_signal() {
     );
     println!("blocked {:?} after the append", start.elapsed());
     // A broken line is refused: the previous list stays in force.
-    let mut f = std::fs::OpenOptions::new()
-        .append(true)
-        .open(lists.join("drop.txt"))
-        .unwrap();
-    writeln!(f, "not-an-address").unwrap();
-    drop(f);
+    append_line(&lists.join("drop.txt"), "not-an-address");
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(refused("127.0.0.30", gw.plain).await);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_busy_file_beside_a_list_does_not_hold_off_the_lists_change() {
+    let (_upstream, gw, lists) = gateway_with_drop_list("127.0.0.31").await;
+    // A log written every 50 ms in the list's directory: its events come faster than the
+    // 300 ms debounce, so they must not count as changes to wait out.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (stop, log) = (stop.clone(), lists.join("busy.log"));
+        std::thread::spawn(move || {
+            let deadline = std::time::Instant::now() + Duration::from_secs(15);
+            std::fs::write(&log, "").unwrap();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                && std::time::Instant::now() < deadline
+            {
+                append_line(&log, "a log line");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    append_line(&lists.join("drop.txt"), "127.0.0.31/32 ; appended");
+    let blocked = eventually(Duration::from_secs(5), || async {
+        refused("127.0.0.31", gw.plain).await
+    })
+    .await;
+    let writer_was_running = !writer.is_finished();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().unwrap();
+    assert!(writer_was_running, "the busy writer had stopped early");
+    assert!(blocked, "the appended address was not blocked within 5 s while a file beside the list kept changing");
     gw.shutdown().await;
 }
 
