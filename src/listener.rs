@@ -115,7 +115,12 @@ pub async fn accept_loop(
             reset(tcp);
             continue;
         };
-        // Admitted: now it joins this worker's event loop.
+        // Admitted: a normal close again (a reset would drop a response still in the send
+        // buffer), and it joins this worker's event loop. TCP_NODELAY is inherited.
+        if let Err(e) = socket2::SockRef::from(&tcp).set_linger(None) {
+            warn!(error = %e, "cannot set up a connection");
+            continue;
+        }
         let tcp = match TcpStream::from_std(std::net::TcpStream::from(tcp)) {
             Ok(t) => t,
             Err(e) => {
@@ -123,7 +128,6 @@ pub async fn accept_loop(
                 continue;
             }
         };
-        let _ = tcp.set_nodelay(true);
         let watcher = graceful.watcher();
         let worker = worker.clone();
         // Per connection, so a reload's limits apply to the next connection.
@@ -153,10 +157,10 @@ pub async fn accept_loop(
     }
 }
 
-/// Closes a refused connection with an RST (zero linger): no FIN exchange and no TIME_WAIT
-/// socket left behind per attempt, which is what a flood of them would otherwise cost.
+/// Closes a refused connection with an RST: it inherited zero linger from the listening
+/// socket (`worker::bind`), so no FIN exchange and no TIME_WAIT socket is left behind per
+/// attempt, which is what a flood of them would otherwise cost.
 fn reset(tcp: mio::net::TcpStream) {
-    let _ = socket2::SockRef::from(&tcp).set_linger(Some(std::time::Duration::ZERO));
     drop(tcp);
 }
 

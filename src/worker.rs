@@ -42,6 +42,11 @@ pub fn bind(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::Tcp
             socket.set_reuse_port(true)?;
         }
         socket.set_nonblocking(true)?;
+        // Accepted sockets inherit both (Linux; `tests::accepted_sockets_inherit_...`):
+        // a refused client is reset by a bare close, with no setsockopt per attempt, and an
+        // admitted one turns lingering back off (`listener::accept_loop`).
+        socket.set_linger(Some(std::time::Duration::ZERO))?;
+        socket.set_tcp_nodelay(true)?;
         socket.bind(&at.into())?;
         socket.listen(4096)?;
         let listener: std::net::TcpListener = socket.into();
@@ -108,5 +113,17 @@ mod tests {
         let taken = single[0].local_addr().unwrap();
         assert!(bind(taken, 1).is_err());
         assert!(bind(taken, 2).is_err());
+    }
+
+    /// The listener relies on this: a refused connection is reset by a bare close.
+    #[test]
+    fn accepted_sockets_inherit_zero_linger_and_nodelay() {
+        let listener = bind("127.0.0.1:0".parse().unwrap(), 1).unwrap().remove(0);
+        listener.set_nonblocking(false).unwrap();
+        let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        let sock = socket2::SockRef::from(&accepted);
+        assert_eq!(sock.linger().unwrap(), Some(std::time::Duration::ZERO));
+        assert!(sock.tcp_nodelay().unwrap());
     }
 }

@@ -91,6 +91,40 @@ async fn a_20_mib_response_streams_whole() {
     gw.shutdown().await;
 }
 
+/// Refused connections are reset (zero linger, inherited from the listening socket); an
+/// admitted one must close normally, or the end of a response still queued in the send
+/// buffer when the gateway closes would be dropped by the reset.
+#[tokio::test]
+async fn a_closing_connection_delivers_its_whole_response_to_a_slow_reader() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = spawn_gateway(DEFAULT_SITES, "").await;
+    let n: usize = 32 << 20;
+    let mut tcp = tokio::net::TcpStream::connect(gw.plain).await.unwrap();
+    let req = format!("GET /big?n={n} HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n");
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    // Let the gateway fill the socket buffers and reach the end of the body (and its close)
+    // with megabytes still queued.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut out = Vec::with_capacity(n + 1024);
+    let read = tokio::time::timeout(Duration::from_secs(20), tcp.read_to_end(&mut out))
+        .await
+        .expect("the response did not end within 20 s");
+    let head_end = out
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("no response head")
+        + 4;
+    assert!(out.starts_with(b"HTTP/1.1 200"));
+    assert!(
+        read.is_ok(),
+        "the connection was reset after {} of {n} body bytes: {read:?}",
+        out.len() - head_end
+    );
+    assert_eq!(out.len() - head_end, n);
+    assert!(out[head_end..] == pattern(0, n)[..], "content differs");
+    gw.shutdown().await;
+}
+
 #[tokio::test]
 async fn an_8_mib_request_body_streams_whole() {
     let gw = spawn_gateway(DEFAULT_SITES, "").await;
