@@ -210,19 +210,25 @@ async fn ban_left(gw: &TestGateway, ip: &str) -> Option<f64> {
     )
 }
 
-#[tokio::test]
-async fn a_second_offense_bans_longer() {
-    let gw = spawn_gateway(WP_SITE, WP_JAIL).await;
+/// Three failed WordPress logins from `ip` (the jail's `hits`); the ban's seconds left.
+async fn offend_until_banned(gw: &TestGateway, ip: &str) -> f64 {
     for _ in 0..3 {
-        post_from(gw.plain, "127.0.0.15", "/wp-login.php", "a.test").await;
+        post_from(gw.plain, ip, "/wp-login.php", "a.test").await;
     }
     assert!(
         eventually(Duration::from_secs(3), || async {
-            ban_left(&gw, "127.0.0.15").await.is_some()
+            ban_left(gw, ip).await.is_some()
         })
-        .await
+        .await,
+        "{ip} was not banned within 3 s"
     );
-    let first = ban_left(&gw, "127.0.0.15").await.unwrap();
+    ban_left(gw, ip).await.expect("the ban is there")
+}
+
+#[tokio::test]
+async fn a_second_offense_bans_longer() {
+    let gw = spawn_gateway(WP_SITE, WP_JAIL).await;
+    let first = offend_until_banned(&gw, "127.0.0.15").await;
     assert!(first <= 2.0, "first ban {first}s");
     // Lift it by hand and offend again: 2 s x 5.
     let (s, _) = admin_call(
@@ -234,16 +240,7 @@ async fn a_second_offense_bans_longer() {
     )
     .await;
     assert_eq!(s, 204);
-    for _ in 0..3 {
-        post_from(gw.plain, "127.0.0.15", "/wp-login.php", "a.test").await;
-    }
-    assert!(
-        eventually(Duration::from_secs(3), || async {
-            ban_left(&gw, "127.0.0.15").await.is_some()
-        })
-        .await
-    );
-    let second = ban_left(&gw, "127.0.0.15").await.unwrap();
+    let second = offend_until_banned(&gw, "127.0.0.15").await;
     assert!(second > 7.0 && second <= 10.0, "second ban {second}s");
     gw.shutdown().await;
 }
