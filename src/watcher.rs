@@ -61,7 +61,8 @@ pub async fn run(state: Arc<AppState>) {
     let filter = watched.clone();
     let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         let Ok(event) = res else { return };
-        let relevant = {
+        // A rescan means events were lost (the kernel's queue overflowed): re-read to be sure.
+        let relevant = event.need_rescan() || {
             let w = filter.lock().unwrap_or_else(|p| p.into_inner());
             event.paths.iter().any(|p| is_watched(&w, p))
         };
