@@ -113,30 +113,80 @@ pub async fn read_proxy_header(
     }
 }
 
+/// An X-Forwarded-For element that is neither an address nor `address:port` (SPEC 15):
+/// the request is refused rather than blamed on the proxy that sent it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("malformed X-Forwarded-For element")]
+pub struct Malformed;
+
+/// What X-Forwarded-For says, read from the right through trusted proxies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forwarded {
+    /// The first address from the right that is not trusted; `None` when there is no
+    /// header or every address in it is trusted (then the peer stands).
+    pub client: Option<IpAddr>,
+    /// The part of the header that can be believed, left to right: the client and the
+    /// trusted proxies after it. What is left of the client is the client's own say.
+    pub chain: Vec<IpAddr>,
+}
+
 /// The client behind trusted proxies: walking X-Forwarded-For from the right, the first
-/// address that is not trusted. `None` when there is no such header or every address in it
-/// is trusted (then the peer stands).
-pub fn from_forwarded_for(headers: &HeaderMap, trusted: &CidrTable) -> Option<IpAddr> {
-    let mut found = None;
+/// address that is not trusted. Elements may carry a port (`192.0.2.1:5678`,
+/// `[2001:db8::1]:443`, as some load balancers send); one that cannot be read before the
+/// client is found is [`Malformed`]. Elements left of the client are never read.
+pub fn from_forwarded_for(
+    headers: &HeaderMap,
+    trusted: &CidrTable,
+) -> Result<Forwarded, Malformed> {
+    let mut chain = Vec::new();
     // Later header lines are to the right of earlier ones.
     for value in headers.get_all("x-forwarded-for").iter().rev() {
-        let Ok(text) = value.to_str() else {
-            return found;
-        };
+        let text = value.to_str().map_err(|_| Malformed)?;
         for part in text.rsplit(',') {
-            let part = part.trim();
-            let Ok(ip) = part.parse::<IpAddr>() else {
-                // Garbage is untrusted input: stop at it and keep what is known.
-                return found;
-            };
-            let ip = normalize(ip);
+            let ip = parse_element(part).ok_or(Malformed)?;
+            chain.push(ip);
             if !trusted.contains(ip) {
-                return Some(ip);
+                chain.reverse();
+                return Ok(Forwarded {
+                    client: Some(ip),
+                    chain,
+                });
             }
-            found = None;
         }
     }
-    found
+    chain.reverse();
+    Ok(Forwarded {
+        client: None,
+        chain,
+    })
+}
+
+/// One X-Forwarded-For element: `ip`, `ip:port`, `[v6]` or `[v6]:port`.
+pub fn parse_element(text: &str) -> Option<IpAddr> {
+    let text = text.trim();
+    let ip = if let Some(rest) = text.strip_prefix('[') {
+        let (v6, after) = rest.split_once(']')?;
+        if !(after.is_empty() || after.strip_prefix(':').is_some_and(is_port)) {
+            return None;
+        }
+        IpAddr::V6(v6.parse().ok()?)
+    } else if let Ok(ip) = text.parse::<IpAddr>() {
+        ip
+    } else {
+        let (v4, port) = text.split_once(':')?;
+        if !is_port(port) {
+            return None;
+        }
+        IpAddr::V4(v4.parse().ok()?)
+    };
+    Some(normalize(ip))
+}
+
+fn is_port(digits: &str) -> bool {
+    !digits.is_empty()
+        && digits.len() <= 5
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && digits.parse::<u16>().is_ok()
 }
 
 #[cfg(test)]
@@ -161,7 +211,12 @@ mod tests {
     #[test]
     fn takes_the_rightmost_untrusted_address() {
         let t = trusted();
-        let got = |v: &[&str]| from_forwarded_for(&xff(v), &t).map(|i| i.to_string());
+        let got = |v: &[&str]| {
+            from_forwarded_for(&xff(v), &t)
+                .unwrap()
+                .client
+                .map(|i| i.to_string())
+        };
         assert_eq!(got(&["198.51.100.1"]).as_deref(), Some("198.51.100.1"));
         // A spoofed left part is ignored: the rightmost untrusted wins.
         assert_eq!(
@@ -177,7 +232,55 @@ mod tests {
             Some("198.51.100.3")
         );
         assert_eq!(got(&["10.0.0.1, 192.0.2.1"]), None);
-        assert_eq!(got(&["garbage, 10.0.0.1"]), None);
         assert_eq!(got(&[]), None);
+        // Left of the client is the client's own say: never read.
+        assert_eq!(
+            got(&["garbage, 198.51.100.4"]).as_deref(),
+            Some("198.51.100.4")
+        );
+    }
+
+    #[test]
+    fn the_believable_chain_starts_at_the_client() {
+        let f =
+            from_forwarded_for(&xff(&["6.6.6.6, 198.51.100.1:443, 10.1.1.1"]), &trusted()).unwrap();
+        let chain: Vec<String> = f.chain.iter().map(|i| i.to_string()).collect();
+        assert_eq!(chain, ["198.51.100.1", "10.1.1.1"]);
+    }
+
+    #[test]
+    fn elements_may_carry_ports() {
+        let t = trusted();
+        for (v, want) in [
+            ("192.0.2.9:5678", "192.0.2.9"),
+            ("[2001:db8::1]:443", "2001:db8::1"),
+            ("[2001:db8::2]", "2001:db8::2"),
+            ("2001:db8::3", "2001:db8::3"),
+            (" 198.51.100.7:1 , 10.0.0.1:80", "198.51.100.7"),
+        ] {
+            let got = from_forwarded_for(&xff(&[v]), &t).unwrap().client;
+            assert_eq!(got.map(|i| i.to_string()).as_deref(), Some(want), "{v}");
+        }
+    }
+
+    #[test]
+    fn malformed_elements_are_refused() {
+        let t = trusted();
+        for v in [
+            "garbage",
+            "unknown",
+            "",
+            "198.51.100.1,",
+            "198.51.100.1:",
+            "198.51.100.1:99999",
+            "198.51.100.1:8x",
+            "[2001:db8::1",
+            "[2001:db8::1]443",
+            "[198.51.100.1]",
+            "2001:db8::1:443:x",
+            "garbage, 10.0.0.1",
+        ] {
+            assert_eq!(from_forwarded_for(&xff(&[v]), &t), Err(Malformed), "{v:?}");
+        }
     }
 }

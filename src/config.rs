@@ -637,7 +637,7 @@ fn compile(raw: RawConfig, source: &Path, base: &Path, r: &mut Report) -> Config
         jails.push(Jail {
             name: j.name.clone(),
             method,
-            path: j.path.clone().unwrap_or_else(|| "/".to_string()),
+            path: match_path(r, &format!("{key}.path"), j.path.as_deref().unwrap_or("/")),
             hosts: j.hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
             location: j.location.clone(),
             status: j.status.clone(),
@@ -678,7 +678,9 @@ fn compile(raw: RawConfig, source: &Path, base: &Path, r: &mut Report) -> Config
         }
         let mut hosts = Vec::new();
         for (k, h) in s.hosts.iter().enumerate() {
+            // Requests match without one trailing dot (SPEC 14): so does the config.
             let h = h.to_ascii_lowercase();
+            let h = h.strip_suffix('.').map(str::to_string).unwrap_or(h);
             if h != "*" && (h.is_empty() || h.contains([':', '/', ' '])) {
                 r.key(
                     &format!("{key}.hosts[{k}]"),
@@ -708,12 +710,10 @@ fn compile(raw: RawConfig, source: &Path, base: &Path, r: &mut Report) -> Config
         let mut routes = Vec::new();
         for (k, rt) in s.routes.iter().enumerate() {
             let rkey = format!("{key}.route[{k}]");
-            if !rt.path.starts_with('/') {
-                r.key(&format!("{rkey}.path"), "must start with '/'");
-            }
+            let path = match_path(r, &format!("{rkey}.path"), &rt.path);
             check_allow_only(r, &rkey, &rt.allow_only);
             routes.push(Route {
-                path: rt.path.clone(),
+                path,
                 allow_only: rt.allow_only.clone(),
                 rate_limit: rt.rate_limit.as_ref().map(|rl| {
                     compile_rate_limit(
@@ -846,6 +846,21 @@ fn compile_rate_limit(
 }
 
 /// Parses a duration like `90s`, `10m`, `1h`, `7d`; `default` when absent.
+/// A route or jail path prefix, in the normal form request paths are matched in (SPEC 13).
+fn match_path(r: &mut Report, key: &str, text: &str) -> String {
+    match crate::path::normalize(text) {
+        Ok(p) => p.into_owned(),
+        Err(crate::path::Error::NotAbsolute) => {
+            r.key(key, "must start with '/'");
+            text.to_string()
+        }
+        Err(e) => {
+            r.key(key, format!("'{text}': {e}"));
+            text.to_string()
+        }
+    }
+}
+
 fn dur(r: &mut Report, key: &str, value: Option<String>, default: &str) -> Duration {
     let text = value.as_deref().unwrap_or(default);
     match parse_duration(text) {

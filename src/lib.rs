@@ -27,16 +27,20 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod admission;
 pub mod cli;
 pub mod client_addr;
 pub mod config;
 pub mod demo;
+pub mod host;
 pub mod jail;
 pub mod listener;
 pub mod metrics;
+pub mod path;
 pub mod policy;
 pub mod proxy;
 pub mod ratelimit;
+pub mod request;
 pub mod shutdown;
 pub mod state;
 pub mod store;

@@ -14,6 +14,8 @@ pub mod outcome {
     pub const RATE_LIMITED: &str = "rate_limited";
     pub const DENIED: &str = "denied";
     pub const UPSTREAM_ERROR: &str = "upstream_error";
+    /// Malformed or ambiguous (400), or CONNECT (405).
+    pub const BAD_REQUEST: &str = "bad_request";
     /// No site matches the Host (421).
     pub const MISDIRECTED: &str = "misdirected";
 }

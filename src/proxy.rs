@@ -2,6 +2,7 @@
 //! added, hop-by-hop ones stripped), stream the bodies both ways, splice upgraded
 //! connections (WebSocket), and turn upstream failures into 502 or 504 (SPEC 9, 10).
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -16,10 +17,9 @@ use hyper_util::rt::TokioIo;
 use tracing::debug;
 
 use crate::access_log::{Entry, LoggedIp};
-use crate::client_addr;
+use crate::admission::{self, Client, Refusal};
 use crate::metrics::outcome;
-use crate::policy::Verdict;
-use crate::ratelimit::{client_key, key_target};
+use crate::request::{self, Invalid};
 use crate::state::{AppState, SiteEntry, Snapshot};
 use crate::upstream;
 use crate::worker::Worker;
@@ -54,9 +54,12 @@ impl ConnInfo {
     }
 }
 
-/// Why a request was not proxied; each maps to one status (see `status`).
+/// Why a request was not proxied; each maps to one status, one outcome and one answer.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The request is ambiguous or malformed (400), or a method not forwarded (405).
+    #[error("{0}")]
+    Invalid(#[from] Invalid),
     #[error("no site for this host")]
     NoSite,
     #[error("client is blocked")]
@@ -74,9 +77,21 @@ pub enum Error {
     UpstreamTimeout,
 }
 
+impl From<Refusal> for Error {
+    fn from(r: Refusal) -> Self {
+        match r {
+            Refusal::Blocked => Error::Blocked,
+            Refusal::Denied => Error::Denied,
+            Refusal::RateLimited(secs) => Error::RateLimited(secs),
+        }
+    }
+}
+
 impl Error {
     pub fn status(&self) -> StatusCode {
         match self {
+            Error::Invalid(Invalid::Connect) => StatusCode::METHOD_NOT_ALLOWED,
+            Error::Invalid(_) => StatusCode::BAD_REQUEST,
             Error::NoSite => StatusCode::MISDIRECTED_REQUEST,
             Error::Blocked | Error::Denied => StatusCode::FORBIDDEN,
             Error::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
@@ -87,6 +102,7 @@ impl Error {
 
     fn outcome(&self) -> &'static str {
         match self {
+            Error::Invalid(_) => outcome::BAD_REQUEST,
             Error::NoSite => outcome::MISDIRECTED,
             Error::Blocked => outcome::BLOCKED,
             Error::Denied => outcome::DENIED,
@@ -100,6 +116,8 @@ impl From<&Error> for Response<Body> {
     fn from(e: &Error) -> Self {
         let status = e.status();
         let text = match e {
+            Error::Invalid(Invalid::Connect) => "405 method not allowed\n",
+            Error::Invalid(_) => "400 bad request\n",
             Error::NoSite => "421 no site is configured for this host\n",
             Error::Blocked | Error::Denied => "403 forbidden\n",
             Error::RateLimited(_) => "429 too many requests\n",
@@ -107,9 +125,18 @@ impl From<&Error> for Response<Body> {
             Error::UpstreamTimeout => "504 gateway timeout\n",
         };
         let mut resp = plain(status, text);
-        if let Error::RateLimited(secs) = e {
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(*secs));
+        match e {
+            Error::RateLimited(secs) => {
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(*secs));
+            }
+            Error::Invalid(Invalid::Connect) => {
+                resp.headers_mut().insert(
+                    header::ALLOW,
+                    HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"),
+                );
+            }
+            _ => {}
         }
         resp
     }
@@ -145,6 +172,27 @@ static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-prot
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
+/// Headers that name a client, which an untrusted peer may not set (SPEC 15): many PHP
+/// applications believe the first one they find.
+static CLIENT_HEADERS: [HeaderName; 5] = [
+    HeaderName::from_static("forwarded"),
+    HeaderName::from_static("x-client-ip"),
+    HeaderName::from_static("true-client-ip"),
+    HeaderName::from_static("cf-connecting-ip"),
+    HeaderName::from_static("x-cluster-client-ip"),
+];
+
+/// A checked request, as forwarding needs it.
+struct Checked<'a> {
+    client: Client,
+    /// The believable X-Forwarded-For chain, when the peer is a trusted proxy.
+    chain: Option<Vec<IpAddr>>,
+    host: Option<&'a HeaderValue>,
+    /// The normalized path (borrowed from the request's URI when it already was normal).
+    path: &'a str,
+    path_changed: bool,
+}
+
 /// Serves one request from a client connection.
 pub async fn handle(
     worker: Arc<Worker>,
@@ -157,32 +205,48 @@ pub async fn handle(
     let method = req.method().clone();
     let version = req.version();
     let uri = req.uri().clone();
-    let host_value = request_host(&req);
-    let host = host_value
-        .as_ref()
-        .and_then(|v| v.to_str().ok())
-        .map(strip_port)
-        .unwrap_or("");
 
-    // From a trusted proxy, the client is the rightmost untrusted X-Forwarded-For address.
-    let client = if !snap.trusted.is_empty() && snap.trusted.contains(conn.client) {
-        client_addr::from_forwarded_for(req.headers(), &snap.trusted).unwrap_or(conn.client)
-    } else {
-        conn.client
+    let host_value = request::host(&req);
+    let host = request::host_key(host_value.as_ref().ok().and_then(Option::as_ref));
+    let checked = (|| {
+        let host_value = host_value.as_ref().map_err(|e| *e)?;
+        let path = request::path(&method, &uri)?;
+        let (client, chain) = request::client(&snap.trusted, conn.client, req.headers())?;
+        Ok::<_, Invalid>((host_value.as_ref(), path, client, chain))
+    })();
+    let (host_ref, path, client, chain) = match checked {
+        Ok(c) => c,
+        Err(e) => {
+            let e = Error::Invalid(e);
+            let resp = Response::from(&e);
+            state
+                .metrics
+                .requests
+                .with_label_values(&["none", e.outcome()])
+                .inc();
+            debug!(error = %e, "request refused");
+            log_access(
+                state,
+                &snap,
+                &conn,
+                &method,
+                version,
+                host,
+                &uri,
+                &resp,
+                "none",
+                e.outcome(),
+                start,
+            );
+            return Ok(resp);
+        }
     };
 
     let site = snap.site_for(host);
-    let verdict = snap.policy.decide(&state.temp, client);
-    // Allow-listed clients are exempt from rate limits and jails (SPEC 2).
-    let exempt = matches!(verdict, Verdict::Allow(_));
-    let refused = match verdict {
-        Verdict::Block(_) => Some(Error::Blocked),
-        _ if site.is_some_and(|s| !admitted(&snap, s, uri.path(), client)) => Some(Error::Denied),
-        _ if exempt => None,
-        _ => site.and_then(|s| rate_limited(state, s, uri.path(), client)),
-    };
-    let (resp, site_name, outcome) = match (site, refused) {
-        (site, Some(e)) => {
+    let admitted = admission::admit(state, &snap, site, client, &path);
+    let (resp, site_name, outcome) = match (site, admitted) {
+        (site, Err(refusal)) => {
+            let e = Error::from(refusal);
             let name = match site {
                 Some(s) => {
                     match e {
@@ -203,7 +267,7 @@ pub async fn handle(
             };
             (Response::from(&e), name, e.outcome())
         }
-        (None, None) => {
+        (None, Ok(_)) => {
             state
                 .metrics
                 .requests
@@ -211,24 +275,33 @@ pub async fn handle(
                 .inc();
             (Response::from(&Error::NoSite), "none", outcome::MISDIRECTED)
         }
-        (Some(site), None) => {
+        (Some(site), Ok(admitted)) => {
+            let checked = Checked {
+                client,
+                chain,
+                host: host_ref,
+                path_changed: matches!(path, Cow::Owned(_)),
+                path: &path,
+            };
             // Boxed: the forwarding future is ~2.5 KiB, and hyper moves the request future
             // (into its dispatcher, into a task per HTTP/2 stream); one allocation is cheaper.
-            let result = Box::pin(forward(
-                &worker,
-                site,
-                &conn,
-                client,
-                req,
-                host_value.as_ref(),
-            ))
-            .await;
+            let result = Box::pin(forward(&worker, site, &conn, &checked, req)).await;
             site.metrics.duration.observe(start.elapsed().as_secs_f64());
             match result {
                 Ok(resp) => {
                     site.metrics.proxied.inc();
-                    if !exempt && !site.jails.is_empty() {
-                        observe_jails(state, &snap, site, &method, host, &uri, &resp, client);
+                    if !admitted.exempt && !site.jails.is_empty() {
+                        let seen = admission::Seen {
+                            method: &method,
+                            host,
+                            path: &path,
+                            status: resp.status().as_u16(),
+                            location: resp
+                                .headers()
+                                .get(header::LOCATION)
+                                .and_then(|v| v.to_str().ok()),
+                        };
+                        admission::observe(state, &snap, site, client.ip, &seen);
                     }
                     (resp, site.site.name.as_str(), outcome::PROXIED)
                 }
@@ -245,106 +318,66 @@ pub async fn handle(
             }
         }
     };
-
-    if state.access_log.is_enabled() {
-        state.access_log.log(&Entry {
-            ts: SystemTime::now(),
-            client: LoggedIp(client, snap.config.privacy.log_ip),
-            method: method.as_str(),
-            host,
-            path: uri.path(),
-            proto: version_str(version),
-            status: resp.status().as_u16(),
-            site: site_name,
-            outcome,
-            duration: start.elapsed(),
-        });
-    }
+    let conn_client = ConnInfo {
+        client: client.ip,
+        ..conn
+    };
+    log_access(
+        state,
+        &snap,
+        &conn_client,
+        &method,
+        version,
+        host,
+        &uri,
+        &resp,
+        site_name,
+        outcome,
+        start,
+    );
     Ok(resp)
 }
 
-/// Checks the rate limit for the path (SPEC 4); `Some` when over it and not a dry run.
-fn rate_limited(state: &AppState, site: &SiteEntry, path: &str, client: IpAddr) -> Option<Error> {
-    let limiter = site.limiter_for(path);
-    let key = client_key(client, limiter.settings.ipv6_prefix);
-    let wait = limiter.check(key).err()?;
-    if limiter.settings.dry_run {
-        state.metrics.would_block_rate_limit.inc();
-        return None;
-    }
-    // Whole seconds, rounded up: retrying earlier would be refused again.
-    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-    Some(Error::RateLimited(secs.max(1)))
-}
-
-/// Counts the response against the site's jails; a jail that reaches its `hits` bans the
-/// client (or, in a dry run, counts what it would have done).
+/// One access-log line, when the log is on.
 #[allow(clippy::too_many_arguments)]
-fn observe_jails(
-    state: &Arc<AppState>,
+fn log_access(
+    state: &AppState,
     snap: &Snapshot,
-    site: &SiteEntry,
+    conn: &ConnInfo,
     method: &http::Method,
+    version: Version,
     host: &str,
     uri: &Uri,
     resp: &Response<Body>,
-    client: IpAddr,
+    site: &str,
+    outcome: &'static str,
+    start: Instant,
 ) {
-    let prefix = snap.config.rate_limit.ipv6_prefix;
-    let key = client_key(client, prefix);
-    let status = resp.status().as_u16();
-    let location = resp
-        .headers()
-        .get(header::LOCATION)
-        .and_then(|v| v.to_str().ok());
-    for jail in &site.jails {
-        if !jail.matches(method, host, uri.path(), status, location) || !jail.observe(key) {
-            continue;
-        }
-        let target = key_target(key, prefix);
-        if let Some(counter) = &jail.would_block {
-            counter.inc();
-            tracing::info!(
-                jail = %jail.config.name,
-                client = %LoggedIp(client, snap.config.privacy.log_ip),
-                "dry run: a jail would ban this client"
-            );
-            continue;
-        }
-        let state = state.clone();
-        let jail = jail.clone();
-        tokio::spawn(async move { state.jail_ban(&jail, target).await });
+    if !state.access_log.is_enabled() {
+        return;
     }
-}
-
-/// Whether `allow_only` admits the client: the longest matching route's list if it has one,
-/// else the site's; no list means everyone (SPEC 5). Membership is in the named static allow
-/// lists only.
-fn admitted(snap: &Snapshot, site: &SiteEntry, path: &str, client: IpAddr) -> bool {
-    let route = site
-        .site
-        .routes
-        .iter()
-        .filter(|r| path.starts_with(r.path.as_str()) && !r.allow_only.is_empty())
-        .max_by_key(|r| r.path.len());
-    let names = route.map_or(&site.site.allow_only, |r| &r.allow_only);
-    names.is_empty()
-        || names.iter().any(|n| {
-            snap.policy
-                .allow_list(n)
-                .is_some_and(|l| l.table.contains(client))
-        })
+    state.access_log.log(&Entry {
+        ts: SystemTime::now(),
+        client: LoggedIp(conn.client, snap.config.privacy.log_ip),
+        method: method.as_str(),
+        host,
+        path: uri.path(),
+        proto: version_str(version),
+        status: resp.status().as_u16(),
+        site,
+        outcome,
+        duration: start.elapsed(),
+    });
 }
 
 async fn forward(
     worker: &Worker,
     site: &SiteEntry,
     conn: &ConnInfo,
-    client: IpAddr,
+    checked: &Checked<'_>,
     mut req: Request<Incoming>,
-    host: Option<&HeaderValue>,
 ) -> Result<Response<Body>, Error> {
-    let upgrade = upgrade_token(&req);
+    let upgrade = request::websocket_upgrade(&req);
     let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
 
@@ -355,22 +388,20 @@ async fn forward(
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         parts.headers.insert(header::UPGRADE, token);
     }
-    add_forwarding_headers(&mut parts.headers, client, conn, host);
-    if host.is_none() {
+    add_forwarding_headers(&mut parts.headers, checked, conn);
+    if checked.host.is_none() {
         // HTTP/1.0 without Host: HTTP/1.1 upstreams need one.
         if let Ok(v) = HeaderValue::from_str(site.upstream.as_str()) {
             parts.headers.insert(header::HOST, v);
         }
     }
+    if parts.version == Version::HTTP_2 {
+        join_cookies(&mut parts.headers);
+    }
 
-    // Origin-form to the upstream: the request's path and query, nothing else.
-    if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
-        parts.uri = parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"))
-            .into();
+    // Origin-form to the upstream, with the path that was matched (SPEC 13).
+    if checked.path_changed || parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+        parts.uri = origin_form(checked.path, parts.uri.query());
     }
     // Upstreams speak HTTP/1.1 whatever the client spoke.
     parts.version = Version::HTTP_11;
@@ -408,44 +439,31 @@ async fn forward(
     Ok(resp.map(Either::Left))
 }
 
-/// The Host header, or the authority of an HTTP/2 (or absolute-form) request.
-fn request_host<B>(req: &Request<B>) -> Option<HeaderValue> {
-    if let Some(authority) = req.uri().authority() {
-        return HeaderValue::from_str(authority.as_str()).ok();
-    }
-    req.headers().get(header::HOST).cloned()
+/// `path?query` as a request target.
+fn origin_form(path: &str, query: Option<&str>) -> Uri {
+    let text = match query {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_string(),
+    };
+    http::uri::PathAndQuery::from_maybe_shared(Bytes::from(text))
+        .unwrap_or_else(|_| http::uri::PathAndQuery::from_static("/"))
+        .into()
 }
 
-/// `example.nl:8443` → `example.nl`; `[2001:db8::1]:8443` → `[2001:db8::1]`.
-pub fn strip_port(host: &str) -> &str {
-    if host.starts_with('[') {
-        return match host.find(']') {
-            Some(end) => &host[..=end],
-            None => host,
-        };
+/// HTTP/2 may split cookies into several fields (RFC 9113 8.2.3); an HTTP/1.1 upstream
+/// expects one, joined with `; `.
+fn join_cookies(headers: &mut HeaderMap) {
+    if headers.get_all(header::COOKIE).iter().nth(1).is_none() {
+        return;
     }
-    match host.rfind(':') {
-        Some(p) if host[p + 1..].bytes().all(|b| b.is_ascii_digit()) => &host[..p],
-        _ => host,
-    }
-}
-
-/// The `Upgrade` value of an HTTP/1.1 upgrade request (`Connection: upgrade`).
-fn upgrade_token<B>(req: &Request<B>) -> Option<HeaderValue> {
-    if req.version() != Version::HTTP_11 {
-        return None;
-    }
-    let wants = req
-        .headers()
-        .get_all(header::CONNECTION)
+    let joined: Vec<&[u8]> = headers
+        .get_all(header::COOKIE)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
-    if !wants {
-        return None;
+        .map(HeaderValue::as_bytes)
+        .collect();
+    if let Ok(v) = HeaderValue::from_bytes(&joined.join(&b"; "[..])) {
+        headers.insert(header::COOKIE, v);
     }
-    req.headers().get(header::UPGRADE).cloned()
 }
 
 /// Removes the hop-by-hop headers and every header the `Connection` header names.
@@ -476,39 +494,37 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::UPGRADE);
 }
 
-/// Adds X-Forwarded-For (the connection's client appended), X-Real-IP (the client as
-/// decided, which differs when a trusted proxy named it in X-Forwarded-For),
-/// X-Forwarded-Proto and X-Forwarded-Host, and sets Host to what the client asked for.
-fn add_forwarding_headers(
-    headers: &mut HeaderMap,
-    client: IpAddr,
-    conn: &ConnInfo,
-    host: Option<&HeaderValue>,
-) {
-    let mut xff = String::new();
-    for v in headers.get_all(&X_FORWARDED_FOR) {
-        if let Ok(s) = v.to_str() {
-            if !xff.is_empty() {
-                xff.push_str(", ");
+/// Sets X-Forwarded-For (SPEC 10, 15): from an untrusted peer, the peer alone, and the other
+/// client-address headers removed; from a trusted one, the believable chain (the client and
+/// the trusted proxies after it) with the peer appended. Sets X-Real-IP to the client as
+/// decided, X-Forwarded-Proto and X-Forwarded-Host, and Host to what the client asked for.
+fn add_forwarding_headers(headers: &mut HeaderMap, checked: &Checked<'_>, conn: &ConnInfo) {
+    let xff = match &checked.chain {
+        None => {
+            for name in &CLIENT_HEADERS {
+                headers.remove(name);
             }
-            xff.push_str(s.trim());
+            Ok(conn.client_value.clone())
         }
-    }
-    let xff_value = if xff.is_empty() {
-        Ok(conn.client_value.clone())
-    } else {
-        xff.push_str(", ");
-        xff.push_str(conn.client_value.to_str().unwrap_or(""));
-        HeaderValue::from_str(&xff)
+        Some(chain) => {
+            let mut text = String::with_capacity(16 * (chain.len() + 1));
+            let mut buf = [0u8; 64];
+            for ip in chain {
+                text.push_str(format_ip(*ip, &mut buf));
+                text.push_str(", ");
+            }
+            text.push_str(conn.client_value.to_str().unwrap_or(""));
+            HeaderValue::from_str(&text)
+        }
     };
-    if let Ok(v) = xff_value {
+    if let Ok(v) = xff {
         headers.insert(X_FORWARDED_FOR.clone(), v);
     }
-    let real_ip = if client == conn.client {
+    let real_ip = if checked.client.ip == conn.client {
         Ok(conn.client_value.clone())
     } else {
         let mut buf = [0u8; 64];
-        HeaderValue::from_str(format_ip(client, &mut buf))
+        HeaderValue::from_str(format_ip(checked.client.ip, &mut buf))
     };
     if let Ok(v) = real_ip {
         headers.insert(X_REAL_IP.clone(), v);
@@ -517,7 +533,7 @@ fn add_forwarding_headers(
         X_FORWARDED_PROTO.clone(),
         HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
     );
-    if let Some(host) = host {
+    if let Some(host) = checked.host {
         headers.insert(X_FORWARDED_HOST.clone(), host.clone());
         // The upstream's virtual hosts see the name the client asked for.
         headers.insert(header::HOST, host.clone());
@@ -595,14 +611,6 @@ mod tests {
     }
 
     #[test]
-    fn strips_ports_from_hosts() {
-        assert_eq!(strip_port("example.nl:8443"), "example.nl");
-        assert_eq!(strip_port("example.nl"), "example.nl");
-        assert_eq!(strip_port("[2001:db8::1]:443"), "[2001:db8::1]");
-        assert_eq!(strip_port("[2001:db8::1]"), "[2001:db8::1]");
-    }
-
-    #[test]
     fn strips_hop_by_hop_and_connection_named_headers() {
         let mut h = HeaderMap::new();
         h.insert(
@@ -618,24 +626,86 @@ mod tests {
         assert!(h.contains_key("x-end-to-end"));
     }
 
-    #[test]
-    fn appends_to_forwarded_for() {
+    fn checked<'a>(client: &str, chain: Option<Vec<IpAddr>>, host: &'a HeaderValue) -> Checked<'a> {
+        Checked {
+            client: Client {
+                ip: client.parse().unwrap(),
+                is_proxy: false,
+            },
+            chain,
+            host: Some(host),
+            path: "/",
+            path_changed: false,
+        }
+    }
+
+    fn spoofed() -> HeaderMap {
         let mut h = HeaderMap::new();
-        h.insert(&X_FORWARDED_FOR, HeaderValue::from_static("198.51.100.1"));
+        h.insert(&X_FORWARDED_FOR, HeaderValue::from_static("6.6.6.6"));
+        for name in &CLIENT_HEADERS {
+            h.insert(name, HeaderValue::from_static("6.6.6.6"));
+        }
+        h
+    }
+
+    #[test]
+    fn an_untrusted_peer_cannot_name_a_client() {
+        let mut h = spoofed();
         let conn = ConnInfo::new(
             "192.0.2.7:5555".parse().unwrap(),
             "192.0.2.7".parse().unwrap(),
             true,
         );
-        add_forwarding_headers(
-            &mut h,
-            conn.client,
-            &conn,
-            Some(&HeaderValue::from_static("a.test")),
-        );
-        assert_eq!(h[&X_FORWARDED_FOR], "198.51.100.1, 192.0.2.7");
+        let host = HeaderValue::from_static("a.test");
+        add_forwarding_headers(&mut h, &checked("192.0.2.7", None, &host), &conn);
+        assert_eq!(h[&X_FORWARDED_FOR], "192.0.2.7");
         assert_eq!(h[&X_REAL_IP], "192.0.2.7");
         assert_eq!(h[&X_FORWARDED_PROTO], "https");
         assert_eq!(h[&X_FORWARDED_HOST], "a.test");
+        for name in &CLIENT_HEADERS {
+            assert!(!h.contains_key(name), "{name}");
+        }
+    }
+
+    #[test]
+    fn a_trusted_peer_forwards_the_believable_chain() {
+        let mut h = spoofed();
+        let conn = ConnInfo::new(
+            "10.0.0.1:5555".parse().unwrap(),
+            "10.0.0.1".parse().unwrap(),
+            false,
+        );
+        let host = HeaderValue::from_static("a.test");
+        let chain = vec!["198.51.100.1".parse().unwrap(), "10.0.0.2".parse().unwrap()];
+        add_forwarding_headers(&mut h, &checked("198.51.100.1", Some(chain), &host), &conn);
+        assert_eq!(h[&X_FORWARDED_FOR], "198.51.100.1, 10.0.0.2, 10.0.0.1");
+        assert_eq!(h[&X_REAL_IP], "198.51.100.1");
+        // A trusted front proxy may set these (a CDN's CF-Connecting-IP): passed on.
+        assert!(h.contains_key("cf-connecting-ip"));
+    }
+
+    #[test]
+    fn http2_cookies_are_joined() {
+        let mut h = HeaderMap::new();
+        h.append(header::COOKIE, HeaderValue::from_static("a=1"));
+        h.append(header::COOKIE, HeaderValue::from_static("b=2"));
+        join_cookies(&mut h);
+        assert_eq!(h.get_all(header::COOKIE).iter().count(), 1);
+        assert_eq!(h[header::COOKIE], "a=1; b=2");
+    }
+
+    #[test]
+    fn invalid_requests_map_to_400_and_connect_to_405() {
+        let bad = Error::Invalid(Invalid::BadHost);
+        assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(bad.outcome(), outcome::BAD_REQUEST);
+        let connect = Error::Invalid(Invalid::Connect);
+        assert_eq!(
+            Response::from(&connect).status(),
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+        assert!(Response::from(&connect)
+            .headers()
+            .contains_key(header::ALLOW));
     }
 }

@@ -1,0 +1,156 @@
+//! The per-request decision, in one place and in this order: allow wins (SPEC 2), then
+//! block entries (3), `allow_only` (5), the rate limit (4); and once the response is known,
+//! the jails (6). It sees the request as [`crate::request`] checked it: the normalized path
+//! and the client behind trusted proxies.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use http::Method;
+
+use crate::access_log::LoggedIp;
+use crate::policy::Verdict;
+use crate::ratelimit::{client_key, key_target};
+use crate::state::{AppState, SiteEntry, Snapshot};
+
+/// Why a request is refused by the policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// A block entry holds the client (403).
+    Blocked,
+    /// Not in the `allow_only` lists of the site or route (403).
+    Denied,
+    /// Over the rate limit; may retry after this many seconds (429).
+    RateLimited(u64),
+}
+
+/// The client a decision is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Client {
+    pub ip: IpAddr,
+    /// A trusted proxy standing for itself (no X-Forwarded-For, or only trusted addresses
+    /// in it): never rate-limited or jailed on behalf of the clients behind it (SPEC 15).
+    pub is_proxy: bool,
+}
+
+/// What an admitted request is spared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admitted {
+    /// Allow-listed, or a trusted proxy: jails do not count its responses.
+    pub exempt: bool,
+}
+
+/// Decides whether a request for `path` on `site` may be forwarded.
+pub fn admit(
+    state: &AppState,
+    snap: &Snapshot,
+    site: Option<&SiteEntry>,
+    client: Client,
+    path: &str,
+) -> Result<Admitted, Refusal> {
+    let verdict = snap.policy.decide(&state.temp, client.ip);
+    if let Verdict::Block(_) = verdict {
+        return Err(Refusal::Blocked);
+    }
+    let Some(site) = site else {
+        // No site: 421, decided by the caller.
+        return Ok(Admitted { exempt: true });
+    };
+    if !allowed_only(snap, site, path, client.ip) {
+        return Err(Refusal::Denied);
+    }
+    let exempt = matches!(verdict, Verdict::Allow(_)) || client.is_proxy;
+    if !exempt {
+        rate_limit(state, site, path, client.ip)?;
+    }
+    Ok(Admitted { exempt })
+}
+
+/// A forwarded request and its response, as the jails see them.
+pub struct Seen<'a> {
+    pub method: &'a Method,
+    /// The host without port or trailing dot.
+    pub host: &'a str,
+    /// The normalized path.
+    pub path: &'a str,
+    pub status: u16,
+    pub location: Option<&'a str>,
+}
+
+/// Counts a response against the site's jails; a jail that reaches its `hits` bans the
+/// client (in a dry run, counts what it would have done). Exempt clients are not counted.
+pub fn observe(
+    state: &Arc<AppState>,
+    snap: &Snapshot,
+    site: &SiteEntry,
+    client: IpAddr,
+    seen: &Seen,
+) {
+    let prefix = snap.config.rate_limit.ipv6_prefix;
+    let key = client_key(client, prefix);
+    for jail in &site.jails {
+        if !jail.matches(
+            seen.method,
+            seen.host,
+            seen.path,
+            seen.status,
+            seen.location,
+        ) || !jail.observe(key)
+        {
+            continue;
+        }
+        let target = key_target(key, prefix);
+        if let Some(counter) = &jail.would_block {
+            counter.inc();
+            tracing::info!(
+                jail = %jail.config.name,
+                client = %LoggedIp(client, snap.config.privacy.log_ip),
+                "dry run: a jail would ban this client"
+            );
+            continue;
+        }
+        let state = state.clone();
+        let jail = jail.clone();
+        tokio::spawn(async move { state.jail_ban(&jail, target).await });
+    }
+}
+
+/// Whether `allow_only` admits the client: the longest matching route's list if it has one,
+/// else the site's; no list means everyone (SPEC 5). Membership is in the named static allow
+/// lists only.
+fn allowed_only(snap: &Snapshot, site: &SiteEntry, path: &str, client: IpAddr) -> bool {
+    let route = site
+        .site
+        .routes
+        .iter()
+        .filter(|r| path.starts_with(r.path.as_str()) && !r.allow_only.is_empty())
+        .max_by_key(|r| r.path.len());
+    let names = route.map_or(&site.site.allow_only, |r| &r.allow_only);
+    names.is_empty()
+        || names.iter().any(|n| {
+            snap.policy
+                .allow_list(n)
+                .is_some_and(|l| l.table.contains(client))
+        })
+}
+
+/// Checks the rate limit for the path (SPEC 4); refused when over it and not a dry run.
+fn rate_limit(
+    state: &AppState,
+    site: &SiteEntry,
+    path: &str,
+    client: IpAddr,
+) -> Result<(), Refusal> {
+    let limiter = site.limiter_for(path);
+    let key = client_key(client, limiter.settings.ipv6_prefix);
+    let Err(wait) = limiter.check(key) else {
+        return Ok(());
+    };
+    if limiter.settings.dry_run {
+        state.metrics.would_block_rate_limit.inc();
+        return Ok(());
+    }
+    // Whole seconds, rounded up: retrying earlier would be refused again.
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    Err(Refusal::RateLimited(secs.max(1)))
+}
