@@ -78,26 +78,47 @@ impl TestCa {
 /// - anything else: a JSON echo of method, path, version and headers.
 pub struct Upstream {
     pub addr: SocketAddr,
+    /// `METHOD target` of every request received, in order.
+    pub seen: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Upstream {
     pub async fn start() -> Upstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let seen: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+        let log = seen.clone();
         tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
                     continue;
                 };
+                let log = log.clone();
                 tokio::spawn(async move {
+                    let service = service_fn(move |req: Request<Incoming>| {
+                        log.lock()
+                            .unwrap()
+                            .push(format!("{} {}", req.method(), req.uri()));
+                        upstream_handle(req)
+                    });
                     let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tcp), service_fn(upstream_handle))
+                        .serve_connection(TokioIo::new(tcp), service)
                         .with_upgrades()
                         .await;
                 });
             }
         });
-        Upstream { addr }
+        Upstream { addr, seen }
+    }
+
+    /// How many requests the upstream has received.
+    pub fn count(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+
+    /// The last request the upstream received (`METHOD target`).
+    pub fn last(&self) -> Option<String> {
+        self.seen.lock().unwrap().last().cloned()
     }
 }
 
