@@ -22,8 +22,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{debug, info};
 
+use crate::clock::now_ms;
 use crate::config::{self, Action};
-use crate::policy::temporary::{now_ms, Entry};
+use crate::policy::temporary::Entry;
 use crate::policy::{Rule, Verdict};
 use crate::state::AppState;
 use crate::store::action_name;
@@ -408,7 +409,7 @@ fn client_state(state: &AppState, ip: IpAddr, erase: bool) -> serde_json::Value 
     let snap = state.snapshot.load();
     let mut limits = Vec::new();
     for (rule, l) in &snap.limiters {
-        let key = crate::ratelimit::client_key(ip, l.settings.ipv6_prefix);
+        let key = crate::clients::client_key(ip, l.settings.ipv6_prefix);
         if l.is_tracked(key) {
             limits.push(serde_json::json!({ "rule": rule }));
             if erase {
@@ -416,7 +417,7 @@ fn client_state(state: &AppState, ip: IpAddr, erase: bool) -> serde_json::Value 
             }
         }
     }
-    let key = crate::ratelimit::client_key(ip, snap.config.rate_limit.ipv6_prefix);
+    let key = crate::clients::client_key(ip, snap.config.rate_limit.ipv6_prefix);
     let mut jails = Vec::new();
     for (name, j) in &snap.jails {
         if let Some(c) = j.counter(key) {

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use http::Method;
 
 use crate::access_log::LoggedIp;
+use crate::clients::{client_key, key_target};
 use crate::policy::Verdict;
-use crate::ratelimit::{client_key, key_target};
 use crate::state::{AppState, SiteEntry, Snapshot};
 
 /// Why a request is refused by the policy.

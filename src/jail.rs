@@ -9,9 +9,9 @@ use std::time::Duration;
 use http::Method;
 use prometheus::IntCounter;
 
+use crate::clients::{BoundedMap, ClientKey, Touched};
+use crate::clock::now_ms;
 use crate::config;
-use crate::policy::temporary::now_ms;
-use crate::ratelimit::{BoundedMap, ClientKey, Touched};
 
 /// A client's failures in its current window.
 #[derive(Debug, Default, Clone)]

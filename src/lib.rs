@@ -30,6 +30,8 @@ pub mod admin;
 pub mod admission;
 pub mod cli;
 pub mod client_addr;
+pub mod clients;
+pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod host;
@@ -117,7 +119,7 @@ impl Gateway {
         let state_dir = config.gateway.state_dir.clone();
         let snapshot = Snapshot::build(config, &metrics, None)?;
         let store = Arc::new(store::Store::open(&state_dir)?);
-        let loaded = store.load(policy::temporary::now_ms())?;
+        let loaded = store.load(clock::now_ms())?;
         let state = AppState::new(snapshot, metrics, admin_token, Some(store));
         let n = loaded.len();
         for (action, target, entry) in loaded {

@@ -12,11 +12,12 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
 use crate::access_log::AccessLog;
+use crate::clock::now_ms;
 use crate::config::{Action, Config, Errors, Report, Site};
 use crate::jail::Jail;
 use crate::metrics::{Metrics, SiteMetrics};
 use crate::policy::table::CidrTable;
-use crate::policy::temporary::{now_ms, Entry, TempEntries};
+use crate::policy::temporary::{Entry, TempEntries};
 use crate::policy::Policy;
 use crate::ratelimit::Limiter;
 use crate::store::{self, Store};

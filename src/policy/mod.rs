@@ -174,7 +174,8 @@ pub fn load_list_file(path: &Path, key: &str, out: &mut Vec<IpNet>, report: &mut
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::temporary::{now_ms, Entry};
+    use crate::clock::now_ms;
+    use crate::policy::temporary::Entry;
 
     fn policy(lists: &str) -> Policy {
         let text = format!("[[listener]]\naddr = \"127.0.0.1:0\"\n[[site]]\nhosts = [\"*\"]\nupstream = \"http://127.0.0.1:9\"\n{lists}");

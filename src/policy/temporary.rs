@@ -3,23 +3,15 @@
 //! longest first; which lengths are in use is a bitmask read without locking. Expiry is
 //! checked on every read, so an entry never matches after it expires; `sweep` frees them.
 
+use crate::clock::now_ms;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use crate::config::Action;
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 /// One temporary entry: 24 bytes, so a million fit in well under 128 MB. Who made it and
 /// why live behind one shared pointer (a jail's bans share theirs).
