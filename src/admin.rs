@@ -27,7 +27,6 @@ use crate::config::{self, Action};
 use crate::policy::temporary::Entry;
 use crate::policy::{Rule, Verdict};
 use crate::state::AppState;
-use crate::store::action_name;
 
 /// Reads the admin token, or writes a new random one (mode 0600) when the file does not
 /// exist yet, so a fresh install has a secret nobody chose and nothing is shipped.
@@ -169,8 +168,8 @@ impl EntryView {
     fn temporary(action: Action, target: IpNet, e: &Entry) -> EntryView {
         EntryView {
             target: target.to_string(),
-            action: action_name(action).into(),
-            list: action_name(action).into(),
+            action: action.to_string(),
+            list: action.to_string(),
             source: e.source().to_string(),
             reason: e.reason().map(str::to_string),
             expires_at: Some(rfc3339(e.expires_at)),
@@ -180,7 +179,7 @@ impl EntryView {
     fn config(action: Action, list: &str, target: IpNet) -> EntryView {
         EntryView {
             target: target.to_string(),
-            action: action_name(action).into(),
+            action: action.to_string(),
             list: list.to_string(),
             source: "config".into(),
             reason: None,
@@ -258,7 +257,7 @@ async fn v1(state: &AppState, req: Request<Incoming>) -> Response<AdminBody> {
             }
         }
         (Method::GET, p) if p.starts_with("/v1/ips/") => match parse_ip(&p[8..]) {
-            Ok(ip) => json(StatusCode::OK, &lookup(state, ip).await),
+            Ok(ip) => lookup(state, ip).await,
             Err(e) => json_error(StatusCode::BAD_REQUEST, &e),
         },
         (Method::DELETE, p) if p.starts_with("/v1/ips/") => match parse_ip(&p[8..]) {
@@ -292,11 +291,7 @@ async fn v1(state: &AppState, req: Request<Incoming>) -> Response<AdminBody> {
 }
 
 fn parse_action(a: &str) -> Result<Action, String> {
-    match a {
-        "block" => Ok(Action::Block),
-        "allow" => Ok(Action::Allow),
-        other => Err(format!("'{other}': action is \"block\" or \"allow\"")),
-    }
+    a.parse()
 }
 
 fn parse_ip(text: &str) -> Result<IpAddr, String> {
@@ -432,26 +427,10 @@ fn client_state(state: &AppState, ip: IpAddr, erase: bool) -> serde_json::Value 
     serde_json::json!({ "rate_limits": limits, "jail_counters": jails })
 }
 
-/// Offense history held for `ip` (its address or IPv6 prefix), erased when `erase`.
-async fn offenses(state: &AppState, ip: IpAddr, erase: bool) -> serde_json::Value {
-    let Some(store) = state.store.clone() else {
-        return serde_json::json!([]);
-    };
-    let targets = own_targets(state, ip);
-    let held = tokio::task::spawn_blocking(move || {
-        let held = store.offenses(ip).unwrap_or_default();
-        let held: Vec<_> = held
-            .into_iter()
-            .filter(|(_, t, _)| targets.contains(t))
-            .collect();
-        if erase {
-            let _ = store.forget_offenses(&targets);
-        }
-        held
-    })
-    .await
-    .unwrap_or_default();
-    serde_json::Value::Array(
+/// Offense history held for `ip` (its address or IPv6 prefix), as JSON.
+async fn offenses(state: &AppState, ip: IpAddr) -> Result<serde_json::Value, crate::store::Error> {
+    let held = state.offenses(ip, own_targets(state, ip)).await?;
+    Ok(serde_json::Value::Array(
         held.into_iter()
             .map(|(jail, target, times)| {
                 serde_json::json!({
@@ -461,17 +440,20 @@ async fn offenses(state: &AppState, ip: IpAddr, erase: bool) -> serde_json::Valu
                 })
             })
             .collect(),
-    )
+    ))
 }
 
 /// The decision for `ip`, the rule that made it, and every datum held about it.
-async fn lookup(state: &AppState, ip: IpAddr) -> serde_json::Value {
+async fn lookup(state: &AppState, ip: IpAddr) -> Response<AdminBody> {
     let mut v = decision(state, ip);
     let client = client_state(state, ip, false);
     v["rate_limits"] = client["rate_limits"].clone();
     v["jail_counters"] = client["jail_counters"].clone();
-    v["offenses"] = offenses(state, ip, false).await;
-    v
+    match offenses(state, ip).await {
+        Ok(o) => v["offenses"] = o,
+        Err(e) => return json_error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    }
+    json(StatusCode::OK, &v)
 }
 
 /// The decision for `ip`, the rule that made it, and the entries that concern it.
@@ -504,7 +486,7 @@ fn decision(state: &AppState, ip: IpAddr) -> serde_json::Value {
                     None => serde_json::Value::Null,
                 },
             };
-            (action_name(action), rule)
+            (action.as_str(), rule)
         }
     };
     let temporary: Vec<EntryView> = [Action::Block, Action::Allow]
@@ -543,7 +525,14 @@ fn decision(state: &AppState, ip: IpAddr) -> serde_json::Value {
 async fn forget(state: &AppState, ip: IpAddr) -> Response<AdminBody> {
     let targets = own_targets(state, ip);
     let client = client_state(state, ip, true);
-    let offenses = offenses(state, ip, true).await;
+    // Read, then erase: an erasure the store refused is reported as a failure, never as done.
+    let offenses = match offenses(state, ip).await {
+        Ok(o) => o,
+        Err(e) => return json_error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    };
+    if let Err(e) = state.forget_offenses(targets.clone()).await {
+        return json_error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
+    }
     let pairs: Vec<(Action, IpNet)> = targets
         .iter()
         .flat_map(|&t| [(Action::Block, t), (Action::Allow, t)])

@@ -13,7 +13,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 
 use crate::admin::EntryView;
-use crate::config::{Config, DEFAULT_CONFIG_PATH};
+use crate::config::{Action, Config, DEFAULT_CONFIG_PATH};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -177,9 +177,9 @@ pub async fn admin_command(cli: &Cli, command: &Command) -> anyhow::Result<()> {
     match command {
         Command::Ban(a) | Command::Allow(a) => {
             let action = if matches!(command, Command::Ban(_)) {
-                "block"
+                Action::Block
             } else {
-                "allow"
+                Action::Allow
             };
             let body = serde_json::json!({
                 "target": a.target, "action": action, "ttl": a.ttl, "reason": a.reason,
@@ -191,7 +191,7 @@ pub async fn admin_command(cli: &Cli, command: &Command) -> anyhow::Result<()> {
             let e: EntryView = serde_json::from_slice(&bytes)?;
             println!(
                 "{} {} until {}",
-                if action == "block" {
+                if action == Action::Block {
                     "blocked"
                 } else {
                     "allowed"
@@ -202,9 +202,9 @@ pub async fn admin_command(cli: &Cli, command: &Command) -> anyhow::Result<()> {
         }
         Command::Unban { target } | Command::Disallow { target } => {
             let action = if matches!(command, Command::Unban { .. }) {
-                "block"
+                Action::Block
             } else {
-                "allow"
+                Action::Allow
             };
             let path = format!("/v1/entries?target={}&action={action}", encode(target));
             let (status, bytes) = client.call(Method::DELETE, &path, None).await?;

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ipnet::IpNet;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// One problem in a config file, list file or certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -360,10 +360,42 @@ pub struct RateLimit {
     pub dry_run: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What an entry or list does: the one place its names are parsed and written (config,
+/// store, admin API and CLI all use these).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Action {
     Allow,
     Block,
+}
+
+impl Action {
+    pub const ALL: [Action; 2] = [Action::Block, Action::Allow];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Block => "block",
+            Action::Allow => "allow",
+        }
+    }
+}
+
+impl std::fmt::Display for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Action {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Action, String> {
+        match s {
+            "block" => Ok(Action::Block),
+            "allow" => Ok(Action::Allow),
+            other => Err(format!("'{other}': action is \"block\" or \"allow\"")),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -562,14 +594,10 @@ fn compile(raw: RawConfig, source: &Path, base: &Path, r: &mut Report) -> Config
     let mut lists = Vec::new();
     for (name, l) in &raw.lists {
         let key = format!("lists.{name}");
-        let action = match l.action.as_str() {
-            "allow" => Action::Allow,
-            "block" => Action::Block,
-            other => {
-                r.key(
-                    &format!("{key}.action"),
-                    format!("'{other}': expected \"allow\" or \"block\""),
-                );
+        let action = match l.action.parse::<Action>() {
+            Ok(a) => a,
+            Err(e) => {
+                r.key(&format!("{key}.action"), e);
                 Action::Block
             }
         };

@@ -2,28 +2,30 @@
 //! into practice on the hot path.
 //!
 //! # Layout
-//! A request flows top to bottom:
+//! A request flows top to bottom, each module using only the ones below it:
 //! - [`worker`]: one thread per CPU, each with its own event loop, listening sockets and
 //!   upstream pool; a connection never leaves the thread that accepted it.
 //! - [`listener`]: accepts client connections, enforces the connection cap, closes blocked
-//!   clients before TLS, runs TLS ([`tls`]) and serves HTTP/1.1 and HTTP/2 under limits.
-//! - [`client_addr`]: who the client is: peer, PROXY header, trusted X-Forwarded-For.
-//! - [`policy`]: static lists, temporary entries and the allow/block decision.
-//! - [`proxy`]: picks the site by Host, applies the request-level decision and `allow_only`,
-//!   rewrites headers, forwards, streams bodies and upgrades, maps failures to 502 and 504.
+//!   clients before TLS ([`client_addr`]: the peer or the PROXY header's source), runs TLS
+//!   ([`tls`]) and serves HTTP/1.1 and HTTP/2 under the limits.
+//! - [`proxy`]: one request: checks it ([`request`]: one valid [`host`], the [`path`] in normal
+//!   form, the client behind trusted proxies), picks the site, asks [`admission`], rewrites
+//!   the headers, forwards, streams bodies and WebSocket upgrades, maps failures to statuses.
+//! - [`admission`]: the per-request decision, in order: allow wins, block entries,
+//!   `allow_only`, the rate limit ([`ratelimit`]); then the jails ([`jail`]) see the response
+//!   and ban through the state.
 //! - [`upstream`]: each worker's keep-alive connections to the sites' web servers.
 //!
-//! Around it:
-//! - [`config`]: the TOML file, raw and compiled, with every error named by file, key, line.
-//! - [`state`]: the shared [`state::AppState`] and the swappable compiled [`state::Snapshot`].
-//! - [`store`]: the embedded database (redb) that makes temporary entries durable.
-//! - [`admin`]: the admin listener (health, metrics, the `/v1` API).
-//! - [`metrics`]: the Prometheus registry owned by the state.
-//! - [`access_log`]: JSON lines on stdout, client addresses as `privacy.log_ip` says.
-//! - [`shutdown`]: signals; [`watcher`]: re-reads changed list and certificate files.
-//! - [`ratelimit`] and [`jail`]: per-client limits and bans, with bounded state.
-//! - [`demo`]: the built-in demo upstream of the quick start.
-//! - [`cli`]: the command line.
+//! Shared by all of them:
+//! - [`state`]: the shared [`state::AppState`] (the one door every change goes through) and the
+//!   swappable compiled [`state::Snapshot`]; it compiles [`config`] into [`policy`] (static lists,
+//!   temporary entries, the allow/block decision), limiters and jails.
+//! - [`store`]: the state store interface and its embedded implementation (redb).
+//! - [`clients`]: the client key (IPv6 per prefix) and the bounded per-client map;
+//!   [`clock`]: the clock every expiry is measured on.
+//! - [`admin`]: the admin listener (health, metrics, the `/v1` API); [`cli`]: the command line.
+//! - [`metrics`], [`access_log`], [`shutdown`] (signals), [`watcher`] (changed list and
+//!   certificate files), [`demo`] (the quick start's demo upstream).
 
 pub mod access_log;
 pub mod admin;
@@ -118,9 +120,9 @@ impl Gateway {
         }
         let state_dir = config.gateway.state_dir.clone();
         let snapshot = Snapshot::build(config, &metrics, None)?;
-        let store = Arc::new(store::Store::open(&state_dir)?);
-        let loaded = store.load(clock::now_ms())?;
-        let state = AppState::new(snapshot, metrics, admin_token, Some(store));
+        let store = store::Store::open(&state_dir)?;
+        let loaded = store.load(clock::now_ms()).await?;
+        let state = AppState::new(snapshot, metrics, admin_token, store);
         let n = loaded.len();
         for (action, target, entry) in loaded {
             state.temp.table(action).insert(target, entry);

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::unix::AsyncFd;
@@ -17,31 +17,10 @@ use tracing::{debug, error, warn};
 
 use crate::access_log::LoggedIp;
 use crate::client_addr;
-use crate::config::{self, Limits};
+use crate::config;
 use crate::policy::Verdict;
-use crate::proxy::{self, ConnInfo};
+use crate::proxy::{self, ConnInfo, Context};
 use crate::state::AppState;
-use crate::worker::Worker;
-
-/// The HTTP server settings every client connection gets.
-pub fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(limits.max_header_bytes)
-        // One flat buffer per write: send(2) instead of writev(2), cheaper on the kernel side.
-        .writev(false)
-        .keep_alive(true);
-    b.http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-        .max_concurrent_streams(limits.http2_max_streams)
-        // Peers that stop answering pings are dropped.
-        .keep_alive_interval(Some(std::time::Duration::from_secs(30)))
-        .keep_alive_timeout(std::time::Duration::from_secs(20));
-    b
-}
 
 /// A listening socket whose accepted connections are not registered with the event loop
 /// until they are admitted: refusing a client costs accept, one setsockopt and close, with
@@ -73,7 +52,7 @@ impl Acceptor {
 
 /// Accepts on one listener until `stop` turns true.
 pub async fn accept_loop(
-    worker: Arc<Worker>,
+    worker: Arc<Context>,
     listener: std::net::TcpListener,
     conf: config::Listener,
     graceful: &GracefulShutdown,
@@ -208,7 +187,7 @@ async fn proxied_client(
 }
 
 async fn serve_tls(
-    worker: &Arc<Worker>,
+    worker: &Arc<Context>,
     builder: &auto::Builder<TokioExecutor>,
     tcp: TcpStream,
     info: ConnInfo,
@@ -238,7 +217,7 @@ async fn serve_tls(
 }
 
 async fn serve<I>(
-    worker: &Arc<Worker>,
+    worker: &Arc<Context>,
     builder: &auto::Builder<TokioExecutor>,
     io: TokioIo<I>,
     info: ConnInfo,

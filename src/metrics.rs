@@ -44,6 +44,8 @@ pub struct Metrics {
     pub would_block: IntCounterVec,
     /// `ipgate_would_block_total{rule="rate_limit"}`, resolved once.
     pub would_block_rate_limit: IntCounter,
+    /// `ipgate_store_errors_total`: writes (and reads) the store refused.
+    pub store_errors: IntCounter,
     pub connections_open: IntGauge,
     pub access_log_dropped: IntCounter,
 }
@@ -126,6 +128,14 @@ impl Metrics {
                 "ipgate_upstream_errors_total",
                 "Failed upstream requests, by site and kind (connect, timeout, protocol).",
                 &["site", "kind"],
+            ),
+            store_errors: reg(
+                &registry,
+                IntCounter::new(
+                    "ipgate_store_errors_total",
+                    "State store operations that failed (a write the disk refused, say).",
+                )
+                .expect("valid metric"),
             ),
             tls_handshake_errors: reg(
                 &registry,

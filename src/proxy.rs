@@ -22,10 +22,16 @@ use crate::metrics::outcome;
 use crate::request::{self, Invalid};
 use crate::state::{AppState, SiteEntry, Snapshot};
 use crate::upstream;
-use crate::worker::Worker;
 
 /// Response bodies: the upstream's, streamed, or a short one of ipgate's own.
 pub type Body = Either<Incoming, Full<Bytes>>;
+
+/// What one worker thread's requests share: the gateway state and the thread's own upstream
+/// pool (see [`crate::worker`]).
+pub struct Context {
+    pub state: Arc<AppState>,
+    pub upstream: Arc<upstream::Pool>,
+}
 
 /// What the request path knows about the connection a request came on.
 #[derive(Debug, Clone)]
@@ -195,7 +201,7 @@ struct Checked<'a> {
 
 /// Serves one request from a client connection.
 pub async fn handle(
-    worker: Arc<Worker>,
+    worker: Arc<Context>,
     conn: ConnInfo,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
@@ -371,7 +377,7 @@ fn log_access(
 }
 
 async fn forward(
-    worker: &Worker,
+    worker: &Context,
     site: &SiteEntry,
     conn: &ConnInfo,
     checked: &Checked<'_>,

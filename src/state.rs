@@ -161,7 +161,7 @@ impl Snapshot {
             });
         }
         Ok(Snapshot {
-            http: Arc::new(crate::listener::http_builder(&config.limits)),
+            http: Arc::new(http_builder(&config.limits)),
             trusted: CidrTable::new(config.gateway.trusted_proxies.clone()),
             limiters,
             jails,
@@ -187,6 +187,28 @@ impl Snapshot {
     }
 }
 
+/// The HTTP server settings every client connection gets.
+pub fn http_builder(
+    limits: &crate::config::Limits,
+) -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
+    let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes)
+        // One flat buffer per write: send(2) instead of writev(2), cheaper on the kernel side.
+        .writev(false)
+        .keep_alive(true);
+    b.http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(limits.http2_max_streams)
+        // Peers that stop answering pings are dropped.
+        .keep_alive_interval(Some(std::time::Duration::from_secs(30)))
+        .keep_alive_timeout(std::time::Duration::from_secs(20));
+    b
+}
+
 /// The rule of the previous snapshot named `name`, if `same` says its settings are unchanged:
 /// kept, client state and all, across a reload.
 fn kept<T>(
@@ -207,8 +229,8 @@ pub struct AppState {
     pub draining: AtomicBool,
     pub admin_token: Option<String>,
     pub temp: TempEntries,
-    /// Durable home of the temporary entries (`None` only in `check`-style uses).
-    pub store: Option<Arc<Store>>,
+    /// Durable home of the temporary entries and the offense history.
+    pub store: Store,
 }
 
 impl AppState {
@@ -216,7 +238,7 @@ impl AppState {
         snapshot: Snapshot,
         metrics: Arc<Metrics>,
         admin_token: Option<String>,
-        store: Option<Arc<Store>>,
+        store: Store,
     ) -> Self {
         let access_log = AccessLog::stdout(
             snapshot.config.access_log,
@@ -243,12 +265,7 @@ impl AppState {
         target: ipnet::IpNet,
         entry: Entry,
     ) -> Result<(), store::Error> {
-        if let Some(store) = self.store.clone() {
-            let e = entry.clone();
-            tokio::task::spawn_blocking(move || store.put(action, target, &e))
-                .await
-                .map_err(|e| store::Error::from(e.to_string()))??;
-        }
+        self.store.put(action, target, entry.clone()).await?;
         if action == Action::Block {
             self.metrics.bans.with_label_values(&[entry.source()]).inc();
         }
@@ -271,11 +288,7 @@ impl AppState {
                 }
             }
         }
-        if let Some(store) = self.store.clone() {
-            tokio::task::spawn_blocking(move || store.delete(&targets))
-                .await
-                .map_err(|e| store::Error::from(e.to_string()))??;
-        }
+        self.store.delete(targets).await?;
         self.publish_temporary_gauges();
         Ok(removed)
     }
@@ -291,17 +304,23 @@ impl AppState {
             )
         };
         let now = now_ms();
-        let earlier = match self.store.clone() {
-            Some(store) => {
-                let name = jail.config.name.clone();
-                let ms = retention.as_millis() as u64;
-                tokio::task::spawn_blocking(move || store.record_offense(&name, target, now, ms))
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-                    .unwrap_or(0)
+        let ms = retention.as_millis() as u64;
+        let earlier = match self
+            .store
+            .record_offense(jail.config.name.clone(), target, now, ms)
+            .await
+        {
+            Ok(n) => n,
+            Err(e) => {
+                // The ban still holds; only its length may be too short. Said, not hidden.
+                self.metrics.store_errors.inc();
+                tracing::error!(
+                    jail = %jail.config.name,
+                    error = %e,
+                    "cannot read or record the offense history: banning as a first offense"
+                );
+                0
             }
-            None => 0,
         };
         let ban = jail.ban_for(earlier, retention);
         let reason = format!(
@@ -325,9 +344,27 @@ impl AppState {
                 "banned"
             ),
             Err(e) => {
+                self.metrics.store_errors.inc();
                 tracing::error!(jail = %jail.config.name, error = %e, "could not store a ban")
             }
         }
+    }
+
+    /// The offense history held under exactly these targets (an address, its IPv6 prefix).
+    pub async fn offenses(
+        &self,
+        ip: std::net::IpAddr,
+        targets: Vec<ipnet::IpNet>,
+    ) -> Result<Vec<store::Offenses>, store::Error> {
+        self.store.offenses(ip, targets).await
+    }
+
+    /// Erases the offense history under these targets; returns how many records went.
+    pub async fn forget_offenses(&self, targets: Vec<ipnet::IpNet>) -> Result<usize, store::Error> {
+        self.store
+            .forget(targets)
+            .await
+            .inspect_err(|_| self.metrics.store_errors.inc())
     }
 
     /// Forgets offense times older than `privacy.max_retention`.
@@ -339,13 +376,9 @@ impl AppState {
             .privacy
             .max_retention
             .as_millis() as u64;
-        if let Some(store) = self.store.clone() {
-            let now = now_ms();
-            if let Ok(Err(e)) =
-                tokio::task::spawn_blocking(move || store.prune_offenses(now, retention)).await
-            {
-                tracing::warn!(error = %e, "could not prune the offense history");
-            }
+        if let Err(e) = self.store.prune(now_ms(), retention).await {
+            self.metrics.store_errors.inc();
+            tracing::warn!(error = %e, "could not prune the offense history");
         }
     }
 
@@ -382,12 +415,12 @@ impl AppState {
             return;
         }
         self.publish_temporary_gauges();
-        if let Some(store) = self.store.clone() {
-            let n = gone.len();
-            match tokio::task::spawn_blocking(move || store.delete(&gone)).await {
-                Ok(Ok(_)) => tracing::debug!(entries = n, "expired entries removed"),
-                Ok(Err(e)) => tracing::warn!(error = %e, "could not delete expired entries"),
-                Err(e) => tracing::warn!(error = %e, "could not delete expired entries"),
+        let n = gone.len();
+        match self.store.delete(gone).await {
+            Ok(_) => tracing::debug!(entries = n, "expired entries removed"),
+            Err(e) => {
+                self.metrics.store_errors.inc();
+                tracing::warn!(error = %e, "could not delete expired entries")
             }
         }
     }
@@ -410,7 +443,7 @@ impl AppState {
         for action in [Action::Block, Action::Allow] {
             self.metrics
                 .list_entries
-                .with_label_values(&[store::action_name(action), "temporary"])
+                .with_label_values(&[action.as_str(), "temporary"])
                 .set(self.temp.table(action).len() as i64);
         }
     }

@@ -1,10 +1,13 @@
-//! The embedded state store (redb, ACID, under `gateway.state_dir`): temporary entries are
-//! written and committed (fsync) before the admin API acknowledges them, loaded at start
-//! with expired ones dropped, and deleted when they expire, so nothing about an address
-//! stays on disk longer than in memory. Every call blocks: use it from `spawn_blocking`.
+//! The state store behind one interface ([`Store`]): temporary entries and offense history,
+//! put, deleted, loaded, counted, forgotten and pruned. Today one implementation, the
+//! embedded database ([`Redb`]: ACID, under `gateway.state_dir`): entries are committed
+//! (fsync) before the admin API acknowledges them, loaded at start with expired ones dropped,
+//! and deleted when they expire, so nothing about an address stays on disk longer than in
+//! memory. `Store` runs the blocking database calls on tokio's blocking pool itself.
 
 use std::net::IpAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -18,21 +21,109 @@ const ENTRIES: TableDefinition<&str, &[u8]> = TableDefinition::new("entries");
 /// `"JAIL TARGET"` → JSON list of offense times (ms), none older than `max_retention`.
 const OFFENSES: TableDefinition<&str, &[u8]> = TableDefinition::new("offenses");
 
+/// Why the store could not do what it was asked.
 #[derive(Debug, thiserror::Error)]
-#[error("state store: {0}")]
-pub struct Error(String);
-
-impl From<String> for Error {
-    fn from(s: String) -> Self {
-        Error(s)
-    }
+pub enum Error {
+    #[error("cannot create {}: {source}", path.display())]
+    CreateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot open {}: {source}", path.display())]
+    Open { path: PathBuf, source: redb::Error },
+    #[error("state store: {0}")]
+    Db(#[from] redb::Error),
+    #[error("state store: cannot encode a record: {0}")]
+    Encode(#[from] serde_json::Error),
+    #[error("state store: the writer task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
 }
 
 fn err(e: impl Into<redb::Error>) -> Error {
-    Error(e.into().to_string())
+    Error::Db(e.into())
 }
 
-pub struct Store {
+/// A temporary entry as the store returns it.
+pub type Loaded = (Action, IpNet, Entry);
+
+/// An offense record: jail, target, offense times (ms).
+pub type Offenses = (String, IpNet, Vec<u64>);
+
+/// The state store, whatever keeps it. Every method may wait on disk: never call it from a
+/// request's decision, only from the tasks that change state.
+#[derive(Clone)]
+pub enum Store {
+    /// The embedded database under `gateway.state_dir`.
+    Local(Arc<Redb>),
+}
+
+impl Store {
+    /// Opens the embedded store under `dir`.
+    pub fn open(dir: &Path) -> Result<Store, Error> {
+        Ok(Store::Local(Arc::new(Redb::open(dir)?)))
+    }
+
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Redb) -> Result<T, Error> + Send + 'static,
+    ) -> Result<T, Error> {
+        match self {
+            Store::Local(db) => {
+                let db = db.clone();
+                tokio::task::spawn_blocking(move || f(&db)).await?
+            }
+        }
+    }
+
+    /// Writes an entry durably (returns once it is on disk).
+    pub async fn put(&self, action: Action, target: IpNet, entry: Entry) -> Result<(), Error> {
+        self.run(move |db| db.put(action, target, &entry)).await
+    }
+
+    /// Deletes entries durably; returns how many existed.
+    pub async fn delete(&self, targets: Vec<(Action, IpNet)>) -> Result<usize, Error> {
+        self.run(move |db| db.delete(&targets)).await
+    }
+
+    /// Every entry still live at `now`; expired ones are deleted on the way.
+    pub async fn load(&self, now: u64) -> Result<Vec<Loaded>, Error> {
+        self.run(move |db| db.load(now)).await
+    }
+
+    /// Records an offense; returns the number of earlier ones within `retention` ms.
+    pub async fn record_offense(
+        &self,
+        jail: String,
+        target: IpNet,
+        now: u64,
+        retention: u64,
+    ) -> Result<usize, Error> {
+        self.run(move |db| db.record_offense(&jail, target, now, retention))
+            .await
+    }
+
+    /// The offense history held under exactly these targets.
+    pub async fn offenses(&self, ip: IpAddr, targets: Vec<IpNet>) -> Result<Vec<Offenses>, Error> {
+        let held = self.run(move |db| db.offenses(ip)).await?;
+        Ok(held
+            .into_iter()
+            .filter(|(_, t, _)| targets.contains(t))
+            .collect())
+    }
+
+    /// Erases the offense history of these targets; returns how many records went.
+    pub async fn forget(&self, targets: Vec<IpNet>) -> Result<usize, Error> {
+        self.run(move |db| db.forget_offenses(&targets)).await
+    }
+
+    /// Drops offense times older than `retention` ms.
+    pub async fn prune(&self, now: u64, retention: u64) -> Result<(), Error> {
+        self.run(move |db| db.prune_offenses(now, retention)).await
+    }
+}
+
+/// The embedded database. Every call blocks.
+pub struct Redb {
     db: Database,
 }
 
@@ -45,34 +136,32 @@ struct Stored {
 }
 
 fn key(action: Action, target: IpNet) -> String {
-    format!("{} {target}", action_name(action))
+    format!("{action} {target}")
 }
 
-pub fn action_name(action: Action) -> &'static str {
-    match action {
-        Action::Block => "block",
-        Action::Allow => "allow",
-    }
-}
-
-impl Store {
+impl Redb {
     /// Opens (or creates) `DIR/state.redb`, creating the directory (mode 0700) if needed.
-    pub fn open(dir: &Path) -> Result<Store, Error> {
+    pub fn open(dir: &Path) -> Result<Redb, Error> {
         if !dir.exists() {
             std::fs::DirBuilder::new()
                 .recursive(true)
                 .mode_0700()
                 .create(dir)
-                .map_err(|e| Error(format!("cannot create {}: {e}", dir.display())))?;
+                .map_err(|source| Error::CreateDir {
+                    path: dir.to_path_buf(),
+                    source,
+                })?;
         }
         let path = dir.join("state.redb");
-        let db = Database::create(&path)
-            .map_err(|e| Error(format!("cannot open {}: {}", path.display(), err(e).0)))?;
+        let db = Database::create(&path).map_err(|e| Error::Open {
+            path: path.clone(),
+            source: e.into(),
+        })?;
         let txn = db.begin_write().map_err(err)?;
         txn.open_table(ENTRIES).map_err(err)?;
         txn.open_table(OFFENSES).map_err(err)?;
         txn.commit().map_err(err)?;
-        Ok(Store { db })
+        Ok(Redb { db })
     }
 
     /// Writes an entry durably (returns once it is on disk).
@@ -82,8 +171,7 @@ impl Store {
             expires_at: entry.expires_at,
             source: entry.source().to_string(),
             reason: entry.reason().map(str::to_string),
-        })
-        .map_err(|e| Error(e.to_string()))?;
+        })?;
         let txn = self.db.begin_write().map_err(err)?;
         {
             let mut t = txn.open_table(ENTRIES).map_err(err)?;
@@ -146,7 +234,7 @@ impl Store {
     }
 }
 
-impl Store {
+impl Redb {
     /// Records an offense of `target` against `jail` at `now`; returns how many earlier
     /// offenses within `retention` there were. Older ones are dropped on the way.
     pub fn record_offense(
@@ -169,7 +257,7 @@ impl Store {
             times.retain(|&at| now.saturating_sub(at) < retention);
             earlier = times.len();
             times.push(now);
-            let value = serde_json::to_vec(&times).map_err(|e| Error(e.to_string()))?;
+            let value = serde_json::to_vec(&times)?;
             t.insert(key.as_str(), value.as_slice()).map_err(err)?;
         }
         txn.commit().map_err(err)?;
@@ -245,7 +333,7 @@ impl Store {
                 if times.is_empty() {
                     t.remove(k.as_str()).map_err(err)?;
                 } else if times.len() != before {
-                    let value = serde_json::to_vec(&times).map_err(|e| Error(e.to_string()))?;
+                    let value = serde_json::to_vec(&times)?;
                     t.insert(k.as_str(), value.as_slice()).map_err(err)?;
                 }
             }
@@ -256,12 +344,7 @@ impl Store {
 
 fn parse_key(k: &str) -> Option<(Action, IpNet)> {
     let (action, target) = k.split_once(' ')?;
-    let action = match action {
-        "block" => Action::Block,
-        "allow" => Action::Allow,
-        _ => return None,
-    };
-    Some((action, target.parse().ok()?))
+    Some((action.parse().ok()?, target.parse().ok()?))
 }
 
 trait Mode0700 {
@@ -284,7 +367,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let e = |expires_at| Entry::new(1, expires_at, "api", Some("test"));
         {
-            let s = Store::open(dir.path()).unwrap();
+            let s = Redb::open(dir.path()).unwrap();
             s.put(Action::Block, "10.0.0.0/24".parse().unwrap(), &e(1000))
                 .unwrap();
             s.put(Action::Allow, "2001:db8::/64".parse().unwrap(), &e(1000))
@@ -292,7 +375,7 @@ mod tests {
             s.put(Action::Block, "192.0.2.1/32".parse().unwrap(), &e(10))
                 .unwrap();
         }
-        let s = Store::open(dir.path()).unwrap();
+        let s = Redb::open(dir.path()).unwrap();
         let live = s.load(500).unwrap();
         assert_eq!(live.len(), 2);
         assert_eq!(live[0].2, e(1000));
@@ -313,7 +396,7 @@ mod tests {
     #[test]
     fn offenses_count_within_retention_and_are_forgotten() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path()).unwrap();
+        let s = Redb::open(dir.path()).unwrap();
         let t: IpNet = "2001:db8:1:2::/64".parse().unwrap();
         assert_eq!(s.record_offense("wp", t, 1_000, 10_000).unwrap(), 0);
         assert_eq!(s.record_offense("wp", t, 2_000, 10_000).unwrap(), 1);

@@ -17,14 +17,8 @@ use tracing::{error, warn};
 
 use crate::config;
 use crate::listener;
+use crate::proxy::Context;
 use crate::state::AppState;
-use crate::upstream;
-
-/// What one worker thread's tasks share: the gateway state and the thread's upstream pool.
-pub struct Worker {
-    pub state: Arc<AppState>,
-    pub upstream: Arc<upstream::Pool>,
-}
 
 /// The client listeners of one worker: its own socket for each configured listener.
 pub type Sockets = Vec<(std::net::TcpListener, config::Listener)>;
@@ -72,7 +66,7 @@ pub fn run(state: Arc<AppState>, sockets: Sockets, stop: watch::Receiver<bool>) 
         }
     };
     runtime.block_on(async move {
-        let worker = Arc::new(Worker {
+        let worker = Arc::new(Context {
             state,
             upstream: Arc::default(),
         });

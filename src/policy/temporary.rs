@@ -14,7 +14,7 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use crate::config::Action;
 
 /// One temporary entry: 24 bytes, so a million fit in well under 128 MB. Who made it and
-/// why live behind one shared pointer (a jail's bans share theirs).
+/// why live behind one pointer, shared by the clones of an entry (each ban has its own).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Entry {
     pub created_at: u64,
