@@ -17,51 +17,75 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use ipnet::IpNet;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{debug, info};
 
+use crate::api::{
+    ApiError, CounterView, EntryView, Forgotten, Kept, LimitView, Lookup, NewEntry, OffenseView,
+    ProblemView, ReloadRefused, Reloaded, RuleView,
+};
 use crate::clock::now_ms;
 use crate::config::{self, Action};
 use crate::policy::temporary::Entry;
 use crate::policy::{Rule, Verdict};
 use crate::state::AppState;
 
+/// Why the admin token could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("{}: the admin token must be at least 16 characters", .0.display())]
+    TooShort(std::path::PathBuf),
+    #[error("{}: cannot read the admin token: {source}", path.display())]
+    Read {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: cannot write the admin token: {source}", path.display())]
+    Write {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("no randomness for a token: {0}")]
+    Random(getrandom::Error),
+}
+
 /// Reads the admin token, or writes a new random one (mode 0600) when the file does not
 /// exist yet, so a fresh install has a secret nobody chose and nothing is shipped.
-pub fn load_or_create_token(path: &Path) -> Result<String, String> {
+pub fn load_or_create_token(path: &Path) -> Result<String, TokenError> {
+    let write_err = |source| TokenError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
     match std::fs::read_to_string(path) {
         Ok(text) => {
             let token = text.trim().to_string();
             if token.len() < 16 {
-                return Err(format!(
-                    "{}: the admin token must be at least 16 characters",
-                    path.display()
-                ));
+                return Err(TokenError::TooShort(path.to_path_buf()));
             }
             Ok(token)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let mut raw = [0u8; 32];
-            getrandom::fill(&mut raw).map_err(|e| format!("no randomness for a token: {e}"))?;
+            getrandom::fill(&mut raw).map_err(TokenError::Random)?;
             let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
             let mut file = std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
                 .mode_0600()
                 .open(path)
-                .map_err(|e| format!("{}: cannot create the admin token: {e}", path.display()))?;
+                .map_err(write_err)?;
             file.write_all(token.as_bytes())
                 .and_then(|_| file.write_all(b"\n"))
-                .map_err(|e| format!("{}: cannot write the admin token: {e}", path.display()))?;
+                .map_err(write_err)?;
             info!(file = %path.display(), "wrote a new random admin token");
             Ok(token)
         }
-        Err(e) => Err(format!(
-            "{}: cannot read the admin token: {e}",
-            path.display()
-        )),
+        Err(source) => Err(TokenError::Read {
+            path: path.to_path_buf(),
+            source,
+        }),
     }
 }
 
@@ -150,55 +174,32 @@ async fn route(state: &AppState, req: Request<Incoming>) -> Response<AdminBody> 
     }
 }
 
-/// An entry as the API shows it (SPEC "Admin API").
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct EntryView {
-    pub target: String,
-    pub action: String,
-    /// The list's name for config entries; `block` or `allow` for temporary ones.
-    pub list: String,
-    /// `config`, `api`, or the jail's name.
-    pub source: String,
-    pub reason: Option<String>,
-    /// RFC 3339, UTC; `null` for config entries.
-    pub expires_at: Option<String>,
+/// A temporary entry as the API shows it.
+fn temporary_view(action: Action, target: IpNet, e: &Entry) -> EntryView {
+    EntryView {
+        target: target.to_string(),
+        action,
+        list: action.to_string(),
+        source: e.source().to_string(),
+        reason: e.reason().map(str::to_string),
+        expires_at: Some(rfc3339(e.expires_at)),
+    }
 }
 
-impl EntryView {
-    fn temporary(action: Action, target: IpNet, e: &Entry) -> EntryView {
-        EntryView {
-            target: target.to_string(),
-            action: action.to_string(),
-            list: action.to_string(),
-            source: e.source().to_string(),
-            reason: e.reason().map(str::to_string),
-            expires_at: Some(rfc3339(e.expires_at)),
-        }
-    }
-
-    fn config(action: Action, list: &str, target: IpNet) -> EntryView {
-        EntryView {
-            target: target.to_string(),
-            action: action.to_string(),
-            list: list.to_string(),
-            source: "config".into(),
-            reason: None,
-            expires_at: None,
-        }
+/// A static list's entry as the API shows it.
+fn config_view(action: Action, list: &str, target: IpNet) -> EntryView {
+    EntryView {
+        target: target.to_string(),
+        action,
+        list: list.to_string(),
+        source: "config".into(),
+        reason: None,
+        expires_at: None,
     }
 }
 
 fn rfc3339(ms: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NewEntry {
-    target: String,
-    action: String,
-    ttl: Option<String>,
-    reason: Option<String>,
 }
 
 /// Longest `reason` kept; longer ones are refused rather than stored.
@@ -241,7 +242,7 @@ async fn v1(state: &AppState, req: Request<Incoming>) -> Response<AdminBody> {
                 Err(e) => return json_error(StatusCode::BAD_REQUEST, &e),
             };
             let actions = match param("action") {
-                None => vec![Action::Block, Action::Allow],
+                None => Action::ALL.to_vec(),
                 Some(a) => match parse_action(a) {
                     Ok(a) => vec![a],
                     Err(e) => return json_error(StatusCode::BAD_REQUEST, &e),
@@ -265,25 +266,24 @@ async fn v1(state: &AppState, req: Request<Incoming>) -> Response<AdminBody> {
             Err(e) => json_error(StatusCode::BAD_REQUEST, &e),
         },
         (Method::POST, "/v1/reload") => match state.reload() {
-            Ok(()) => json(StatusCode::OK, &reload_summary(state)),
+            Ok(restart) => json(StatusCode::OK, &reloaded(state, &restart)),
             Err(errors) => {
-                let list: Vec<serde_json::Value> = errors
+                let errors = errors
                     .0
                     .iter()
-                    .map(|p| {
-                        serde_json::json!({
-                            "file": p.file.display().to_string(),
-                            "line": p.line,
-                            "key": p.key,
-                            "message": p.message,
-                            "text": p.to_string(),
-                        })
+                    .map(|p| ProblemView {
+                        file: p.file.display().to_string(),
+                        line: p.line,
+                        key: p.key.clone(),
+                        message: p.message.clone(),
+                        text: p.to_string(),
                     })
                     .collect();
-                json(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    &serde_json::json!({ "result": "refused", "errors": list }),
-                )
+                let refused = ReloadRefused {
+                    result: "refused".into(),
+                    errors,
+                };
+                json(StatusCode::UNPROCESSABLE_ENTITY, &refused)
             }
         },
         _ => json_error(StatusCode::NOT_FOUND, "no such endpoint"),
@@ -315,14 +315,14 @@ fn list_entries(state: &AppState, action: Option<Action>, kind: Option<&str>) ->
                     l.table
                         .cidrs()
                         .iter()
-                        .map(|&t| EntryView::config(l.action, &l.name, t)),
+                        .map(|&t| config_view(l.action, &l.name, t)),
                 );
             }
         }
     }
     if kind != Some("static") {
         let now = now_ms();
-        for a in [Action::Block, Action::Allow] {
+        for a in Action::ALL {
             if action.is_none_or(|x| x == a) {
                 out.extend(
                     state
@@ -330,7 +330,7 @@ fn list_entries(state: &AppState, action: Option<Action>, kind: Option<&str>) ->
                         .table(a)
                         .all(now)
                         .iter()
-                        .map(|(t, e)| EntryView::temporary(a, *t, e)),
+                        .map(|(t, e)| temporary_view(a, *t, e)),
                 );
             }
         }
@@ -347,10 +347,7 @@ async fn add_entry(state: &AppState, body: &[u8]) -> Response<AdminBody> {
         Ok(t) => t,
         Err(e) => return json_error(StatusCode::BAD_REQUEST, &e),
     };
-    let action = match parse_action(&new.action) {
-        Ok(a) => a,
-        Err(e) => return json_error(StatusCode::BAD_REQUEST, &e),
-    };
+    let action = new.action;
     let (default_ttl, max_retention) = {
         let c = &state.snapshot.load().config;
         (c.gateway.default_ban, c.privacy.max_retention)
@@ -378,10 +375,7 @@ async fn add_entry(state: &AppState, body: &[u8]) -> Response<AdminBody> {
         new.reason.as_deref().filter(|r| !r.is_empty()),
     );
     match state.add_entry(action, target, entry.clone()).await {
-        Ok(()) => json(
-            StatusCode::CREATED,
-            &EntryView::temporary(action, target, &entry),
-        ),
+        Ok(()) => json(StatusCode::CREATED, &temporary_view(action, target, &entry)),
         Err(e) => json_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
     }
 }
@@ -399,14 +393,14 @@ fn own_targets(state: &AppState, ip: IpAddr) -> Vec<IpNet> {
     targets
 }
 
-/// Rate-limit and jail state held for `ip`, as JSON (and erased first when `erase`).
-fn client_state(state: &AppState, ip: IpAddr, erase: bool) -> serde_json::Value {
+/// Rate-limit and jail state held for `ip` (erased first when `erase`).
+fn client_state(state: &AppState, ip: IpAddr, erase: bool) -> (Vec<LimitView>, Vec<CounterView>) {
     let snap = state.snapshot.load();
     let mut limits = Vec::new();
     for (rule, l) in &snap.limiters {
         let key = crate::clients::client_key(ip, l.settings.ipv6_prefix);
         if l.is_tracked(key) {
-            limits.push(serde_json::json!({ "rule": rule }));
+            limits.push(LimitView { rule: rule.clone() });
             if erase {
                 l.forget(key);
             }
@@ -416,80 +410,89 @@ fn client_state(state: &AppState, ip: IpAddr, erase: bool) -> serde_json::Value 
     let mut jails = Vec::new();
     for (name, j) in &snap.jails {
         if let Some(c) = j.counter(key) {
-            jails.push(serde_json::json!({
-                "jail": name, "hits": c.hits, "window_started": rfc3339(c.start_ms),
-            }));
+            jails.push(CounterView {
+                jail: name.clone(),
+                hits: c.hits,
+                window_started: rfc3339(c.start_ms),
+            });
         }
         if erase {
             j.forget(key);
         }
     }
-    serde_json::json!({ "rate_limits": limits, "jail_counters": jails })
+    (limits, jails)
 }
 
-/// Offense history held for `ip` (its address or IPv6 prefix), as JSON.
-async fn offenses(state: &AppState, ip: IpAddr) -> Result<serde_json::Value, crate::store::Error> {
+/// Offense history held for `ip` (its address or IPv6 prefix).
+async fn offenses(state: &AppState, ip: IpAddr) -> Result<Vec<OffenseView>, crate::store::Error> {
     let held = state.offenses(ip, own_targets(state, ip)).await?;
-    Ok(serde_json::Value::Array(
-        held.into_iter()
-            .map(|(jail, target, times)| {
-                serde_json::json!({
-                    "jail": jail,
-                    "target": target.to_string(),
-                    "at": times.into_iter().map(rfc3339).collect::<Vec<_>>(),
-                })
-            })
-            .collect(),
-    ))
+    Ok(held
+        .into_iter()
+        .map(|(jail, target, times)| OffenseView {
+            jail,
+            target: target.to_string(),
+            at: times.into_iter().map(rfc3339).collect(),
+        })
+        .collect())
 }
 
 /// The decision for `ip`, the rule that made it, and every datum held about it.
 async fn lookup(state: &AppState, ip: IpAddr) -> Response<AdminBody> {
-    let mut v = decision(state, ip);
-    let client = client_state(state, ip, false);
-    v["rate_limits"] = client["rate_limits"].clone();
-    v["jail_counters"] = client["jail_counters"].clone();
-    match offenses(state, ip).await {
-        Ok(o) => v["offenses"] = o,
+    let (rate_limits, jail_counters) = client_state(state, ip, false);
+    let offenses = match offenses(state, ip).await {
+        Ok(o) => o,
         Err(e) => return json_error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
-    }
-    json(StatusCode::OK, &v)
+    };
+    let (decision, rule) = decision(state, ip);
+    let (entries, config_entries) = held(state, ip);
+    let lookup = Lookup {
+        ip: ip.to_string(),
+        decision: decision.into(),
+        rule,
+        entries,
+        config_entries,
+        rate_limits,
+        jail_counters,
+        offenses,
+    };
+    json(StatusCode::OK, &lookup)
 }
 
-/// The decision for `ip`, the rule that made it, and the entries that concern it.
-fn decision(state: &AppState, ip: IpAddr) -> serde_json::Value {
+/// The decision for `ip` and the rule that made it.
+fn decision(state: &AppState, ip: IpAddr) -> (&'static str, Option<RuleView>) {
+    let snap = state.snapshot.load();
+    let verdict = snap.policy.decide(&state.temp, ip);
+    let (action, r) = match verdict {
+        Verdict::Pass => return ("pass", None),
+        Verdict::Allow(r) => (Action::Allow, r),
+        Verdict::Block(r) => (Action::Block, r),
+    };
+    let rule = match r {
+        Rule::Static(_) => {
+            let l = snap.policy.list(verdict);
+            Some(RuleView::Static {
+                list: l.map(|l| l.name.clone()),
+                targets: l
+                    .map(|l| l.table.matching(ip).map(|n| n.to_string()).collect())
+                    .unwrap_or_default(),
+            })
+        }
+        Rule::Temporary => state
+            .temp
+            .table(action)
+            .find(ip, Some(now_ms()))
+            .map(|(t, e)| RuleView::Temporary {
+                entry: temporary_view(action, t, &e),
+            }),
+    };
+    (action.as_str(), rule)
+}
+
+/// The temporary and the config entries that cover `ip`.
+fn held(state: &AppState, ip: IpAddr) -> (Vec<EntryView>, Vec<EntryView>) {
     let snap = state.snapshot.load();
     let now = now_ms();
-    let verdict = snap.policy.decide(&state.temp, ip);
-    let (decision, rule) = match verdict {
-        Verdict::Pass => ("pass", serde_json::Value::Null),
-        Verdict::Allow(r) | Verdict::Block(r) => {
-            let action = if matches!(verdict, Verdict::Allow(_)) {
-                Action::Allow
-            } else {
-                Action::Block
-            };
-            let rule = match r {
-                Rule::Static(_) => {
-                    let l = snap.policy.list(verdict);
-                    serde_json::json!({
-                        "kind": "static",
-                        "list": l.map(|l| l.name.as_str()),
-                        "targets": l.map(|l| l.table.matching(ip).map(|n| n.to_string()).collect::<Vec<_>>()),
-                    })
-                }
-                Rule::Temporary => match state.temp.table(action).find(ip, Some(now)) {
-                    Some((t, e)) => serde_json::json!({
-                        "kind": "temporary",
-                        "entry": EntryView::temporary(action, t, &e),
-                    }),
-                    None => serde_json::Value::Null,
-                },
-            };
-            (action.as_str(), rule)
-        }
-    };
-    let temporary: Vec<EntryView> = [Action::Block, Action::Allow]
+    let temporary = Action::ALL
         .into_iter()
         .flat_map(|a| {
             state
@@ -497,25 +500,16 @@ fn decision(state: &AppState, ip: IpAddr) -> serde_json::Value {
                 .table(a)
                 .covering(ip, now)
                 .into_iter()
-                .map(move |(t, e)| EntryView::temporary(a, t, &e))
+                .map(move |(t, e)| temporary_view(a, t, &e))
         })
         .collect();
-    let config_entries: Vec<EntryView> = snap
+    let config = snap
         .policy
         .matching(ip)
         .into_iter()
-        .flat_map(|(l, nets)| {
-            nets.into_iter()
-                .map(|n| EntryView::config(l.action, &l.name, n))
-        })
+        .flat_map(|(l, nets)| nets.into_iter().map(|n| config_view(l.action, &l.name, n)))
         .collect();
-    serde_json::json!({
-        "ip": ip.to_string(),
-        "decision": decision,
-        "rule": rule,
-        "entries": temporary,
-        "config_entries": config_entries,
-    })
+    (temporary, config)
 }
 
 /// Erases what is held about `ip`: temporary entries whose target is the address itself or,
@@ -524,9 +518,9 @@ fn decision(state: &AppState, ip: IpAddr) -> serde_json::Value {
 /// network or are configuration.
 async fn forget(state: &AppState, ip: IpAddr) -> Response<AdminBody> {
     let targets = own_targets(state, ip);
-    let client = client_state(state, ip, true);
+    let (erased_rate_limits, erased_jail_counters) = client_state(state, ip, true);
     // Read, then erase: an erasure the store refused is reported as a failure, never as done.
-    let offenses = match offenses(state, ip).await {
+    let erased_offenses = match offenses(state, ip).await {
         Ok(o) => o,
         Err(e) => return json_error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
     };
@@ -535,46 +529,44 @@ async fn forget(state: &AppState, ip: IpAddr) -> Response<AdminBody> {
     }
     let pairs: Vec<(Action, IpNet)> = targets
         .iter()
-        .flat_map(|&t| [(Action::Block, t), (Action::Allow, t)])
+        .flat_map(|&t| Action::ALL.map(|a| (a, t)))
         .collect();
     let erased = match state.remove_entries(pairs).await {
         Ok(r) => r,
-        Err(e) => return json_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+        Err(e) => return json_error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
     };
-    let held = decision(state, ip);
-    json(
-        StatusCode::OK,
-        &serde_json::json!({
-            "ip": ip.to_string(),
-            "erased": erased
-                .iter()
-                .map(|(a, t, e)| EntryView::temporary(*a, *t, e))
-                .collect::<Vec<_>>(),
-            "erased_rate_limits": client["rate_limits"],
-            "erased_jail_counters": client["jail_counters"],
-            "erased_offenses": offenses,
-            "kept": {
-                "entries": held["entries"],
-                "config_entries": held["config_entries"],
-            },
-        }),
-    )
+    let (entries, config_entries) = held(state, ip);
+    let forgotten = Forgotten {
+        ip: ip.to_string(),
+        erased: erased
+            .iter()
+            .map(|(a, t, e)| temporary_view(*a, *t, e))
+            .collect(),
+        erased_rate_limits,
+        erased_jail_counters,
+        erased_offenses,
+        kept: Kept {
+            entries,
+            config_entries,
+        },
+    };
+    json(StatusCode::OK, &forgotten)
 }
 
-fn reload_summary(state: &AppState) -> serde_json::Value {
+fn reloaded(state: &AppState, restart: &[&str]) -> Reloaded {
     let snap = state.snapshot.load();
-    let lists: serde_json::Map<String, serde_json::Value> = snap
-        .policy
-        .allow
-        .iter()
-        .chain(&snap.policy.block)
-        .map(|l| (l.name.clone(), l.table.len().into()))
-        .collect();
-    serde_json::json!({
-        "result": "ok",
-        "sites": snap.sites.len(),
-        "lists": lists,
-    })
+    Reloaded {
+        result: "ok".into(),
+        sites: snap.sites.len(),
+        lists: snap
+            .policy
+            .allow
+            .iter()
+            .chain(&snap.policy.block)
+            .map(|l| (l.name.clone(), l.table.len()))
+            .collect(),
+        restart_required: restart.iter().map(|k| k.to_string()).collect(),
+    }
 }
 
 fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<AdminBody> {
@@ -628,7 +620,12 @@ fn text(status: StatusCode, body: &'static str) -> Response<AdminBody> {
 }
 
 fn json_error(status: StatusCode, message: &str) -> Response<AdminBody> {
-    json(status, &serde_json::json!({ "error": message }))
+    json(
+        status,
+        &ApiError {
+            error: message.to_string(),
+        },
+    )
 }
 
 #[cfg(test)]

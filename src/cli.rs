@@ -12,7 +12,10 @@ use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 
-use crate::admin::EntryView;
+use crate::api::{
+    ApiError, CounterView, EntryView, Forgotten, LimitView, Lookup, NewEntry, OffenseView,
+    ReloadRefused, Reloaded, RuleView,
+};
 use crate::config::{Action, Config, DEFAULT_CONFIG_PATH};
 
 #[derive(Debug, Parser)]
@@ -160,10 +163,9 @@ impl AdminClient {
 
 /// The API's `{"error": ...}` message, or the status.
 fn api_error(status: StatusCode, body: &[u8]) -> anyhow::Error {
-    let msg = serde_json::from_slice::<serde_json::Value>(body)
-        .ok()
-        .and_then(|v| v["error"].as_str().map(str::to_string))
-        .unwrap_or_else(|| status.to_string());
+    let msg = serde_json::from_slice::<ApiError>(body)
+        .map(|e| e.error)
+        .unwrap_or_else(|_| status.to_string());
     anyhow!("{msg}")
 }
 
@@ -181,9 +183,12 @@ pub async fn admin_command(cli: &Cli, command: &Command) -> anyhow::Result<()> {
             } else {
                 Action::Allow
             };
-            let body = serde_json::json!({
-                "target": a.target, "action": action, "ttl": a.ttl, "reason": a.reason,
-            });
+            let body = serde_json::to_value(NewEntry {
+                target: a.target.clone(),
+                action,
+                ttl: a.ttl.clone(),
+                reason: a.reason.clone(),
+            })?;
             let (status, bytes) = client.call(Method::POST, "/v1/entries", Some(body)).await?;
             if status != StatusCode::CREATED {
                 return Err(api_error(status, &bytes));
@@ -243,7 +248,7 @@ pub async fn admin_command(cli: &Cli, command: &Command) -> anyhow::Result<()> {
             if *json {
                 println!("{}", String::from_utf8_lossy(&bytes));
             } else {
-                print_lookup(&serde_json::from_slice(&bytes)?);
+                print_lookup(&serde_json::from_slice::<Lookup>(&bytes)?);
             }
         }
         Command::Forget { ip } => {
@@ -253,42 +258,46 @@ pub async fn admin_command(cli: &Cli, command: &Command) -> anyhow::Result<()> {
             if status != StatusCode::OK {
                 return Err(api_error(status, &bytes));
             }
-            let v: serde_json::Value = serde_json::from_slice(&bytes)?;
-            let erased: Vec<EntryView> = serde_json::from_value(v["erased"].clone())?;
+            let f: Forgotten = serde_json::from_slice(&bytes)?;
             println!(
                 "erased {} temporary entr{} for {ip}",
-                erased.len(),
-                if erased.len() == 1 { "y" } else { "ies" }
+                f.erased.len(),
+                if f.erased.len() == 1 { "y" } else { "ies" }
             );
-            print_entries(&erased);
-            if print_client_state(&v, "erased_") {
+            print_entries(&f.erased);
+            if print_client_state(
+                &f.erased_rate_limits,
+                &f.erased_jail_counters,
+                &f.erased_offenses,
+            ) {
                 println!("(the rate-limit, jail and offense data above was erased)");
             }
-            let kept: Vec<EntryView> =
-                serde_json::from_value(v["kept"]["entries"].clone()).unwrap_or_default();
-            let config: Vec<EntryView> =
-                serde_json::from_value(v["kept"]["config_entries"].clone()).unwrap_or_default();
-            if !kept.is_empty() || !config.is_empty() {
+            let kept = [f.kept.entries, f.kept.config_entries].concat();
+            if !kept.is_empty() {
                 println!("kept (about a wider network, or configuration):");
-                print_entries(&kept.into_iter().chain(config).collect::<Vec<_>>());
+                print_entries(&kept);
             }
         }
         Command::Reload => {
             let (status, bytes) = client.call(Method::POST, "/v1/reload", None).await?;
-            let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
             if status == StatusCode::OK {
-                println!("reloaded: {} site(s), lists {}", v["sites"], v["lists"]);
+                let r: Reloaded = serde_json::from_slice(&bytes)?;
+                let lists: Vec<String> = r.lists.iter().map(|(n, c)| format!("{n}={c}")).collect();
+                println!("reloaded: {} site(s), lists {}", r.sites, lists.join(" "));
+                if !r.restart_required.is_empty() {
+                    println!(
+                        "needs a restart to take effect: {}",
+                        r.restart_required.join(", ")
+                    );
+                }
             } else if status == StatusCode::UNPROCESSABLE_ENTITY {
-                let errors: Vec<&str> = v["errors"]
-                    .as_array()
-                    .map(|a| a.iter().filter_map(|e| e["text"].as_str()).collect())
-                    .unwrap_or_default();
-                for e in &errors {
-                    eprintln!("{e}");
+                let r: ReloadRefused = serde_json::from_slice(&bytes)?;
+                for e in &r.errors {
+                    eprintln!("{}", e.text);
                 }
                 bail!(
                     "reload refused ({} problem(s)); the running config stays in force",
-                    errors.len()
+                    r.errors.len()
                 );
             } else {
                 return Err(api_error(status, &bytes));
@@ -320,77 +329,48 @@ fn print_entries(entries: &[EntryView]) {
     }
 }
 
-fn print_lookup(v: &serde_json::Value) {
-    let rule = &v["rule"];
-    let why = match rule["kind"].as_str() {
-        Some("static") => format!("static list {}", rule["list"].as_str().unwrap_or("?")),
-        Some("temporary") => format!(
-            "temporary entry {} ({})",
-            rule["entry"]["target"].as_str().unwrap_or("?"),
-            rule["entry"]["source"].as_str().unwrap_or("?")
-        ),
-        _ => "no entry matches".to_string(),
+fn print_lookup(v: &Lookup) {
+    let why = match &v.rule {
+        Some(RuleView::Static { list, .. }) => {
+            format!("static list {}", list.as_deref().unwrap_or("?"))
+        }
+        Some(RuleView::Temporary { entry }) => {
+            format!("temporary entry {} ({})", entry.target, entry.source)
+        }
+        None => "no entry matches".to_string(),
     };
-    println!(
-        "{}: {} ({why})",
-        v["ip"].as_str().unwrap_or("?"),
-        v["decision"].as_str().unwrap_or("?")
-    );
-    let entries: Vec<EntryView> = serde_json::from_value(v["entries"].clone()).unwrap_or_default();
-    let config: Vec<EntryView> =
-        serde_json::from_value(v["config_entries"].clone()).unwrap_or_default();
-    let held_state = print_client_state(v, "");
-    if entries.is_empty() && config.is_empty() && !held_state {
+    println!("{}: {} ({why})", v.ip, v.decision);
+    let held_state = print_client_state(&v.rate_limits, &v.jail_counters, &v.offenses);
+    if v.entries.is_empty() && v.config_entries.is_empty() && !held_state {
         println!("nothing is held about this address");
     } else {
-        print_entries(&entries.into_iter().chain(config).collect::<Vec<_>>());
+        print_entries(&[v.entries.clone(), v.config_entries.clone()].concat());
     }
 }
 
-/// Prints rate-limit, jail and offense data from a lookup or forget answer (keys with an
-/// optional prefix such as `erased_`); true when there was any.
-fn print_client_state(v: &serde_json::Value, prefix: &str) -> bool {
-    let mut any = false;
-    for l in v[format!("{prefix}rate_limits")]
-        .as_array()
-        .into_iter()
-        .flatten()
-    {
-        println!(
-            "rate limit {}: a bucket is held",
-            l["rule"].as_str().unwrap_or("?")
-        );
-        any = true;
+/// Prints rate-limit, jail and offense data from a lookup or forget answer; true when there
+/// was any.
+fn print_client_state(
+    limits: &[LimitView],
+    counters: &[CounterView],
+    offenses: &[OffenseView],
+) -> bool {
+    for l in limits {
+        println!("rate limit {}: a bucket is held", l.rule);
     }
-    for j in v[format!("{prefix}jail_counters")]
-        .as_array()
-        .into_iter()
-        .flatten()
-    {
+    for j in counters {
         println!(
             "jail {}: {} matching response(s) since {}",
-            j["jail"].as_str().unwrap_or("?"),
-            j["hits"],
-            j["window_started"].as_str().unwrap_or("?")
+            j.jail, j.hits, j.window_started
         );
-        any = true;
     }
-    for o in v[format!("{prefix}offenses")]
-        .as_array()
-        .into_iter()
-        .flatten()
-    {
-        let times: Vec<&str> = o["at"]
-            .as_array()
-            .map(|a| a.iter().filter_map(|t| t.as_str()).collect())
-            .unwrap_or_default();
+    for o in offenses {
         println!(
             "offenses against jail {} by {}: {}",
-            o["jail"].as_str().unwrap_or("?"),
-            o["target"].as_str().unwrap_or("?"),
-            times.join(", ")
+            o.jail,
+            o.target,
+            o.at.join(", ")
         );
-        any = true;
     }
-    any
+    !(limits.is_empty() && counters.is_empty() && offenses.is_empty())
 }

@@ -30,6 +30,7 @@
 pub mod access_log;
 pub mod admin;
 pub mod admission;
+pub mod api;
 pub mod cli;
 pub mod client_addr;
 pub mod clients;
@@ -77,7 +78,7 @@ pub enum StartError {
         source: std::io::Error,
     },
     #[error("{0}")]
-    Admin(String),
+    Admin(#[from] admin::TokenError),
     #[error("{0}")]
     Store(#[from] store::Error),
 }
@@ -96,7 +97,7 @@ impl Gateway {
     pub async fn bind(config: Config) -> Result<Gateway, StartError> {
         let metrics = Arc::new(Metrics::new());
         let admin_token = match &config.admin {
-            Some(a) => Some(admin::load_or_create_token(&a.token_file).map_err(StartError::Admin)?),
+            Some(a) => Some(admin::load_or_create_token(&a.token_file)?),
             None => None,
         };
         let demo = match config.demo_upstream {

@@ -25,7 +25,11 @@ pub async fn reload_on_hangup(state: std::sync::Arc<crate::state::AppState>) {
     };
     while hup.recv().await.is_some() {
         match state.reload() {
-            Ok(()) => tracing::info!("config reloaded"),
+            Ok(restart) if restart.is_empty() => tracing::info!("config reloaded"),
+            Ok(restart) => tracing::info!(
+                restart_required = %restart.join(", "),
+                "config reloaded; some changes take effect only at restart"
+            ),
             Err(errors) => {
                 tracing::error!("reload refused, the previous config stays in force:\n{errors}")
             }

@@ -452,9 +452,9 @@ impl AppState {
 impl AppState {
     /// Re-reads the config file the running one came from, with the certificates it names,
     /// and swaps it in atomically. A config that does not validate is refused whole and the
-    /// old one stays in force. Listener and admin addresses are bound once: a change to
-    /// them needs a restart and is reported, not applied.
-    pub fn reload(&self) -> Result<(), Errors> {
+    /// old one stays in force. What needs a restart ([`Config::restart_changes`]) is not
+    /// applied: each such key is logged and returned by name.
+    pub fn reload(&self) -> Result<Vec<&'static str>, Errors> {
         let current = self.snapshot.load();
         let result = Config::load(&current.config.source)
             .and_then(|config| Snapshot::build(config, &self.metrics, Some(&current)));
@@ -468,14 +468,9 @@ impl AppState {
                 return Err(errors);
             }
         };
-        if next.config.listeners != current.config.listeners
-            || next.config.admin.as_ref().map(|a| a.addr)
-                != current.config.admin.as_ref().map(|a| a.addr)
-        {
-            tracing::warn!("listener or admin addresses changed: they take effect at restart");
-        }
-        if next.config.gateway.workers != current.config.gateway.workers {
-            tracing::warn!("gateway.workers changed: it takes effect at restart");
+        let restart = current.config.restart_changes(&next.config);
+        for key in &restart {
+            tracing::warn!(key, "changed, but takes effect only at restart");
         }
         self.snapshot.store(Arc::new(next));
         self.publish_list_gauges();
@@ -483,7 +478,7 @@ impl AppState {
             .config_reloads
             .with_label_values(&["success"])
             .inc();
-        Ok(())
+        Ok(restart)
     }
 }
 

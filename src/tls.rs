@@ -107,13 +107,12 @@ pub fn server_config(tls: &config::Tls, report: &mut Report) -> Option<Arc<Serve
         let key = format!("tls.certificates[{i}]");
         match load_pair(&files.cert, &files.key, &provider) {
             Ok((ck, names)) => certs.add(Arc::new(ck), &names),
-            Err((field, message)) => {
-                let file = if field == "key" {
-                    &files.key
-                } else {
-                    &files.cert
+            Err(e) => {
+                let (file, field) = match e.part {
+                    Part::Key => (&files.key, "key"),
+                    Part::Cert => (&files.cert, "cert"),
                 };
-                report.other(file, None, &format!("{key}.{field}"), message);
+                report.other(file, None, &format!("{key}.{field}"), e.message);
             }
         }
     }
@@ -145,8 +144,20 @@ pub fn server_config(tls: &config::Tls, report: &mut Report) -> Option<Arc<Serve
     Some(Arc::new(cfg))
 }
 
-/// Which of the pair (`cert` or `key`) is at fault, and why.
-type LoadError = (&'static str, String);
+/// Which file of a certificate pair is at fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    Cert,
+    Key,
+}
+
+/// Why a certificate pair could not be loaded, and which of its files is at fault.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct LoadError {
+    pub part: Part,
+    pub message: String,
+}
 
 /// Reads a PEM chain (certbot's `fullchain.pem`) and its key (`privkey.pem`), checks that
 /// they belong together, and returns the key with the chain's DNS names.
@@ -155,22 +166,22 @@ fn load_pair(
     key: &Path,
     provider: &CryptoProvider,
 ) -> Result<(CertifiedKey, Vec<String>), LoadError> {
-    let err = |field: &'static str, m: String| (field, m);
+    let err = |part: Part, message: String| LoadError { part, message };
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| err("cert", pem_error(&e)))?
+        .map_err(|e| err(Part::Cert, pem_error(&e)))?
         .collect::<Result<_, _>>()
-        .map_err(|e| err("cert", pem_error(&e)))?;
+        .map_err(|e| err(Part::Cert, pem_error(&e)))?;
     if chain.is_empty() {
-        return Err(err("cert", "no CERTIFICATE block in the file".into()));
+        return Err(err(Part::Cert, "no CERTIFICATE block in the file".into()));
     }
-    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| err("key", pem_error(&e)))?;
+    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| err(Part::Key, pem_error(&e)))?;
     let ck = CertifiedKey::from_der(chain, key_der, provider).map_err(|e| {
         err(
-            "key",
+            Part::Key,
             format!("key does not match the certificate or is unsupported: {e}"),
         )
     })?;
-    let names = dns_names(&ck.cert[0]).map_err(|e| err("cert", e))?;
+    let names = dns_names(&ck.cert[0]).map_err(|e| err(Part::Cert, e))?;
     Ok((ck, names))
 }
 

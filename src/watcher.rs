@@ -58,18 +58,7 @@ pub async fn run(state: Arc<AppState>) {
     let watched: Arc<Mutex<Watched>> = Arc::default();
     // One pending signal is enough: a full channel means a re-read is already due.
     let (tx, mut rx) = mpsc::channel::<()>(1);
-    let filter = watched.clone();
-    let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        let Ok(event) = res else { return };
-        // A rescan means events were lost (the kernel's queue overflowed): re-read to be sure.
-        let relevant = event.need_rescan() || {
-            let w = filter.lock().unwrap_or_else(|p| p.into_inner());
-            event.paths.iter().any(|p| is_watched(&w, p))
-        };
-        if relevant {
-            let _ = tx.try_send(());
-        }
-    });
+    let watcher = notify::recommended_watcher(event_handler(watched.clone(), tx));
     let mut watcher: RecommendedWatcher = match watcher {
         Ok(w) => w,
         Err(e) => {
@@ -114,9 +103,99 @@ pub async fn run(state: Arc<AppState>) {
     }
 }
 
+/// What notify's thread runs for each event: asks for a re-read when the event calls for one
+/// (one pending signal is enough: a full channel means a re-read is already due).
+fn event_handler(
+    watched: Arc<Mutex<Watched>>,
+    tx: mpsc::Sender<()>,
+) -> impl FnMut(notify::Result<notify::Event>) + Send + 'static {
+    move |res: notify::Result<notify::Event>| {
+        let Ok(event) = res else { return };
+        if calls_for_reread(&watched, &event) {
+            let _ = tx.try_send(());
+        }
+    }
+}
+
+/// An event for a watched file, or a rescan notice: events were lost (the kernel's queue
+/// overflowed), so any file may have changed and a re-read is due though the notice names no
+/// file. Events for other files are dropped here, on notify's thread.
+fn calls_for_reread(watched: &Mutex<Watched>, event: &notify::Event) -> bool {
+    event.need_rescan() || {
+        let w = watched.lock().unwrap_or_else(|p| p.into_inner());
+        event.paths.iter().any(|p| is_watched(&w, p))
+    }
+}
+
 fn is_watched(watched: &Watched, path: &Path) -> bool {
     match (path.parent(), path.file_name()) {
         (Some(dir), Some(name)) => watched.get(dir).is_some_and(|names| names.contains(name)),
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use notify::event::{DataChange, Flag, ModifyKind};
+    use notify::{Event, EventKind};
+
+    fn watching(dir: &str, names: &[&str]) -> Arc<Mutex<Watched>> {
+        let mut w = Watched::new();
+        w.insert(
+            PathBuf::from(dir),
+            names.iter().map(|n| OsString::from(*n)).collect(),
+        );
+        Arc::new(Mutex::new(w))
+    }
+
+    /// What notify's inotify backend sends on IN_Q_OVERFLOW: no path, the Rescan flag.
+    fn rescan() -> Event {
+        Event::new(EventKind::Other).set_flag(Flag::Rescan)
+    }
+
+    /// Regression (27253e6): a rescan notice names no file, so the path filter alone dropped it
+    /// and the events lost in the overflow were never made up for.
+    #[test]
+    fn a_rescan_notice_asks_for_a_reread_though_it_names_no_file() {
+        let (tx, mut rx) = mpsc::channel(1);
+        let mut handle = event_handler(watching("/srv/lists", &["drop.txt"]), tx);
+        let ev = rescan();
+        assert!(ev.paths.is_empty() && ev.need_rescan());
+        handle(Ok(ev));
+        assert!(
+            rx.try_recv().is_ok(),
+            "a rescan notice (events lost) did not ask for a re-read"
+        );
+    }
+
+    #[test]
+    fn only_watched_files_and_rescans_ask_for_a_reread() {
+        let w = watching("/srv/lists", &["drop.txt"]);
+        let modify = EventKind::Modify(ModifyKind::Data(DataChange::Any));
+        let on = |p: &str| Event::new(modify).add_path(PathBuf::from(p));
+        assert!(calls_for_reread(&w, &on("/srv/lists/drop.txt")));
+        assert!(!calls_for_reread(&w, &on("/srv/lists/busy.log")));
+        assert!(!calls_for_reread(&w, &on("/srv/other/drop.txt")));
+        assert!(
+            !calls_for_reread(&w, &Event::new(EventKind::Other)),
+            "pathless, no flag"
+        );
+        assert!(calls_for_reread(&w, &rescan()));
+        // Before the first resync nothing is watched yet; a rescan still asks.
+        assert!(calls_for_reread(&Mutex::new(Watched::new()), &rescan()));
+    }
+
+    #[test]
+    fn a_handler_with_a_reread_already_due_drops_the_signal() {
+        let (tx, mut rx) = mpsc::channel(1);
+        let mut handle = event_handler(watching("/srv/lists", &["drop.txt"]), tx);
+        let modify = EventKind::Modify(ModifyKind::Data(DataChange::Any));
+        handle(Ok(
+            Event::new(modify).add_path(PathBuf::from("/srv/lists/drop.txt"))
+        ));
+        handle(Ok(rescan()));
+        assert!(rx.try_recv().is_ok());
+        assert!(rx.try_recv().is_err(), "one pending signal is enough");
     }
 }

@@ -110,7 +110,12 @@ hosts = ["panel.test"]
 upstream = "http://{upstream}"
 jails = ["ispconfig"]
 "#;
-    let gw = spawn_gateway_with(upstream, "", sites, &snippets()).await;
+    let gw = GatewayBuilder::new()
+        .upstream(upstream)
+        .sites(sites)
+        .extra(&snippets())
+        .spawn()
+        .await;
     // (client, host, path, hits, whether a good login is told apart)
     let cases = [
         ("127.0.1.1", "wordpress.test", "/wp-login.php", 5, true),

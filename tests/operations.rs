@@ -46,7 +46,7 @@ async fn twenty_reloads_under_200_keepalive_clients_fail_nothing() {
     // Generous limits: this test is about reloads, not rate limiting.
     let limits = "[rate_limit]\nrequests_per_second = 100000\nburst = 100000\n";
     let gw = spawn_gateway(DEFAULT_SITES, &format!("{limits}{}", deny("127.0.5.1"))).await;
-    let path = gw.path().join("ipgate.toml");
+    let path = gw.config_path();
     let base = std::fs::read_to_string(&path).unwrap();
     let token = gw.token();
 
@@ -62,7 +62,15 @@ async fn twenty_reloads_under_200_keepalive_clients_fail_nothing() {
             failed.clone(),
         )));
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Every client is connected, and the clients have been served (about once each).
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            ok.load(Ordering::Relaxed) >= 200
+                && metric(&gw.metrics().await, "ipgate_connections_open") == Some(200.0)
+        })
+        .await,
+        "the 200 clients did not all get going"
+    );
 
     for i in 0..20 {
         // Alternate which of two addresses the block list holds.
@@ -82,7 +90,15 @@ async fn twenty_reloads_under_200_keepalive_clients_fail_nothing() {
         );
         let c = connect_from(passing, gw.plain).await;
         assert_eq!(get_on(c, "/", "a.test", &[]).await.0, 200, "reload {i}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Requests are served between this reload and the next: one per client, roughly.
+        let served = ok.load(Ordering::Relaxed);
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                ok.load(Ordering::Relaxed) >= served + 200
+            })
+            .await,
+            "reload {i}: the keep-alive clients stalled"
+        );
     }
     stop.store(true, Ordering::Relaxed);
     for c in clients {
@@ -95,9 +111,12 @@ async fn twenty_reloads_under_200_keepalive_clients_fail_nothing() {
         ok.load(Ordering::Relaxed)
     );
     let m = gw.metrics().await;
+    // Twenty by the API; the file watcher may add a re-read of its own, never a failure.
+    let success = metric(&m, r#"ipgate_config_reloads_total{result="success"}"#).unwrap_or(0.0);
+    assert!(success >= 20.0, "{success}");
     assert_eq!(
-        metric(&m, r#"ipgate_config_reloads_total{result="success"}"#),
-        Some(20.0)
+        metric(&m, r#"ipgate_config_reloads_total{result="failure"}"#).unwrap_or(0.0),
+        0.0
     );
     gw.shutdown().await;
 }
@@ -105,7 +124,7 @@ async fn twenty_reloads_under_200_keepalive_clients_fail_nothing() {
 #[tokio::test]
 async fn an_invalid_reload_answers_422_and_the_old_config_keeps_serving() {
     let gw = spawn_gateway(DEFAULT_SITES, &deny("127.0.5.3")).await;
-    let path = gw.path().join("ipgate.toml");
+    let path = gw.config_path();
     let good = std::fs::read_to_string(&path).unwrap();
     std::fs::write(
         &path,
@@ -209,38 +228,53 @@ async fn max_retention_caps_a_longer_ttl() {
 
 #[tokio::test]
 async fn anonymized_logging_leaves_no_full_client_address_in_any_output() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let upstream = Upstream::start().await;
+    use tokio::io::AsyncWriteExt;
     // A jail that bans on the second request, so a ban gets logged too.
     let jail = "[[jail]]\nname = \"probe\"\npath = \"/probe\"\nstatus = [200]\nhits = 2\nwindow = \"1m\"\nban = \"1m\"\n";
     let sites =
         "[[site]]\nhosts = [\"*\"]\nupstream = \"http://{upstream}\"\njails = [\"probe\"]\n";
-    let (_dir, path) = binary_config(upstream.addr, sites, jail);
-    let text = std::fs::read_to_string(&path)
-        .unwrap()
-        .replace("[log]\naccess = \"off\"", "[log]\naccess = \"stdout\"");
-    std::fs::write(&path, text).unwrap();
-    let (mut child, addrs, output) = start_binary_logged(&path, "debug");
-    // Two requests (the jail bans), then a connection the ban closes, all from 127.0.0.77.
-    for _ in 0..3 {
-        let mut c = connect_from("127.0.0.77", addrs.plain).await;
+    let files = GatewayBuilder::new()
+        .sites(sites)
+        .extra(jail)
+        .access_log(true)
+        .files()
+        .await;
+    let gw = files.start("debug");
+    // Two requests from 127.0.0.77 (the jail bans on the second)...
+    for _ in 0..2 {
+        let mut c = connect_from("127.0.0.77", gw.plain).await;
         let _ = c
             .write_all(b"GET /probe HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
             .await;
         let mut buf = Vec::new();
-        let _ = tokio::time::timeout(Duration::from_secs(2), c.read_to_end(&mut buf)).await;
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        read_until_closed(&mut c, &mut buf).await;
+        assert!(
+            buf.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&buf)
+        );
     }
+    // ...the ban lands (written asynchronously)...
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            let (_, m) = plain_get(gw.admin, "/metrics", "admin").await;
+            metric(&m, r#"ipgate_bans_total{source="probe"}"#) == Some(1.0)
+        })
+        .await,
+        "the jail did not ban"
+    );
+    // ...and a connection the ban closes.
+    assert!(refused("127.0.0.77", gw.plain).await);
     // No metric carries an address.
-    let (_, metrics) = plain_get(addrs.admin, "/metrics", "admin").await;
+    let (_, metrics) = plain_get(gw.admin, "/metrics", "admin").await;
     assert!(metrics.contains("ipgate_bans_total"), "{metrics}");
     assert!(
         !metrics.contains("127.0.0."),
         "an address in the metrics:\n{metrics}"
     );
-    signal(&child, "TERM");
-    let _ = tokio::task::spawn_blocking(move || child.wait()).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let output = gw.output.clone();
+    gw.signal("TERM");
+    assert_eq!(gw.wait().await.code(), Some(0));
     let text = output.text();
     assert!(
         text.contains("\"client\":\"127.0.0.0\""),

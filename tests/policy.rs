@@ -174,12 +174,11 @@ entries = ["198.51.100.7/32", "2001:db8:bad::/48"]
 
 #[tokio::test]
 async fn forwarded_for_is_ignored_from_untrusted_peers_and_honoured_from_trusted_ones() {
-    let gw = spawn_gateway_keys(
-        r#"trusted_proxies = ["127.0.0.1/32", "10.0.0.0/8"]"#,
-        DEFAULT_SITES,
-        DENY_198,
-    )
-    .await;
+    let gw = GatewayBuilder::new()
+        .gateway_keys(r#"trusted_proxies = ["127.0.0.1/32", "10.0.0.0/8"]"#)
+        .extra(DENY_198)
+        .spawn()
+        .await;
     // Untrusted peer: its X-Forwarded-For decides nothing and is replaced (SPEC 15).
     let c = connect_from("127.0.0.6", gw.plain).await;
     let (status, body) = get_on(c, "/", "a.test", &[("x-forwarded-for", "198.51.100.7")]).await;
@@ -217,42 +216,6 @@ async fn forwarded_for_is_ignored_from_untrusted_peers_and_honoured_from_trusted
     gw.shutdown().await;
 }
 
-fn proxy_v1(src: &str) -> Vec<u8> {
-    format!("PROXY TCP4 {src} 192.0.2.1 40000 443\r\n").into_bytes()
-}
-
-fn proxy_v2(src: std::net::SocketAddr, dst: std::net::SocketAddr) -> Vec<u8> {
-    ppp::v2::Builder::with_addresses(
-        ppp::v2::Version::Two | ppp::v2::Command::Proxy,
-        ppp::v2::Protocol::Stream,
-        (src, dst),
-    )
-    .build()
-    .unwrap()
-}
-
-fn proxy_v2_local() -> Vec<u8> {
-    ppp::v2::Builder::with_addresses(
-        ppp::v2::Version::Two | ppp::v2::Command::Local,
-        ppp::v2::Protocol::Unspecified,
-        ppp::v2::Addresses::Unspecified,
-    )
-    .build()
-    .unwrap()
-}
-
-/// Sends a PROXY header and a request on one connection; returns the raw answer.
-async fn through_proxy(from: &str, addr: std::net::SocketAddr, header: &[u8]) -> String {
-    use tokio::io::AsyncWriteExt;
-    let mut tcp = connect_from(from, addr).await;
-    let mut data = header.to_vec();
-    data.extend_from_slice(b"GET /who HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n");
-    let _ = tcp.write_all(&data).await;
-    let mut out = Vec::new();
-    read_until_closed(&mut tcp, &mut out).await;
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 fn real_ip(answer: &str) -> Option<String> {
     let body = answer.split("\r\n\r\n").nth(1)?;
     echoed(&json(body), "x-real-ip").map(str::to_string)
@@ -260,14 +223,12 @@ fn real_ip(answer: &str) -> Option<String> {
 
 #[tokio::test]
 async fn proxy_protocol_v1_and_v2_from_trusted_peers() {
-    let extra =
-        format!("{DENY_198}\n[[listener]]\naddr = \"127.0.0.1:0\"\nproxy_protocol = true\n");
-    let gw = spawn_gateway_keys(
-        r#"trusted_proxies = ["127.0.0.1/32"]"#,
-        DEFAULT_SITES,
-        &extra,
-    )
-    .await;
+    let gw = GatewayBuilder::new()
+        .gateway_keys(r#"trusted_proxies = ["127.0.0.1/32"]"#)
+        .extra(DENY_198)
+        .proxy_listener()
+        .spawn()
+        .await;
     let pp = gw.listeners[2];
     let dst: std::net::SocketAddr = "192.0.2.1:443".parse().unwrap();
 
@@ -421,11 +382,9 @@ async fn admin_api_needs_the_token_and_validates_input() {
 
 #[tokio::test]
 async fn a_ban_survives_kill_9_and_restart() {
-    let upstream = Upstream::start().await;
-    let (dir, path) = binary_config(upstream.addr, DEFAULT_SITES, "");
-
-    let (mut child, addrs) = start_binary(&path);
-    let token_file = dir.path().join("admin.token");
+    let files = GatewayBuilder::new().files().await;
+    let gw = files.start("info");
+    let token_file = files.token_file();
     let cli = |args: &[&str], admin: std::net::SocketAddr| {
         std::process::Command::new(env!("CARGO_BIN_EXE_ipgate"))
             .args(args)
@@ -438,7 +397,7 @@ async fn a_ban_survives_kill_9_and_restart() {
     };
     let out = cli(
         &["ban", "127.0.0.7", "--ttl", "1h", "--reason", "durable"],
-        addrs.admin,
+        gw.admin,
     );
     assert!(
         out.status.success(),
@@ -446,17 +405,17 @@ async fn a_ban_survives_kill_9_and_restart() {
         String::from_utf8_lossy(&out.stderr)
     );
     // Acknowledged: now kill -9 at once, no chance to flush anything.
-    signal(&child, "KILL");
-    child.wait().unwrap();
+    gw.signal("KILL");
+    let _ = gw.wait().await;
 
-    let (mut child, addrs) = start_binary(&path);
-    assert!(refused("127.0.0.7", addrs.plain).await);
-    let c = connect_from("127.0.0.8", addrs.plain).await;
+    let gw = files.start("info");
+    assert!(refused("127.0.0.7", gw.plain).await);
+    let c = connect_from("127.0.0.8", gw.plain).await;
     assert_eq!(get_on(c, "/", "a.test", &[]).await.0, 200);
-    let out = cli(&["lookup", "127.0.0.7", "--json"], addrs.admin);
+    let out = cli(&["lookup", "127.0.0.7", "--json"], gw.admin);
     let v = json(&String::from_utf8_lossy(&out.stdout));
     assert_eq!(v["decision"], "block");
     assert_eq!(v["entries"][0]["reason"], "durable");
-    signal(&child, "TERM");
-    assert_eq!(child.wait().unwrap().code(), Some(0));
+    gw.signal("TERM");
+    assert_eq!(gw.wait().await.code(), Some(0));
 }

@@ -7,18 +7,18 @@ use std::time::Duration;
 use common::*;
 
 /// A gateway that has switched (by one reload) to a config with the block list
-/// `lists/drop.txt` in its dir, and `client` not blocked yet.
-async fn gateway_with_drop_list(client: &str) -> (Upstream, TestGateway, std::path::PathBuf) {
+/// `lists/drop.txt` in its dir, and `client` not blocked yet. The reload into the list is on
+/// purpose: it also checks that the watcher picks up a set of files changed by a reload.
+async fn gateway_with_drop_list(client: &str) -> (TestGateway, std::path::PathBuf) {
     let extra = "[lists.drop]\naction = \"block\"\nfiles = [\"lists/drop.txt\"]\n";
-    let upstream = Upstream::start().await;
     // Start without the list, create it in the gateway's dir, then reload once into it.
-    let gw = spawn_gateway_with(upstream.addr, "", DEFAULT_SITES, "").await;
+    let gw = GatewayBuilder::new().spawn().await;
     let lists = gw.path().join("lists");
     std::fs::create_dir_all(&lists).unwrap();
     std::fs::write(lists.join("drop.txt"), "; test list\n192.0.2.0/24 ; SBL1\n").unwrap();
     assert_eq!(gw.reload_with(extra).await, 200);
     assert_eq!(https_get_from(&gw, client, "/").await.0, 200);
-    (upstream, gw, lists)
+    (gw, lists)
 }
 
 fn append_line(path: &std::path::Path, line: &str) {
@@ -29,7 +29,7 @@ fn append_line(path: &std::path::Path, line: &str) {
 
 #[tokio::test]
 async fn appending_to_a_list_file_blocks_within_5_seconds_without_a_signal() {
-    let (_upstream, gw, lists) = gateway_with_drop_list("127.0.0.30").await;
+    let (gw, lists) = gateway_with_drop_list("127.0.0.30").await;
 
     // Append, as an operator or a list updater would.
     append_line(&lists.join("drop.txt"), "127.0.0.30/32 ; appended");
@@ -42,16 +42,42 @@ async fn appending_to_a_list_file_blocks_within_5_seconds_without_a_signal() {
         "the appended address was not blocked within 5 s"
     );
     println!("blocked {:?} after the append", start.elapsed());
-    // A broken line is refused: the previous list stays in force.
+    // A broken line is refused and the previous list stays in force. Wait until the watcher
+    // has really read the broken file (a failed re-read is counted): a dead watcher would
+    // otherwise pass this step by never reading it.
+    let failed = r#"ipgate_config_reloads_total{result="failure"}"#;
+    let before = metric(&gw.metrics().await, failed).unwrap_or(0.0);
     append_line(&lists.join("drop.txt"), "not-an-address");
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert!(refused("127.0.0.30", gw.plain).await);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            metric(&gw.metrics().await, failed).unwrap_or(0.0) > before
+        })
+        .await,
+        "the list with a broken line was not re-read within 5 s"
+    );
+    assert!(
+        refused("127.0.0.30", gw.plain).await,
+        "the previous list was dropped"
+    );
+    // The watcher lives on: the repaired file applies, with a new address in it.
+    std::fs::write(
+        lists.join("drop.txt"),
+        "192.0.2.0/24\n127.0.0.30/32\n127.0.0.32/32 ; after the repair\n",
+    )
+    .unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            refused("127.0.0.32", gw.plain).await
+        })
+        .await,
+        "the repaired list was not applied within 5 s: the watcher stopped after the broken one"
+    );
     gw.shutdown().await;
 }
 
 #[tokio::test]
 async fn a_busy_file_beside_a_list_does_not_hold_off_the_lists_change() {
-    let (_upstream, gw, lists) = gateway_with_drop_list("127.0.0.31").await;
+    let (gw, lists) = gateway_with_drop_list("127.0.0.31").await;
     // A log written every 50 ms in the list's directory: its events come faster than the
     // 300 ms debounce, so they must not count as changes to wait out.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

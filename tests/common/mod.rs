@@ -262,6 +262,8 @@ pub struct TestGateway {
     pub tls: SocketAddr,
     pub admin: SocketAddr,
     pub upstream: SocketAddr,
+    /// The upstream the builder started, if it did (`seen`, `count()`).
+    pub origin: Option<Upstream>,
     pub dir: tempfile::TempDir,
     pub ca: Arc<TestCa>,
     /// DER of the certificates for `a.test` and `b.test`.
@@ -278,31 +280,97 @@ hosts = ["*"]
 upstream = "http://{upstream}"
 "#;
 
-/// Starts an upstream and a gateway whose config is the harness's base (plain and TLS
-/// listeners, certificates for a.test and b.test, admin, access log off) plus `sites`
-/// (with `{upstream}` replaced) and `extra`.
-pub async fn spawn_gateway(sites: &str, extra: &str) -> TestGateway {
-    let upstream = Upstream::start().await;
-    spawn_gateway_with(upstream.addr, "", sites, extra).await
+/// A third client listener that expects a PROXY header (`listeners[2]`).
+pub const PROXY_LISTENER: &str = "\n[[listener]]\naddr = \"127.0.0.1:0\"\nproxy_protocol = true\n";
+
+// ------------------------------------------------------------------ building a gateway
+
+/// The one way tests configure a gateway: in process (`spawn`) or as the binary
+/// (`files().await`, then `GatewayFiles::start`). The base config has a plain and a TLS
+/// listener, certificates for a.test (+localhost) and b.test (+*.wild.test), the admin
+/// listener and the access log off. Defaults: DEFAULT_SITES, an `Upstream` started for it,
+/// `workers` unset (one per CPU).
+#[derive(Clone, Default)]
+pub struct GatewayBuilder {
+    gateway_keys: String,
+    sites: Option<String>,
+    extra: String,
+    upstream: Option<SocketAddr>,
+    workers: Option<usize>,
+    access_log: bool,
+    files: Vec<(PathBuf, String)>,
 }
 
-/// Like `spawn_gateway`, with more keys for the `[gateway]` table (`trusted_proxies = ...`).
-pub async fn spawn_gateway_keys(gateway: &str, sites: &str, extra: &str) -> TestGateway {
-    let upstream = Upstream::start().await;
-    spawn_gateway_with(upstream.addr, gateway, sites, extra).await
-}
+impl GatewayBuilder {
+    pub fn new() -> Self {
+        Self::default()
+    }
 
-pub fn base_config(sites: &str, extra: &str, upstream: SocketAddr) -> String {
-    base_config_keys("", sites, extra, upstream)
-}
+    /// `[[site]]` tables; `{upstream}` is replaced by the upstream's address.
+    pub fn sites(mut self, sites: &str) -> Self {
+        self.sites = Some(sites.to_string());
+        self
+    }
 
-pub fn base_config_keys(gateway: &str, sites: &str, extra: &str, upstream: SocketAddr) -> String {
-    format!(
-        r#"
+    /// More tables (lists, jails, limits, listeners), appended; `{upstream}` replaced too.
+    pub fn extra(mut self, tables: &str) -> Self {
+        self.extra.push_str(tables);
+        self.extra.push('\n');
+        self
+    }
+
+    /// More `[gateway]` keys (`trusted_proxies = [...]`, `default_ban = ...`), appended.
+    pub fn gateway_keys(mut self, keys: &str) -> Self {
+        self.gateway_keys.push_str(keys);
+        self.gateway_keys.push('\n');
+        self
+    }
+
+    /// An upstream the test started itself (a counting upstream, an app).
+    pub fn upstream(mut self, addr: SocketAddr) -> Self {
+        self.upstream = Some(addr);
+        self
+    }
+
+    /// `[gateway] workers = n` (each worker has its own upstream pool).
+    pub fn workers(mut self, n: usize) -> Self {
+        self.workers = Some(n);
+        self
+    }
+
+    /// Adds the `proxy_protocol` listener (`listeners[2]`).
+    pub fn proxy_listener(self) -> Self {
+        self.extra(PROXY_LISTENER)
+    }
+
+    /// `[log] access = "stdout"` instead of "off".
+    pub fn access_log(mut self, on: bool) -> Self {
+        self.access_log = on;
+        self
+    }
+
+    /// A file written into the gateway's dir before it starts (`lists/drop.txt`).
+    pub fn file(mut self, relative: &str, text: &str) -> Self {
+        self.files.push((PathBuf::from(relative), text.to_string()));
+        self
+    }
+
+    /// The config text. Needs `.upstream(addr)`; `files()` sets it when it starts one.
+    pub fn text(&self) -> String {
+        let upstream = self
+            .upstream
+            .expect("GatewayBuilder::text needs .upstream(addr)");
+        let workers = self
+            .workers
+            .map(|n| format!("workers = {n}\n"))
+            .unwrap_or_default();
+        let access = if self.access_log { "stdout" } else { "off" };
+        let sites = self.sites.as_deref().unwrap_or(DEFAULT_SITES);
+        format!(
+            r#"
 [gateway]
 state_dir = "state"
-{gateway}
-
+{workers}{keys}
 [[listener]]
 addr = "127.0.0.1:0"
 tls = false
@@ -319,49 +387,174 @@ addr = "127.0.0.1:0"
 token_file = "admin.token"
 
 [log]
-access = "off"
+access = "{access}"
 
 {extra}
 {sites}
-"#
-    )
-    .replace("{upstream}", &upstream.to_string())
+"#,
+            keys = self.gateway_keys,
+            extra = self.extra,
+        )
+        .replace("{upstream}", &upstream.to_string())
+    }
+
+    /// A temp dir with the CA's certificates for a.test (+localhost) and b.test
+    /// (+*.wild.test), the extra files and `ipgate.toml`. Starts an `Upstream` when none was
+    /// given.
+    pub async fn files(mut self) -> GatewayFiles {
+        let origin = match self.upstream {
+            Some(_) => None,
+            None => {
+                let u = Upstream::start().await;
+                self.upstream = Some(u.addr);
+                Some(u)
+            }
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Arc::new(TestCa::new());
+        let cert_a = ca.issue(dir.path(), "a", &["a.test", "localhost"]);
+        let cert_b = ca.issue(dir.path(), "b", &["b.test", "*.wild.test"]);
+        for (relative, text) in &self.files {
+            let p = dir.path().join(relative);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, text).unwrap();
+        }
+        let config = dir.path().join("ipgate.toml");
+        std::fs::write(&config, self.text()).unwrap();
+        GatewayFiles {
+            upstream: self.upstream.unwrap(),
+            dir,
+            config,
+            ca,
+            cert_a,
+            cert_b,
+            origin,
+        }
+    }
+
+    /// Starts the gateway in this process.
+    pub async fn spawn(self) -> TestGateway {
+        let f = self.files().await;
+        let config =
+            Config::load(&f.config).unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
+        let gateway = Gateway::bind(config).await.unwrap();
+        let addrs = gateway.listener_addrs();
+        let admin = gateway.admin_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(gateway.run(async {
+            let _ = stopped.await;
+        }));
+        TestGateway {
+            listeners: addrs.clone(),
+            plain: addrs[0],
+            tls: addrs[1],
+            admin,
+            upstream: f.upstream,
+            origin: f.origin,
+            dir: f.dir,
+            ca: f.ca,
+            cert_a: f.cert_a,
+            cert_b: f.cert_b,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
 }
 
+/// The directory a gateway runs from (for the binary, or to edit and reload).
+pub struct GatewayFiles {
+    pub dir: tempfile::TempDir,
+    /// `ipgate.toml` in `dir`.
+    pub config: PathBuf,
+    pub ca: Arc<TestCa>,
+    pub cert_a: CertificateDer<'static>,
+    pub cert_b: CertificateDer<'static>,
+    pub upstream: SocketAddr,
+    /// The upstream the builder started, if it did (`seen`, `count()`).
+    pub origin: Option<Upstream>,
+}
+
+impl GatewayFiles {
+    /// `ipgate run -c FILE` at log level `level`; it can be started again on the same files.
+    pub fn start(&self, level: &str) -> BinaryGateway {
+        let (child, addrs, output) = start_binary_logged(&self.config, level);
+        BinaryGateway {
+            child: Some(child),
+            plain: addrs.plain,
+            admin: addrs.admin,
+            output,
+        }
+    }
+
+    pub fn token_file(&self) -> PathBuf {
+        self.dir.path().join("admin.token")
+    }
+}
+
+/// A gateway process; killed on drop if it still runs (no orphan after a failed assert).
+pub struct BinaryGateway {
+    child: Option<std::process::Child>,
+    pub plain: SocketAddr,
+    pub admin: SocketAddr,
+    /// Its stdout and stderr, together.
+    pub output: Output,
+}
+
+impl BinaryGateway {
+    /// Sends a signal (`TERM`, `HUP`, `KILL`, ...) to the process.
+    pub fn signal(&self, name: &str) {
+        signal(self.child.as_ref().unwrap(), name)
+    }
+
+    /// Waits for the exit (off the runtime) and for stdout and stderr to be read to the end.
+    pub async fn wait(mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap();
+        let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+            .await
+            .unwrap();
+        let out = self.output.clone();
+        assert!(
+            eventually(Duration::from_secs(5), || async { out.ended() }).await,
+            "the process's output was not closed"
+        );
+        status
+    }
+}
+
+impl Drop for BinaryGateway {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Starts an upstream and a gateway with the base config plus `sites` (with `{upstream}`
+/// replaced) and `extra`: the shorthand for `GatewayBuilder::new().sites(..).extra(..)`.
+pub async fn spawn_gateway(sites: &str, extra: &str) -> TestGateway {
+    GatewayBuilder::new()
+        .sites(sites)
+        .extra(extra)
+        .spawn()
+        .await
+}
+
+/// The older four-argument form (`gateway`: more `[gateway]` keys), kept for tests/bypass.rs;
+/// new tests use `GatewayBuilder`.
 pub async fn spawn_gateway_with(
     upstream: SocketAddr,
     gateway: &str,
     sites: &str,
     extra: &str,
 ) -> TestGateway {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = Arc::new(TestCa::new());
-    let cert_a = ca.issue(dir.path(), "a", &["a.test", "localhost"]);
-    let cert_b = ca.issue(dir.path(), "b", &["b.test", "*.wild.test"]);
-    let text = base_config_keys(gateway, sites, extra, upstream);
-    let path = dir.path().join("ipgate.toml");
-    std::fs::write(&path, &text).unwrap();
-    let config = Config::load(&path).unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
-    let gateway = Gateway::bind(config).await.unwrap();
-    let addrs = gateway.listener_addrs();
-    let admin = gateway.admin_addr().unwrap();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(gateway.run(async {
-        let _ = stopped.await;
-    }));
-    TestGateway {
-        listeners: addrs.clone(),
-        plain: addrs[0],
-        tls: addrs[1],
-        admin,
-        upstream,
-        dir,
-        ca,
-        cert_a,
-        cert_b,
-        stop: Some(stop),
-        task: Some(task),
-    }
+    GatewayBuilder::new()
+        .upstream(upstream)
+        .gateway_keys(gateway)
+        .sites(sites)
+        .extra(extra)
+        .spawn()
+        .await
 }
 
 impl TestGateway {
@@ -379,6 +572,11 @@ impl TestGateway {
         self.dir.path().to_path_buf()
     }
 
+    /// The config file the gateway was started with (`ipgate.toml` in its dir).
+    pub fn config_path(&self) -> PathBuf {
+        self.path().join("ipgate.toml")
+    }
+
     pub async fn metrics(&self) -> String {
         let (status, body) = plain_get(self.admin, "/metrics", "admin").await;
         assert_eq!(status, 200);
@@ -388,7 +586,7 @@ impl TestGateway {
     /// Adds `tables` to the running gateway's config file (before `[log]`) and reloads it
     /// through the admin API; returns the HTTP status of the reload.
     pub async fn reload_with(&self, tables: &str) -> u16 {
-        let path = self.path().join("ipgate.toml");
+        let path = self.config_path();
         let text = std::fs::read_to_string(&path).unwrap();
         std::fs::write(&path, text.replace("[log]", &format!("{tables}\n[log]"))).unwrap();
         admin_call(self.admin, "POST", "/v1/reload", None, Some(&self.token()))
@@ -536,38 +734,43 @@ pub fn metric(text: &str, sample: &str) -> Option<f64> {
 // ------------------------------------------------------------------ the binary
 
 /// Addresses a gateway process reported in its log.
-pub struct ProcessAddrs {
-    pub plain: SocketAddr,
-    pub admin: SocketAddr,
-}
-
-/// Starts `ipgate run -c FILE`; returns the child and the addresses of its plain listener
-/// and admin listener, read from its log lines.
-pub fn start_binary(config: &Path) -> (std::process::Child, ProcessAddrs) {
-    let (child, addrs, _) = start_binary_logged(config, "info");
-    (child, addrs)
+struct ProcessAddrs {
+    plain: SocketAddr,
+    admin: SocketAddr,
 }
 
 /// Everything a gateway process wrote, line by line, as it runs.
 #[derive(Clone, Default)]
-pub struct Output(Arc<std::sync::Mutex<String>>);
+pub struct Output(
+    Arc<std::sync::Mutex<String>>,
+    Arc<std::sync::atomic::AtomicUsize>,
+);
 
 impl Output {
     pub fn text(&self) -> String {
         self.0.lock().unwrap().clone()
     }
+
+    /// Whether stdout and stderr have both been read to their end (the process closed them).
+    pub fn ended(&self) -> bool {
+        self.1.load(std::sync::atomic::Ordering::SeqCst) == 2
+    }
+
     fn push(&self, line: &str) {
         let mut s = self.0.lock().unwrap();
         s.push_str(line);
         s.push('\n');
     }
+
+    fn end(&self) {
+        self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
-/// Like `start_binary`, at log level `level`, keeping stdout and stderr (together).
-pub fn start_binary_logged(
-    config: &Path,
-    level: &str,
-) -> (std::process::Child, ProcessAddrs, Output) {
+/// Starts `ipgate run -c FILE` at log level `level`, keeping stdout and stderr (together);
+/// returns the child and the addresses of its plain listener and admin listener, read from
+/// its log lines. Used by `GatewayFiles::start`.
+fn start_binary_logged(config: &Path, level: &str) -> (std::process::Child, ProcessAddrs, Output) {
     use std::io::{BufRead, BufReader};
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ipgate"))
         .args(["run", "-c"])
@@ -584,6 +787,7 @@ pub fn start_binary_logged(
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             out.push(&line);
         }
+        out.end();
     });
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
@@ -603,6 +807,7 @@ pub fn start_binary_logged(
                 }
             }
         }
+        out.end();
     });
     let (mut plain, mut admin) = (None, None);
     while plain.is_none() || admin.is_none() {
@@ -777,22 +982,6 @@ impl TestGateway {
     }
 }
 
-/// A temp dir with certificates for a.test and b.test and an `ipgate.toml` from the base
-/// config, for tests that run the binary. Returns the dir and the config's path.
-pub fn binary_config(
-    upstream: SocketAddr,
-    sites: &str,
-    extra: &str,
-) -> (tempfile::TempDir, PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = TestCa::new();
-    ca.issue(dir.path(), "a", &["a.test"]);
-    ca.issue(dir.path(), "b", &["b.test"]);
-    let path = dir.path().join("ipgate.toml");
-    std::fs::write(&path, base_config(sites, extra, upstream)).unwrap();
-    (dir, path)
-}
-
 /// A POST with a small body on a fresh plain connection from `local`; the status, or None
 /// when the gateway closed the connection (blocked).
 pub async fn post_from(addr: SocketAddr, local: &str, path: &str, host: &str) -> Option<u16> {
@@ -804,9 +993,7 @@ pub async fn post_from(addr: SocketAddr, local: &str, path: &str, host: &str) ->
     let _ = tcp.write_all(req.as_bytes()).await;
     let mut out = Vec::new();
     read_until_closed(&mut tcp, &mut out).await;
-    String::from_utf8_lossy(&out)
-        .get(9..12)
-        .and_then(|s| s.parse().ok())
+    status_of(&String::from_utf8_lossy(&out))
 }
 
 /// Reads until the server closes the connection (FIN or reset). Panics when it neither
@@ -835,4 +1022,66 @@ pub async fn refused_with(local: &str, addr: SocketAddr, first: &[u8]) -> bool {
         Ok(tcp) => closed_without_a_byte(tcp, first).await,
         Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
     }
+}
+
+// ------------------------------------------------------------------ PROXY protocol
+
+/// A PROXY v1 TCP4 line naming `src` as the client.
+pub fn proxy_v1(src: &str) -> Vec<u8> {
+    format!("PROXY TCP4 {src} 192.0.2.1 40000 443\r\n").into_bytes()
+}
+
+/// A PROXY v2 PROXY/STREAM header from `src` to `dst` (TCP4 or TCP6 by the addresses).
+pub fn proxy_v2(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
+    ppp::v2::Builder::with_addresses(
+        ppp::v2::Version::Two | ppp::v2::Command::Proxy,
+        ppp::v2::Protocol::Stream,
+        (src, dst),
+    )
+    .build()
+    .unwrap()
+}
+
+/// A PROXY v2 LOCAL header (a health check: the peer itself is the client).
+pub fn proxy_v2_local() -> Vec<u8> {
+    ppp::v2::Builder::with_addresses(
+        ppp::v2::Version::Two | ppp::v2::Command::Local,
+        ppp::v2::Protocol::Unspecified,
+        ppp::v2::Addresses::Unspecified,
+    )
+    .build()
+    .unwrap()
+}
+
+/// Sends `header` then `request` on one connection from `from`; the raw answer, "" when the
+/// gateway closed without a byte.
+pub async fn through_proxy_request(
+    from: &str,
+    addr: SocketAddr,
+    header: &[u8],
+    request: &str,
+) -> String {
+    let mut tcp = connect_from(from, addr).await;
+    let mut data = header.to_vec();
+    data.extend_from_slice(request.as_bytes());
+    let _ = tcp.write_all(&data).await;
+    let mut out = Vec::new();
+    read_until_closed(&mut tcp, &mut out).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `GET /who` for a.test behind `header`; the raw answer.
+pub async fn through_proxy(from: &str, addr: SocketAddr, header: &[u8]) -> String {
+    through_proxy_request(
+        from,
+        addr,
+        header,
+        "GET /who HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n",
+    )
+    .await
+}
+
+/// The status code of a raw HTTP/1.x answer.
+pub fn status_of(answer: &str) -> Option<u16> {
+    answer.get(9..12)?.parse().ok()
 }

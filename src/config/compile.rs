@@ -1,0 +1,450 @@
+//! Raw config to [`Config`]: one function per section, every check in them, every problem
+//! reported against its key. Defaults are the typed constants of [`super::values`].
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use super::raw::*;
+use super::report::Report;
+use super::values::*;
+use super::*;
+
+pub(super) fn compile(raw: RawConfig, source: &Path, base: &Path, r: &mut Report) -> Config {
+    // In file order, so problems are reported in the order a person reads them.
+    let privacy = privacy(r, &raw.privacy);
+    let gateway = gateway(r, base, &raw.gateway);
+    let listeners = listeners(r, &raw.listeners);
+    let tls = tls(r, base, &raw);
+    let admin = raw.admin.as_ref().map(|a| admin(r, base, a));
+    let rate_limit = compile_rate_limit(r, "rate_limit", raw.rate_limit.as_ref(), None);
+    let lists = lists(r, base, &raw);
+    let jails = jails(r, &raw.jails, &privacy);
+    let sites = sites(r, &raw.sites, &lists, &jails, &rate_limit);
+    Config {
+        source: source.to_path_buf(),
+        gateway,
+        listeners,
+        tls,
+        admin,
+        privacy,
+        rate_limit,
+        lists,
+        jails,
+        sites,
+        limits: limits(r, &raw.limits),
+        access_log: access_log(r, &raw.log),
+        demo_upstream: raw
+            .demo_upstream
+            .as_ref()
+            .and_then(|d| socket_addr(r, "demo_upstream.addr", &d.addr)),
+    }
+}
+
+fn privacy(r: &mut Report, raw: &RawPrivacy) -> Privacy {
+    let log_ip = match raw.log_ip.as_deref().unwrap_or("anonymized") {
+        "full" => LogIp::Full,
+        "anonymized" => LogIp::Anonymized,
+        "none" => LogIp::None,
+        other => {
+            r.key(
+                "privacy.log_ip",
+                format!("'{other}': expected \"full\", \"anonymized\" or \"none\""),
+            );
+            LogIp::Anonymized
+        }
+    };
+    Privacy {
+        max_retention: dur(
+            r,
+            "privacy.max_retention",
+            raw.max_retention.as_deref(),
+            MAX_RETENTION,
+        ),
+        log_ip,
+    }
+}
+
+fn gateway(r: &mut Report, base: &Path, raw: &RawGateway) -> Gateway {
+    Gateway {
+        state_dir: resolve(base, raw.state_dir.as_deref().unwrap_or(STATE_DIR)),
+        trusted_proxies: raw
+            .trusted_proxies
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| cidr(r, &format!("gateway.trusted_proxies[{i}]"), s))
+            .collect(),
+        default_ban: dur(
+            r,
+            "gateway.default_ban",
+            raw.default_ban.as_deref(),
+            DEFAULT_BAN,
+        ),
+        workers: match raw.workers {
+            None => std::thread::available_parallelism().map_or(1, usize::from),
+            Some(n @ 1..=1024) => n,
+            Some(n) => {
+                r.key("gateway.workers", format!("{n}: expected 1 to 1024"));
+                1
+            }
+        },
+    }
+}
+
+fn listeners(r: &mut Report, raw: &[RawListener]) -> Vec<Listener> {
+    if raw.is_empty() {
+        r.key("listener", "at least one [[listener]] is needed");
+    }
+    let mut listeners: Vec<Listener> = Vec::new();
+    for (i, l) in raw.iter().enumerate() {
+        let key = format!("listener[{i}].addr");
+        let Some(addr) = socket_addr(r, &key, &l.addr) else {
+            continue;
+        };
+        if addr.port() != 0 && listeners.iter().any(|o| o.addr == addr) {
+            r.key(&key, format!("{addr} is used by another listener"));
+        }
+        listeners.push(Listener {
+            addr,
+            tls: l.tls,
+            proxy_protocol: l.proxy_protocol,
+        });
+    }
+    listeners
+}
+
+fn tls(r: &mut Report, base: &Path, raw: &RawConfig) -> Tls {
+    let empty = RawTls::default();
+    let t = raw.tls.as_ref().unwrap_or(&empty);
+    let tls = Tls {
+        certificates: t
+            .certificates
+            .iter()
+            .map(|c| CertificateFiles {
+                cert: resolve(base, &c.cert),
+                key: resolve(base, &c.key),
+            })
+            .collect(),
+        self_signed: t.self_signed,
+    };
+    if raw.listeners.iter().any(|l| l.tls) && tls.certificates.is_empty() && !tls.self_signed {
+        r.key(
+            "tls.certificates",
+            "a listener has tls = true but no certificate is configured (or set self_signed = true)",
+        );
+    }
+    tls
+}
+
+fn admin(r: &mut Report, base: &Path, raw: &RawAdmin) -> Admin {
+    Admin {
+        addr: socket_addr(r, "admin.addr", &raw.addr).unwrap_or(ADMIN_ADDR),
+        token_file: resolve(base, raw.token_file.as_deref().unwrap_or(ADMIN_TOKEN_FILE)),
+    }
+}
+
+fn lists(r: &mut Report, base: &Path, raw: &RawConfig) -> Vec<List> {
+    let mut lists = Vec::new();
+    for (name, l) in &raw.lists {
+        let key = format!("lists.{name}");
+        let action = l.action.parse::<Action>().unwrap_or_else(|e| {
+            r.key(&format!("{key}.action"), e);
+            Action::Block
+        });
+        let entries = l
+            .entries
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| cidr(r, &format!("{key}.entries[{i}]"), s))
+            .collect();
+        if l.dry_run && action == Action::Allow {
+            r.key(
+                &format!("{key}.dry_run"),
+                "dry_run applies to block lists only",
+            );
+        }
+        lists.push(List {
+            name: name.clone(),
+            action,
+            entries,
+            files: l.files.iter().map(|f| resolve(base, f)).collect(),
+            dry_run: l.dry_run,
+        });
+    }
+    lists
+}
+
+fn jails(r: &mut Report, raw: &[RawJail], privacy: &Privacy) -> Vec<Jail> {
+    let mut jails: Vec<Jail> = Vec::new();
+    for (i, j) in raw.iter().enumerate() {
+        let key = format!("jail[{i}]");
+        if jails.iter().any(|o| o.name == j.name) {
+            r.key(
+                &format!("{key}.name"),
+                format!("jail '{}' is defined twice", j.name),
+            );
+        }
+        let jail = jail(r, &key, j, privacy);
+        jails.push(jail);
+    }
+    jails
+}
+
+fn jail(r: &mut Report, key: &str, j: &RawJail, privacy: &Privacy) -> Jail {
+    let method = j.method.as_deref().and_then(|m| {
+        http::Method::from_bytes(m.to_ascii_uppercase().as_bytes())
+            .map_err(|_| r.key(&format!("{key}.method"), format!("'{m}' is not a method")))
+            .ok()
+    });
+    if j.hits == 0 {
+        r.key(&format!("{key}.hits"), "must be at least 1");
+    }
+    for (k, s) in j.status.iter().enumerate() {
+        if !(100..=599).contains(s) {
+            r.key(
+                &format!("{key}.status[{k}]"),
+                format!("{s} is not an HTTP status"),
+            );
+        }
+    }
+    let ban_factor = j.ban_factor.unwrap_or(BAN_FACTOR);
+    if !(1.0..=100.0).contains(&ban_factor) {
+        r.key(
+            &format!("{key}.ban_factor"),
+            "must be between 1.0 and 100.0",
+        );
+    }
+    let window = required_dur(r, &format!("{key}.window"), &j.window);
+    if window > privacy.max_retention {
+        r.key(
+            &format!("{key}.window"),
+            "longer than privacy.max_retention: counters would outlive the retention promise",
+        );
+    }
+    Jail {
+        name: j.name.clone(),
+        method,
+        path: match_path(r, &format!("{key}.path"), j.path.as_deref().unwrap_or("/")),
+        hosts: j.hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
+        location: j.location.clone(),
+        status: j.status.clone(),
+        hits: j.hits,
+        window,
+        ban: required_dur(r, &format!("{key}.ban"), &j.ban),
+        ban_factor,
+        max_ban: dur(r, &format!("{key}.max_ban"), j.max_ban.as_deref(), MAX_BAN),
+        dry_run: j.dry_run,
+    }
+}
+
+/// What a site needs to check its references against.
+struct Known<'a> {
+    allow_lists: HashSet<&'a str>,
+    jails: &'a [Jail],
+    rate_limit: &'a RateLimit,
+}
+
+impl Known<'_> {
+    fn check_allow_only(&self, r: &mut Report, key: &str, names: &[String]) {
+        for (k, n) in names.iter().enumerate() {
+            if !self.allow_lists.contains(n.as_str()) {
+                r.key(
+                    &format!("{key}.allow_only[{k}]"),
+                    format!("'{n}' is not a [lists.NAME] with action = \"allow\""),
+                );
+            }
+        }
+    }
+}
+
+fn sites(
+    r: &mut Report,
+    raw: &[RawSite],
+    lists: &[List],
+    jails: &[Jail],
+    rate_limit: &RateLimit,
+) -> Vec<Site> {
+    let known = Known {
+        allow_lists: lists
+            .iter()
+            .filter(|l| l.action == Action::Allow)
+            .map(|l| l.name.as_str())
+            .collect(),
+        jails,
+        rate_limit,
+    };
+    if raw.is_empty() {
+        r.key("site", "at least one [[site]] is needed");
+    }
+    let mut seen_hosts: HashSet<String> = HashSet::new();
+    raw.iter()
+        .enumerate()
+        .map(|(i, s)| site(r, &format!("site[{i}]"), s, &known, &mut seen_hosts))
+        .collect()
+}
+
+fn site(
+    r: &mut Report,
+    key: &str,
+    s: &RawSite,
+    known: &Known,
+    seen_hosts: &mut HashSet<String>,
+) -> Site {
+    if s.hosts.is_empty() {
+        r.key(&format!("{key}.hosts"), "at least one host is needed");
+    }
+    let mut hosts = Vec::new();
+    for (k, h) in s.hosts.iter().enumerate() {
+        // Requests match without one trailing dot (SPEC 14): so does the config.
+        let h = h.to_ascii_lowercase();
+        let h = h.strip_suffix('.').map(str::to_string).unwrap_or(h);
+        if h != "*" && (h.is_empty() || h.contains([':', '/', ' '])) {
+            r.key(
+                &format!("{key}.hosts[{k}]"),
+                format!("'{h}' is not a host name (no port, no scheme)"),
+            );
+        } else if !seen_hosts.insert(h.clone()) {
+            r.key(
+                &format!("{key}.hosts[{k}]"),
+                format!("'{h}' belongs to another site already"),
+            );
+        }
+        hosts.push(h);
+    }
+    for (k, n) in s.jails.iter().enumerate() {
+        if !known.jails.iter().any(|j| &j.name == n) {
+            r.key(
+                &format!("{key}.jails[{k}]"),
+                format!("no [[jail]] is named '{n}'"),
+            );
+        }
+    }
+    known.check_allow_only(r, key, &s.allow_only);
+    let rate_limit = s.rate_limit.as_ref().map(|rl| {
+        compile_rate_limit(
+            r,
+            &format!("{key}.rate_limit"),
+            Some(rl),
+            Some(known.rate_limit),
+        )
+    });
+    let inherited = rate_limit.as_ref().unwrap_or(known.rate_limit);
+    let routes = s
+        .routes
+        .iter()
+        .enumerate()
+        .map(|(k, rt)| route(r, &format!("{key}.route[{k}]"), rt, known, inherited))
+        .collect();
+    Site {
+        name: s
+            .name
+            .clone()
+            .or_else(|| hosts.first().cloned())
+            .unwrap_or_default(),
+        hosts,
+        upstream: upstream_uri(r, &format!("{key}.upstream"), &s.upstream),
+        upstream_timeout: dur(
+            r,
+            &format!("{key}.upstream_timeout"),
+            s.upstream_timeout.as_deref(),
+            UPSTREAM_TIMEOUT,
+        ),
+        rate_limit,
+        jails: s.jails.clone(),
+        allow_only: s.allow_only.clone(),
+        routes,
+    }
+}
+
+fn route(r: &mut Report, key: &str, rt: &RawRoute, known: &Known, inherit: &RateLimit) -> Route {
+    let path = match_path(r, &format!("{key}.path"), &rt.path);
+    known.check_allow_only(r, key, &rt.allow_only);
+    Route {
+        path,
+        allow_only: rt.allow_only.clone(),
+        rate_limit: rt
+            .rate_limit
+            .as_ref()
+            .map(|rl| compile_rate_limit(r, &format!("{key}.rate_limit"), Some(rl), Some(inherit))),
+    }
+}
+
+fn limits(r: &mut Report, l: &RawLimits) -> Limits {
+    let max_header_bytes = l.max_header_bytes.unwrap_or(MAX_HEADER_BYTES);
+    if max_header_bytes < 8192 {
+        r.key("limits.max_header_bytes", "must be at least 8192");
+    }
+    let max_connections = l.max_connections.unwrap_or(MAX_CONNECTIONS);
+    if max_connections == 0 {
+        r.key("limits.max_connections", "must be at least 1");
+    }
+    let mut d = |key: &str, value: &Option<String>, default| {
+        dur(r, &format!("limits.{key}"), value.as_deref(), default)
+    };
+    Limits {
+        max_connections,
+        tls_handshake_timeout: d(
+            "tls_handshake_timeout",
+            &l.tls_handshake_timeout,
+            TLS_HANDSHAKE_TIMEOUT,
+        ),
+        header_read_timeout: d(
+            "header_read_timeout",
+            &l.header_read_timeout,
+            HEADER_READ_TIMEOUT,
+        ),
+        shutdown_grace: d("shutdown_grace", &l.shutdown_grace, SHUTDOWN_GRACE),
+        max_header_bytes,
+        http2_max_streams: l.http2_max_streams.unwrap_or(HTTP2_MAX_STREAMS),
+        max_tracked_clients: l.max_tracked_clients.unwrap_or(MAX_TRACKED_CLIENTS).max(2),
+    }
+}
+
+fn access_log(r: &mut Report, raw: &RawLog) -> bool {
+    match raw.access.as_deref().unwrap_or("stdout") {
+        "stdout" => true,
+        "off" => false,
+        other => {
+            r.key(
+                "log.access",
+                format!("'{other}': expected \"stdout\" or \"off\""),
+            );
+            true
+        }
+    }
+}
+
+/// A `rate_limit` table; keys it leaves out come from `inherit` (site from global, route
+/// from site) or the defaults.
+pub(super) fn compile_rate_limit(
+    r: &mut Report,
+    key: &str,
+    raw: Option<&RawRateLimit>,
+    inherit: Option<&RateLimit>,
+) -> RateLimit {
+    let base = inherit.cloned().unwrap_or(RateLimit {
+        requests_per_second: REQUESTS_PER_SECOND,
+        burst: BURST,
+        ipv6_prefix: IPV6_PREFIX,
+        dry_run: false,
+    });
+    let Some(raw) = raw else { return base };
+    let rl = RateLimit {
+        requests_per_second: raw.requests_per_second.unwrap_or(base.requests_per_second),
+        burst: raw.burst.unwrap_or(base.burst),
+        ipv6_prefix: raw.ipv6_prefix.unwrap_or(base.ipv6_prefix),
+        dry_run: raw.dry_run || base.dry_run,
+    };
+    if !(rl.requests_per_second > 0.0 && rl.requests_per_second.is_finite()) {
+        r.key(
+            &format!("{key}.requests_per_second"),
+            "must be a positive number",
+        );
+    }
+    if rl.burst == 0 {
+        r.key(&format!("{key}.burst"), "must be at least 1");
+    }
+    if !(1..=128).contains(&rl.ipv6_prefix) {
+        r.key(&format!("{key}.ipv6_prefix"), "must be between 1 and 128");
+    }
+    rl
+}

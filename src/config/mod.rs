@@ -1,0 +1,276 @@
+//! The configuration file: raw serde types (`RawConfig`, unknown keys rejected) compiled into
+//! a validated [`Config`] where durations, addresses and CIDRs are parsed, names resolved and
+//! every check lives. Every problem is collected, not just the first, and each names the file,
+//! the key path and the line.
+
+mod compile;
+mod raw;
+mod report;
+#[cfg(test)]
+mod tests;
+pub mod values;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+pub use raw::RawConfig;
+pub use report::{Errors, Problem, Report};
+pub use values::{canonical, parse_duration, parse_target};
+
+/// A validated configuration. Paths are absolute or relative to the config file's directory.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this was loaded from (for reload and error messages).
+    pub source: PathBuf,
+    pub gateway: Gateway,
+    pub listeners: Vec<Listener>,
+    pub tls: Tls,
+    pub admin: Option<Admin>,
+    pub privacy: Privacy,
+    pub rate_limit: RateLimit,
+    pub lists: Vec<List>,
+    pub jails: Vec<Jail>,
+    pub sites: Vec<Site>,
+    pub limits: Limits,
+    pub access_log: bool,
+    pub demo_upstream: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Gateway {
+    pub state_dir: PathBuf,
+    pub trusted_proxies: Vec<IpNet>,
+    pub default_ban: Duration,
+    /// Worker threads (`gateway.workers`; default: one per CPU). Restart-only.
+    pub workers: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listener {
+    pub addr: SocketAddr,
+    pub tls: bool,
+    pub proxy_protocol: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Tls {
+    pub certificates: Vec<CertificateFiles>,
+    pub self_signed: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct CertificateFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct Admin {
+    pub addr: SocketAddr,
+    pub token_file: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogIp {
+    Full,
+    /// IPv4 to its /24, IPv6 to its /48.
+    Anonymized,
+    None,
+}
+
+#[derive(Debug, Clone)]
+pub struct Privacy {
+    pub max_retention: Duration,
+    pub log_ip: LogIp,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateLimit {
+    pub requests_per_second: f64,
+    pub burst: u32,
+    pub ipv6_prefix: u8,
+    pub dry_run: bool,
+}
+
+/// What an entry or list does: the one place its names are parsed and written (config,
+/// store, admin API and CLI all use these).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Allow,
+    Block,
+}
+
+impl Action {
+    pub const ALL: [Action; 2] = [Action::Block, Action::Allow];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Block => "block",
+            Action::Allow => "allow",
+        }
+    }
+}
+
+impl std::fmt::Display for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Action {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Action, String> {
+        match s {
+            "block" => Ok(Action::Block),
+            "allow" => Ok(Action::Allow),
+            other => Err(format!("'{other}': action is \"block\" or \"allow\"")),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct List {
+    pub name: String,
+    pub action: Action,
+    pub entries: Vec<IpNet>,
+    pub files: Vec<PathBuf>,
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Jail {
+    pub name: String,
+    pub method: Option<http::Method>,
+    /// Path prefix the request must have.
+    pub path: String,
+    /// Hosts the jail watches (empty: every host of the sites that name it).
+    pub hosts: Vec<String>,
+    /// Text the response's Location header must contain (tells a failed login's redirect
+    /// from a successful one's).
+    pub location: Option<String>,
+    pub status: Vec<u16>,
+    pub hits: u32,
+    pub window: Duration,
+    pub ban: Duration,
+    pub ban_factor: f64,
+    pub max_ban: Duration,
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Site {
+    /// Label in metrics and logs: `name`, or the first host.
+    pub name: String,
+    pub hosts: Vec<String>,
+    pub upstream: http::Uri,
+    pub upstream_timeout: Duration,
+    pub rate_limit: Option<RateLimit>,
+    pub jails: Vec<String>,
+    pub allow_only: Vec<String>,
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub path: String,
+    pub allow_only: Vec<String>,
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// Self-protection limits.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Open client connections across all listeners; more are closed right after accept.
+    pub max_connections: usize,
+    pub tls_handshake_timeout: Duration,
+    /// Time a client gets to send a complete request head, counted from connection start or
+    /// from the end of the previous response: the slowloris guard and the HTTP/1.1 idle
+    /// keep-alive timeout in one.
+    pub header_read_timeout: Duration,
+    /// Largest request head (HTTP/1.1 buffer, HTTP/2 header list); larger gets 431.
+    pub max_header_bytes: usize,
+    pub http2_max_streams: u32,
+    /// Clients (IPv6: prefixes) each rate limit and each jail keeps state for; beyond it the
+    /// longest idle are dropped (`ipgate_client_evictions_total`).
+    pub max_tracked_clients: usize,
+    /// How long requests in flight get to finish after SIGTERM.
+    pub shutdown_grace: Duration,
+}
+
+pub const DEFAULT_CONFIG_PATH: &str = "config/ipgate.toml";
+
+impl Config {
+    /// The keys whose change needs a restart and that differ in `next`. Everything else a
+    /// reload applies: sites, lists, jails, rate limits, trusted proxies, privacy, TLS
+    /// certificates, timeouts and header limits. These are bound or sized once at start:
+    /// sockets, threads, the store, the connection semaphore, the access-log writer.
+    pub fn restart_changes(&self, next: &Config) -> Vec<&'static str> {
+        let admin = |c: &Config| c.admin.as_ref().map(|a| (a.addr, a.token_file.clone()));
+        let mut changed = Vec::new();
+        let mut check = |key: &'static str, differs: bool| {
+            if differs {
+                changed.push(key);
+            }
+        };
+        check("listener", self.listeners != next.listeners);
+        check(
+            "admin.addr",
+            admin(self).map(|a| a.0) != admin(next).map(|a| a.0),
+        );
+        check(
+            "admin.token_file",
+            admin(self).map(|a| a.1) != admin(next).map(|a| a.1),
+        );
+        check(
+            "gateway.workers",
+            self.gateway.workers != next.gateway.workers,
+        );
+        check(
+            "gateway.state_dir",
+            self.gateway.state_dir != next.gateway.state_dir,
+        );
+        check(
+            "limits.max_connections",
+            self.limits.max_connections != next.limits.max_connections,
+        );
+        check("log.access", self.access_log != next.access_log);
+        check("demo_upstream", self.demo_upstream != next.demo_upstream);
+        changed
+    }
+
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, Errors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Errors(vec![Problem {
+                file: path.to_path_buf(),
+                line: None,
+                key: String::new(),
+                message: format!("cannot read: {e}"),
+            }])
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Validates config text; `path` names it in errors and anchors relative paths.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, Errors> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let line = e.span().map(|s| report::line_of(text, s.start));
+            Errors(vec![Problem {
+                file: path.to_path_buf(),
+                line,
+                key: String::new(),
+                message: e.message().to_string(),
+            }])
+        })?;
+        let mut report = Report::new(path, text);
+        let base = path.parent().unwrap_or(Path::new("."));
+        let config = compile::compile(raw, path, base, &mut report);
+        report.finish(config)
+    }
+}
