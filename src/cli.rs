@@ -177,133 +177,156 @@ fn encode(s: &str) -> String {
 pub async fn admin_command(cli: &Cli, command: &Command) -> anyhow::Result<()> {
     let client = AdminClient::from_cli(cli)?;
     match command {
-        Command::Ban(a) | Command::Allow(a) => {
-            let action = if matches!(command, Command::Ban(_)) {
-                Action::Block
-            } else {
-                Action::Allow
-            };
-            let body = serde_json::to_value(NewEntry {
-                target: a.target.clone(),
-                action,
-                ttl: a.ttl.clone(),
-                reason: a.reason.clone(),
-            })?;
-            let (status, bytes) = client.call(Method::POST, "/v1/entries", Some(body)).await?;
-            if status != StatusCode::CREATED {
-                return Err(api_error(status, &bytes));
-            }
-            let e: EntryView = serde_json::from_slice(&bytes)?;
-            println!(
-                "{} {} until {}",
-                if action == Action::Block {
-                    "blocked"
-                } else {
-                    "allowed"
-                },
-                e.target,
-                e.expires_at.unwrap_or_default()
-            );
-        }
+        Command::Ban(a) | Command::Allow(a) => ban_or_allow(&client, command, a).await,
         Command::Unban { target } | Command::Disallow { target } => {
-            let action = if matches!(command, Command::Unban { .. }) {
-                Action::Block
-            } else {
-                Action::Allow
-            };
-            let path = format!("/v1/entries?target={}&action={action}", encode(target));
-            let (status, bytes) = client.call(Method::DELETE, &path, None).await?;
-            match status {
-                StatusCode::NO_CONTENT => {
-                    println!("removed the temporary {action} entry for {target}")
-                }
-                StatusCode::NOT_FOUND => bail!("no temporary {action} entry for {target}"),
-                _ => return Err(api_error(status, &bytes)),
-            }
+            remove(&client, command, target).await
         }
-        Command::List { block, allow, json } => {
-            let path = match (block, allow) {
-                (true, _) => "/v1/entries?list=block",
-                (_, true) => "/v1/entries?list=allow",
-                _ => "/v1/entries",
-            };
-            let (status, bytes) = client.call(Method::GET, path, None).await?;
-            if status != StatusCode::OK {
-                return Err(api_error(status, &bytes));
-            }
-            if *json {
-                println!("{}", String::from_utf8_lossy(&bytes));
-            } else {
-                let entries: Vec<EntryView> = serde_json::from_slice(&bytes)?;
-                print_entries(&entries);
-            }
+        Command::List { block, allow, json } => list(&client, *block, *allow, *json).await,
+        Command::Lookup { ip, json } => lookup(&client, ip, *json).await,
+        Command::Forget { ip } => forget(&client, ip).await,
+        Command::Reload => reload(&client).await,
+        Command::Run | Command::Check => Ok(()),
+    }
+}
+
+async fn ban_or_allow(
+    client: &AdminClient,
+    command: &Command,
+    a: &EntryArgs,
+) -> anyhow::Result<()> {
+    let action = if matches!(command, Command::Ban(_)) {
+        Action::Block
+    } else {
+        Action::Allow
+    };
+    let body = serde_json::to_value(NewEntry {
+        target: a.target.clone(),
+        action,
+        ttl: a.ttl.clone(),
+        reason: a.reason.clone(),
+    })?;
+    let (status, bytes) = client.call(Method::POST, "/v1/entries", Some(body)).await?;
+    if status != StatusCode::CREATED {
+        return Err(api_error(status, &bytes));
+    }
+    let e: EntryView = serde_json::from_slice(&bytes)?;
+    println!(
+        "{} {} until {}",
+        if action == Action::Block {
+            "blocked"
+        } else {
+            "allowed"
+        },
+        e.target,
+        e.expires_at.unwrap_or_default()
+    );
+    Ok(())
+}
+
+async fn remove(client: &AdminClient, command: &Command, target: &str) -> anyhow::Result<()> {
+    let action = if matches!(command, Command::Unban { .. }) {
+        Action::Block
+    } else {
+        Action::Allow
+    };
+    let path = format!("/v1/entries?target={}&action={action}", encode(target));
+    let (status, bytes) = client.call(Method::DELETE, &path, None).await?;
+    match status {
+        StatusCode::NO_CONTENT => {
+            println!("removed the temporary {action} entry for {target}")
         }
-        Command::Lookup { ip, json } => {
-            let (status, bytes) = client
-                .call(Method::GET, &format!("/v1/ips/{}", encode(ip)), None)
-                .await?;
-            if status != StatusCode::OK {
-                return Err(api_error(status, &bytes));
-            }
-            if *json {
-                println!("{}", String::from_utf8_lossy(&bytes));
-            } else {
-                print_lookup(&serde_json::from_slice::<Lookup>(&bytes)?);
-            }
-        }
-        Command::Forget { ip } => {
-            let (status, bytes) = client
-                .call(Method::DELETE, &format!("/v1/ips/{}", encode(ip)), None)
-                .await?;
-            if status != StatusCode::OK {
-                return Err(api_error(status, &bytes));
-            }
-            let f: Forgotten = serde_json::from_slice(&bytes)?;
+        StatusCode::NOT_FOUND => bail!("no temporary {action} entry for {target}"),
+        _ => return Err(api_error(status, &bytes)),
+    }
+    Ok(())
+}
+
+async fn list(client: &AdminClient, block: bool, allow: bool, json: bool) -> anyhow::Result<()> {
+    let path = match (block, allow) {
+        (true, _) => "/v1/entries?list=block",
+        (_, true) => "/v1/entries?list=allow",
+        _ => "/v1/entries",
+    };
+    let (status, bytes) = client.call(Method::GET, path, None).await?;
+    if status != StatusCode::OK {
+        return Err(api_error(status, &bytes));
+    }
+    if json {
+        println!("{}", String::from_utf8_lossy(&bytes));
+    } else {
+        let entries: Vec<EntryView> = serde_json::from_slice(&bytes)?;
+        print_entries(&entries);
+    }
+    Ok(())
+}
+
+async fn lookup(client: &AdminClient, ip: &str, json: bool) -> anyhow::Result<()> {
+    let (status, bytes) = client
+        .call(Method::GET, &format!("/v1/ips/{}", encode(ip)), None)
+        .await?;
+    if status != StatusCode::OK {
+        return Err(api_error(status, &bytes));
+    }
+    if json {
+        println!("{}", String::from_utf8_lossy(&bytes));
+    } else {
+        print_lookup(&serde_json::from_slice::<Lookup>(&bytes)?);
+    }
+    Ok(())
+}
+
+async fn forget(client: &AdminClient, ip: &str) -> anyhow::Result<()> {
+    let (status, bytes) = client
+        .call(Method::DELETE, &format!("/v1/ips/{}", encode(ip)), None)
+        .await?;
+    if status != StatusCode::OK {
+        return Err(api_error(status, &bytes));
+    }
+    let f: Forgotten = serde_json::from_slice(&bytes)?;
+    println!(
+        "erased {} temporary entr{} for {ip}",
+        f.erased.len(),
+        if f.erased.len() == 1 { "y" } else { "ies" }
+    );
+    print_entries(&f.erased);
+    if print_client_state(
+        &f.erased_rate_limits,
+        &f.erased_jail_counters,
+        &f.erased_offenses,
+    ) {
+        println!("(the rate-limit, jail and offense data above was erased)");
+    }
+    let kept = [f.kept.entries, f.kept.config_entries].concat();
+    if !kept.is_empty() {
+        println!("kept (about a wider network, or configuration):");
+        print_entries(&kept);
+    }
+    Ok(())
+}
+
+async fn reload(client: &AdminClient) -> anyhow::Result<()> {
+    let (status, bytes) = client.call(Method::POST, "/v1/reload", None).await?;
+    if status == StatusCode::OK {
+        let r: Reloaded = serde_json::from_slice(&bytes)?;
+        let lists: Vec<String> = r.lists.iter().map(|(n, c)| format!("{n}={c}")).collect();
+        println!("reloaded: {} site(s), lists {}", r.sites, lists.join(" "));
+        if !r.restart_required.is_empty() {
             println!(
-                "erased {} temporary entr{} for {ip}",
-                f.erased.len(),
-                if f.erased.len() == 1 { "y" } else { "ies" }
+                "needs a restart to take effect: {}",
+                r.restart_required.join(", ")
             );
-            print_entries(&f.erased);
-            if print_client_state(
-                &f.erased_rate_limits,
-                &f.erased_jail_counters,
-                &f.erased_offenses,
-            ) {
-                println!("(the rate-limit, jail and offense data above was erased)");
-            }
-            let kept = [f.kept.entries, f.kept.config_entries].concat();
-            if !kept.is_empty() {
-                println!("kept (about a wider network, or configuration):");
-                print_entries(&kept);
-            }
         }
-        Command::Reload => {
-            let (status, bytes) = client.call(Method::POST, "/v1/reload", None).await?;
-            if status == StatusCode::OK {
-                let r: Reloaded = serde_json::from_slice(&bytes)?;
-                let lists: Vec<String> = r.lists.iter().map(|(n, c)| format!("{n}={c}")).collect();
-                println!("reloaded: {} site(s), lists {}", r.sites, lists.join(" "));
-                if !r.restart_required.is_empty() {
-                    println!(
-                        "needs a restart to take effect: {}",
-                        r.restart_required.join(", ")
-                    );
-                }
-            } else if status == StatusCode::UNPROCESSABLE_ENTITY {
-                let r: ReloadRefused = serde_json::from_slice(&bytes)?;
-                for e in &r.errors {
-                    eprintln!("{}", e.text);
-                }
-                bail!(
-                    "reload refused ({} problem(s)); the running config stays in force",
-                    r.errors.len()
-                );
-            } else {
-                return Err(api_error(status, &bytes));
-            }
+    } else if status == StatusCode::UNPROCESSABLE_ENTITY {
+        let r: ReloadRefused = serde_json::from_slice(&bytes)?;
+        for e in &r.errors {
+            eprintln!("{}", e.text);
         }
-        Command::Run | Command::Check => {}
+        bail!(
+            "reload refused ({} problem(s)); the running config stays in force",
+            r.errors.len()
+        );
+    } else {
+        return Err(api_error(status, &bytes));
     }
     Ok(())
 }

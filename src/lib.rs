@@ -37,6 +37,7 @@ pub mod clients;
 pub mod clock;
 pub mod config;
 pub mod demo;
+pub mod headers;
 pub mod host;
 pub mod jail;
 pub mod listener;
@@ -50,6 +51,7 @@ pub mod shutdown;
 pub mod state;
 pub mod store;
 pub mod tls;
+pub mod token;
 pub mod upstream;
 pub mod watcher;
 pub mod worker;
@@ -78,7 +80,7 @@ pub enum StartError {
         source: std::io::Error,
     },
     #[error("{0}")]
-    Admin(#[from] admin::TokenError),
+    Admin(#[from] token::TokenError),
     #[error("{0}")]
     Store(#[from] store::Error),
 }
@@ -97,7 +99,7 @@ impl Gateway {
     pub async fn bind(config: Config) -> Result<Gateway, StartError> {
         let metrics = Arc::new(Metrics::new());
         let admin_token = match &config.admin {
-            Some(a) => Some(admin::load_or_create_token(&a.token_file)?),
+            Some(a) => Some(token::load_or_create_token(&a.token_file)?),
             None => None,
         };
         let demo = match config.demo_upstream {

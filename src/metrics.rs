@@ -71,6 +71,15 @@ impl Metrics {
                 IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"),
             )
         };
+        let counter = |name: &str, help: &str| {
+            reg(
+                &registry,
+                IntCounter::new(name, help).expect("valid metric"),
+            )
+        };
+        let gauge = |name: &str, help: &str| {
+            reg(&registry, IntGauge::new(name, help).expect("valid metric"))
+        };
         let connections_rejected = counter_vec(
             "ipgate_connections_rejected_total",
             "Client connections closed right after accept, by reason.",
@@ -96,91 +105,46 @@ impl Metrics {
                 "Requests answered, by site and outcome.",
                 &["site", "outcome"],
             ),
-            list_entries: reg(
-                &registry,
-                IntGaugeVec::new(
-                    Opts::new(
-                        "ipgate_list_entries",
-                        "Entries in each block or allow list, static or temporary.",
-                    ),
-                    &["list", "kind"],
-                )
-                .expect("valid metric"),
-            ),
+            list_entries: reg(&registry, list_entries()),
             bans: counter_vec(
                 "ipgate_bans_total",
                 "Temporary block entries created, by source (api or a jail's name).",
                 &["source"],
             ),
-            request_duration: reg(
-                &registry,
-                HistogramVec::new(
-                    HistogramOpts::new(
-                        "ipgate_request_duration_seconds",
-                        "Time from request head to response head, by site.",
-                    )
-                    .buckets(DURATION_BUCKETS.to_vec()),
-                    &["site"],
-                )
-                .expect("valid metric"),
-            ),
+            request_duration: reg(&registry, request_duration()),
             upstream_errors: counter_vec(
                 "ipgate_upstream_errors_total",
                 "Failed upstream requests, by site and kind (connect, timeout, protocol).",
                 &["site", "kind"],
             ),
-            store_errors: reg(
-                &registry,
-                IntCounter::new(
-                    "ipgate_store_errors_total",
-                    "State store operations that failed (a write the disk refused, say).",
-                )
-                .expect("valid metric"),
+            store_errors: counter(
+                "ipgate_store_errors_total",
+                "State store operations that failed (a write the disk refused, say).",
             ),
-            tls_handshake_errors: reg(
-                &registry,
-                IntCounter::new(
-                    "ipgate_tls_handshake_errors_total",
-                    "TLS handshakes that failed or timed out.",
-                )
-                .expect("valid metric"),
+            tls_handshake_errors: counter(
+                "ipgate_tls_handshake_errors_total",
+                "TLS handshakes that failed or timed out.",
             ),
             config_reloads: counter_vec(
                 "ipgate_config_reloads_total",
                 "Config reloads, by result (success, failure).",
                 &["result"],
             ),
-            tracked_clients: reg(
-                &registry,
-                IntGauge::new(
-                    "ipgate_tracked_clients",
-                    "Clients (IPv6: prefixes) with rate-limit or jail state in memory.",
-                )
-                .expect("valid metric"),
+            tracked_clients: gauge(
+                "ipgate_tracked_clients",
+                "Clients (IPv6: prefixes) with rate-limit or jail state in memory.",
             ),
-            client_evictions: reg(
-                &registry,
-                IntCounter::new(
-                    "ipgate_client_evictions_total",
-                    "Client states dropped to stay within the tracking cap.",
-                )
-                .expect("valid metric"),
+            client_evictions: counter(
+                "ipgate_client_evictions_total",
+                "Client states dropped to stay within the tracking cap.",
             ),
-            connections_open: reg(
-                &registry,
-                IntGauge::new(
-                    "ipgate_connections_open",
-                    "Client connections currently open.",
-                )
-                .expect("valid metric"),
+            connections_open: gauge(
+                "ipgate_connections_open",
+                "Client connections currently open.",
             ),
-            access_log_dropped: reg(
-                &registry,
-                IntCounter::new(
-                    "ipgate_access_log_dropped_total",
-                    "Access log lines dropped because the writer fell behind.",
-                )
-                .expect("valid metric"),
+            access_log_dropped: counter(
+                "ipgate_access_log_dropped_total",
+                "Access log lines dropped because the writer fell behind.",
             ),
             registry,
         }
@@ -193,6 +157,23 @@ impl Metrics {
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         out
     }
+}
+
+fn list_entries() -> IntGaugeVec {
+    let opts = Opts::new(
+        "ipgate_list_entries",
+        "Entries in each block or allow list, static or temporary.",
+    );
+    IntGaugeVec::new(opts, &["list", "kind"]).expect("valid metric")
+}
+
+fn request_duration() -> HistogramVec {
+    let opts = HistogramOpts::new(
+        "ipgate_request_duration_seconds",
+        "Time from request head to response head, by site.",
+    )
+    .buckets(DURATION_BUCKETS.to_vec());
+    HistogramVec::new(opts, &["site"]).expect("valid metric")
 }
 
 impl Default for Metrics {

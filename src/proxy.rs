@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
@@ -18,6 +18,7 @@ use tracing::debug;
 
 use crate::access_log::{Entry, LoggedIp};
 use crate::admission::{self, Client, Refusal};
+use crate::headers::{self, format_ip, Forwarding};
 use crate::metrics::outcome;
 use crate::request::{self, Invalid};
 use crate::state::{AppState, SiteEntry, Snapshot};
@@ -161,33 +162,6 @@ pub fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
     resp
 }
 
-/// Hop-by-hop headers (RFC 9110 7.6.1, plus the legacy ones proxies still see).
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-];
-
-static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
-
-/// Headers that name a client, which an untrusted peer may not set (SPEC 15): many PHP
-/// applications believe the first one they find.
-static CLIENT_HEADERS: [HeaderName; 5] = [
-    HeaderName::from_static("forwarded"),
-    HeaderName::from_static("x-client-ip"),
-    HeaderName::from_static("true-client-ip"),
-    HeaderName::from_static("cf-connecting-ip"),
-    HeaderName::from_static("x-cluster-client-ip"),
-];
-
 /// A checked request, as forwarding needs it.
 struct Checked<'a> {
     client: Client,
@@ -223,26 +197,11 @@ pub async fn handle(
     let (host_ref, path, client, chain) = match checked {
         Ok(c) => c,
         Err(e) => {
-            let e = Error::Invalid(e);
-            let resp = Response::from(&e);
-            state
-                .metrics
-                .requests
-                .with_label_values(&["none", e.outcome()])
-                .inc();
             debug!(error = %e, "request refused");
+            let (resp, site, outcome) = refuse(state, None, Error::Invalid(e));
+            let (m, v) = (&method, version);
             log_access(
-                state,
-                &snap,
-                &conn,
-                &method,
-                version,
-                host,
-                &uri,
-                &resp,
-                "none",
-                e.outcome(),
-                start,
+                state, &snap, &conn, m, v, host, &uri, &resp, site, outcome, start,
             );
             return Ok(resp);
         }
@@ -251,36 +210,8 @@ pub async fn handle(
     let site = snap.site_for(host);
     let admitted = admission::admit(state, &snap, site, client, &path);
     let (resp, site_name, outcome) = match (site, admitted) {
-        (site, Err(refusal)) => {
-            let e = Error::from(refusal);
-            let name = match site {
-                Some(s) => {
-                    match e {
-                        Error::Blocked => s.metrics.blocked.inc(),
-                        Error::RateLimited(_) => s.metrics.rate_limited.inc(),
-                        _ => s.metrics.denied.inc(),
-                    }
-                    s.site.name.as_str()
-                }
-                None => {
-                    state
-                        .metrics
-                        .requests
-                        .with_label_values(&["none", e.outcome()])
-                        .inc();
-                    "none"
-                }
-            };
-            (Response::from(&e), name, e.outcome())
-        }
-        (None, Ok(_)) => {
-            state
-                .metrics
-                .requests
-                .with_label_values(&["none", outcome::MISDIRECTED])
-                .inc();
-            (Response::from(&Error::NoSite), "none", outcome::MISDIRECTED)
-        }
+        (site, Err(refusal)) => refuse(state, site, Error::from(refusal)),
+        (None, Ok(_)) => refuse(state, None, Error::NoSite),
         (Some(site), Ok(admitted)) => {
             let checked = Checked {
                 client,
@@ -344,6 +275,33 @@ pub async fn handle(
     Ok(resp)
 }
 
+/// Counts a request answered by the gateway itself and makes its answer.
+fn refuse<'s>(
+    state: &AppState,
+    site: Option<&'s SiteEntry>,
+    e: Error,
+) -> (Response<Body>, &'s str, &'static str) {
+    let name = match site {
+        Some(s) => {
+            match e {
+                Error::Blocked => s.metrics.blocked.inc(),
+                Error::RateLimited(_) => s.metrics.rate_limited.inc(),
+                _ => s.metrics.denied.inc(),
+            }
+            s.site.name.as_str()
+        }
+        None => {
+            state
+                .metrics
+                .requests
+                .with_label_values(&["none", e.outcome()])
+                .inc();
+            "none"
+        }
+    };
+    (Response::from(&e), name, e.outcome())
+}
+
 /// One access-log line, when the log is on.
 #[allow(clippy::too_many_arguments)]
 fn log_access(
@@ -387,14 +345,24 @@ async fn forward(
     let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
 
-    strip_hop_by_hop(&mut parts.headers);
+    headers::strip_hop_by_hop(&mut parts.headers);
     if let Some(token) = upgrade {
         parts
             .headers
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         parts.headers.insert(header::UPGRADE, token);
     }
-    add_forwarding_headers(&mut parts.headers, checked, conn);
+    headers::add_forwarding_headers(
+        &mut parts.headers,
+        &Forwarding {
+            client: checked.client,
+            chain: checked.chain.as_deref(),
+            conn_client: conn.client,
+            conn_client_value: &conn.client_value,
+            tls: conn.tls,
+            host: checked.host,
+        },
+    );
     if checked.host.is_none() {
         // HTTP/1.0 without Host: HTTP/1.1 upstreams need one.
         if let Ok(v) = HeaderValue::from_str(site.upstream.as_str()) {
@@ -402,7 +370,7 @@ async fn forward(
         }
     }
     if parts.version == Version::HTTP_2 {
-        join_cookies(&mut parts.headers);
+        headers::join_cookies(&mut parts.headers);
     }
 
     // Origin-form to the upstream, with the path that was matched (SPEC 13).
@@ -441,7 +409,7 @@ async fn forward(
             return Ok(resp.map(Either::Left));
         }
     }
-    strip_hop_by_hop(resp.headers_mut());
+    headers::strip_hop_by_hop(resp.headers_mut());
     Ok(resp.map(Either::Left))
 }
 
@@ -454,126 +422,6 @@ fn origin_form(path: &str, query: Option<&str>) -> Uri {
     http::uri::PathAndQuery::from_maybe_shared(Bytes::from(text))
         .unwrap_or_else(|_| http::uri::PathAndQuery::from_static("/"))
         .into()
-}
-
-/// HTTP/2 may split cookies into several fields (RFC 9113 8.2.3); an HTTP/1.1 upstream
-/// expects one, joined with `; `.
-fn join_cookies(headers: &mut HeaderMap) {
-    if headers.get_all(header::COOKIE).iter().nth(1).is_none() {
-        return;
-    }
-    let joined: Vec<&[u8]> = headers
-        .get_all(header::COOKIE)
-        .iter()
-        .map(HeaderValue::as_bytes)
-        .collect();
-    if let Ok(v) = HeaderValue::from_bytes(&joined.join(&b"; "[..])) {
-        headers.insert(header::COOKIE, v);
-    }
-}
-
-/// Removes the hop-by-hop headers and every header the `Connection` header names.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.contains_key(header::CONNECTION) {
-        // The usual tokens (keep-alive, close, upgrade) name headers removed below anyway;
-        // skipping them keeps the common request free of an allocation here.
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .filter(|t| {
-                !["keep-alive", "close", "upgrade"]
-                    .iter()
-                    .any(|c| t.eq_ignore_ascii_case(c))
-            })
-            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-            .collect();
-        for name in named {
-            headers.remove(name);
-        }
-    }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
-    }
-    headers.remove(header::UPGRADE);
-}
-
-/// Sets X-Forwarded-For (SPEC 10, 15): from an untrusted peer, the peer alone, and the other
-/// client-address headers removed; from a trusted one, the believable chain (the client and
-/// the trusted proxies after it) with the peer appended. Sets X-Real-IP to the client as
-/// decided, X-Forwarded-Proto and X-Forwarded-Host, and Host to what the client asked for.
-fn add_forwarding_headers(headers: &mut HeaderMap, checked: &Checked<'_>, conn: &ConnInfo) {
-    let xff = match &checked.chain {
-        None => {
-            for name in &CLIENT_HEADERS {
-                headers.remove(name);
-            }
-            Ok(conn.client_value.clone())
-        }
-        Some(chain) => {
-            let mut text = String::with_capacity(16 * (chain.len() + 1));
-            let mut buf = [0u8; 64];
-            for ip in chain {
-                text.push_str(format_ip(*ip, &mut buf));
-                text.push_str(", ");
-            }
-            text.push_str(conn.client_value.to_str().unwrap_or(""));
-            HeaderValue::from_str(&text)
-        }
-    };
-    if let Ok(v) = xff {
-        headers.insert(X_FORWARDED_FOR.clone(), v);
-    }
-    let real_ip = if checked.client.ip == conn.client {
-        Ok(conn.client_value.clone())
-    } else {
-        let mut buf = [0u8; 64];
-        HeaderValue::from_str(format_ip(checked.client.ip, &mut buf))
-    };
-    if let Ok(v) = real_ip {
-        headers.insert(X_REAL_IP.clone(), v);
-    }
-    headers.insert(
-        X_FORWARDED_PROTO.clone(),
-        HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
-    );
-    if let Some(host) = checked.host {
-        headers.insert(X_FORWARDED_HOST.clone(), host.clone());
-        // The upstream's virtual hosts see the name the client asked for.
-        headers.insert(header::HOST, host.clone());
-    } else {
-        headers.remove(&X_FORWARDED_HOST);
-    }
-}
-
-/// Formats an address into a stack buffer (no allocation on the request path; IPv4, the
-/// usual case, without the `fmt` machinery).
-fn format_ip(ip: IpAddr, buf: &mut [u8; 64]) -> &str {
-    let len = match ip {
-        IpAddr::V4(v4) => {
-            let mut n = 0;
-            for (i, octet) in v4.octets().into_iter().enumerate() {
-                if i > 0 {
-                    buf[n] = b'.';
-                    n += 1;
-                }
-                let mut digits = itoa::Buffer::new();
-                let d = digits.format(octet).as_bytes();
-                buf[n..n + d.len()].copy_from_slice(d);
-                n += d.len();
-            }
-            n
-        }
-        IpAddr::V6(v6) => {
-            use std::io::Write;
-            let mut cursor = std::io::Cursor::new(&mut buf[..]);
-            let _ = write!(cursor, "{v6}");
-            cursor.position() as usize
-        }
-    };
-    std::str::from_utf8(&buf[..len]).unwrap_or("")
 }
 
 fn version_str(v: Version) -> &'static str {
@@ -599,105 +447,6 @@ mod tests {
             Response::from(&Error::UpstreamTimeout).status(),
             StatusCode::GATEWAY_TIMEOUT
         );
-    }
-
-    #[test]
-    fn formats_addresses() {
-        let mut buf = [0u8; 64];
-        for ip in [
-            "0.0.0.0",
-            "255.255.255.255",
-            "10.2.30.104",
-            "2001:db8::1",
-            "::ffff:1.2.3.4",
-        ] {
-            let parsed: IpAddr = ip.parse().unwrap();
-            assert_eq!(format_ip(parsed, &mut buf), parsed.to_string());
-        }
-    }
-
-    #[test]
-    fn strips_hop_by_hop_and_connection_named_headers() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("keep-alive, x-hop"),
-        );
-        h.insert("x-hop", HeaderValue::from_static("1"));
-        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert(header::TE, HeaderValue::from_static("trailers"));
-        h.insert("x-end-to-end", HeaderValue::from_static("1"));
-        strip_hop_by_hop(&mut h);
-        assert_eq!(h.len(), 1);
-        assert!(h.contains_key("x-end-to-end"));
-    }
-
-    fn checked<'a>(client: &str, chain: Option<Vec<IpAddr>>, host: &'a HeaderValue) -> Checked<'a> {
-        Checked {
-            client: Client {
-                ip: client.parse().unwrap(),
-                is_proxy: false,
-            },
-            chain,
-            host: Some(host),
-            path: "/",
-            path_changed: false,
-        }
-    }
-
-    fn spoofed() -> HeaderMap {
-        let mut h = HeaderMap::new();
-        h.insert(&X_FORWARDED_FOR, HeaderValue::from_static("6.6.6.6"));
-        for name in &CLIENT_HEADERS {
-            h.insert(name, HeaderValue::from_static("6.6.6.6"));
-        }
-        h
-    }
-
-    #[test]
-    fn an_untrusted_peer_cannot_name_a_client() {
-        let mut h = spoofed();
-        let conn = ConnInfo::new(
-            "192.0.2.7:5555".parse().unwrap(),
-            "192.0.2.7".parse().unwrap(),
-            true,
-        );
-        let host = HeaderValue::from_static("a.test");
-        add_forwarding_headers(&mut h, &checked("192.0.2.7", None, &host), &conn);
-        assert_eq!(h[&X_FORWARDED_FOR], "192.0.2.7");
-        assert_eq!(h[&X_REAL_IP], "192.0.2.7");
-        assert_eq!(h[&X_FORWARDED_PROTO], "https");
-        assert_eq!(h[&X_FORWARDED_HOST], "a.test");
-        for name in &CLIENT_HEADERS {
-            assert!(!h.contains_key(name), "{name}");
-        }
-    }
-
-    #[test]
-    fn a_trusted_peer_forwards_the_believable_chain() {
-        let mut h = spoofed();
-        let conn = ConnInfo::new(
-            "10.0.0.1:5555".parse().unwrap(),
-            "10.0.0.1".parse().unwrap(),
-            false,
-        );
-        let host = HeaderValue::from_static("a.test");
-        let chain = vec!["198.51.100.1".parse().unwrap(), "10.0.0.2".parse().unwrap()];
-        add_forwarding_headers(&mut h, &checked("198.51.100.1", Some(chain), &host), &conn);
-        assert_eq!(h[&X_FORWARDED_FOR], "198.51.100.1, 10.0.0.2, 10.0.0.1");
-        assert_eq!(h[&X_REAL_IP], "198.51.100.1");
-        // A trusted front proxy may set these (a CDN's CF-Connecting-IP): passed on.
-        assert!(h.contains_key("cf-connecting-ip"));
-    }
-
-    #[test]
-    fn http2_cookies_are_joined() {
-        let mut h = HeaderMap::new();
-        h.append(header::COOKIE, HeaderValue::from_static("a=1"));
-        h.append(header::COOKIE, HeaderValue::from_static("b=2"));
-        join_cookies(&mut h);
-        assert_eq!(h.get_all(header::COOKIE).iter().count(), 1);
-        assert_eq!(h[header::COOKIE], "a=1; b=2");
     }
 
     #[test]
