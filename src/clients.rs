@@ -185,3 +185,92 @@ impl<V: Touched + Default> BoundedMap<V> {
         self.len() == 0
     }
 }
+
+/// What an open client connection holds, released when the connection (and any upgrade
+/// spliced from it) ends: its place under `limits.max_connections`, and its client's.
+pub struct ConnSlot {
+    pub _permit: tokio::sync::OwnedSemaphorePermit,
+    pub _client: Option<ClientSlot>,
+}
+
+impl std::fmt::Debug for ConnSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ConnSlot")
+    }
+}
+
+/// Open connections per client ([`ClientKey`]), for `limits.max_connections_per_client`.
+/// A client is in the map only while it holds a connection, so the map never holds more
+/// entries than there are open connections (`limits.max_connections`).
+#[derive(Default)]
+pub struct ConnCounts {
+    map: DashMap<ClientKey, u32, foldhash::fast::RandomState>,
+}
+
+/// One open connection of a client; the count goes down when it is dropped.
+pub struct ClientSlot {
+    counts: Arc<ConnCounts>,
+    key: ClientKey,
+}
+
+impl ConnCounts {
+    /// A slot for `key`, or `None` when the client holds `cap` connections already.
+    pub fn acquire(self: &Arc<Self>, key: ClientKey, cap: u32) -> Option<ClientSlot> {
+        let mut n = self.map.entry(key).or_insert(0);
+        if *n >= cap {
+            return None;
+        }
+        *n += 1;
+        drop(n);
+        Some(ClientSlot {
+            counts: self.clone(),
+            key,
+        })
+    }
+
+    /// Connections `key` holds.
+    pub fn count(&self, key: ClientKey) -> u32 {
+        self.map.get(&key).map_or(0, |n| *n)
+    }
+
+    /// Clients holding a connection.
+    pub fn clients(&self) -> usize {
+        self.map.len()
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        if let dashmap::Entry::Occupied(mut e) = self.counts.map.entry(self.key) {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_slots_are_capped_per_client_and_released_on_drop() {
+        let counts = Arc::new(ConnCounts::default());
+        let (a, b) = (client_key("192.0.2.1".parse().unwrap(), 64), 7);
+        let first = counts.acquire(a, 2).unwrap();
+        let second = counts.acquire(a, 2).unwrap();
+        assert!(counts.acquire(a, 2).is_none());
+        let other = counts.acquire(b, 2);
+        assert!(other.is_some(), "another client is not affected");
+        drop(first);
+        let third = counts.acquire(a, 2).unwrap();
+        drop((second, third, other));
+        assert_eq!(counts.count(a), 0);
+        assert_eq!(
+            counts.clients(),
+            0,
+            "a client without connections leaves the map"
+        );
+    }
+}

@@ -3,6 +3,7 @@
 //! connection is watched by the graceful-shutdown tracker so SIGTERM lets it finish.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use hyper::service::service_fn;
@@ -17,6 +18,8 @@ use tracing::{debug, error, warn};
 
 use crate::access_log::LoggedIp;
 use crate::client_addr;
+use crate::clients::{client_key, ClientSlot, ConnSlot};
+use crate::clock::now_ms;
 use crate::config;
 use crate::policy::Verdict;
 use crate::proxy::{self, ConnInfo, Context};
@@ -82,13 +85,21 @@ pub async fn accept_loop(
             }
         };
         let client = client_addr::peer(peer);
-        // The address is known now: a blocked client is closed before a byte is read
-        // (SPEC 3), and before it can take a connection slot.
-        if !conf.proxy_protocol && is_blocked(state, client) {
-            state.metrics.rejected.blocked.inc();
-            reset(tcp);
-            continue;
-        }
+        // The address is known now (unless a PROXY header will name it): a blocked client is
+        // closed before a byte is read (SPEC 3), and a client over its connection cap too
+        // (SPEC 16), before either can take a connection slot.
+        let client_slot = if conf.proxy_protocol {
+            None
+        } else {
+            match admit_client(state, client) {
+                Ok(slot) => slot,
+                Err(reason) => {
+                    reason.inc();
+                    reset(tcp);
+                    continue;
+                }
+            }
+        };
         let Ok(permit) = state.connections.clone().try_acquire_owned() else {
             state.metrics.rejected.max_connections.inc();
             reset(tcp);
@@ -113,23 +124,31 @@ pub async fn accept_loop(
         let builder = state.snapshot.load().http.clone();
         let tls = conf.tls;
         let proxy_protocol = conf.proxy_protocol;
+        // The first request head is due this long after accept, TLS and PROXY header included.
+        let head_by =
+            tokio::time::Instant::now() + state.snapshot.load().config.limits.header_read_timeout;
         tokio::spawn(async move {
-            let _permit = permit;
             let state = &worker.state;
             let mut tcp = tcp;
             let mut client = client;
+            let mut client_slot = client_slot;
             if proxy_protocol {
                 match proxied_client(state, &mut tcp, client).await {
-                    Some(c) => client = c,
+                    Some((c, slot)) => (client, client_slot) = (c, slot),
                     None => return,
                 }
             }
+            // Held for as long as the connection, or its upgrade, lives.
+            let slot = Arc::new(ConnSlot {
+                _permit: permit,
+                _client: client_slot,
+            });
             state.metrics.connections_open.inc();
-            let info = ConnInfo::new(peer, client, tls);
+            let info = ConnInfo::new(peer, client, tls, slot);
             if tls {
-                serve_tls(&worker, &builder, tcp, info, watcher).await;
+                serve_tls(&worker, &builder, tcp, info, watcher, head_by).await;
             } else {
-                serve(&worker, &builder, TokioIo::new(tcp), info, watcher).await;
+                serve(&worker, &builder, TokioIo::new(tcp), info, watcher, head_by).await;
             }
             state.metrics.connections_open.dec();
         });
@@ -143,20 +162,37 @@ fn reset(tcp: mio::net::TcpStream) {
     drop(tcp);
 }
 
-fn is_blocked(state: &AppState, client: std::net::IpAddr) -> bool {
-    matches!(
-        state.snapshot.load().policy.decide(&state.temp, client),
-        Verdict::Block(_)
-    )
+/// Whether a client may open another connection: not blocked, and under
+/// `limits.max_connections_per_client` (allow-listed clients and trusted proxies are exempt,
+/// so a front proxy is never capped for its users). `Err` carries the rejection to count.
+fn admit_client(
+    state: &AppState,
+    client: std::net::IpAddr,
+) -> Result<Option<ClientSlot>, &prometheus::IntCounter> {
+    let snap = state.snapshot.load();
+    let verdict = snap.policy.decide(&state.temp, client);
+    if let Verdict::Block(_) = verdict {
+        return Err(&state.metrics.rejected.blocked);
+    }
+    if matches!(verdict, Verdict::Allow(_)) || snap.trusted.contains(client) {
+        return Ok(None);
+    }
+    let key = client_key(client, snap.config.rate_limit.ipv6_prefix);
+    let cap = snap.config.limits.max_connections_per_client;
+    match state.conn_counts.acquire(key, cap) {
+        Some(slot) => Ok(Some(slot)),
+        None => Err(&state.metrics.rejected.per_client),
+    }
 }
 
 /// On a `proxy_protocol` listener: the client named by the PROXY header of a trusted peer,
-/// or `None` when the connection must be closed (untrusted peer, bad header, blocked client).
+/// with its connection slot, or `None` when the connection must be closed (untrusted peer,
+/// bad header, blocked client, client over its connection cap).
 async fn proxied_client(
     state: &AppState,
     tcp: &mut TcpStream,
     peer: std::net::IpAddr,
-) -> Option<std::net::IpAddr> {
+) -> Option<(std::net::IpAddr, Option<ClientSlot>)> {
     let (trusted, timeout, log_ip) = {
         let snap = state.snapshot.load();
         (
@@ -179,11 +215,13 @@ async fn proxied_client(
             return None;
         }
     };
-    if is_blocked(state, client) {
-        state.metrics.rejected.blocked.inc();
-        return None;
+    match admit_client(state, client) {
+        Ok(slot) => Some((client, slot)),
+        Err(reason) => {
+            reason.inc();
+            None
+        }
     }
-    Some(client)
 }
 
 async fn serve_tls(
@@ -192,6 +230,7 @@ async fn serve_tls(
     tcp: TcpStream,
     info: ConnInfo,
     watcher: hyper_util::server::graceful::Watcher,
+    head_by: tokio::time::Instant,
 ) {
     let state = &worker.state;
     let (acceptor, timeout, log_ip) = {
@@ -203,8 +242,19 @@ async fn serve_tls(
         )
     };
     let Some(acceptor) = acceptor else { return };
-    match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
-        Ok(Ok(stream)) => serve(worker, builder, TokioIo::new(stream), info, watcher).await,
+    let by = head_by.min(tokio::time::Instant::now() + timeout);
+    match tokio::time::timeout_at(by, acceptor.accept(tcp)).await {
+        Ok(Ok(stream)) => {
+            serve(
+                worker,
+                builder,
+                TokioIo::new(stream),
+                info,
+                watcher,
+                head_by,
+            )
+            .await
+        }
         Ok(Err(e)) => {
             state.metrics.tls_handshake_errors.inc();
             debug!(client = %LoggedIp(info.client, log_ip), error = %e, "tls handshake failed");
@@ -216,19 +266,147 @@ async fn serve_tls(
     }
 }
 
+/// Serves one connection. Whatever the protocol, its first request head must arrive by
+/// `head_by`, `limits.header_read_timeout` after accept (SPEC 16): hyper's own timer covers
+/// HTTP/1.1 heads once it knows the protocol, but not a connection that sends nothing, or
+/// part of the HTTP/2 preface.
+/// An HTTP/2 connection without an open stream for `limits.http2_idle_timeout` is closed.
 async fn serve<I>(
     worker: &Arc<Context>,
     builder: &auto::Builder<TokioExecutor>,
     io: TokioIo<I>,
     info: ConnInfo,
     watcher: hyper_util::server::graceful::Watcher,
+    head_by: tokio::time::Instant,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let w = worker.clone();
-    let service = service_fn(move |req| proxy::handle(w.clone(), info.clone(), req));
-    let conn = builder.serve_connection_with_upgrades(io, service);
-    if let Err(e) = watcher.watch(conn).await {
+    let h2_idle = worker
+        .state
+        .snapshot
+        .load()
+        .config
+        .limits
+        .http2_idle_timeout;
+    let activity = Arc::new(Activity::default());
+    let (w, a) = (worker.clone(), activity.clone());
+    let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        let guard = a.started(req.version() == http::Version::HTTP_2);
+        let reply = proxy::handle(w.clone(), info.clone(), req);
+        async move {
+            let resp = reply.await?;
+            Ok::<_, std::convert::Infallible>(resp.map(|body| Tracked { body, guard }))
+        }
+    });
+    let conn = watcher.watch(builder.serve_connection_with_upgrades(io, service));
+    tokio::pin!(conn);
+    let timed_out = |reason: &str| {
+        worker
+            .state
+            .metrics
+            .timed_out
+            .with_label_values(&[reason])
+            .inc()
+    };
+    tokio::select! {
+        r = &mut conn => return ended(r),
+        _ = tokio::time::sleep_until(head_by) => {}
+    }
+    if activity.requests.load(Ordering::Relaxed) == 0 {
+        timed_out("first_request");
+        return;
+    }
+    if !activity.h2.load(Ordering::Relaxed) {
+        return ended(conn.await);
+    }
+    loop {
+        tokio::select! {
+            r = &mut conn => return ended(r),
+            _ = tokio::time::sleep(h2_idle / 4) => {}
+        }
+        if activity.idle_for() >= h2_idle {
+            timed_out("http2_idle");
+            return;
+        }
+    }
+}
+
+fn ended(r: Result<(), Box<dyn std::error::Error + Send + Sync>>) {
+    if let Err(e) = r {
         debug!(error = %e, "connection ended with an error");
+    }
+}
+
+/// What a connection's requests are doing, for its timeouts.
+#[derive(Default)]
+struct Activity {
+    /// Requests whose head has arrived.
+    requests: AtomicU64,
+    /// Whether they came over HTTP/2.
+    h2: AtomicBool,
+    /// HTTP/2 requests whose response has not ended yet.
+    open: AtomicUsize,
+    /// When the last HTTP/2 stream ended (ms since the epoch).
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn started(self: &Arc<Self>, h2: bool) -> Option<StreamGuard> {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        if !h2 {
+            return None;
+        }
+        self.h2.store(true, Ordering::Relaxed);
+        self.open.fetch_add(1, Ordering::Relaxed);
+        Some(StreamGuard(self.clone()))
+    }
+
+    /// How long no stream has been open (zero while one is).
+    fn idle_for(&self) -> std::time::Duration {
+        if self.open.load(Ordering::Relaxed) > 0 {
+            return std::time::Duration::ZERO;
+        }
+        let since = now_ms().saturating_sub(self.last_ms.load(Ordering::Relaxed));
+        std::time::Duration::from_millis(since)
+    }
+}
+
+/// An open HTTP/2 stream: ends when its response body is done or dropped.
+struct StreamGuard(Arc<Activity>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.last_ms.store(now_ms(), Ordering::Relaxed);
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A response body that keeps its stream counted as open until it ends.
+struct Tracked {
+    body: proxy::Body,
+    guard: Option<StreamGuard>,
+}
+
+impl hyper::body::Body for Tracked {
+    type Data = bytes::Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.body).poll_frame(cx);
+        if let std::task::Poll::Ready(None) = polled {
+            self.guard = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
     }
 }

@@ -24,12 +24,17 @@ pub mod outcome {
 pub struct Rejections {
     pub blocked: IntCounter,
     pub max_connections: IntCounter,
+    /// Over `limits.max_connections_per_client`.
+    pub per_client: IntCounter,
     pub untrusted_proxy: IntCounter,
     pub proxy_header: IntCounter,
 }
 
 pub struct Metrics {
     registry: Registry,
+    /// `ipgate_connections_timed_out_total{reason}`: connections closed for holding a slot
+    /// without using it (`first_request`, `http2_idle`, `upgrade_idle`).
+    pub timed_out: IntCounterVec,
     pub rejected: Rejections,
     pub requests: IntCounterVec,
     pub connections_rejected: IntCounterVec,
@@ -91,11 +96,18 @@ impl Metrics {
             &["rule"],
         );
         Metrics {
+            timed_out: counter_vec(
+                "ipgate_connections_timed_out_total",
+                "Connections closed for silence: no request head in time (first_request), an \
+                 HTTP/2 connection without a stream (http2_idle), an idle upgrade (upgrade_idle).",
+                &["reason"],
+            ),
             would_block_rate_limit: would_block.with_label_values(&["rate_limit"]),
             would_block,
             rejected: Rejections {
                 blocked: connections_rejected.with_label_values(&["blocked"]),
                 max_connections: connections_rejected.with_label_values(&["max_connections"]),
+                per_client: connections_rejected.with_label_values(&["per_client"]),
                 untrusted_proxy: connections_rejected.with_label_values(&["untrusted_proxy"]),
                 proxy_header: connections_rejected.with_label_values(&["proxy_header"]),
             },

@@ -5,7 +5,10 @@
 use std::borrow::Cow;
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
@@ -14,10 +17,13 @@ use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tracing::debug;
 
 use crate::access_log::{Entry, LoggedIp};
 use crate::admission::{self, Client, Refusal};
+use crate::clients::ConnSlot;
+use crate::clock::now_ms;
 use crate::headers::{self, format_ip, Forwarding};
 use crate::metrics::outcome;
 use crate::request::{self, Invalid};
@@ -32,6 +38,8 @@ pub type Body = Either<Incoming, Full<Bytes>>;
 pub struct Context {
     pub state: Arc<AppState>,
     pub upstream: Arc<upstream::Pool>,
+    /// Turns true when shutdown starts: upgraded connections close after the grace period.
+    pub stop: tokio::sync::watch::Receiver<bool>,
 }
 
 /// What the request path knows about the connection a request came on.
@@ -45,10 +53,12 @@ pub struct ConnInfo {
     /// `client` as a header value, formatted once per connection (cloning it per request
     /// is a reference count, not an allocation).
     pub client_value: HeaderValue,
+    /// The connection's slots; an upgrade spliced from it holds them too (SPEC 16).
+    pub slot: Arc<ConnSlot>,
 }
 
 impl ConnInfo {
-    pub fn new(peer: SocketAddr, client: IpAddr, tls: bool) -> ConnInfo {
+    pub fn new(peer: SocketAddr, client: IpAddr, tls: bool, slot: Arc<ConnSlot>) -> ConnInfo {
         let mut buf = [0u8; 64];
         let client_value = HeaderValue::from_str(format_ip(client, &mut buf))
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
@@ -57,6 +67,7 @@ impl ConnInfo {
             client,
             tls,
             client_value,
+            slot,
         }
     }
 }
@@ -396,13 +407,21 @@ async fn forward(
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client_upgrade) = client_upgrade {
             let upstream_upgrade = hyper::upgrade::on(&mut resp);
+            let limits = &worker.state.snapshot.load().config.limits;
+            let splice = Splice {
+                slot: conn.slot.clone(),
+                idle: limits.upgrade_idle_timeout,
+                grace: limits.shutdown_grace,
+                stop: worker.stop.clone(),
+                timed_out: worker
+                    .state
+                    .metrics
+                    .timed_out
+                    .with_label_values(&["upgrade_idle"]),
+            };
             tokio::spawn(async move {
                 match tokio::try_join!(client_upgrade, upstream_upgrade) {
-                    Ok((client, upstream)) => {
-                        let mut client = TokioIo::new(client);
-                        let mut upstream = TokioIo::new(upstream);
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
-                    }
+                    Ok((client, upstream)) => splice.run(client, upstream).await,
                     Err(e) => debug!(error = %e, "upgrade failed"),
                 }
             });
@@ -411,6 +430,102 @@ async fn forward(
     }
     headers::strip_hop_by_hop(resp.headers_mut());
     Ok(resp.map(Either::Left))
+}
+
+/// An upgraded connection (WebSocket) spliced to its upstream: it keeps the client's
+/// connection slots, is closed after `limits.upgrade_idle_timeout` without a byte either
+/// way, and at shutdown once the grace period is over (SPEC 16).
+struct Splice {
+    slot: Arc<ConnSlot>,
+    idle: std::time::Duration,
+    grace: std::time::Duration,
+    stop: tokio::sync::watch::Receiver<bool>,
+    timed_out: prometheus::IntCounter,
+}
+
+impl Splice {
+    async fn run(self, client: hyper::upgrade::Upgraded, upstream: hyper::upgrade::Upgraded) {
+        let Splice {
+            slot: _slot,
+            idle,
+            grace,
+            mut stop,
+            timed_out,
+        } = self;
+        let last = Arc::new(AtomicU64::new(now_ms()));
+        let mut client = Touched::new(TokioIo::new(client), last.clone());
+        let mut upstream = Touched::new(TokioIo::new(upstream), last.clone());
+        let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
+        tokio::pin!(copy);
+        let stopping = async {
+            let _ = stop.wait_for(|s| *s).await;
+            tokio::time::sleep(grace).await;
+        };
+        tokio::pin!(stopping);
+        loop {
+            tokio::select! {
+                _ = &mut copy => return,
+                _ = &mut stopping => return,
+                _ = tokio::time::sleep(idle / 4) => {}
+            }
+            let quiet = now_ms().saturating_sub(last.load(Ordering::Relaxed));
+            if quiet >= idle.as_millis() as u64 {
+                timed_out.inc();
+                return;
+            }
+        }
+    }
+}
+
+/// An I/O that notes when it last read a byte.
+struct Touched<T> {
+    io: T,
+    last: Arc<AtomicU64>,
+}
+
+impl<T> Touched<T> {
+    fn new(io: T, last: Arc<AtomicU64>) -> Self {
+        Touched { io, last }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Touched<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.last.store(now_ms(), Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Touched<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 /// `path?query` as a request target.

@@ -225,6 +225,8 @@ pub struct AppState {
     pub access_log: AccessLog,
     /// One permit per open client connection (`limits.max_connections`).
     pub connections: Arc<Semaphore>,
+    /// Open connections per client (`limits.max_connections_per_client`).
+    pub conn_counts: Arc<crate::clients::ConnCounts>,
     /// Set once shutdown starts: `/healthz` answers 503 so balancers stop sending.
     pub draining: AtomicBool,
     pub admin_token: Option<String>,
@@ -250,6 +252,7 @@ impl AppState {
             metrics,
             access_log,
             connections,
+            conn_counts: Arc::default(),
             draining: AtomicBool::new(false),
             admin_token,
             temp: TempEntries::default(),

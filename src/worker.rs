@@ -69,6 +69,7 @@ pub fn run(state: Arc<AppState>, sockets: Sockets, stop: watch::Receiver<bool>) 
         let worker = Arc::new(Context {
             state,
             upstream: Arc::default(),
+            stop: stop.clone(),
         });
         let graceful = GracefulShutdown::new();
         let loops = sockets.into_iter().map(|(socket, conf)| {

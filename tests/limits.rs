@@ -13,17 +13,20 @@ async fn half_open_connections_do_not_block_a_normal_request() {
     let gw = spawn_gateway(DEFAULT_SITES, "").await;
     let open = "ipgate_connections_open";
     let mut idle = Vec::new();
+    // From 150 addresses, two each: one client may hold only
+    // `limits.max_connections_per_client` (tests/connections.rs).
     for i in 0..300 {
+        let from = format!("127.0.3.{}", i / 2 + 1);
         if i % 2 == 0 {
             // A request head that never ends (slowloris).
-            let mut tcp = TcpStream::connect(gw.plain).await.unwrap();
+            let mut tcp = connect_from(&from, gw.plain).await;
             tcp.write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\nX-Slow: 1\r\n")
                 .await
                 .unwrap();
             idle.push(tcp);
         } else {
             // A TLS connection that never sends its ClientHello.
-            idle.push(TcpStream::connect(gw.tls).await.unwrap());
+            idle.push(connect_from(&from, gw.tls).await);
         }
     }
     // All 300 are accepted and held by the gateway, not waiting in the kernel's backlog.

@@ -23,7 +23,7 @@ cp -r "$SHARED"/. "$WORK"/
 chmod -R u+w "$WORK"
 export IPGATE_BIN=${IPGATE_BIN:-$ROOT/target/release/ipgate}
 [[ -x $IPGATE_BIN ]] || { echo "$IPGATE_BIN missing: cargo build --release" >&2; exit 1; }
-export EXTRA_PROXIES="$ROOT/benches/harness/ipgate.proxies.sh"
+export EXTRA_PROXIES="${EXTRA_PROXIES_OVERRIDE:-$ROOT/benches/harness/ipgate.proxies.sh}"
 export ROUNDS=${ROUNDS:-5}
 export OUT=${OUT:-$ROOT/target/bench-results/$(date +%Y%m%d-%H%M%S)}
 echo "results: $OUT" >&2

@@ -14,7 +14,7 @@ import statistics
 import sys
 
 SCENARIOS = ["ka_plain", "ka_tls", "h2_tls", "flood_plain", "flood_tls"]
-PROXIES = ["ipgate", "haproxy", "haproxy-tcp", "nginx"]
+PROXIES = ["ipgate", "ipgate_base", "haproxy", "haproxy-tcp", "nginx"]
 
 
 def fmt(values, digits=1):
@@ -59,6 +59,15 @@ def main(run):
                 continue
             print(f"| {scen} | {proxy} | {fmt(rps, 0)} | {fmt(p50, 0)} | {fmt(cpu)} |"
                   f" {fmt(x_anchor, 2)} | {fmt(x_nginx, 2)} |")
+        # An A/B run (benches/harness/ab.sh): the build under test against its baseline.
+        ab = []
+        for rnd in rounds:
+            runs = by.get((scen, rnd), {})
+            new, base = runs.get("ipgate"), runs.get("ipgate_base")
+            if new and base and "-" not in (new["proxy_cpu_us_per_req"], base["proxy_cpu_us_per_req"]):
+                ab.append(float(new["proxy_cpu_us_per_req"]) / float(base["proxy_cpu_us_per_req"]))
+        if ab:
+            print(f"| {scen} | ipgate x ipgate_base (CPU per request) | | | {fmt(ab, 3)} | | |")
 
     load = list(csv.DictReader(open(f"{run}/load.tsv"), delimiter="\t"))
     print("\n| proxy | list load s (ready with 100k list − ready empty) | PSS empty MiB |"

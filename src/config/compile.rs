@@ -377,6 +377,12 @@ fn limits(r: &mut Report, l: &RawLimits) -> Limits {
     if max_connections == 0 {
         r.key("limits.max_connections", "must be at least 1");
     }
+    let max_connections_per_client = l
+        .max_connections_per_client
+        .unwrap_or(MAX_CONNECTIONS_PER_CLIENT);
+    if max_connections_per_client == 0 {
+        r.key("limits.max_connections_per_client", "must be at least 1");
+    }
     let mut d = |key: &str, value: &Option<String>, default| {
         dur(r, &format!("limits.{key}"), value.as_deref(), default)
     };
@@ -393,6 +399,17 @@ fn limits(r: &mut Report, l: &RawLimits) -> Limits {
             HEADER_READ_TIMEOUT,
         ),
         shutdown_grace: d("shutdown_grace", &l.shutdown_grace, SHUTDOWN_GRACE),
+        http2_idle_timeout: d(
+            "http2_idle_timeout",
+            &l.http2_idle_timeout,
+            HTTP2_IDLE_TIMEOUT,
+        ),
+        upgrade_idle_timeout: d(
+            "upgrade_idle_timeout",
+            &l.upgrade_idle_timeout,
+            UPGRADE_IDLE_TIMEOUT,
+        ),
+        max_connections_per_client,
         max_header_bytes,
         http2_max_streams: l.http2_max_streams.unwrap_or(HTTP2_MAX_STREAMS),
         max_tracked_clients: l.max_tracked_clients.unwrap_or(MAX_TRACKED_CLIENTS).max(2),

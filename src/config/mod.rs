@@ -201,6 +201,14 @@ pub struct Limits {
     pub max_tracked_clients: usize,
     /// How long requests in flight get to finish after SIGTERM.
     pub shutdown_grace: Duration,
+    /// Open connections of one client (IPv6: per `rate_limit.ipv6_prefix`), upgraded ones
+    /// included; more are reset at accept. Allow-listed clients and trusted proxies are
+    /// exempt (SPEC 2, 16).
+    pub max_connections_per_client: u32,
+    /// An HTTP/2 connection with no stream open for this long is closed.
+    pub http2_idle_timeout: Duration,
+    /// An upgraded connection (WebSocket) with no byte either way for this long is closed.
+    pub upgrade_idle_timeout: Duration,
 }
 
 pub const DEFAULT_CONFIG_PATH: &str = "config/ipgate.toml";

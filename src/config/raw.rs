@@ -158,6 +158,9 @@ pub struct RawLimits {
     pub http2_max_streams: Option<u32>,
     pub max_tracked_clients: Option<usize>,
     pub shutdown_grace: Option<String>,
+    pub max_connections_per_client: Option<u32>,
+    pub http2_idle_timeout: Option<String>,
+    pub upgrade_idle_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

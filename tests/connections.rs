@@ -1,0 +1,274 @@
+//! A silent or hoarding client holds nothing for long (SPEC 16): connections that send no
+//! request head, HTTP/2 connections without a stream, and idle upgrades are closed on time;
+//! one client holds at most `limits.max_connections_per_client` connections, upgraded ones
+//! included. Every test asserts when the close comes, not only that it came.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::BodyExt;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+
+/// How long after `since` the peer closed `io`: panics if it sends a byte, or has not closed
+/// within `limit`.
+async fn closed_after<R: AsyncRead + Unpin>(
+    io: &mut R,
+    since: Instant,
+    limit: Duration,
+) -> Duration {
+    let mut buf = [0u8; 64];
+    match tokio::time::timeout(limit, io.read(&mut buf)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => since.elapsed(),
+        Ok(Ok(n)) => panic!("the gateway sent {n} bytes: {:?}", &buf[..n]),
+        Err(_) => panic!("still open after {limit:?}"),
+    }
+}
+
+/// Whether a plain GET from `local` gets a 200 (false when refused: never panics).
+async fn served_from(local: &str, addr: std::net::SocketAddr) -> bool {
+    let Ok(mut tcp) = try_connect_from(local, addr).await else {
+        return false;
+    };
+    let head = b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n";
+    if tcp.write_all(head).await.is_err() {
+        return false;
+    }
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(3), tcp.read_to_end(&mut out)).await;
+    out.starts_with(b"HTTP/1.1 200")
+}
+
+fn assert_near(what: &str, took: Duration, want: Duration) {
+    assert!(
+        took >= want.mul_f64(0.8) && took <= want + Duration::from_millis(1200),
+        "{what}: closed after {took:?}, expected about {want:?}"
+    );
+}
+
+const TIMEOUTS: &str = r#"
+[limits]
+header_read_timeout = "1s"
+http2_idle_timeout = "1s"
+"#;
+
+#[tokio::test]
+async fn a_connection_that_sends_no_request_head_is_closed_at_the_header_timeout() {
+    let gw = GatewayBuilder::new().extra(TIMEOUTS).spawn().await;
+    let second = Duration::from_secs(1);
+    let limit = Duration::from_secs(5);
+
+    // Plain, not a byte.
+    let start = Instant::now();
+    let mut tcp = connect_from("127.0.0.1", gw.plain).await;
+    assert_near(
+        "silent plain",
+        closed_after(&mut tcp, start, limit).await,
+        second,
+    );
+
+    // Plain, half an HTTP/2 preface (the protocol is never decided).
+    let start = Instant::now();
+    let mut tcp = connect_from("127.0.0.1", gw.plain).await;
+    tcp.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    assert_near(
+        "partial preface",
+        closed_after(&mut tcp, start, limit).await,
+        second,
+    );
+
+    // After a completed TLS handshake, silent, for each ALPN.
+    for alpn in [&b"http/1.1"[..], b"h2", b""] {
+        let protos: &[&[u8]] = if alpn.is_empty() { &[] } else { &[alpn] };
+        let mut tls = connect_tls(gw.tls, &gw.ca.ca_der, "a.test", protos).await;
+        let start = Instant::now();
+        let took = closed_after(&mut tls, start, limit).await;
+        assert_near(&format!("silent TLS, ALPN {alpn:?}"), took, second);
+    }
+
+    // TLS with ALPN h2 and a partial preface.
+    let mut tls = connect_tls(gw.tls, &gw.ca.ca_der, "a.test", &[b"h2"]).await;
+    let start = Instant::now();
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM").await.unwrap();
+    assert_near(
+        "TLS partial preface",
+        closed_after(&mut tls, start, limit).await,
+        second,
+    );
+
+    let counted = gw
+        .metric_settled(
+            r#"ipgate_connections_timed_out_total{reason="first_request"}"#,
+            6.0,
+        )
+        .await;
+    assert_eq!(counted, Some(6.0));
+    // An ordinary client is served all along.
+    assert_eq!(https_get(&gw, "/").await.0, 200);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_http2_connection_without_a_stream_closes_after_its_idle_timeout() {
+    let gw = GatewayBuilder::new().extra(TIMEOUTS).spawn().await;
+    let tls = connect_tls(gw.tls, &gw.ca.ca_der, "a.test", &[b"h2"]).await;
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    let conn = tokio::spawn(conn);
+    // A response that streams for 1.5 s, longer than the idle timeout: an open stream is
+    // not idle, so it arrives whole.
+    let resp = sender
+        .send_request(get("https://a.test/drip", "a.test"))
+        .await
+        .unwrap();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"firstsecond");
+    // Then no stream: the connection ends about a second later.
+    let idle_since = Instant::now();
+    tokio::time::timeout(Duration::from_secs(5), conn)
+        .await
+        .expect("an idle HTTP/2 connection stayed open")
+        .unwrap()
+        .ok();
+    assert_near("idle HTTP/2", idle_since.elapsed(), Duration::from_secs(1));
+    let counted = gw
+        .metric_settled(
+            r#"ipgate_connections_timed_out_total{reason="http2_idle"}"#,
+            1.0,
+        )
+        .await;
+    assert_eq!(counted, Some(1.0));
+    gw.shutdown().await;
+}
+
+const CAP_3: &str = r#"
+[limits]
+max_connections_per_client = 3
+
+[lists.office]
+action = "allow"
+entries = ["127.0.0.23/32"]
+"#;
+
+#[tokio::test]
+async fn one_client_holds_at_most_its_cap_and_a_closed_connection_frees_its_slot() {
+    let gw = GatewayBuilder::new().extra(CAP_3).spawn().await;
+    // Three silent connections from one client are held...
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(connect_from("127.0.0.21", gw.plain).await);
+    }
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            metric(&gw.metrics().await, "ipgate_connections_open") == Some(3.0)
+        })
+        .await
+    );
+    // ...the fourth is reset at accept, on either listener, before TLS.
+    assert!(refused("127.0.0.21", gw.plain).await);
+    assert!(refused_with("127.0.0.21", gw.tls, CLIENT_HELLO_START).await);
+    assert_eq!(
+        gw.metric_settled(
+            r#"ipgate_connections_rejected_total{reason="per_client"}"#,
+            2.0
+        )
+        .await,
+        Some(2.0)
+    );
+    // Another client is served meanwhile.
+    let c = connect_from("127.0.0.22", gw.plain).await;
+    assert_eq!(get_on(c, "/", "a.test", &[]).await.0, 200);
+    // One held connection closes: its slot is free again.
+    drop(held.pop());
+    assert!(
+        eventually(Duration::from_secs(3), || served_from(
+            "127.0.0.21",
+            gw.plain
+        ))
+        .await,
+        "the released slot was not given back"
+    );
+    // An allow-listed client is exempt (SPEC 2).
+    let mut office = Vec::new();
+    for _ in 0..5 {
+        office.push(connect_from("127.0.0.23", gw.plain).await);
+    }
+    for c in office {
+        assert_eq!(get_on(c, "/", "a.test", &[]).await.0, 200);
+    }
+    gw.shutdown().await;
+}
+
+const CAP_1_WS: &str = r#"
+[limits]
+max_connections_per_client = 1
+upgrade_idle_timeout = "1s"
+"#;
+
+#[tokio::test]
+async fn a_websocket_keeps_its_slot_and_closes_when_idle() {
+    let gw = GatewayBuilder::new().extra(CAP_1_WS).spawn().await;
+    let tcp = connect_from("127.0.0.31", gw.tls).await;
+    let connector =
+        tokio_rustls::TlsConnector::from(Arc::new(client_config(&gw.ca.ca_der, &[b"http/1.1"])));
+    let tls = connector
+        .connect(ServerName::try_from("a.test").unwrap(), tcp)
+        .await
+        .unwrap();
+    let (mut ws, resp) = tokio_tungstenite::client_async("wss://a.test/ws", tls)
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 101);
+    ws.send(tokio_tungstenite::tungstenite::Message::text("hi"))
+        .await
+        .unwrap();
+    let back = ws.next().await.unwrap().unwrap();
+    assert_eq!(back.into_text().unwrap().as_str(), "hi");
+    // Spliced, it still holds the client's one slot.
+    assert!(
+        refused("127.0.0.31", gw.plain).await,
+        "the upgrade gave up its slot"
+    );
+    // Quiet for the idle timeout: closed.
+    let idle_since = Instant::now();
+    let end = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .expect("an idle WebSocket stayed open");
+    assert!(
+        !matches!(
+            end,
+            Some(Ok(tokio_tungstenite::tungstenite::Message::Text(_)))
+        ),
+        "{end:?}"
+    );
+    assert_near(
+        "idle WebSocket",
+        idle_since.elapsed(),
+        Duration::from_secs(1),
+    );
+    assert_eq!(
+        gw.metric_settled(
+            r#"ipgate_connections_timed_out_total{reason="upgrade_idle"}"#,
+            1.0
+        )
+        .await,
+        Some(1.0)
+    );
+    // And the slot is free again.
+    assert!(
+        eventually(Duration::from_secs(3), || served_from(
+            "127.0.0.31",
+            gw.plain
+        ))
+        .await
+    );
+    gw.shutdown().await;
+}
