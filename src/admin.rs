@@ -184,7 +184,10 @@ async fn v1(state: &AppState, req: Request<Incoming>) -> Response<AdminBody> {
                     json_error(StatusCode::NOT_FOUND, "no such temporary entry")
                 }
                 Ok(_) => empty(StatusCode::NO_CONTENT),
-                Err(e) => json_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+                Err(e) => json_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("not removed: the disk refused the change, the entry stays: {e}"),
+                ),
             }
         }
         (Method::GET, p) if p.starts_with("/v1/ips/") => match parse_ip(&p[8..]) {
@@ -306,7 +309,11 @@ async fn add_entry(state: &AppState, body: &[u8]) -> Response<AdminBody> {
     );
     match state.add_entry(action, target, entry.clone()).await {
         Ok(()) => json(StatusCode::CREATED, &temporary_view(action, target, &entry)),
-        Err(e) => json_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+        // SPEC 17: enforced now, written as soon as the disk takes it.
+        Err(e) => json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("the entry is enforced but not durable yet (it is written as soon as the disk takes it): {e}"),
+        ),
     }
 }
 

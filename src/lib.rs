@@ -123,7 +123,16 @@ impl Gateway {
         }
         let state_dir = config.gateway.state_dir.clone();
         let snapshot = Snapshot::build(config, &metrics, None)?;
-        let store = store::Store::open(&state_dir)?;
+        let (store, opened) = store::Store::open(&state_dir)?;
+        if let store::Opened::MovedAside(aside, e) = &opened {
+            error!(
+                file = %aside.display(),
+                error = %e,
+                "the state store could not be opened and was moved aside; starting with an \
+                 empty one (temporary entries and offense history are lost). Inspect or delete \
+                 the file; to recover, stop ipgate and move it back to state.redb"
+            );
+        }
         let loaded = store.load(clock::now_ms()).await?;
         let state = AppState::new(snapshot, metrics, admin_token, store);
         let n = loaded.len();

@@ -51,6 +51,8 @@ pub struct Metrics {
     pub would_block_rate_limit: IntCounter,
     /// `ipgate_store_errors_total`: writes (and reads) the store refused.
     pub store_errors: IntCounter,
+    /// `ipgate_store_pending_writes`: entries enforced but not durable yet.
+    pub store_pending: IntGauge,
     pub connections_open: IntGauge,
     pub access_log_dropped: IntCounter,
 }
@@ -141,6 +143,10 @@ impl Metrics {
                 "ipgate_config_reloads_total",
                 "Config reloads, by result (success, failure).",
                 &["result"],
+            ),
+            store_pending: gauge(
+                "ipgate_store_pending_writes",
+                "Temporary entries enforced but not yet written (the disk refused them).",
             ),
             tracked_clients: gauge(
                 "ipgate_tracked_clients",

@@ -260,21 +260,26 @@ impl AppState {
         }
     }
 
-    /// Adds or replaces a temporary entry: written to the store first, so an entry the caller
-    /// acknowledges survives a crash, then made visible to the request path.
+    /// Adds or replaces a temporary entry (SPEC 17): enforced at once, then written to the
+    /// store, so an entry acknowledged with `Ok` survives a crash. `Err` means enforced but
+    /// not durable yet: the store writes it as soon as the disk takes it ([`Self::sweep`]).
     pub async fn add_entry(
         &self,
         action: Action,
         target: ipnet::IpNet,
         entry: Entry,
     ) -> Result<(), store::Error> {
-        self.store.put(action, target, entry.clone()).await?;
         if action == Action::Block {
             self.metrics.bans.with_label_values(&[entry.source()]).inc();
         }
-        self.temp.table(action).insert(target, entry);
+        self.temp.table(action).insert(target, entry.clone());
         self.publish_temporary_gauges();
-        Ok(())
+        let written = self.store.put(action, target, entry).await;
+        if written.is_err() {
+            self.metrics.store_errors.inc();
+        }
+        self.metrics.store_pending.set(self.store.pending() as i64);
+        written
     }
 
     /// Removes temporary entries from memory and the store; returns those that existed.
@@ -282,6 +287,12 @@ impl AppState {
         &self,
         targets: Vec<(Action, ipnet::IpNet)>,
     ) -> Result<Vec<(Action, ipnet::IpNet, Entry)>, store::Error> {
+        // Written before it is applied (SPEC 17): a removal the disk refuses changes nothing,
+        // so no entry comes back at restart after it was reported gone.
+        if let Err(e) = self.store.delete(targets.clone()).await {
+            self.metrics.store_errors.inc();
+            return Err(e);
+        }
         let now = now_ms();
         let mut removed = Vec::new();
         for &(action, target) in &targets {
@@ -291,8 +302,8 @@ impl AppState {
                 }
             }
         }
-        self.store.delete(targets).await?;
         self.publish_temporary_gauges();
+        self.metrics.store_pending.set(self.store.pending() as i64);
         Ok(removed)
     }
 
@@ -346,10 +357,11 @@ impl AppState {
                 earlier_offenses = earlier,
                 "banned"
             ),
-            Err(e) => {
-                self.metrics.store_errors.inc();
-                tracing::error!(jail = %jail.config.name, error = %e, "could not store a ban")
-            }
+            Err(e) => tracing::error!(
+                jail = %jail.config.name,
+                error = %e,
+                "ban enforced but not durable yet: written as soon as the disk takes it"
+            ),
         }
     }
 
@@ -401,9 +413,19 @@ impl AppState {
         self.metrics.tracked_clients.set(tracked as i64);
     }
 
-    /// Frees expired entries, in memory and on disk (SPEC 7).
+    /// Frees expired entries, in memory and on disk (SPEC 7), and writes the entries the
+    /// disk refused before (SPEC 17).
     pub async fn sweep(&self) {
         let now = now_ms();
+        match self.store.retry(now).await {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(entries = n, "entries still not durable"),
+            Err(e) => {
+                self.metrics.store_errors.inc();
+                tracing::warn!(error = %e, "entries still not durable; the disk refuses them")
+            }
+        }
+        self.metrics.store_pending.set(self.store.pending() as i64);
         let mut gone: Vec<(Action, ipnet::IpNet)> = Vec::new();
         for action in [Action::Block, Action::Allow] {
             gone.extend(

@@ -5,9 +5,10 @@
 //! and deleted when they expire, so nothing about an address stays on disk longer than in
 //! memory. `Store` runs the blocking database calls on tokio's blocking pool itself.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use ipnet::IpNet;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -31,6 +32,8 @@ pub enum Error {
     },
     #[error("cannot open {}: {source}", path.display())]
     Open { path: PathBuf, source: redb::Error },
+    #[error("{}: another ipgate holds this state store", .0.display())]
+    InUse(PathBuf),
     #[error("state store: {0}")]
     Db(#[from] redb::Error),
     #[error("state store: cannot encode a record: {0}")]
@@ -54,40 +57,148 @@ pub type Offenses = (String, IpNet, Vec<u64>);
 #[derive(Clone)]
 pub enum Store {
     /// The embedded database under `gateway.state_dir`.
-    Local(Arc<Redb>),
+    Local(Arc<Local>),
+}
+
+/// The embedded store with what keeps it going through disk faults (SPEC 17): the database is
+/// reopened after any failed call (redb refuses every write after an I/O error until then),
+/// and an entry the disk refused is kept here and written as soon as the disk takes it.
+pub struct Local {
+    dir: PathBuf,
+    /// `None` after a failure: the next call reopens. Calls are serialized by this lock, so
+    /// a retried write and a delete of the same entry cannot cross.
+    db: Mutex<Option<Redb>>,
+    /// Entries enforced but not yet durable.
+    pending: Mutex<HashMap<(Action, IpNet), Entry>>,
+}
+
+/// What opening the store at start found.
+pub enum Opened {
+    Fresh,
+    /// The file could not be opened; it was moved to this path and a new one started.
+    MovedAside(PathBuf, Error),
 }
 
 impl Store {
-    /// Opens the embedded store under `dir`.
-    pub fn open(dir: &Path) -> Result<Store, Error> {
-        Ok(Store::Local(Arc::new(Redb::open(dir)?)))
+    /// Opens the embedded store under `dir`. A state file that cannot be opened (corrupt,
+    /// unreadable, from an unknown version) does not keep the gateway down: it is moved
+    /// aside (`state.redb.bad-TIMESTAMP`) and a new one is started. A store held by another
+    /// running ipgate is an error.
+    pub fn open(dir: &Path) -> Result<(Store, Opened), Error> {
+        let (db, opened) = match Redb::open(dir) {
+            Ok(db) => (db, Opened::Fresh),
+            Err(e @ Error::CreateDir { .. }) | Err(e @ Error::InUse(_)) => return Err(e),
+            Err(e) => {
+                let file = dir.join("state.redb");
+                let aside = dir.join(format!("state.redb.bad-{}", crate::clock::now_ms()));
+                std::fs::rename(&file, &aside).map_err(|source| Error::CreateDir {
+                    path: aside.clone(),
+                    source,
+                })?;
+                (Redb::open(dir)?, Opened::MovedAside(aside, e))
+            }
+        };
+        let local = Local {
+            dir: dir.to_path_buf(),
+            db: Mutex::new(Some(db)),
+            pending: Mutex::default(),
+        };
+        Ok((Store::Local(Arc::new(local)), opened))
     }
 
     async fn run<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Redb) -> Result<T, Error> + Send + 'static,
+        f: impl FnOnce(&Redb, &mut HashMap<(Action, IpNet), Entry>) -> Result<T, Error> + Send + 'static,
     ) -> Result<T, Error> {
-        match self {
-            Store::Local(db) => {
-                let db = db.clone();
-                tokio::task::spawn_blocking(move || f(&db)).await?
+        let Store::Local(local) = self;
+        let local = local.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut db = local.db.lock().unwrap_or_else(|p| p.into_inner());
+            if db.is_none() {
+                *db = Some(Redb::open(&local.dir)?);
             }
-        }
+            let mut pending = local.pending.lock().unwrap_or_else(|p| p.into_inner());
+            let result = f(db.as_ref().expect("opened above"), &mut pending);
+            if result.is_err() {
+                // Reopen before the next call: after an I/O error redb refuses every write.
+                *db = None;
+            }
+            result
+        })
+        .await?
     }
 
-    /// Writes an entry durably (returns once it is on disk).
+    /// Writes an entry durably (returns once it is on disk). When the disk refuses, the
+    /// entry is kept and written by [`Store::retry`] as soon as the disk takes it.
     pub async fn put(&self, action: Action, target: IpNet, entry: Entry) -> Result<(), Error> {
-        self.run(move |db| db.put(action, target, &entry)).await
+        let Store::Local(local) = self;
+        let local = local.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut db = local.db.lock().unwrap_or_else(|p| p.into_inner());
+            let mut pending = local.pending.lock().unwrap_or_else(|p| p.into_inner());
+            let written = match db.as_ref() {
+                Some(open) => open.put(action, target, &entry),
+                None => Redb::open(&local.dir).and_then(|open| {
+                    let r = open.put(action, target, &entry);
+                    *db = Some(open);
+                    r
+                }),
+            };
+            match written {
+                Ok(()) => {
+                    pending.remove(&(action, target));
+                    Ok(())
+                }
+                Err(e) => {
+                    // Under the same lock as delete: a later unban cannot be undone by a retry.
+                    pending.insert((action, target), entry);
+                    *db = None;
+                    Err(e)
+                }
+            }
+        })
+        .await?
     }
 
-    /// Deletes entries durably; returns how many existed.
+    /// Writes the entries the disk refused before; returns how many are still not durable.
+    /// Expired ones are dropped.
+    pub async fn retry(&self, now: u64) -> Result<usize, Error> {
+        if self.pending() == 0 {
+            return Ok(0);
+        }
+        self.run(move |db, pending| {
+            pending.retain(|_, e| e.expires_at > now);
+            let due: Vec<_> = pending.iter().map(|(k, e)| (*k, e.clone())).collect();
+            for ((action, target), entry) in due {
+                db.put(action, target, &entry)?;
+                pending.remove(&(action, target));
+            }
+            Ok(pending.len())
+        })
+        .await
+    }
+
+    /// Entries enforced but not yet durable.
+    pub fn pending(&self) -> usize {
+        let Store::Local(local) = self;
+        local.pending.lock().map_or(0, |p| p.len())
+    }
+
+    /// Deletes entries durably; returns how many existed on disk.
     pub async fn delete(&self, targets: Vec<(Action, IpNet)>) -> Result<usize, Error> {
-        self.run(move |db| db.delete(&targets)).await
+        self.run(move |db, pending| {
+            let n = db.delete(&targets)?;
+            for t in &targets {
+                pending.remove(t);
+            }
+            Ok(n)
+        })
+        .await
     }
 
     /// Every entry still live at `now`; expired ones are deleted on the way.
     pub async fn load(&self, now: u64) -> Result<Vec<Loaded>, Error> {
-        self.run(move |db| db.load(now)).await
+        self.run(move |db, _| db.load(now)).await
     }
 
     /// Records an offense; returns the number of earlier ones within `retention` ms.
@@ -98,13 +209,13 @@ impl Store {
         now: u64,
         retention: u64,
     ) -> Result<usize, Error> {
-        self.run(move |db| db.record_offense(&jail, target, now, retention))
+        self.run(move |db, _| db.record_offense(&jail, target, now, retention))
             .await
     }
 
     /// The offense history held under exactly these targets.
     pub async fn offenses(&self, ip: IpAddr, targets: Vec<IpNet>) -> Result<Vec<Offenses>, Error> {
-        let held = self.run(move |db| db.offenses(ip)).await?;
+        let held = self.run(move |db, _| db.offenses(ip)).await?;
         Ok(held
             .into_iter()
             .filter(|(_, t, _)| targets.contains(t))
@@ -113,12 +224,13 @@ impl Store {
 
     /// Erases the offense history of these targets; returns how many records went.
     pub async fn forget(&self, targets: Vec<IpNet>) -> Result<usize, Error> {
-        self.run(move |db| db.forget_offenses(&targets)).await
+        self.run(move |db, _| db.forget_offenses(&targets)).await
     }
 
     /// Drops offense times older than `retention` ms.
     pub async fn prune(&self, now: u64, retention: u64) -> Result<(), Error> {
-        self.run(move |db| db.prune_offenses(now, retention)).await
+        self.run(move |db, _| db.prune_offenses(now, retention))
+            .await
     }
 }
 
@@ -153,9 +265,12 @@ impl Redb {
                 })?;
         }
         let path = dir.join("state.redb");
-        let db = Database::create(&path).map_err(|e| Error::Open {
-            path: path.clone(),
-            source: e.into(),
+        let db = Database::create(&path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => Error::InUse(path.clone()),
+            e => Error::Open {
+                path: path.clone(),
+                source: e.into(),
+            },
         })?;
         let txn = db.begin_write().map_err(err)?;
         txn.open_table(ENTRIES).map_err(err)?;
