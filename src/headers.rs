@@ -100,8 +100,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 pub fn add_forwarding_headers(headers: &mut HeaderMap, f: &Forwarding<'_>) {
     let xff = match f.chain {
         None => {
-            for name in &CLIENT_HEADERS {
-                headers.remove(name);
+            // One pass over the request's few names, rather than a lookup per name.
+            if headers.keys().any(|k| CLIENT_HEADERS.contains(k)) {
+                for name in &CLIENT_HEADERS {
+                    headers.remove(name);
+                }
             }
             Ok(f.conn_client_value.clone())
         }

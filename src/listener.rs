@@ -19,7 +19,6 @@ use tracing::{debug, error, warn};
 use crate::access_log::LoggedIp;
 use crate::client_addr;
 use crate::clients::{client_key, ClientSlot, ConnSlot};
-use crate::clock::now_ms;
 use crate::config;
 use crate::policy::Verdict;
 use crate::proxy::{self, ConnInfo, Context};
@@ -288,6 +287,7 @@ async fn serve<I>(
         .config
         .limits
         .http2_idle_timeout;
+    let info = Arc::new(info);
     let activity = Arc::new(Activity::default());
     let (w, a) = (worker.clone(), activity.clone());
     let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
@@ -319,12 +319,22 @@ async fn serve<I>(
     if !activity.h2.load(Ordering::Relaxed) {
         return ended(conn.await);
     }
+    // Idle: no stream open, and none started or ended, over four checks a quarter of the
+    // timeout apart (no clock read per request).
+    let (mut seen, mut quiet) = (activity.moves(), 0);
     loop {
         tokio::select! {
             r = &mut conn => return ended(r),
             _ = tokio::time::sleep(h2_idle / 4) => {}
         }
-        if activity.idle_for() >= h2_idle {
+        let now = activity.moves();
+        quiet = if now == seen && activity.open.load(Ordering::Relaxed) == 0 {
+            quiet + 1
+        } else {
+            0
+        };
+        seen = now;
+        if quiet >= 4 {
             timed_out("http2_idle");
             return;
         }
@@ -346,8 +356,8 @@ struct Activity {
     h2: AtomicBool,
     /// HTTP/2 requests whose response has not ended yet.
     open: AtomicUsize,
-    /// When the last HTTP/2 stream ended (ms since the epoch).
-    last_ms: AtomicU64,
+    /// HTTP/2 streams that have ended.
+    ended: AtomicU64,
 }
 
 impl Activity {
@@ -361,13 +371,12 @@ impl Activity {
         Some(StreamGuard(self.clone()))
     }
 
-    /// How long no stream has been open (zero while one is).
-    fn idle_for(&self) -> std::time::Duration {
-        if self.open.load(Ordering::Relaxed) > 0 {
-            return std::time::Duration::ZERO;
-        }
-        let since = now_ms().saturating_sub(self.last_ms.load(Ordering::Relaxed));
-        std::time::Duration::from_millis(since)
+    /// Changes whenever a stream starts or ends.
+    fn moves(&self) -> (u64, u64) {
+        (
+            self.requests.load(Ordering::Relaxed),
+            self.ended.load(Ordering::Relaxed),
+        )
     }
 }
 
@@ -376,7 +385,7 @@ struct StreamGuard(Arc<Activity>);
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        self.0.last_ms.store(now_ms(), Ordering::Relaxed);
+        self.0.ended.fetch_add(1, Ordering::Relaxed);
         self.0.open.fetch_sub(1, Ordering::Relaxed);
     }
 }

@@ -187,7 +187,7 @@ struct Checked<'a> {
 /// Serves one request from a client connection.
 pub async fn handle(
     worker: Arc<Context>,
-    conn: ConnInfo,
+    conn: Arc<ConnInfo>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let state = &worker.state;
@@ -198,22 +198,30 @@ pub async fn handle(
     let uri = req.uri().clone();
 
     let host_value = request::host(&req);
-    let host = request::host_key(host_value.as_ref().ok().and_then(Option::as_ref));
+    let host = host_value
+        .as_ref()
+        .ok()
+        .and_then(Option::as_ref)
+        .map_or("", request::HostValue::key);
+    let logged = Logged {
+        method: &method,
+        version,
+        host,
+        uri: &uri,
+        start,
+    };
     let checked = (|| {
         let host_value = host_value.as_ref().map_err(|e| *e)?;
         let path = request::path(&method, &uri)?;
         let (client, chain) = request::client(&snap.trusted, conn.client, req.headers())?;
-        Ok::<_, Invalid>((host_value.as_ref(), path, client, chain))
+        Ok::<_, Invalid>((host_value.as_ref().map(|h| &h.value), path, client, chain))
     })();
     let (host_ref, path, client, chain) = match checked {
         Ok(c) => c,
         Err(e) => {
             debug!(error = %e, "request refused");
             let (resp, site, outcome) = refuse(state, None, Error::Invalid(e));
-            let (m, v) = (&method, version);
-            log_access(
-                state, &snap, &conn, m, v, host, &uri, &resp, site, outcome, start,
-            );
+            logged.log(state, &snap, conn.client, &resp, site, outcome);
             return Ok(resp);
         }
     };
@@ -266,23 +274,7 @@ pub async fn handle(
             }
         }
     };
-    let conn_client = ConnInfo {
-        client: client.ip,
-        ..conn
-    };
-    log_access(
-        state,
-        &snap,
-        &conn_client,
-        &method,
-        version,
-        host,
-        &uri,
-        &resp,
-        site_name,
-        outcome,
-        start,
-    );
+    logged.log(state, &snap, client.ip, &resp, site_name, outcome);
     Ok(resp)
 }
 
@@ -313,36 +305,42 @@ fn refuse<'s>(
     (Response::from(&e), name, e.outcome())
 }
 
-/// One access-log line, when the log is on.
-#[allow(clippy::too_many_arguments)]
-fn log_access(
-    state: &AppState,
-    snap: &Snapshot,
-    conn: &ConnInfo,
-    method: &http::Method,
+/// What the access log says of a request, gathered as it arrives.
+struct Logged<'a> {
+    method: &'a http::Method,
     version: Version,
-    host: &str,
-    uri: &Uri,
-    resp: &Response<Body>,
-    site: &str,
-    outcome: &'static str,
+    host: &'a str,
+    uri: &'a Uri,
     start: Instant,
-) {
-    if !state.access_log.is_enabled() {
-        return;
+}
+
+impl Logged<'_> {
+    /// One access-log line, when the log is on.
+    fn log(
+        &self,
+        state: &AppState,
+        snap: &Snapshot,
+        client: IpAddr,
+        resp: &Response<Body>,
+        site: &str,
+        outcome: &'static str,
+    ) {
+        if !state.access_log.is_enabled() {
+            return;
+        }
+        state.access_log.log(&Entry {
+            ts: SystemTime::now(),
+            client: LoggedIp(client, snap.config.privacy.log_ip),
+            method: self.method.as_str(),
+            host: self.host,
+            path: self.uri.path(),
+            proto: version_str(self.version),
+            status: resp.status().as_u16(),
+            site,
+            outcome,
+            duration: self.start.elapsed(),
+        });
     }
-    state.access_log.log(&Entry {
-        ts: SystemTime::now(),
-        client: LoggedIp(conn.client, snap.config.privacy.log_ip),
-        method: method.as_str(),
-        host,
-        path: uri.path(),
-        proto: version_str(version),
-        status: resp.status().as_u16(),
-        site,
-        outcome,
-        duration: start.elapsed(),
-    });
 }
 
 async fn forward(

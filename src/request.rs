@@ -34,15 +34,40 @@ pub enum Invalid {
     Connect,
 }
 
+/// A request's validated host: the value to forward, and the name sites match (its prefix
+/// without port and trailing dot).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostValue {
+    pub value: HeaderValue,
+    key_len: usize,
+}
+
+impl HostValue {
+    fn new(value: HeaderValue, host: &Host<'_>) -> HostValue {
+        HostValue {
+            key_len: host.key().len(),
+            value,
+        }
+    }
+
+    /// The name sites are matched with (case is left to the matcher).
+    pub fn key(&self) -> &str {
+        self.value
+            .to_str()
+            .ok()
+            .and_then(|v| v.get(..self.key_len))
+            .unwrap_or("")
+    }
+}
+
 /// The Host to forward: the request's authority (HTTP/2 `:authority`, or an absolute-form
 /// target) or its single Host header, validated. `None` only for HTTP/1.0 without Host.
-pub fn host<B>(req: &Request<B>) -> Result<Option<HeaderValue>, Invalid> {
+pub fn host<B>(req: &Request<B>) -> Result<Option<HostValue>, Invalid> {
     let mut hosts = req.headers().get_all(header::HOST).iter();
     let header = hosts.next();
     if hosts.next().is_some() {
         return Err(Invalid::TwoHosts);
     }
-    let parse = |v: &HeaderValue| v.to_str().ok().and_then(Host::parse).is_some();
     if let Some(authority) = req.uri().authority() {
         let from_uri = Host::parse(authority.as_str()).ok_or(Invalid::BadHost)?;
         if let Some(h) = header {
@@ -55,24 +80,21 @@ pub fn host<B>(req: &Request<B>) -> Result<Option<HeaderValue>, Invalid> {
                 return Err(Invalid::HostMismatch);
             }
         }
-        return HeaderValue::from_str(authority.as_str())
-            .map(Some)
-            .map_err(|_| Invalid::BadHost);
+        let value = HeaderValue::from_str(authority.as_str()).map_err(|_| Invalid::BadHost)?;
+        return Ok(Some(HostValue::new(value, &from_uri)));
     }
     match header {
-        Some(h) if parse(h) => Ok(Some(h.clone())),
-        Some(_) => Err(Invalid::BadHost),
+        Some(h) => {
+            let host = h
+                .to_str()
+                .ok()
+                .and_then(Host::parse)
+                .ok_or(Invalid::BadHost)?;
+            Ok(Some(HostValue::new(h.clone(), &host)))
+        }
         None if req.version() <= Version::HTTP_10 => Ok(None),
         None => Err(Invalid::NoHost),
     }
-}
-
-/// The name a host value matches sites with: no port, no trailing dot ("" without one).
-pub fn host_key(value: Option<&HeaderValue>) -> &str {
-    value
-        .and_then(|v| v.to_str().ok())
-        .and_then(Host::parse)
-        .map_or("", |h| h.key())
 }
 
 /// The path decisions are made on and the upstream receives, normalized (SPEC 13). CONNECT
@@ -160,9 +182,10 @@ mod tests {
             Err(Invalid::TwoHosts)
         );
         assert_eq!(host(&req(v11, "/", &["a test"])), Err(Invalid::BadHost));
+        let h = host(&req(v11, "/", &["a.test:8443"])).unwrap().unwrap();
         assert_eq!(
-            host(&req(v11, "/", &["a.test:8443"])).unwrap().unwrap(),
-            "a.test:8443"
+            (h.value.to_str().unwrap(), h.key()),
+            ("a.test:8443", "a.test")
         );
         assert_eq!(host(&req(Version::HTTP_10, "/", &[])), Ok(None));
     }
@@ -174,25 +197,24 @@ mod tests {
             host(&req(v2, "https://a.test/", &["b.test"])),
             Err(Invalid::HostMismatch)
         );
-        assert_eq!(
-            host(&req(v2, "https://a.test/", &["A.test."]))
-                .unwrap()
-                .unwrap(),
-            "a.test"
-        );
-        assert_eq!(
-            host(&req(v2, "https://a.test/", &[])).unwrap().unwrap(),
-            "a.test"
-        );
+        let agreed = host(&req(v2, "https://a.test/", &["A.test."]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(agreed.value, "a.test");
+        let alone = host(&req(v2, "https://a.test/", &[])).unwrap().unwrap();
+        assert_eq!(alone.value, "a.test");
     }
 
     #[test]
     fn host_keys_drop_port_and_trailing_dot() {
-        assert_eq!(
-            host_key(Some(&HeaderValue::from_static("B.test.:8443"))),
-            "B.test"
-        );
-        assert_eq!(host_key(None), "");
+        let h = host(&req(Version::HTTP_11, "/", &["B.test.:8443"]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.key(), "B.test");
+        let h = host(&req(Version::HTTP_11, "/", &["[2001:db8::1]:443"]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.key(), "[2001:db8::1]");
     }
 
     #[test]
