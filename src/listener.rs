@@ -280,18 +280,15 @@ async fn serve<I>(
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let h2_idle = worker
-        .state
-        .snapshot
-        .load()
-        .config
-        .limits
-        .http2_idle_timeout;
+    let (h2_idle, write_idle) = {
+        let limits = &worker.state.snapshot.load().config.limits;
+        (limits.http2_idle_timeout, limits.write_idle_timeout)
+    };
     let info = Arc::new(info);
     let activity = Arc::new(Activity::default());
     let (w, a) = (worker.clone(), activity.clone());
     let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-        let guard = a.started(req.version() == http::Version::HTTP_2);
+        let guard = Some(a.started(req.version() == http::Version::HTTP_2));
         let reply = proxy::handle(w.clone(), info.clone(), req);
         async move {
             let resp = reply.await?;
@@ -308,36 +305,56 @@ async fn serve<I>(
             .with_label_values(&[reason])
             .inc()
     };
-    tokio::select! {
-        r = &mut conn => return ended(r),
-        _ = tokio::time::sleep_until(head_by) => {}
-    }
-    if activity.requests.load(Ordering::Relaxed) == 0 {
-        timed_out("first_request");
-        return;
-    }
-    if !activity.h2.load(Ordering::Relaxed) {
-        return ended(conn.await);
-    }
-    // Idle: no stream open, and none started or ended, over four checks a quarter of the
-    // timeout apart (no clock read per request).
-    let (mut seen, mut quiet) = (activity.moves(), 0);
+    // Checked a few times per timeout, with no clock read per request: the first request
+    // head by `head_by`; then an HTTP/2 connection with no stream open and none started or
+    // ended; a response with a body open that is neither read by the client nor waiting on
+    // the upstream (SPEC 16).
+    let tick = h2_idle.min(write_idle) / 4;
+    let (mut idle, mut stalled) = (Quiet::default(), Quiet::default());
     loop {
+        let first = activity.requests.load(Ordering::Relaxed) == 0;
+        let next = tokio::time::Instant::now() + tick;
         tokio::select! {
             r = &mut conn => return ended(r),
-            _ = tokio::time::sleep(h2_idle / 4) => {}
+            _ = tokio::time::sleep_until(if first { next.min(head_by) } else { next }) => {}
         }
-        let now = activity.moves();
-        quiet = if now == seen && activity.open.load(Ordering::Relaxed) == 0 {
-            quiet + 1
-        } else {
-            0
-        };
-        seen = now;
-        if quiet >= 4 {
+        if activity.requests.load(Ordering::Relaxed) == 0 {
+            if tokio::time::Instant::now() >= head_by {
+                timed_out("first_request");
+                return;
+            }
+            continue;
+        }
+        let h2 = activity.h2.load(Ordering::Relaxed);
+        let open = activity.open.load(Ordering::Relaxed);
+        if h2 && idle.still(activity.moves(), open == 0) * tick >= h2_idle {
             timed_out("http2_idle");
             return;
         }
+        let unread = open > activity.waiting.load(Ordering::Relaxed);
+        if stalled.still((activity.polls.load(Ordering::Relaxed), 0), unread) * tick >= write_idle {
+            timed_out("write_idle");
+            return;
+        }
+    }
+}
+
+/// How many checks in a row a condition held with nothing moving.
+#[derive(Default)]
+struct Quiet {
+    seen: (u64, u64),
+    checks: u32,
+}
+
+impl Quiet {
+    fn still(&mut self, now: (u64, u64), holds: bool) -> u32 {
+        self.checks = if holds && now == self.seen {
+            self.checks + 1
+        } else {
+            0
+        };
+        self.seen = now;
+        self.checks
     }
 }
 
@@ -354,21 +371,27 @@ struct Activity {
     requests: AtomicU64,
     /// Whether they came over HTTP/2.
     h2: AtomicBool,
-    /// HTTP/2 requests whose response has not ended yet.
+    /// Responses that have not ended yet.
     open: AtomicUsize,
-    /// HTTP/2 streams that have ended.
+    /// Responses that have ended.
     ended: AtomicU64,
+    /// Of the open responses, those whose body waits on the upstream.
+    waiting: AtomicUsize,
+    /// Polls of response bodies: they stop when the client stops reading.
+    polls: AtomicU64,
 }
 
 impl Activity {
-    fn started(self: &Arc<Self>, h2: bool) -> Option<StreamGuard> {
+    fn started(self: &Arc<Self>, h2: bool) -> StreamGuard {
         self.requests.fetch_add(1, Ordering::Relaxed);
-        if !h2 {
-            return None;
+        if h2 {
+            self.h2.store(true, Ordering::Relaxed);
         }
-        self.h2.store(true, Ordering::Relaxed);
         self.open.fetch_add(1, Ordering::Relaxed);
-        Some(StreamGuard(self.clone()))
+        StreamGuard {
+            activity: self.clone(),
+            waiting: false,
+        }
     }
 
     /// Changes whenever a stream starts or ends.
@@ -380,17 +403,38 @@ impl Activity {
     }
 }
 
-/// An open HTTP/2 stream: ends when its response body is done or dropped.
-struct StreamGuard(Arc<Activity>);
+/// An open response: ends when its body is done or dropped.
+struct StreamGuard {
+    activity: Arc<Activity>,
+    /// Its body's last poll found nothing from the upstream yet.
+    waiting: bool,
+}
 
-impl Drop for StreamGuard {
-    fn drop(&mut self) {
-        self.0.ended.fetch_add(1, Ordering::Relaxed);
-        self.0.open.fetch_sub(1, Ordering::Relaxed);
+impl StreamGuard {
+    fn polled(&mut self, pending: bool) {
+        let a = &self.activity;
+        a.polls.fetch_add(1, Ordering::Relaxed);
+        if pending != self.waiting {
+            self.waiting = pending;
+            if pending {
+                a.waiting.fetch_add(1, Ordering::Relaxed);
+            } else {
+                a.waiting.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
     }
 }
 
-/// A response body that keeps its stream counted as open until it ends.
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.polled(false);
+        self.activity.ended.fetch_add(1, Ordering::Relaxed);
+        self.activity.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A response body that keeps its response counted as open until it ends, and notes how
+/// it is read.
 struct Tracked {
     body: proxy::Body,
     guard: Option<StreamGuard>,
@@ -405,8 +449,13 @@ impl hyper::body::Body for Tracked {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
         let polled = std::pin::Pin::new(&mut self.body).poll_frame(cx);
-        if let std::task::Poll::Ready(None) = polled {
-            self.guard = None;
+        match &polled {
+            std::task::Poll::Ready(None) => self.guard = None,
+            p => {
+                if let Some(g) = self.guard.as_mut() {
+                    g.polled(p.is_pending());
+                }
+            }
         }
         polled
     }

@@ -272,3 +272,55 @@ async fn a_websocket_keeps_its_slot_and_closes_when_idle() {
     );
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_response_the_client_does_not_read_is_given_up_after_the_write_idle_timeout() {
+    let gw = GatewayBuilder::new()
+        .extra("[limits]\nwrite_idle_timeout = \"1s\"\n")
+        .spawn()
+        .await;
+    let total: usize = 200 << 20;
+    let mut tcp = connect_from("127.0.0.41", gw.plain).await;
+    let head = format!("GET /big?n={total} HTTP/1.1\r\nHost: a.test\r\n\r\n");
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let sent = Instant::now();
+    // Not a byte read: the gateway's buffers fill, then it gives the response up.
+    let sample = r#"ipgate_connections_timed_out_total{reason="write_idle"}"#;
+    let mut gave_up = None;
+    while sent.elapsed() < Duration::from_secs(5) {
+        if metric(&gw.metrics().await, sample) == Some(1.0) {
+            gave_up = Some(sent.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let took = gave_up.expect("an unread response was held for 5 s");
+    assert_near("unread response", took, Duration::from_secs(1));
+    // The connection is closed: what was buffered drains, then it ends, far short of the body.
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    let drained = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got += n,
+            }
+        }
+    })
+    .await;
+    assert!(drained.is_ok(), "still sending after it gave up");
+    assert!(got < total, "the whole body arrived: nothing was given up");
+    // A client that reads is served its whole large response.
+    let mut tcp = connect_from("127.0.0.42", gw.plain).await;
+    let head = "GET /big?n=3000000 HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n";
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let mut all = Vec::new();
+    read_until_closed(&mut tcp, &mut all).await;
+    let body_at = all.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert!(all.starts_with(b"HTTP/1.1 200"));
+    assert_eq!(all.len() - body_at, 3_000_000);
+    // An upstream that pauses longer than the timeout is not the client's fault: not cut.
+    let (status, body) = plain_get(gw.plain, "/drip", "a.test").await;
+    assert_eq!((status, body.as_str()), (200, "firstsecond"));
+    gw.shutdown().await;
+}

@@ -409,6 +409,11 @@ fn limits(r: &mut Report, l: &RawLimits) -> Limits {
             &l.upgrade_idle_timeout,
             UPGRADE_IDLE_TIMEOUT,
         ),
+        write_idle_timeout: d(
+            "write_idle_timeout",
+            &l.write_idle_timeout,
+            WRITE_IDLE_TIMEOUT,
+        ),
         max_connections_per_client,
         max_header_bytes,
         http2_max_streams: l.http2_max_streams.unwrap_or(HTTP2_MAX_STREAMS),

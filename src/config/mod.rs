@@ -209,6 +209,9 @@ pub struct Limits {
     pub http2_idle_timeout: Duration,
     /// An upgraded connection (WebSocket) with no byte either way for this long is closed.
     pub upgrade_idle_timeout: Duration,
+    /// A response the client stops reading (while the upstream has more) for this long is
+    /// given up and its connection closed.
+    pub write_idle_timeout: Duration,
 }
 
 pub const DEFAULT_CONFIG_PATH: &str = "config/ipgate.toml";

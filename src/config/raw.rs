@@ -161,6 +161,7 @@ pub struct RawLimits {
     pub max_connections_per_client: Option<u32>,
     pub http2_idle_timeout: Option<String>,
     pub upgrade_idle_timeout: Option<String>,
+    pub write_idle_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
