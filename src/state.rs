@@ -86,34 +86,32 @@ impl Snapshot {
         let cap = config.limits.max_tracked_clients;
         let mut limiters: HashMap<String, Arc<Limiter>> = HashMap::new();
         let mut limiter = |name: String, settings: &crate::config::RateLimit| {
-            let kept = kept(previous.map(|p| &p.limiters), &name, |l| {
-                &l.settings == settings && l.cap() == cap
-            });
-            let l = kept.unwrap_or_else(|| {
-                Arc::new(Limiter::new(
-                    settings.clone(),
-                    cap,
-                    metrics.client_evictions.clone(),
-                ))
-            });
+            let l = kept_or(
+                previous.map(|p| &p.limiters),
+                &name,
+                |l| &l.settings == settings && l.cap() == cap,
+                || Limiter::new(settings.clone(), cap, metrics.client_evictions.clone()),
+            );
             limiters.insert(name, l.clone());
             l
         };
         let global = limiter("global".into(), &config.rate_limit);
         let mut jails: HashMap<String, Arc<Jail>> = HashMap::new();
         for j in &config.jails {
-            let kept = kept(previous.map(|p| &p.jails), &j.name, |old| {
-                &old.config == j && old.cap() == cap
-            });
-            let jail = kept.unwrap_or_else(|| {
-                Arc::new(Jail::new(
-                    j.clone(),
-                    cap,
-                    metrics.client_evictions.clone(),
-                    j.dry_run
-                        .then(|| metrics.would_block.with_label_values(&[&j.name])),
-                ))
-            });
+            let would_block = || metrics.would_block.with_label_values(&[&j.name]);
+            let jail = kept_or(
+                previous.map(|p| &p.jails),
+                &j.name,
+                |old| &old.config == j && old.cap() == cap,
+                || {
+                    Jail::new(
+                        j.clone(),
+                        cap,
+                        metrics.client_evictions.clone(),
+                        j.dry_run.then(would_block),
+                    )
+                },
+            );
             jails.insert(j.name.clone(), jail);
         }
         let mut hosts = HashMap::new();
@@ -210,13 +208,18 @@ pub fn http_builder(
 }
 
 /// The rule of the previous snapshot named `name`, if `same` says its settings are unchanged:
-/// kept, client state and all, across a reload.
-fn kept<T>(
+/// kept, client state and all, across a reload; otherwise a new one from `make`.
+fn kept_or<T>(
     previous: Option<&HashMap<String, Arc<T>>>,
     name: &str,
     same: impl Fn(&T) -> bool,
-) -> Option<Arc<T>> {
-    previous?.get(name).filter(|t| same(t)).cloned()
+    make: impl FnOnce() -> T,
+) -> Arc<T> {
+    previous
+        .and_then(|p| p.get(name))
+        .filter(|t| same(t))
+        .cloned()
+        .unwrap_or_else(|| Arc::new(make()))
 }
 
 pub struct AppState {

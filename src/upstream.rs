@@ -25,6 +25,9 @@ use tracing::debug;
 
 /// Idle connections kept per upstream and worker thread.
 pub const MAX_IDLE: usize = 512;
+
+/// Read buffer of an upstream connection.
+const UPSTREAM_BUFFER: usize = 64 * 1024;
 /// An idle connection older than this is closed rather than reused.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Time allowed for the TCP connect to an upstream.
@@ -137,6 +140,9 @@ async fn connect(upstream: &Authority) -> Result<http1::SendRequest<Incoming>, E
     let _ = tcp.set_nodelay(true);
     let (sender, conn) = http1::Builder::new()
         .writev(false)
+        // What is read ahead of a client that reads slowly: 64 KiB, not hyper's ~400 KiB
+        // (nginx's proxy buffers hold 32 to 64 KiB).
+        .max_buf_size(UPSTREAM_BUFFER)
         .handshake(TokioIo::new(tcp))
         .await
         .map_err(Error::Protocol)?;

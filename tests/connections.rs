@@ -324,3 +324,48 @@ async fn a_response_the_client_does_not_read_is_given_up_after_the_write_idle_ti
     assert_eq!((status, body.as_str()), (200, "firstsecond"));
     gw.shutdown().await;
 }
+
+/// Resident memory of this test process (the gateway runs in it), in bytes.
+fn rss() -> usize {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kb: usize = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+// Regression: each client that did not read held ~1 MiB in the gateway, most of it hyper's
+// upstream read buffer (~400 KiB); slowhttptest -X with 256 connections took RSS to 240 MiB.
+// (The bound includes the in-process test upstream's buffers: 22 MiB before, ~14 after.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_do_not_read_over_tls_hold_little_memory() {
+    let gw = GatewayBuilder::new().spawn().await;
+    let before = rss();
+    let mut readers = Vec::new();
+    for i in 0..16 {
+        let tcp = connect_from(&format!("127.0.5.{}", i + 1), gw.tls).await;
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config(
+            &gw.ca.ca_der,
+            &[b"http/1.1"],
+        )));
+        let mut tls = connector
+            .connect(ServerName::try_from("a.test").unwrap(), tcp)
+            .await
+            .unwrap();
+        let head = format!("GET /big?n={} HTTP/1.1\r\nHost: a.test\r\n\r\n", 32 << 20);
+        tls.write_all(head.as_bytes()).await.unwrap();
+        readers.push(tls);
+    }
+    // Time for the upstream to pour 16 x 32 MiB in, were nothing holding it back.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let grown = rss().saturating_sub(before);
+    assert!(
+        grown < 18 << 20,
+        "16 unread 32 MiB responses grew memory by {} MiB",
+        grown >> 20
+    );
+    drop(readers);
+    gw.shutdown().await;
+}

@@ -254,24 +254,10 @@ impl TempTable {
     /// Drops every entry expired at `now`; returns their targets.
     pub fn sweep(&self, now: u64) -> Vec<IpNet> {
         let mut gone = Vec::new();
-        self.v4.retain(|&(len, net), e| {
-            let keep = e.expires_at > now;
-            if !keep {
-                if let Ok(n) = Ipv4Net::new(net.into(), len) {
-                    gone.push(IpNet::V4(n));
-                }
-            }
-            keep
-        });
-        self.v6.retain(|&(len, net), e| {
-            let keep = e.expires_at > now;
-            if !keep {
-                if let Ok(n) = Ipv6Net::new(net.into(), len) {
-                    gone.push(IpNet::V6(n));
-                }
-            }
-            keep
-        });
+        let v4 = |len, net: u32| Ipv4Net::new(net.into(), len).ok().map(IpNet::V4);
+        let v6 = |len, net: u128| Ipv6Net::new(net.into(), len).ok().map(IpNet::V6);
+        sweep_map(&self.v4, now, v4, &mut gone);
+        sweep_map(&self.v6, now, v6, &mut gone);
         if !gone.is_empty() {
             let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
             for t in &gone {
@@ -312,6 +298,22 @@ impl TempEntries {
             Action::Allow => &self.allow,
         }
     }
+}
+
+/// Drops the entries of one family's map expired at `now`, noting their targets.
+fn sweep_map<K: Copy + Eq + std::hash::Hash>(
+    map: &DashMap<(u8, K), Entry, Hasher>,
+    now: u64,
+    target: impl Fn(u8, K) -> Option<IpNet>,
+    gone: &mut Vec<IpNet>,
+) {
+    map.retain(|&(len, net), e| {
+        let keep = e.expires_at > now;
+        if !keep {
+            gone.extend(target(len, net));
+        }
+        keep
+    });
 }
 
 #[cfg(test)]
