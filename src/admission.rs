@@ -9,7 +9,7 @@ use std::sync::Arc;
 use http::Method;
 
 use crate::access_log::LoggedIp;
-use crate::clients::{client_key, key_target};
+use crate::clients::{client_key, key_target, ClientSlot};
 use crate::policy::Verdict;
 use crate::state::{AppState, SiteEntry, Snapshot};
 
@@ -22,6 +22,8 @@ pub enum Refusal {
     Denied,
     /// Over the rate limit; may retry after this many seconds (429).
     RateLimited(u64),
+    /// As many requests of this client in flight as `limits.max_requests_per_client` (429).
+    Busy,
 }
 
 /// The client a decision is about.
@@ -33,11 +35,12 @@ pub struct Client {
     pub is_proxy: bool,
 }
 
-/// What an admitted request is spared.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What an admitted request is spared, and what it holds.
 pub struct Admitted {
     /// Allow-listed, or a trusted proxy: jails do not count its responses.
     pub exempt: bool,
+    /// Its place among the client's requests in flight, until its response ends.
+    pub in_flight: Option<ClientSlot>,
 }
 
 /// Decides whether a request for `path` on `site` may be forwarded.
@@ -54,16 +57,30 @@ pub fn admit(
     }
     let Some(site) = site else {
         // No site: 421, decided by the caller.
-        return Ok(Admitted { exempt: true });
+        return Ok(Admitted {
+            exempt: true,
+            in_flight: None,
+        });
     };
     if !allowed_only(snap, site, path, client.ip) {
         return Err(Refusal::Denied);
     }
     let exempt = matches!(verdict, Verdict::Allow(_)) || client.is_proxy;
-    if !exempt {
-        rate_limit(state, site, path, client.ip)?;
+    if exempt {
+        return Ok(Admitted {
+            exempt,
+            in_flight: None,
+        });
     }
-    Ok(Admitted { exempt })
+    rate_limit(state, site, path, client.ip)?;
+    // Bounds the upstream work one client holds, whatever its rate (SPEC 16).
+    let key = client_key(client.ip, snap.config.rate_limit.ipv6_prefix);
+    let cap = snap.config.limits.max_requests_per_client;
+    let slot = state.in_flight.acquire(key, cap).ok_or(Refusal::Busy)?;
+    Ok(Admitted {
+        exempt,
+        in_flight: Some(slot),
+    })
 }
 
 /// A forwarded request and its response, as the jails see them.

@@ -291,8 +291,13 @@ async fn serve<I>(
         let guard = Some(a.started(req.version() == http::Version::HTTP_2));
         let reply = proxy::handle(w.clone(), info.clone(), req);
         async move {
-            let resp = reply.await?;
-            Ok::<_, std::convert::Infallible>(resp.map(|body| Tracked { body, guard }))
+            let (resp, in_flight) = reply.await?;
+            let body = |body| Tracked {
+                body,
+                guard,
+                _in_flight: in_flight,
+            };
+            Ok::<_, std::convert::Infallible>(resp.map(body))
         }
     });
     let conn = watcher.watch(builder.serve_connection_with_upgrades(io, service));
@@ -438,6 +443,8 @@ impl Drop for StreamGuard {
 struct Tracked {
     body: proxy::Body,
     guard: Option<StreamGuard>,
+    /// The request's place among its client's requests in flight.
+    _in_flight: Option<ClientSlot>,
 }
 
 impl hyper::body::Body for Tracked {

@@ -22,7 +22,7 @@ use tracing::debug;
 
 use crate::access_log::{Entry, LoggedIp};
 use crate::admission::{self, Client, Refusal};
-use crate::clients::ConnSlot;
+use crate::clients::{ClientSlot, ConnSlot};
 use crate::clock::now_ms;
 use crate::headers::{self, format_ip, Forwarding};
 use crate::metrics::outcome;
@@ -101,6 +101,7 @@ impl From<Refusal> for Error {
             Refusal::Blocked => Error::Blocked,
             Refusal::Denied => Error::Denied,
             Refusal::RateLimited(secs) => Error::RateLimited(secs),
+            Refusal::Busy => Error::RateLimited(1),
         }
     }
 }
@@ -189,7 +190,7 @@ pub async fn handle(
     worker: Arc<Context>,
     conn: Arc<ConnInfo>,
     req: Request<Incoming>,
-) -> Result<Response<Body>, Infallible> {
+) -> Result<(Response<Body>, Option<ClientSlot>), Infallible> {
     let state = &worker.state;
     let start = Instant::now();
     let snap = state.snapshot.load_full();
@@ -222,16 +223,18 @@ pub async fn handle(
             debug!(error = %e, "request refused");
             let (resp, site, outcome) = refuse(state, None, Error::Invalid(e));
             logged.log(state, &snap, conn.client, &resp, site, outcome);
-            return Ok(resp);
+            return Ok((resp, None));
         }
     };
 
     let site = snap.site_for(host);
     let admitted = admission::admit(state, &snap, site, client, &path);
+    let mut in_flight = None;
     let (resp, site_name, outcome) = match (site, admitted) {
         (site, Err(refusal)) => refuse(state, site, Error::from(refusal)),
         (None, Ok(_)) => refuse(state, None, Error::NoSite),
         (Some(site), Ok(admitted)) => {
+            in_flight = admitted.in_flight;
             let checked = Checked {
                 client,
                 chain,
@@ -275,7 +278,7 @@ pub async fn handle(
         }
     };
     logged.log(state, &snap, client.ip, &resp, site_name, outcome);
-    Ok(resp)
+    Ok((resp, in_flight))
 }
 
 /// Counts a request answered by the gateway itself and makes its answer.

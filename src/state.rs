@@ -230,6 +230,8 @@ pub struct AppState {
     pub connections: Arc<Semaphore>,
     /// Open connections per client (`limits.max_connections_per_client`).
     pub conn_counts: Arc<crate::clients::ConnCounts>,
+    /// Requests in flight per client (`limits.max_requests_per_client`).
+    pub in_flight: Arc<crate::clients::ConnCounts>,
     /// Set once shutdown starts: `/healthz` answers 503 so balancers stop sending.
     pub draining: AtomicBool,
     pub admin_token: Option<String>,
@@ -256,6 +258,7 @@ impl AppState {
             access_log,
             connections,
             conn_counts: Arc::default(),
+            in_flight: Arc::default(),
             draining: AtomicBool::new(false),
             admin_token,
             temp: TempEntries::default(),

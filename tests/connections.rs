@@ -369,3 +369,35 @@ async fn clients_that_do_not_read_over_tls_hold_little_memory() {
     drop(readers);
     gw.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_has_at_most_its_cap_of_requests_in_flight() {
+    let gw = GatewayBuilder::new()
+        .extra("[limits]\nmax_requests_per_client = 2\n")
+        .spawn()
+        .await;
+    let slow = |from: &'static str| async move {
+        let c = connect_from(from, gw.plain).await;
+        get_on(c, "/slow?ms=1500", "a.test", &[]).await.0
+    };
+    let started = Instant::now();
+    let (a, b) = (
+        tokio::spawn(slow("127.0.0.51")),
+        tokio::spawn(slow("127.0.0.51")),
+    );
+    let upstream = gw.origin.as_ref().unwrap();
+    assert!(eventually(Duration::from_secs(1), || async { upstream.count() == 2 }).await);
+    // Both are in flight (the upstream holds them): a third from the same client is 429 at
+    // once, without reaching the upstream; another client is served.
+    let c = connect_from("127.0.0.51", gw.plain).await;
+    assert_eq!(get_on(c, "/", "a.test", &[]).await.0, 429);
+    assert_eq!(upstream.count(), 2);
+    assert!(started.elapsed() < Duration::from_millis(1500));
+    let c = connect_from("127.0.0.52", gw.plain).await;
+    assert_eq!(get_on(c, "/", "a.test", &[]).await.0, 200);
+    assert_eq!((a.await.unwrap(), b.await.unwrap()), (200, 200));
+    // Their responses ended: the client's places are free again.
+    let c = connect_from("127.0.0.51", gw.plain).await;
+    assert_eq!(get_on(c, "/", "a.test", &[]).await.0, 200);
+    gw.shutdown().await;
+}

@@ -415,6 +415,10 @@ fn limits(r: &mut Report, l: &RawLimits) -> Limits {
             WRITE_IDLE_TIMEOUT,
         ),
         max_connections_per_client,
+        max_requests_per_client: l
+            .max_requests_per_client
+            .unwrap_or(MAX_REQUESTS_PER_CLIENT)
+            .max(1),
         max_header_bytes,
         http2_max_streams: l.http2_max_streams.unwrap_or(HTTP2_MAX_STREAMS),
         max_tracked_clients: l.max_tracked_clients.unwrap_or(MAX_TRACKED_CLIENTS).max(2),

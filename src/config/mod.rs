@@ -212,6 +212,9 @@ pub struct Limits {
     /// A response the client stops reading (while the upstream has more) for this long is
     /// given up and its connection closed.
     pub write_idle_timeout: Duration,
+    /// Requests of one client in flight at once (IPv6: per prefix), across its connections;
+    /// more get 429. Allow-listed clients and trusted proxies are exempt.
+    pub max_requests_per_client: u32,
 }
 
 pub const DEFAULT_CONFIG_PATH: &str = "config/ipgate.toml";

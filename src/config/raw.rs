@@ -162,6 +162,7 @@ pub struct RawLimits {
     pub http2_idle_timeout: Option<String>,
     pub upgrade_idle_timeout: Option<String>,
     pub write_idle_timeout: Option<String>,
+    pub max_requests_per_client: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
