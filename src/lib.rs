@@ -31,6 +31,7 @@ pub mod access_log;
 pub mod admin;
 pub mod admission;
 pub mod api;
+pub mod body;
 pub mod cli;
 pub mod client_addr;
 pub mod clients;

@@ -22,6 +22,7 @@ use tracing::debug;
 
 use crate::access_log::{Entry, LoggedIp};
 use crate::admission::{self, Client, Refusal};
+use crate::body::UpstreamBody;
 use crate::clients::{ClientSlot, ConnSlot};
 use crate::clock::now_ms;
 use crate::headers::{self, format_ip, Forwarding};
@@ -93,6 +94,9 @@ pub enum Error {
     UpstreamProtocol(#[source] hyper::Error),
     #[error("upstream sent no response head in time")]
     UpstreamTimeout,
+    /// The client stopped sending its request body (408).
+    #[error("the request body stopped coming")]
+    BodyIdle,
 }
 
 impl From<Refusal> for Error {
@@ -116,12 +120,13 @@ impl Error {
             Error::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Error::UpstreamConnect(_) | Error::UpstreamProtocol(_) => StatusCode::BAD_GATEWAY,
             Error::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Error::BodyIdle => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
     fn outcome(&self) -> &'static str {
         match self {
-            Error::Invalid(_) => outcome::BAD_REQUEST,
+            Error::Invalid(_) | Error::BodyIdle => outcome::BAD_REQUEST,
             Error::NoSite => outcome::MISDIRECTED,
             Error::Blocked => outcome::BLOCKED,
             Error::Denied => outcome::DENIED,
@@ -142,6 +147,7 @@ impl From<&Error> for Response<Body> {
             Error::RateLimited(_) => "429 too many requests\n",
             Error::UpstreamConnect(_) | Error::UpstreamProtocol(_) => "502 bad gateway\n",
             Error::UpstreamTimeout => "504 gateway timeout\n",
+            Error::BodyIdle => "408 request timeout: the request body stopped coming\n",
         };
         let mut resp = plain(status, text);
         match e {
@@ -264,6 +270,8 @@ pub async fn handle(
                     }
                     (resp, site.site.name.as_str(), outcome::PROXIED)
                 }
+                // The client's fault, not the upstream's.
+                Err(Error::BodyIdle) => refuse(state, None, Error::BodyIdle),
                 Err(e) => {
                     site.metrics.upstream_error.inc();
                     match &e {
@@ -391,7 +399,8 @@ async fn forward(
     }
     // Upstreams speak HTTP/1.1 whatever the client spoke.
     parts.version = Version::HTTP_11;
-    let upstream_req = Request::from_parts(parts, body);
+    let idle = worker.state.snapshot.load().config.limits.body_idle_timeout;
+    let upstream_req = Request::from_parts(parts, UpstreamBody::new(body, idle));
 
     let mut resp = match tokio::time::timeout(
         site.site.upstream_timeout,
@@ -401,6 +410,7 @@ async fn forward(
     {
         Err(_) => return Err(Error::UpstreamTimeout),
         Ok(Err(upstream::Error::Connect(e))) => return Err(Error::UpstreamConnect(e)),
+        Ok(Err(upstream::Error::Protocol(e))) if body_idle(&e) => return Err(Error::BodyIdle),
         Ok(Err(upstream::Error::Protocol(e))) => return Err(Error::UpstreamProtocol(e)),
         Ok(Ok(resp)) => resp,
     };
@@ -527,6 +537,18 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Touched<T> {
     ) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.io).poll_shutdown(cx)
     }
+}
+
+/// Whether an upstream request failed because the client's body went idle.
+fn body_idle(e: &hyper::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(crate::body::Error::Idle(_)) = s.downcast_ref::<crate::body::Error>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// `path?query` as a request target.

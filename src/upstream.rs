@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 use http::uri::Authority;
 use http::{Request, Response};
 use hyper::body::Incoming;
+
+use crate::body::UpstreamBody;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
@@ -43,7 +45,7 @@ pub enum Error {
 }
 
 struct Idle {
-    sender: http1::SendRequest<Incoming>,
+    sender: http1::SendRequest<UpstreamBody>,
     since: Instant,
 }
 
@@ -60,7 +62,7 @@ impl Pool {
     pub async fn send(
         self: &Arc<Self>,
         upstream: &Authority,
-        mut req: Request<Incoming>,
+        mut req: Request<UpstreamBody>,
     ) -> Result<Response<Incoming>, Error> {
         while let Some(mut sender) = self.checkout(upstream) {
             match sender.try_send_request(req).await {
@@ -84,7 +86,7 @@ impl Pool {
     }
 
     /// The most recently used idle connection that is still open and fresh.
-    fn checkout(&self, key: &Authority) -> Option<http1::SendRequest<Incoming>> {
+    fn checkout(&self, key: &Authority) -> Option<http1::SendRequest<UpstreamBody>> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.get_mut(key)?;
         while let Some(c) = list.pop() {
@@ -97,7 +99,11 @@ impl Pool {
 
     /// Returns the connection to the pool once the response has been read to its end; a
     /// connection that ends instead (closed, upgraded, body abandoned) is dropped.
-    fn give_back(self: &Arc<Self>, upstream: &Authority, mut sender: http1::SendRequest<Incoming>) {
+    fn give_back(
+        self: &Arc<Self>,
+        upstream: &Authority,
+        mut sender: http1::SendRequest<UpstreamBody>,
+    ) {
         if sender.is_ready() {
             self.put(upstream, sender);
             return;
@@ -110,7 +116,7 @@ impl Pool {
         });
     }
 
-    fn put(&self, key: &Authority, sender: http1::SendRequest<Incoming>) {
+    fn put(&self, key: &Authority, sender: http1::SendRequest<UpstreamBody>) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = match idle.get_mut(key) {
             Some(l) => l,
@@ -125,7 +131,7 @@ impl Pool {
     }
 }
 
-async fn connect(upstream: &Authority) -> Result<http1::SendRequest<Incoming>, Error> {
+async fn connect(upstream: &Authority) -> Result<http1::SendRequest<UpstreamBody>, Error> {
     let host = upstream.host();
     // `[2001:db8::1]` in a URI; the socket wants the bare address.
     let host = host

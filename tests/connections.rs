@@ -401,3 +401,36 @@ async fn one_client_has_at_most_its_cap_of_requests_in_flight() {
     assert_eq!(get_on(c, "/", "a.test", &[]).await.0, 200);
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_request_body_that_stops_coming_is_abandoned_after_its_idle_timeout() {
+    let gw = GatewayBuilder::new()
+        .extra("[limits]\nbody_idle_timeout = \"1s\"\n")
+        .spawn()
+        .await;
+    let mut tcp = connect_from("127.0.0.61", gw.plain).await;
+    let head = "POST /upload HTTP/1.1\r\nHost: a.test\r\nContent-Length: 1000\r\n\r\n0123456789";
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let start = Instant::now();
+    let mut out = Vec::new();
+    read_until_closed(&mut tcp, &mut out).await;
+    let took = start.elapsed();
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert_near("stalled body", took, Duration::from_secs(1));
+    // A body that keeps coming, slower than the timeout overall but never idle that long, passes.
+    let mut tcp = connect_from("127.0.0.62", gw.plain).await;
+    let head =
+        "POST /upload HTTP/1.1\r\nHost: a.test\r\nContent-Length: 4\r\nConnection: close\r\n\r\n";
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    for b in [b"a", b"b", b"c", b"d"] {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        tcp.write_all(b).await.unwrap();
+    }
+    let mut out = Vec::new();
+    read_until_closed(&mut tcp, &mut out).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.ends_with("4 394"), "{text}");
+    gw.shutdown().await;
+}

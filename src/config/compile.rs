@@ -409,6 +409,7 @@ fn limits(r: &mut Report, l: &RawLimits) -> Limits {
             &l.upgrade_idle_timeout,
             UPGRADE_IDLE_TIMEOUT,
         ),
+        body_idle_timeout: d("body_idle_timeout", &l.body_idle_timeout, BODY_IDLE_TIMEOUT),
         write_idle_timeout: d(
             "write_idle_timeout",
             &l.write_idle_timeout,

@@ -215,6 +215,9 @@ pub struct Limits {
     /// Requests of one client in flight at once (IPv6: per prefix), across its connections;
     /// more get 429. Allow-listed clients and trusted proxies are exempt.
     pub max_requests_per_client: u32,
+    /// A request body with no data from the client for this long is abandoned (the upstream
+    /// request ends with an error), so a slow body holds no upstream worker for long.
+    pub body_idle_timeout: Duration,
 }
 
 pub const DEFAULT_CONFIG_PATH: &str = "config/ipgate.toml";

@@ -163,6 +163,7 @@ pub struct RawLimits {
     pub upgrade_idle_timeout: Option<String>,
     pub write_idle_timeout: Option<String>,
     pub max_requests_per_client: Option<u32>,
+    pub body_idle_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

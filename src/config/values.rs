@@ -25,6 +25,7 @@ pub const HTTP2_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const UPGRADE_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 pub const WRITE_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const MAX_REQUESTS_PER_CLIENT: u32 = 1024;
+pub const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(20);
 pub const HTTP2_MAX_STREAMS: u32 = 128;
 pub const MAX_TRACKED_CLIENTS: usize = 100_000;
 pub const STATE_DIR: &str = "/var/lib/ipgate";
