@@ -487,29 +487,16 @@ impl AppState {
     /// applied: each such key is logged and returned by name.
     pub fn reload(&self) -> Result<Vec<&'static str>, Errors> {
         let current = self.snapshot.load();
-        let result = Config::load(&current.config.source)
+        let next = Config::load(&current.config.source)
             .and_then(|config| Snapshot::build(config, &self.metrics, Some(&current)));
-        let next = match result {
-            Ok(next) => next,
-            Err(errors) => {
-                self.metrics
-                    .config_reloads
-                    .with_label_values(&["failure"])
-                    .inc();
-                return Err(errors);
-            }
-        };
-        let restart = current.config.restart_changes(&next.config);
+        let restart = next
+            .as_ref()
+            .map(|n| current.config.restart_changes(&n.config))
+            .unwrap_or_default();
         for key in &restart {
             tracing::warn!(key, "changed, but takes effect only at restart");
         }
-        self.snapshot.store(Arc::new(next));
-        self.publish_list_gauges();
-        self.metrics
-            .config_reloads
-            .with_label_values(&["success"])
-            .inc();
-        Ok(restart)
+        self.swap_in(next).map(|()| restart)
     }
 }
 
@@ -518,23 +505,28 @@ impl AppState {
     /// file) and swaps them in; on any problem the current ones stay.
     pub fn refresh_files(&self) -> Result<(), Errors> {
         let current = self.snapshot.load();
-        match Snapshot::build(current.config.clone(), &self.metrics, Some(&current)) {
+        self.swap_in(Snapshot::build(
+            current.config.clone(),
+            &self.metrics,
+            Some(&current),
+        ))
+    }
+
+    /// Puts a newly built snapshot in force, or keeps the current one; counts either.
+    fn swap_in(&self, next: Result<Snapshot, Errors>) -> Result<(), Errors> {
+        let result = match next {
             Ok(next) => {
                 self.snapshot.store(Arc::new(next));
                 self.publish_list_gauges();
-                self.metrics
-                    .config_reloads
-                    .with_label_values(&["success"])
-                    .inc();
                 Ok(())
             }
-            Err(e) => {
-                self.metrics
-                    .config_reloads
-                    .with_label_values(&["failure"])
-                    .inc();
-                Err(e)
-            }
-        }
+            Err(e) => Err(e),
+        };
+        let label = if result.is_ok() { "success" } else { "failure" };
+        self.metrics
+            .config_reloads
+            .with_label_values(&[label])
+            .inc();
+        result
     }
 }

@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -257,7 +258,7 @@ impl Redb {
         if !dir.exists() {
             std::fs::DirBuilder::new()
                 .recursive(true)
-                .mode_0700()
+                .mode(0o700)
                 .create(dir)
                 .map_err(|source| Error::CreateDir {
                     path: dir.to_path_buf(),
@@ -460,17 +461,6 @@ impl Redb {
 fn parse_key(k: &str) -> Option<(Action, IpNet)> {
     let (action, target) = k.split_once(' ')?;
     Some((action.parse().ok()?, target.parse().ok()?))
-}
-
-trait Mode0700 {
-    fn mode_0700(&mut self) -> &mut Self;
-}
-
-impl Mode0700 for std::fs::DirBuilder {
-    fn mode_0700(&mut self) -> &mut Self {
-        use std::os::unix::fs::DirBuilderExt;
-        self.mode(0o700)
-    }
 }
 
 #[cfg(test)]

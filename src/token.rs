@@ -2,6 +2,7 @@
 //! mode 0600) when the file does not exist, so a fresh install has a secret nobody chose.
 
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use tracing::info;
@@ -47,7 +48,7 @@ pub fn load_or_create_token(path: &Path) -> Result<String, TokenError> {
             let mut file = std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
-                .mode_0600()
+                .mode(0o600)
                 .open(path)
                 .map_err(write_err)?;
             file.write_all(token.as_bytes())
@@ -60,17 +61,6 @@ pub fn load_or_create_token(path: &Path) -> Result<String, TokenError> {
             path: path.to_path_buf(),
             source,
         }),
-    }
-}
-
-trait Mode0600 {
-    fn mode_0600(&mut self) -> &mut Self;
-}
-
-impl Mode0600 for std::fs::OpenOptions {
-    fn mode_0600(&mut self) -> &mut Self {
-        use std::os::unix::fs::OpenOptionsExt;
-        self.mode(0o600)
     }
 }
 

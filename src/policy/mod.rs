@@ -226,14 +226,9 @@ entries = ["203.0.0.0/16", "198.51.100.0/24"]
 
     #[test]
     fn dry_run_lists_count_and_pass() {
-        let p = policy(
-            r#"
-[lists.trial]
-action = "block"
-dry_run = true
-entries = ["192.0.2.0/24"]
-"#,
-        );
+        let trial =
+            "[lists.trial]\naction = \"block\"\ndry_run = true\nentries = [\"192.0.2.0/24\"]\n";
+        let p = policy(trial);
         let temp = TempEntries::default();
         assert_eq!(p.decide(&temp, "192.0.2.1".parse().unwrap()), Verdict::Pass);
         assert_eq!(p.block[0].would_block.as_ref().unwrap().get(), 1);
