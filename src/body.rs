@@ -72,3 +72,15 @@ impl Body for UpstreamBody {
         self.inner.size_hint()
     }
 }
+
+/// Whether an upstream request failed because the client's body went idle.
+pub fn went_idle(e: &hyper::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(Error::Idle(_)) = s.downcast_ref::<Error>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
+}

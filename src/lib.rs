@@ -49,6 +49,7 @@ pub mod proxy;
 pub mod ratelimit;
 pub mod request;
 pub mod shutdown;
+pub mod splice;
 pub mod state;
 pub mod store;
 pub mod tls;

@@ -5,10 +5,7 @@
 use std::borrow::Cow;
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
@@ -16,15 +13,12 @@ use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tracing::debug;
 
 use crate::access_log::{Entry, LoggedIp};
 use crate::admission::{self, Client, Refusal};
 use crate::body::UpstreamBody;
 use crate::clients::{ClientSlot, ConnSlot};
-use crate::clock::now_ms;
 use crate::headers::{self, format_ip, Forwarding};
 use crate::metrics::outcome;
 use crate::request::{self, Invalid};
@@ -410,7 +404,9 @@ async fn forward(
     {
         Err(_) => return Err(Error::UpstreamTimeout),
         Ok(Err(upstream::Error::Connect(e))) => return Err(Error::UpstreamConnect(e)),
-        Ok(Err(upstream::Error::Protocol(e))) if body_idle(&e) => return Err(Error::BodyIdle),
+        Ok(Err(upstream::Error::Protocol(e))) if crate::body::went_idle(&e) => {
+            return Err(Error::BodyIdle)
+        }
         Ok(Err(upstream::Error::Protocol(e))) => return Err(Error::UpstreamProtocol(e)),
         Ok(Ok(resp)) => resp,
     };
@@ -419,7 +415,7 @@ async fn forward(
         if let Some(client_upgrade) = client_upgrade {
             let upstream_upgrade = hyper::upgrade::on(&mut resp);
             let limits = &worker.state.snapshot.load().config.limits;
-            let splice = Splice {
+            let splice = crate::splice::Splice {
                 slot: conn.slot.clone(),
                 idle: limits.upgrade_idle_timeout,
                 grace: limits.shutdown_grace,
@@ -441,114 +437,6 @@ async fn forward(
     }
     headers::strip_hop_by_hop(resp.headers_mut());
     Ok(resp.map(Either::Left))
-}
-
-/// An upgraded connection (WebSocket) spliced to its upstream: it keeps the client's
-/// connection slots, is closed after `limits.upgrade_idle_timeout` without a byte either
-/// way, and at shutdown once the grace period is over (SPEC 16).
-struct Splice {
-    slot: Arc<ConnSlot>,
-    idle: std::time::Duration,
-    grace: std::time::Duration,
-    stop: tokio::sync::watch::Receiver<bool>,
-    timed_out: prometheus::IntCounter,
-}
-
-impl Splice {
-    async fn run(self, client: hyper::upgrade::Upgraded, upstream: hyper::upgrade::Upgraded) {
-        let Splice {
-            slot: _slot,
-            idle,
-            grace,
-            mut stop,
-            timed_out,
-        } = self;
-        let last = Arc::new(AtomicU64::new(now_ms()));
-        let mut client = Touched::new(TokioIo::new(client), last.clone());
-        let mut upstream = Touched::new(TokioIo::new(upstream), last.clone());
-        let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
-        tokio::pin!(copy);
-        let stopping = async {
-            let _ = stop.wait_for(|s| *s).await;
-            tokio::time::sleep(grace).await;
-        };
-        tokio::pin!(stopping);
-        loop {
-            tokio::select! {
-                _ = &mut copy => return,
-                _ = &mut stopping => return,
-                _ = tokio::time::sleep(idle / 4) => {}
-            }
-            let quiet = now_ms().saturating_sub(last.load(Ordering::Relaxed));
-            if quiet >= idle.as_millis() as u64 {
-                timed_out.inc();
-                return;
-            }
-        }
-    }
-}
-
-/// An I/O that notes when it last read a byte.
-struct Touched<T> {
-    io: T,
-    last: Arc<AtomicU64>,
-}
-
-impl<T> Touched<T> {
-    fn new(io: T, last: Arc<AtomicU64>) -> Self {
-        Touched { io, last }
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Touched<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.last.store(now_ms(), Ordering::Relaxed);
-        }
-        polled
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Touched<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-}
-
-/// Whether an upstream request failed because the client's body went idle.
-fn body_idle(e: &hyper::Error) -> bool {
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        if let Some(crate::body::Error::Idle(_)) = s.downcast_ref::<crate::body::Error>() {
-            return true;
-        }
-        source = s.source();
-    }
-    false
 }
 
 /// `path?query` as a request target.
