@@ -9,7 +9,7 @@ use std::sync::Arc;
 use http::Method;
 
 use crate::access_log::LoggedIp;
-use crate::clients::{client_key, key_target, ClientSlot};
+use crate::clients::{client_key, key_target, ClientSlot, InFlight};
 use crate::policy::Verdict;
 use crate::state::{AppState, SiteEntry, Snapshot};
 
@@ -40,15 +40,16 @@ pub struct Admitted {
     /// Allow-listed, or a trusted proxy: jails do not count its responses.
     pub exempt: bool,
     /// Its place among the client's requests in flight, until its response ends.
-    pub in_flight: Option<ClientSlot>,
+    pub in_flight: Option<InFlight>,
 }
 
-/// Decides whether a request for `path` on `site` may be forwarded.
+/// Decides whether a request for `path` on `site` may be forwarded. `conn` is the slot of
+/// the connection's client, when that is the request's client too.
 pub fn admit(
     state: &AppState,
     snap: &Snapshot,
     site: Option<&SiteEntry>,
-    client: Client,
+    (client, conn): (Client, Option<&ClientSlot>),
     path: &str,
 ) -> Result<Admitted, Refusal> {
     let verdict = snap.policy.decide(&state.temp, client.ip);
@@ -74,12 +75,17 @@ pub fn admit(
     }
     rate_limit(state, site, path, client.ip)?;
     // Bounds the upstream work one client holds, whatever its rate (SPEC 16).
-    let key = client_key(client.ip, snap.config.rate_limit.ipv6_prefix);
     let cap = snap.config.limits.max_requests_per_client;
-    let slot = state.in_flight.acquire(key, cap).ok_or(Refusal::Busy)?;
+    let in_flight = match conn {
+        Some(slot) => slot.enter(cap),
+        None => {
+            let key = client_key(client.ip, snap.config.rate_limit.ipv6_prefix);
+            state.in_flight.acquire(key, cap).map(InFlight::Slot)
+        }
+    };
     Ok(Admitted {
         exempt,
-        in_flight: Some(slot),
+        in_flight: Some(in_flight.ok_or(Refusal::Busy)?),
     })
 }
 

@@ -2,7 +2,7 @@
 //! address or an IPv6 prefix ([`ClientKey`], SPEC 6), and [`BoundedMap`], the per-client map
 //! with a hard cap that rotating addresses cannot grow.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -190,7 +190,7 @@ impl<V: Touched + Default> BoundedMap<V> {
 /// spliced from it) ends: its place under `limits.max_connections`, and its client's.
 pub struct ConnSlot {
     pub _permit: tokio::sync::OwnedSemaphorePermit,
-    pub _client: Option<ClientSlot>,
+    pub client: Option<ClientSlot>,
 }
 
 impl std::fmt::Debug for ConnSlot {
@@ -199,53 +199,93 @@ impl std::fmt::Debug for ConnSlot {
     }
 }
 
-/// Open connections per client ([`ClientKey`]), for `limits.max_connections_per_client`.
-/// A client is in the map only while it holds a connection, so the map never holds more
-/// entries than there are open connections (`limits.max_connections`).
+/// Per client ([`ClientKey`]): open connections, for `limits.max_connections_per_client`, and
+/// requests in flight, for `limits.max_requests_per_client`. A client is in the map only
+/// while it holds a slot, so the map never holds more entries than there are slots.
 #[derive(Default)]
 pub struct ConnCounts {
-    map: DashMap<ClientKey, u32, foldhash::fast::RandomState>,
+    map: DashMap<ClientKey, Held, foldhash::fast::RandomState>,
 }
 
-/// One open connection of a client; the count goes down when it is dropped.
+struct Held {
+    slots: u32,
+    /// Shared by the client's slots, so a request takes its place with one atomic add and
+    /// no map lookup.
+    in_flight: Arc<AtomicU32>,
+}
+
+/// One slot of a client; the count goes down when it is dropped.
 pub struct ClientSlot {
     counts: Arc<ConnCounts>,
     key: ClientKey,
+    in_flight: Arc<AtomicU32>,
+}
+
+/// A request's place among its client's requests in flight, given back on drop.
+pub enum InFlight {
+    /// Counted on the client's connection slot.
+    Counted(Arc<AtomicU32>),
+    /// Counted in a map of its own (a client named by X-Forwarded-For: no connection is its).
+    Slot(ClientSlot),
 }
 
 impl ConnCounts {
-    /// A slot for `key`, or `None` when the client holds `cap` connections already.
+    /// A slot for `key`, or `None` when the client holds `cap` slots already.
     pub fn acquire(self: &Arc<Self>, key: ClientKey, cap: u32) -> Option<ClientSlot> {
-        let mut n = self.map.entry(key).or_insert(0);
-        if *n >= cap {
+        let mut held = self.map.entry(key).or_insert_with(|| Held {
+            slots: 0,
+            in_flight: Arc::default(),
+        });
+        if held.slots >= cap {
             return None;
         }
-        *n += 1;
-        drop(n);
+        held.slots += 1;
+        let in_flight = held.in_flight.clone();
+        drop(held);
         Some(ClientSlot {
             counts: self.clone(),
             key,
+            in_flight,
         })
     }
 
-    /// Connections `key` holds.
+    /// Slots `key` holds.
     pub fn count(&self, key: ClientKey) -> u32 {
-        self.map.get(&key).map_or(0, |n| *n)
+        self.map.get(&key).map_or(0, |h| h.slots)
     }
 
-    /// Clients holding a connection.
+    /// Clients holding a slot.
     pub fn clients(&self) -> usize {
         self.map.len()
+    }
+}
+
+impl ClientSlot {
+    /// A place among the client's requests in flight, or `None` when `cap` are.
+    pub fn enter(&self, cap: u32) -> Option<InFlight> {
+        if self.in_flight.fetch_add(1, Ordering::Relaxed) >= cap {
+            self.in_flight.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(InFlight::Counted(self.in_flight.clone()))
     }
 }
 
 impl Drop for ClientSlot {
     fn drop(&mut self) {
         if let dashmap::Entry::Occupied(mut e) = self.counts.map.entry(self.key) {
-            *e.get_mut() -= 1;
-            if *e.get() == 0 {
+            e.get_mut().slots -= 1;
+            if e.get().slots == 0 {
                 e.remove();
             }
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let InFlight::Counted(n) = self {
+            n.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
@@ -272,5 +312,18 @@ mod tests {
             0,
             "a client without connections leaves the map"
         );
+    }
+
+    #[test]
+    fn requests_in_flight_are_counted_across_a_clients_connections() {
+        let counts = Arc::new(ConnCounts::default());
+        let a = client_key("192.0.2.1".parse().unwrap(), 64);
+        let (one, two) = (counts.acquire(a, 9).unwrap(), counts.acquire(a, 9).unwrap());
+        let first = one.enter(2).unwrap();
+        let second = two.enter(2).unwrap();
+        assert!(one.enter(2).is_none() && two.enter(2).is_none());
+        drop(first);
+        assert!(two.enter(2).is_some());
+        drop(second);
     }
 }

@@ -18,7 +18,7 @@ use tracing::{debug, error, warn};
 
 use crate::access_log::LoggedIp;
 use crate::client_addr;
-use crate::clients::{client_key, ClientSlot, ConnSlot};
+use crate::clients::{client_key, ClientSlot, ConnSlot, InFlight};
 use crate::config;
 use crate::policy::Verdict;
 use crate::proxy::{self, ConnInfo, Context};
@@ -140,7 +140,7 @@ pub async fn accept_loop(
             // Held for as long as the connection, or its upgrade, lives.
             let slot = Arc::new(ConnSlot {
                 _permit: permit,
-                _client: client_slot,
+                client: client_slot,
             });
             state.metrics.connections_open.inc();
             let info = ConnInfo::new(peer, client, tls, slot);
@@ -444,7 +444,7 @@ struct Tracked {
     body: proxy::Body,
     guard: Option<StreamGuard>,
     /// The request's place among its client's requests in flight.
-    _in_flight: Option<ClientSlot>,
+    _in_flight: Option<InFlight>,
 }
 
 impl hyper::body::Body for Tracked {

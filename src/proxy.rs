@@ -18,7 +18,7 @@ use tracing::debug;
 use crate::access_log::{Entry, LoggedIp};
 use crate::admission::{self, Client, Refusal};
 use crate::body::UpstreamBody;
-use crate::clients::{ClientSlot, ConnSlot};
+use crate::clients::{ConnSlot, InFlight};
 use crate::headers::{self, format_ip, Forwarding};
 use crate::metrics::outcome;
 use crate::request::{self, Invalid};
@@ -190,7 +190,7 @@ pub async fn handle(
     worker: Arc<Context>,
     conn: Arc<ConnInfo>,
     req: Request<Incoming>,
-) -> Result<(Response<Body>, Option<ClientSlot>), Infallible> {
+) -> Result<(Response<Body>, Option<InFlight>), Infallible> {
     let state = &worker.state;
     let start = Instant::now();
     let snap = state.snapshot.load_full();
@@ -228,7 +228,14 @@ pub async fn handle(
     };
 
     let site = snap.site_for(host);
-    let admitted = admission::admit(state, &snap, site, client, &path);
+    // The connection's client slot counts its requests in flight, unless X-Forwarded-For
+    // named someone else.
+    let conn_slot = conn
+        .slot
+        .client
+        .as_ref()
+        .filter(|_| client.ip == conn.client);
+    let admitted = admission::admit(state, &snap, site, (client, conn_slot), &path);
     let mut in_flight = None;
     let (resp, site_name, outcome) = match (site, admitted) {
         (site, Err(refusal)) => refuse(state, site, Error::from(refusal)),

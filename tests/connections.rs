@@ -434,3 +434,30 @@ async fn a_request_body_that_stops_coming_is_abandoned_after_its_idle_timeout() 
     assert!(text.ends_with("4 394"), "{text}");
     gw.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_named_by_a_trusted_proxy_have_their_own_cap_of_requests_in_flight() {
+    let gw = GatewayBuilder::new()
+        .gateway_keys(r#"trusted_proxies = ["127.9.0.0/16"]"#)
+        .extra("[limits]\nmax_requests_per_client = 1\n")
+        .spawn()
+        .await;
+    let via = |path: &'static str, client: &'static str| async move {
+        let c = connect_from("127.9.0.1", gw.plain).await;
+        get_on(c, path, "a.test", &[("x-forwarded-for", client)])
+            .await
+            .0
+    };
+    let slow = tokio::spawn(via("/slow?ms=1500", "192.0.2.7"));
+    let upstream = gw.origin.as_ref().unwrap();
+    assert!(eventually(Duration::from_secs(1), || async { upstream.count() == 1 }).await);
+    // The same client through the proxy, on another connection: over its cap.
+    assert_eq!(via("/", "192.0.2.7").await, 429);
+    // Another client behind the same proxy, and the proxy itself, are served.
+    assert_eq!(via("/", "192.0.2.8").await, 200);
+    let c = connect_from("127.9.0.1", gw.plain).await;
+    assert_eq!(get_on(c, "/", "a.test", &[]).await.0, 200);
+    assert_eq!(slow.await.unwrap(), 200);
+    assert_eq!(via("/", "192.0.2.7").await, 200);
+    gw.shutdown().await;
+}
