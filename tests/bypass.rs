@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -275,7 +274,16 @@ async fn every_way_of_writing_a_protected_path_is_matched_as_the_upstream_reads_
     let upstream = Upstream::start().await;
     let gw = spawn_gateway_with(upstream.addr, "", SITES, "").await;
     let up = &upstream;
-    let mut checked = 0;
+    // Every variant rewrites at least one of the three paths (else it is "as is" again).
+    let all = variants(PMA)
+        .into_iter()
+        .zip(variants(WP))
+        .zip(variants(RPC));
+    for ((pma, wp), rpc) in all.skip(1) {
+        let changes = pma.target != PMA || wp.target != WP || rpc.target != RPC;
+        assert!(changes, "variant {:?} changes nothing", pma.name);
+    }
+    assert!(variants(PMA).len() >= 30);
     for proto in [Proto::H1, Proto::H2] {
         for (i, _) in variants(PMA).iter().enumerate() {
             let (pma, wp, rpc) = (&variants(PMA)[i], &variants(WP)[i], &variants(RPC)[i]);
@@ -294,7 +302,6 @@ async fn every_way_of_writing_a_protected_path_is_matched_as_the_upstream_reads_
                     before,
                     "{label}: a refused path reached the upstream"
                 );
-                checked += 1;
                 continue;
             };
 
@@ -313,15 +320,18 @@ async fn every_way_of_writing_a_protected_path_is_matched_as_the_upstream_reads_
             assert_eq!(status, Some(200), "{label}: {}", pma.target);
             assert_eq!(up.last(), Some(format!("GET {want}")), "{label}");
 
-            // The jail: three failed logins written this way, then the client is banned.
+            // The jail: three failed logins, this way and the plain way mixed (one count for
+            // the path however written), then the client is banned.
             let jailed = client(proto, i, 2);
-            for _ in 0..3 {
-                let status = send(&gw, proto, &jailed, "POST", &wp.target).await;
-                assert_eq!(status, Some(200), "{label}: {}", wp.target);
-                assert_eq!(
-                    up.last(),
-                    Some(format!("POST {}", wp.want.as_ref().unwrap()))
-                );
+            let wp_want = wp.want.as_deref().unwrap();
+            for (target, want) in [
+                (wp.target.as_str(), wp_want),
+                (WP, WP),
+                (wp.target.as_str(), wp_want),
+            ] {
+                let status = send(&gw, proto, &jailed, "POST", target).await;
+                assert_eq!(status, Some(200), "{label}: {target}");
+                assert_eq!(up.last(), Some(format!("POST {want}")), "{label}: {target}");
             }
             assert!(
                 eventually(Duration::from_secs(3), || refused(&jailed, gw.plain)).await,
@@ -338,18 +348,19 @@ async fn every_way_of_writing_a_protected_path_is_matched_as_the_upstream_reads_
                 Some(format!("GET {}", rpc.want.as_ref().unwrap()))
             );
             let before = up.count();
-            let status = send(&gw, proto, &limited, "GET", &rpc.target).await;
-            assert_eq!(
-                status,
-                Some(429),
-                "{label}: rate limit bypassed by {}",
-                rpc.target
-            );
+            // One bucket for the route however the path is written: the plain form and this
+            // one are both 429 now.
+            for target in [RPC, rpc.target.as_str()] {
+                let status = send(&gw, proto, &limited, "GET", target).await;
+                assert_eq!(
+                    status,
+                    Some(429),
+                    "{label}: rate limit bypassed by {target}"
+                );
+            }
             assert_eq!(up.count(), before);
-            checked += 1;
         }
     }
-    assert!(checked >= 2 * 30, "{checked} variants");
     gw.shutdown().await;
 }
 
@@ -371,15 +382,6 @@ async fn ordinary_encoded_paths_and_queries_pass_unchanged() {
         }
     }
     gw.shutdown().await;
-}
-
-/// One raw HTTP/1.1 exchange from `local`; the status of the answer.
-async fn raw_status(addr: SocketAddr, local: &str, head: &str) -> Option<u16> {
-    let mut tcp = try_connect_from(local, addr).await.ok()?;
-    tcp.write_all(head.as_bytes()).await.ok()?;
-    let mut out = Vec::new();
-    read_until_closed(&mut tcp, &mut out).await;
-    String::from_utf8_lossy(&out).get(9..12)?.parse().ok()
 }
 
 async fn gateway() -> (Upstream, TestGateway) {
@@ -651,21 +653,23 @@ async fn regression_an_untrusted_peer_cannot_name_itself_anyone() {
 #[tokio::test]
 async fn regression_forwarded_for_elements_with_ports_name_the_client() {
     let (_up, gw) = gateway().await;
-    for (xff, client) in [
-        ("192.0.2.1:5678", "192.0.2.1"),
-        ("[2001:db8::1]:443", "2001:db8::1"),
-        ("6.6.6.6, 192.0.2.2:80, 127.9.0.2", "192.0.2.2"),
+    for (xff, client, passed) in [
+        ("192.0.2.1:5678", "192.0.2.1", "192.0.2.1, 127.9.0.1"),
+        ("[2001:db8::1]:443", "2001:db8::1", "2001:db8::1, 127.9.0.1"),
+        (
+            "6.6.6.6, 192.0.2.2:80, 127.9.0.2",
+            "192.0.2.2",
+            "192.0.2.2, 127.9.0.2, 127.9.0.1",
+        ),
+        ("::ffff:192.0.2.3", "192.0.2.3", "192.0.2.3, 127.9.0.1"),
     ] {
         let c = connect_from("127.9.0.1", gw.plain).await;
         let (status, body) = get_on(c, "/", "a.test", &[("x-forwarded-for", xff)]).await;
         assert_eq!(status, 200, "{xff}");
         let echo = json(&body);
         assert_eq!(echoed(&echo, "x-real-ip"), Some(client), "{xff}");
-        // The believable part only: the client's own say (6.6.6.6) is not passed on.
-        let forwarded = echoed(&echo, "x-forwarded-for").unwrap();
-        assert!(forwarded.starts_with(client), "{forwarded}");
-        assert!(forwarded.ends_with("127.9.0.1"), "{forwarded}");
-        assert!(!forwarded.contains("6.6.6.6"), "{forwarded}");
+        // The believable part only, without ports: the client's own say is not passed on.
+        assert_eq!(echoed(&echo, "x-forwarded-for"), Some(passed), "{xff}");
     }
     // A malformed element is 400: the proxy never becomes the client.
     for xff in [

@@ -29,23 +29,9 @@ async fn closed_after<R: AsyncRead + Unpin>(
     }
 }
 
-/// Whether a plain GET from `local` gets a 200 (false when refused: never panics).
-async fn served_from(local: &str, addr: std::net::SocketAddr) -> bool {
-    let Ok(mut tcp) = try_connect_from(local, addr).await else {
-        return false;
-    };
-    let head = b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n";
-    if tcp.write_all(head).await.is_err() {
-        return false;
-    }
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(3), tcp.read_to_end(&mut out)).await;
-    out.starts_with(b"HTTP/1.1 200")
-}
-
 fn assert_near(what: &str, took: Duration, want: Duration) {
     assert!(
-        took >= want.mul_f64(0.8) && took <= want + Duration::from_millis(1200),
+        took >= want.mul_f64(0.8) && took <= want.mul_f64(1.6),
         "{what}: closed after {took:?}, expected about {want:?}"
     );
 }
@@ -74,6 +60,8 @@ async fn a_connection_that_sends_no_request_head_is_closed_at_the_header_timeout
     // Plain, half an HTTP/2 preface (the protocol is never decided).
     let start = Instant::now();
     let mut tcp = connect_from("127.0.0.1", gw.plain).await;
+    // Late bytes do not restart the clock (a restart would close at ~1.7 s).
+    tokio::time::sleep(Duration::from_millis(700)).await;
     tcp.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
     assert_near(
         "partial preface",
@@ -93,6 +81,7 @@ async fn a_connection_that_sends_no_request_head_is_closed_at_the_header_timeout
     // TLS with ALPN h2 and a partial preface.
     let mut tls = connect_tls(gw.tls, &gw.ca.ca_der, "a.test", &[b"h2"]).await;
     let start = Instant::now();
+    tokio::time::sleep(Duration::from_millis(700)).await;
     tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM").await.unwrap();
     assert_near(
         "TLS partial preface",
@@ -237,6 +226,16 @@ async fn a_websocket_keeps_its_slot_and_closes_when_idle() {
         refused("127.0.0.31", gw.plain).await,
         "the upgrade gave up its slot"
     );
+    // Traffic keeps it open past the timeout: a message every 400 ms for 2 s.
+    for i in 0..5 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let text = format!("m{i}");
+        ws.send(tokio_tungstenite::tungstenite::Message::text(text.clone()))
+            .await
+            .unwrap();
+        let back = ws.next().await.unwrap().unwrap();
+        assert_eq!(back.into_text().unwrap().as_str(), text);
+    }
     // Quiet for the idle timeout: closed.
     let idle_since = Instant::now();
     let end = tokio::time::timeout(Duration::from_secs(5), ws.next())
@@ -366,6 +365,13 @@ async fn clients_that_do_not_read_over_tls_hold_little_memory() {
         "16 unread 32 MiB responses grew memory by {} MiB",
         grown >> 20
     );
+    // The 16 responses were really under way (a failed request holds nothing).
+    assert_eq!(gw.origin.as_ref().unwrap().count(), 16);
+    for tls in &mut readers {
+        let mut head = [0u8; 12];
+        tls.read_exact(&mut head).await.unwrap();
+        assert_eq!(&head, b"HTTP/1.1 200");
+    }
     drop(readers);
     gw.shutdown().await;
 }

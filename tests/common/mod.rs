@@ -985,15 +985,10 @@ impl TestGateway {
 /// A POST with a small body on a fresh plain connection from `local`; the status, or None
 /// when the gateway closed the connection (blocked).
 pub async fn post_from(addr: SocketAddr, local: &str, path: &str, host: &str) -> Option<u16> {
-    // A refused (reset) connection may fail already at connect: no status.
-    let mut tcp = try_connect_from(local, addr).await.ok()?;
     let req = format!(
         "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 9\r\nConnection: close\r\n\r\nlog=admin"
     );
-    let _ = tcp.write_all(req.as_bytes()).await;
-    let mut out = Vec::new();
-    read_until_closed(&mut tcp, &mut out).await;
-    status_of(&String::from_utf8_lossy(&out))
+    raw_status(addr, local, &req).await
 }
 
 /// Reads until the server closes the connection (FIN or reset). Panics when it neither
@@ -1005,6 +1000,23 @@ pub async fn read_until_closed(tcp: &mut TcpStream, out: &mut Vec<u8>) {
         "the gateway neither answered nor closed within 3 s (got {} bytes)",
         out.len()
     );
+}
+
+/// One raw HTTP/1.x exchange on a fresh plain connection from `local`: `head` is sent and
+/// the answer read until the gateway closes. Its status; `None` when the connection was
+/// refused (reset at connect or on write) or closed without an answer.
+pub async fn raw_status(addr: SocketAddr, local: &str, head: &str) -> Option<u16> {
+    let mut tcp = try_connect_from(local, addr).await.ok()?;
+    tcp.write_all(head.as_bytes()).await.ok()?;
+    let mut out = Vec::new();
+    read_until_closed(&mut tcp, &mut out).await;
+    status_of(&String::from_utf8_lossy(&out))
+}
+
+/// Whether a plain `GET /` for a.test from `local` is answered 200 (false when refused).
+pub async fn served_from(local: &str, addr: SocketAddr) -> bool {
+    let head = "GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n";
+    raw_status(addr, local, head).await == Some(200)
 }
 
 /// The first bytes of a TLS ClientHello: enough for a server to start a handshake.
