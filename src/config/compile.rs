@@ -224,7 +224,7 @@ fn jail(r: &mut Report, key: &str, j: &RawJail, privacy: &Privacy) -> Jail {
         name: j.name.clone(),
         method,
         path: match_path(r, &format!("{key}.path"), j.path.as_deref().unwrap_or("/")),
-        hosts: j.hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
+        hosts: j.hosts.iter().map(|h| host_key(h)).collect(),
         location: j.location.clone(),
         status: j.status.clone(),
         hits: j.hits,
@@ -294,9 +294,7 @@ fn site(
     }
     let mut hosts = Vec::new();
     for (k, h) in s.hosts.iter().enumerate() {
-        // Requests match without one trailing dot (SPEC 14): so does the config.
-        let h = h.to_ascii_lowercase();
-        let h = h.strip_suffix('.').map(str::to_string).unwrap_or(h);
+        let h = host_key(h);
         if h != "*" && (h.is_empty() || h.contains([':', '/', ' '])) {
             r.key(
                 &format!("{key}.hosts[{k}]"),
@@ -438,6 +436,13 @@ fn access_log(r: &mut Report, raw: &RawLog) -> bool {
             true
         }
     }
+}
+
+/// A configured host as requests are matched with it (SPEC 14): lower case, without one
+/// trailing dot. Sites and jails both use it.
+fn host_key(h: &str) -> String {
+    let h = h.to_ascii_lowercase();
+    h.strip_suffix('.').map(str::to_string).unwrap_or(h)
 }
 
 /// A `rate_limit` table; keys it leaves out come from `inherit` (site from global, route

@@ -223,3 +223,15 @@ fn restart_only_changes_are_named_and_the_rest_is_not() {
         ]
     );
 }
+
+#[test]
+fn configured_hosts_lose_case_and_one_trailing_dot_like_requests() {
+    let path = std::env::temp_dir().join("ipgate-test.toml");
+    let text =
+        "[[listener]]\naddr = \"127.0.0.1:0\"\n[[jail]]\nname = \"j\"\nhosts = [\"A.test.\"]\n\
+                hits = 1\nwindow = \"1m\"\nban = \"1m\"\n[[site]]\nhosts = [\"B.Test.\"]\n\
+                upstream = \"http://127.0.0.1:9\"\njails = [\"j\"]\n";
+    let c = Config::parse(&path, text).unwrap();
+    assert_eq!(c.sites[0].hosts, ["b.test"]);
+    assert_eq!(c.jails[0].hosts, ["a.test"]);
+}
