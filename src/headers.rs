@@ -207,46 +207,34 @@ mod tests {
         assert!(h.contains_key("x-end-to-end"));
     }
 
-    fn forwarding<'a>(
-        client: &str,
-        conn: &str,
-        conn_value: &'a HeaderValue,
-        chain: Option<&'a [IpAddr]>,
-        host: &'a HeaderValue,
-    ) -> Forwarding<'a> {
-        Forwarding {
+    /// The headers forwarded for a request that arrived with every client-address header
+    /// spoofed, from connection peer `conn`, judged to come from `client` through `chain`.
+    fn forward_spoofed(client: &str, conn: &str, chain: Option<&[IpAddr]>) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(&X_FORWARDED_FOR, HeaderValue::from_static("6.6.6.6"));
+        for name in &CLIENT_HEADERS {
+            h.insert(name, HeaderValue::from_static("6.6.6.6"));
+        }
+        let host = HeaderValue::from_static("a.test");
+        let conn_client_value = HeaderValue::from_str(conn).unwrap();
+        let forwarding = Forwarding {
             client: Client {
                 ip: client.parse().unwrap(),
                 is_proxy: false,
             },
             chain,
             conn_client: conn.parse().unwrap(),
-            conn_client_value: conn_value,
+            conn_client_value: &conn_client_value,
             tls: true,
-            host: Some(host),
-        }
-    }
-
-    fn spoofed() -> HeaderMap {
-        let mut h = HeaderMap::new();
-        h.insert(&X_FORWARDED_FOR, HeaderValue::from_static("6.6.6.6"));
-        for name in &CLIENT_HEADERS {
-            h.insert(name, HeaderValue::from_static("6.6.6.6"));
-        }
+            host: Some(&host),
+        };
+        add_forwarding_headers(&mut h, &forwarding);
         h
     }
 
     #[test]
     fn an_untrusted_peer_cannot_name_a_client() {
-        let mut h = spoofed();
-        let (host, conn) = (
-            HeaderValue::from_static("a.test"),
-            HeaderValue::from_static("192.0.2.7"),
-        );
-        add_forwarding_headers(
-            &mut h,
-            &forwarding("192.0.2.7", "192.0.2.7", &conn, None, &host),
-        );
+        let h = forward_spoofed("192.0.2.7", "192.0.2.7", None);
         assert_eq!(h[&X_FORWARDED_FOR], "192.0.2.7");
         assert_eq!(h[&X_REAL_IP], "192.0.2.7");
         assert_eq!(h[&X_FORWARDED_PROTO], "https");
@@ -258,14 +246,8 @@ mod tests {
 
     #[test]
     fn a_trusted_peer_forwards_the_believable_chain() {
-        let mut h = spoofed();
-        let (host, conn) = (
-            HeaderValue::from_static("a.test"),
-            HeaderValue::from_static("10.0.0.1"),
-        );
         let chain: Vec<IpAddr> = vec!["198.51.100.1".parse().unwrap(), "10.0.0.2".parse().unwrap()];
-        let f = forwarding("198.51.100.1", "10.0.0.1", &conn, Some(&chain), &host);
-        add_forwarding_headers(&mut h, &f);
+        let h = forward_spoofed("198.51.100.1", "10.0.0.1", Some(&chain));
         assert_eq!(h[&X_FORWARDED_FOR], "198.51.100.1, 10.0.0.2, 10.0.0.1");
         assert_eq!(h[&X_REAL_IP], "198.51.100.1");
         // A trusted front proxy may set these (a CDN's CF-Connecting-IP): passed on.

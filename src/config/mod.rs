@@ -29,14 +29,19 @@ pub struct Config {
     pub gateway: Gateway,
     pub listeners: Vec<Listener>,
     pub tls: Tls,
+    /// `[admin]`; absent: no admin API.
     pub admin: Option<Admin>,
     pub privacy: Privacy,
+    /// The default rate limit (`[rate_limit]`); sites and routes may have their own.
     pub rate_limit: RateLimit,
+    pub limits: Limits,
+    /// Static lists, in file order.
     pub lists: Vec<List>,
     pub jails: Vec<Jail>,
     pub sites: Vec<Site>,
-    pub limits: Limits,
+    /// `log.access = "stdout"`.
     pub access_log: bool,
+    /// The built-in demo page's address, for the quick start.
     pub demo_upstream: Option<SocketAddr>,
 }
 
@@ -154,12 +159,16 @@ pub struct Jail {
     /// Text the response's Location header must contain (tells a failed login's redirect
     /// from a successful one's).
     pub location: Option<String>,
+    /// Response statuses that count (empty: any).
     pub status: Vec<u16>,
+    /// Offenses within `window` that earn a ban.
     pub hits: u32,
     pub window: Duration,
+    /// The first ban; each repeat multiplies it by `ban_factor`, up to `max_ban`.
     pub ban: Duration,
     pub ban_factor: f64,
     pub max_ban: Duration,
+    /// Log and count the ban without enforcing it.
     pub dry_run: bool,
 }
 

@@ -5,42 +5,39 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// The whole file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct RawConfig {
-    #[serde(default)]
     pub gateway: RawGateway,
-    #[serde(default, rename = "listener")]
+    #[serde(rename = "listener")]
     pub listeners: Vec<RawListener>,
     pub tls: Option<RawTls>,
     pub admin: Option<RawAdmin>,
-    #[serde(default)]
     pub privacy: RawPrivacy,
     pub rate_limit: Option<RawRateLimit>,
-    #[serde(default)]
     pub lists: BTreeMap<String, RawList>,
-    #[serde(default, rename = "jail")]
+    #[serde(rename = "jail")]
     pub jails: Vec<RawJail>,
-    #[serde(default, rename = "site")]
+    #[serde(rename = "site")]
     pub sites: Vec<RawSite>,
-    #[serde(default)]
     pub limits: RawLimits,
-    #[serde(default)]
     pub log: RawLog,
     pub demo_upstream: Option<RawDemoUpstream>,
 }
 
+/// `[gateway]`: state directory, trusted proxies, default ban, workers.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct RawGateway {
     pub state_dir: Option<String>,
-    #[serde(default)]
     pub trusted_proxies: Vec<String>,
     pub default_ban: Option<String>,
     /// Threads serving client connections, each with its own event loop and upstream pool.
     pub workers: Option<usize>,
 }
 
+/// One `[[listener]]`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawListener {
@@ -51,15 +48,15 @@ pub struct RawListener {
     pub proxy_protocol: bool,
 }
 
+/// `[tls]`: certificate files, or a self-signed fallback for testing.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct RawTls {
-    #[serde(default)]
     pub certificates: Vec<RawCertificate>,
-    #[serde(default)]
     pub self_signed: bool,
 }
 
+/// One `[[tls.certificate]]` (PEM chain and key).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawCertificate {
@@ -67,6 +64,7 @@ pub struct RawCertificate {
     pub key: String,
 }
 
+/// `[admin]`: the API address (loopback) and its token file.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawAdmin {
@@ -74,14 +72,16 @@ pub struct RawAdmin {
     pub token_file: Option<String>,
 }
 
+/// `[privacy]`: the retention cap on IP-keyed data and how logs show addresses.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct RawPrivacy {
     pub max_retention: Option<String>,
     pub log_ip: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// `[rate_limit]`, or a site's or route's own `rate_limit` table.
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRateLimit {
     pub requests_per_second: Option<f64>,
@@ -91,18 +91,23 @@ pub struct RawRateLimit {
     pub dry_run: bool,
 }
 
+/// One `[[list]]`: static CIDRs, inline or from files.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawList {
+    /// "block" or "allow".
     pub action: String,
     #[serde(default)]
+    pub dry_run: bool,
+    /// CIDRs or addresses written in the config.
+    #[serde(default)]
     pub entries: Vec<String>,
+    /// Files with one CIDR per line, watched for changes.
     #[serde(default)]
     pub files: Vec<String>,
-    #[serde(default)]
-    pub dry_run: bool,
 }
 
+/// One `[[jail]]`: what counts as an offense and how long it bans.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawJail {
@@ -123,6 +128,7 @@ pub struct RawJail {
     pub dry_run: bool,
 }
 
+/// One `[[site]]`: its hosts, upstream and policy.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawSite {
@@ -139,6 +145,7 @@ pub struct RawSite {
     pub routes: Vec<RawRoute>,
 }
 
+/// One `[[site.route]]`: a path prefix with a stricter policy.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRoute {
@@ -148,8 +155,9 @@ pub struct RawRoute {
     pub rate_limit: Option<RawRateLimit>,
 }
 
+/// `[limits]`: every cap and timeout that bounds a client.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct RawLimits {
     pub max_connections: Option<usize>,
     pub tls_handshake_timeout: Option<String>,
@@ -166,12 +174,14 @@ pub struct RawLimits {
     pub body_idle_timeout: Option<String>,
 }
 
+/// `[log]`.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct RawLog {
     pub access: Option<String>,
 }
 
+/// `[demo_upstream]`: the built-in page for the quick start.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawDemoUpstream {

@@ -328,14 +328,24 @@ mod tests {
         s.parse().unwrap()
     }
 
-    #[test]
-    fn matches_by_prefix_until_expiry() {
+    /// A table holding each (network, milliseconds left) pair; also returns "now".
+    fn table(entries: &[(&str, i64)]) -> (TempTable, u64) {
         let t = TempTable::default();
         let now = now_ms();
-        t.insert("10.0.0.0/24".parse().unwrap(), entry(now + 60_000));
-        t.insert("192.0.2.7/32".parse().unwrap(), entry(now + 60_000));
-        t.insert("2001:db8:1:2::/64".parse().unwrap(), entry(now + 60_000));
-        t.insert("198.51.100.1/32".parse().unwrap(), entry(now - 1));
+        for &(net, left) in entries {
+            t.insert(net.parse().unwrap(), entry(now.saturating_add_signed(left)));
+        }
+        (t, now)
+    }
+
+    #[test]
+    fn matches_by_prefix_until_expiry() {
+        let (t, now) = table(&[
+            ("10.0.0.0/24", 60_000),
+            ("192.0.2.7/32", 60_000),
+            ("2001:db8:1:2::/64", 60_000),
+            ("198.51.100.1/32", -1),
+        ]);
         assert!(t.contains(ip("10.0.0.255")));
         assert!(!t.contains(ip("10.0.1.0")));
         assert!(t.contains(ip("192.0.2.7")));
@@ -358,10 +368,7 @@ mod tests {
 
     #[test]
     fn prefers_the_most_specific_entry() {
-        let t = TempTable::default();
-        let now = now_ms();
-        t.insert("10.0.0.0/8".parse().unwrap(), entry(now + 1000));
-        t.insert("10.1.2.3/32".parse().unwrap(), entry(now + 2000));
+        let (t, now) = table(&[("10.0.0.0/8", 1000), ("10.1.2.3/32", 2000)]);
         let (net, e) = t.find(ip("10.1.2.3"), None).unwrap();
         assert_eq!(net.to_string(), "10.1.2.3/32");
         assert_eq!(e.expires_at, now + 2000);
