@@ -1,8 +1,11 @@
-//! The request body sent upstream, with an idle timeout (SPEC 16): a client that stops
-//! sending its body mid-way holds an upstream connection (an Apache worker) for no longer than
-//! `limits.body_idle_timeout`. The timer is made only when the body first has to wait, so a
-//! body that streams, or a request without one, costs no allocation.
+//! The request body sent upstream (SPEC 16). A small body is read whole before an upstream
+//! connection is taken (`limits.request_buffer_bytes`), so a slow client holds no Apache
+//! worker while it types; a larger one streams, and a client that stops sending it mid-way
+//! holds its upstream connection for no longer than `limits.body_idle_timeout`. The timer is
+//! made only when the body first has to wait, so a body that streams, or a request without
+//! one, costs no allocation.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -21,34 +24,94 @@ pub enum Error {
     Client(#[from] hyper::Error),
 }
 
-/// A client's request body on its way to the upstream.
+/// A client's request body on its way to the upstream: what [`UpstreamBody::read_small`]
+/// read ahead, then the rest as the client sends it.
 pub struct UpstreamBody {
-    inner: Incoming,
+    /// Frames read before the upstream connection was taken, in order.
+    read: VecDeque<Frame<Bytes>>,
+    /// The client's body still to come; `None` once it has ended.
+    inner: Option<Incoming>,
     idle: Duration,
     timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl UpstreamBody {
+    /// The client's body, streamed as it comes.
     pub fn new(inner: Incoming, idle: Duration) -> UpstreamBody {
         UpstreamBody {
-            inner,
+            read: VecDeque::new(),
+            inner: Some(inner),
             idle,
             timer: None,
         }
     }
-}
 
-impl Body for UpstreamBody {
-    type Data = Bytes;
-    type Error = Error;
+    /// A body that is all here already.
+    pub fn whole(data: Bytes) -> UpstreamBody {
+        UpstreamBody {
+            read: VecDeque::from([Frame::data(data)]),
+            inner: None,
+            idle: Duration::ZERO,
+            timer: None,
+        }
+    }
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
-        match Pin::new(&mut self.inner).poll_frame(cx) {
+    /// A copy to send again, when the body is all here (read whole, or empty).
+    pub fn replay(&self) -> Option<UpstreamBody> {
+        if self.inner.as_ref().is_some_and(|b| !b.is_end_stream()) {
+            return None;
+        }
+        let mut read = VecDeque::with_capacity(self.read.len());
+        for frame in &self.read {
+            read.push_back(Frame::data(frame.data_ref()?.clone()));
+        }
+        Some(UpstreamBody {
+            read,
+            inner: None,
+            idle: self.idle,
+            timer: None,
+        })
+    }
+
+    /// Reads the client's body ahead while it stays within `limit` bytes, so a small body
+    /// (a login form) is whole before an upstream connection is taken for it, however
+    /// slowly it comes (SPEC 16, as nginx's request buffering). A body declared larger is
+    /// not read ahead; one that turns out larger is sent on as it comes, after what was
+    /// read. Each wait for data is bounded by `idle`.
+    pub async fn read_small(
+        inner: Incoming,
+        limit: usize,
+        idle: Duration,
+    ) -> Result<UpstreamBody, Error> {
+        let mut body = UpstreamBody::new(inner, idle);
+        let declared = body.size_hint().upper().unwrap_or(0);
+        if limit == 0 || declared > limit as u64 || body.is_end_stream() {
+            return Ok(body);
+        }
+        let mut total = 0usize;
+        while total <= limit {
+            let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_inner(cx)).await
+            else {
+                break;
+            };
+            let frame = frame?;
+            total += frame.data_ref().map_or(0, Bytes::len);
+            body.read.push_back(frame);
+        }
+        Ok(body)
+    }
+
+    /// The next frame from the client, with the idle timer.
+    fn poll_inner(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        let Some(inner) = self.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(frame) => {
                 self.timer = None;
+                if frame.is_none() {
+                    self.inner = None;
+                }
                 Poll::Ready(frame.map(|f| f.map_err(Error::from)))
             }
             Poll::Pending => {
@@ -63,13 +126,44 @@ impl Body for UpstreamBody {
             }
         }
     }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        if let Some(frame) = self.read.pop_front() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        self.poll_inner(cx)
+    }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.read.is_empty() && self.inner.as_ref().is_none_or(Incoming::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        let read: u64 = self
+            .read
+            .iter()
+            .filter_map(|f| f.data_ref().map(|d| d.len() as u64))
+            .sum();
+        match &self.inner {
+            None => SizeHint::with_exact(read),
+            Some(inner) => {
+                let rest = inner.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(rest.lower() + read);
+                if let Some(upper) = rest.upper() {
+                    hint.set_upper(upper + read);
+                }
+                hint
+            }
+        }
     }
 }
 

@@ -18,7 +18,7 @@ use tracing::{debug, error, warn};
 
 use crate::access_log::LoggedIp;
 use crate::client_addr;
-use crate::clients::{client_key, ClientSlot, ConnSlot, InFlight};
+use crate::clients::{client_key, ClientSlot, ConnSlot};
 use crate::config;
 use crate::policy::Verdict;
 use crate::proxy::{self, ConnInfo, Context};
@@ -291,11 +291,11 @@ async fn serve<I>(
         let guard = Some(a.started(req.version() == http::Version::HTTP_2));
         let reply = proxy::handle(w.clone(), info.clone(), req);
         async move {
-            let (resp, in_flight) = reply.await?;
+            let (resp, held) = reply.await?;
             let body = |body| Tracked {
                 body,
                 guard,
-                _in_flight: in_flight,
+                _held: held,
             };
             Ok::<_, std::convert::Infallible>(resp.map(body))
         }
@@ -443,8 +443,8 @@ impl Drop for StreamGuard {
 struct Tracked {
     body: proxy::Body,
     guard: Option<StreamGuard>,
-    /// The request's place among its client's requests in flight.
-    _in_flight: Option<InFlight>,
+    /// The request's place among its client's requests in flight, and its upstream slot.
+    _held: proxy::Held,
 }
 
 impl hyper::body::Body for Tracked {

@@ -212,6 +212,8 @@ pub struct SiteMetrics {
     pub connect_errors: IntCounter,
     pub timeouts: IntCounter,
     pub protocol_errors: IntCounter,
+    /// Requests answered 503 after waiting for one of `site.max_upstream_connections`.
+    pub busy: IntCounter,
 }
 
 impl SiteMetrics {
@@ -228,6 +230,7 @@ impl SiteMetrics {
             connect_errors: m.upstream_errors.with_label_values(&[site, "connect"]),
             timeouts: m.upstream_errors.with_label_values(&[site, "timeout"]),
             protocol_errors: m.upstream_errors.with_label_values(&[site, "protocol"]),
+            busy: m.upstream_errors.with_label_values(&[site, "busy"]),
         }
     }
 }

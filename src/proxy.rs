@@ -13,6 +13,7 @@ use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
+use tokio::sync::OwnedSemaphorePermit;
 use tracing::debug;
 
 use crate::access_log::{Entry, LoggedIp};
@@ -35,6 +36,8 @@ pub struct Context {
     pub upstream: Arc<upstream::Pool>,
     /// Turns true when shutdown starts: upgraded connections close after the grace period.
     pub stop: tokio::sync::watch::Receiver<bool>,
+    /// The thread's upgraded connections, which shutdown waits for (up to the grace period).
+    pub upgrades: tokio_util::task::TaskTracker,
 }
 
 /// What the request path knows about the connection a request came on.
@@ -91,6 +94,13 @@ pub enum Error {
     /// The client stopped sending its request body (408).
     #[error("the request body stopped coming")]
     BodyIdle,
+    /// The client's request body broke off (it closed, or sent a malformed chunk): 400.
+    #[error("the request body broke off")]
+    BodyFailed,
+    /// Every one of the site's `max_upstream_connections` stayed busy for
+    /// `limits.upstream_queue_timeout` (503).
+    #[error("every upstream connection of the site is busy")]
+    UpstreamBusy,
 }
 
 impl From<Refusal> for Error {
@@ -115,12 +125,14 @@ impl Error {
             Error::UpstreamConnect(_) | Error::UpstreamProtocol(_) => StatusCode::BAD_GATEWAY,
             Error::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Error::BodyIdle => StatusCode::REQUEST_TIMEOUT,
+            Error::BodyFailed => StatusCode::BAD_REQUEST,
+            Error::UpstreamBusy => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
     fn outcome(&self) -> &'static str {
         match self {
-            Error::Invalid(_) | Error::BodyIdle => outcome::BAD_REQUEST,
+            Error::Invalid(_) | Error::BodyIdle | Error::BodyFailed => outcome::BAD_REQUEST,
             Error::NoSite => outcome::MISDIRECTED,
             Error::Blocked => outcome::BLOCKED,
             Error::Denied => outcome::DENIED,
@@ -135,19 +147,24 @@ impl From<&Error> for Response<Body> {
         let status = e.status();
         let text = match e {
             Error::Invalid(Invalid::Connect) => "405 method not allowed\n",
-            Error::Invalid(_) => "400 bad request\n",
+            Error::Invalid(_) | Error::BodyFailed => "400 bad request\n",
             Error::NoSite => "421 no site is configured for this host\n",
             Error::Blocked | Error::Denied => "403 forbidden\n",
             Error::RateLimited(_) => "429 too many requests\n",
             Error::UpstreamConnect(_) | Error::UpstreamProtocol(_) => "502 bad gateway\n",
             Error::UpstreamTimeout => "504 gateway timeout\n",
             Error::BodyIdle => "408 request timeout: the request body stopped coming\n",
+            Error::UpstreamBusy => "503 service unavailable: the site is busy\n",
         };
         let mut resp = plain(status, text);
         match e {
             Error::RateLimited(secs) => {
                 resp.headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from(*secs));
+            }
+            Error::UpstreamBusy => {
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             Error::Invalid(Invalid::Connect) => {
                 resp.headers_mut().insert(
@@ -174,6 +191,16 @@ pub fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
     resp
 }
 
+/// What a response holds until its body ends (or, for an upgrade, what the spliced
+/// connection holds until it closes).
+#[derive(Default)]
+pub struct Held {
+    /// The request's place among its client's requests in flight.
+    pub in_flight: Option<InFlight>,
+    /// One of the site's `max_upstream_connections`.
+    pub upstream: Option<OwnedSemaphorePermit>,
+}
+
 /// A checked request, as forwarding needs it.
 struct Checked<'a> {
     client: Client,
@@ -190,7 +217,7 @@ pub async fn handle(
     worker: Arc<Context>,
     conn: Arc<ConnInfo>,
     req: Request<Incoming>,
-) -> Result<(Response<Body>, Option<InFlight>), Infallible> {
+) -> Result<(Response<Body>, Held), Infallible> {
     let state = &worker.state;
     let start = Instant::now();
     let snap = state.snapshot.load_full();
@@ -223,7 +250,7 @@ pub async fn handle(
             debug!(error = %e, "request refused");
             let (resp, site, outcome) = refuse(state, None, Error::Invalid(e));
             logged.log(state, &snap, conn.client, &resp, site, outcome);
-            return Ok((resp, None));
+            return Ok((resp, Held::default()));
         }
     };
 
@@ -236,12 +263,12 @@ pub async fn handle(
         .as_ref()
         .filter(|_| client.ip == conn.client);
     let admitted = admission::admit(state, &snap, site, (client, conn_slot), &path);
-    let mut in_flight = None;
+    let mut held = Held::default();
     let (resp, site_name, outcome) = match (site, admitted) {
         (site, Err(refusal)) => refuse(state, site, Error::from(refusal)),
         (None, Ok(_)) => refuse(state, None, Error::NoSite),
         (Some(site), Ok(admitted)) => {
-            in_flight = admitted.in_flight;
+            held.in_flight = admitted.in_flight;
             let checked = Checked {
                 client,
                 chain,
@@ -251,7 +278,8 @@ pub async fn handle(
             };
             // Boxed: the forwarding future is ~2.5 KiB, and hyper moves the request future
             // (into its dispatcher, into a task per HTTP/2 stream); one allocation is cheaper.
-            let result = Box::pin(forward(&worker, site, &conn, &checked, req)).await;
+            let forwarding = forward(&worker, &snap, site, &conn, &checked, req, &mut held);
+            let result = Box::pin(forwarding).await;
             site.metrics.duration.observe(start.elapsed().as_secs_f64());
             match result {
                 Ok(resp) => {
@@ -272,12 +300,13 @@ pub async fn handle(
                     (resp, site.site.name.as_str(), outcome::PROXIED)
                 }
                 // The client's fault, not the upstream's.
-                Err(Error::BodyIdle) => refuse(state, None, Error::BodyIdle),
+                Err(e @ (Error::BodyIdle | Error::BodyFailed)) => refuse(state, None, e),
                 Err(e) => {
                     site.metrics.upstream_error.inc();
                     match &e {
                         Error::UpstreamConnect(_) => site.metrics.connect_errors.inc(),
                         Error::UpstreamTimeout => site.metrics.timeouts.inc(),
+                        Error::UpstreamBusy => site.metrics.busy.inc(),
                         _ => site.metrics.protocol_errors.inc(),
                     }
                     debug!(site = %site.site.name, error = %e, "upstream error");
@@ -287,7 +316,7 @@ pub async fn handle(
         }
     };
     logged.log(state, &snap, client.ip, &resp, site_name, outcome);
-    Ok((resp, in_flight))
+    Ok((resp, held))
 }
 
 /// Counts a request answered by the gateway itself and makes its answer.
@@ -357,11 +386,14 @@ impl Logged<'_> {
 
 async fn forward(
     worker: &Context,
+    snap: &Snapshot,
     site: &SiteEntry,
     conn: &ConnInfo,
     checked: &Checked<'_>,
     mut req: Request<Incoming>,
+    held: &mut Held,
 ) -> Result<Response<Body>, Error> {
+    let limits = &snap.config.limits;
     let upgrade = request::websocket_upgrade(&req);
     let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
@@ -400,8 +432,26 @@ async fn forward(
     }
     // Upstreams speak HTTP/1.1 whatever the client spoke.
     parts.version = Version::HTTP_11;
-    let idle = worker.state.snapshot.load().config.limits.body_idle_timeout;
-    let upstream_req = Request::from_parts(parts, UpstreamBody::new(body, idle));
+    // A small body is read before an upstream connection is taken for it.
+    let body =
+        UpstreamBody::read_small(body, limits.request_buffer_bytes, limits.body_idle_timeout)
+            .await
+            .map_err(|e| match e {
+                crate::body::Error::Idle(_) => Error::BodyIdle,
+                crate::body::Error::Client(_) => Error::BodyFailed,
+            })?;
+    if let Some(slots) = &site.upstream_slots {
+        held.upstream = Some(match slots.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                tokio::time::timeout(limits.upstream_queue_timeout, slots.clone().acquire_owned())
+                    .await
+                    .map_err(|_| Error::UpstreamBusy)?
+                    .map_err(|_| Error::UpstreamBusy)?
+            }
+        });
+    }
+    let upstream_req = Request::from_parts(parts, body);
 
     let mut resp = match tokio::time::timeout(
         site.site.upstream_timeout,
@@ -421,9 +471,9 @@ async fn forward(
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client_upgrade) = client_upgrade {
             let upstream_upgrade = hyper::upgrade::on(&mut resp);
-            let limits = &worker.state.snapshot.load().config.limits;
             let splice = crate::splice::Splice {
                 slot: conn.slot.clone(),
+                upstream_slot: held.upstream.take(),
                 idle: limits.upgrade_idle_timeout,
                 grace: limits.shutdown_grace,
                 stop: worker.stop.clone(),
@@ -433,7 +483,7 @@ async fn forward(
                     .timed_out
                     .with_label_values(&["upgrade_idle"]),
             };
-            tokio::spawn(async move {
+            worker.upgrades.spawn(async move {
                 match tokio::try_join!(client_upgrade, upstream_upgrade) {
                     Ok((client, upstream)) => splice.run(client, upstream).await,
                     Err(e) => debug!(error = %e, "upgrade failed"),

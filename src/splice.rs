@@ -17,6 +17,8 @@ use crate::clock::now_ms;
 /// way, and at shutdown once the grace period is over (SPEC 16).
 pub struct Splice {
     pub slot: Arc<ConnSlot>,
+    /// One of the site's `max_upstream_connections`, held while the splice lasts.
+    pub upstream_slot: Option<tokio::sync::OwnedSemaphorePermit>,
     pub idle: std::time::Duration,
     pub grace: std::time::Duration,
     pub stop: tokio::sync::watch::Receiver<bool>,
@@ -27,6 +29,7 @@ impl Splice {
     pub async fn run(self, client: hyper::upgrade::Upgraded, upstream: hyper::upgrade::Upgraded) {
         let Splice {
             slot: _slot,
+            upstream_slot: _upstream_slot,
             idle,
             grace,
             mut stop,

@@ -57,6 +57,9 @@ pub struct SiteEntry {
     pub jails: Vec<Arc<Jail>>,
     /// `host:port` of `site.upstream` (config validation guarantees one).
     pub upstream: http::uri::Authority,
+    /// `site.max_upstream_connections` as permits; kept across a reload that keeps the cap,
+    /// so requests in flight stay counted.
+    pub upstream_slots: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl SiteEntry {
@@ -141,7 +144,15 @@ impl Snapshot {
                 })
                 .collect();
             route_limiters.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
+            let upstream_slots = site.max_upstream_connections.map(|cap| {
+                previous
+                    .and_then(|p| p.sites.iter().find(|s| s.site.name == site.name))
+                    .filter(|s| s.site.max_upstream_connections == Some(cap))
+                    .and_then(|s| s.upstream_slots.clone())
+                    .unwrap_or_else(|| Arc::new(tokio::sync::Semaphore::new(cap)))
+            });
             sites.push(SiteEntry {
+                upstream_slots,
                 upstream: site
                     .upstream
                     .authority()

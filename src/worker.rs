@@ -70,6 +70,7 @@ pub fn run(state: Arc<AppState>, sockets: Sockets, stop: watch::Receiver<bool>) 
             state,
             upstream: Arc::default(),
             stop: stop.clone(),
+            upgrades: tokio_util::task::TaskTracker::new(),
         });
         let graceful = GracefulShutdown::new();
         let loops = sockets.into_iter().map(|(socket, conf)| {
@@ -77,10 +78,14 @@ pub fn run(state: Arc<AppState>, sockets: Sockets, stop: watch::Receiver<bool>) 
         });
         futures_util::future::join_all(loops).await;
         let grace = worker.state.snapshot.load().config.limits.shutdown_grace;
-        if tokio::time::timeout(grace, graceful.shutdown())
-            .await
-            .is_err()
-        {
+        // Requests in flight, then upgraded connections (which close themselves when the
+        // grace period is over), get the grace period.
+        let finished = async {
+            graceful.shutdown().await;
+            worker.upgrades.close();
+            worker.upgrades.wait().await;
+        };
+        if tokio::time::timeout(grace, finished).await.is_err() {
             warn!(
                 ?grace,
                 "grace period over, closing the connections still open"

@@ -467,3 +467,161 @@ async fn clients_named_by_a_trusted_proxy_have_their_own_cap_of_requests_in_flig
     assert_eq!(via("/", "192.0.2.7").await, 200);
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_small_body_is_read_whole_before_the_upstream_sees_the_request() {
+    let gw = GatewayBuilder::new()
+        .extra("[limits]\nrequest_buffer_bytes = 4096\n")
+        .spawn()
+        .await;
+    let origin = gw.origin.as_ref().unwrap();
+    // 3,000 bytes, the first 1,000 sent, the rest 800 ms later.
+    let body: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+    let sum: u32 = body.iter().map(|&b| b as u32).sum();
+    let mut tcp = connect_from("127.0.0.71", gw.plain).await;
+    let head = "POST /upload HTTP/1.1\r\nHost: a.test\r\nContent-Length: 3000\r\nConnection: close\r\n\r\n";
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    tcp.write_all(&body[..1000]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        origin.count(),
+        0,
+        "the upstream was given the request before its small body was whole"
+    );
+    tcp.write_all(&body[1000..]).await.unwrap();
+    let mut out = Vec::new();
+    read_until_closed(&mut tcp, &mut out).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.ends_with(&format!("3000 {sum}")), "{text}");
+    assert_eq!(origin.count(), 1);
+
+    // A chunked body (no length declared) that stays small is read whole too.
+    let mut tcp = connect_from("127.0.0.72", gw.plain).await;
+    let head = "POST /upload HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n";
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(origin.count(), 1, "a small chunked body was not read ahead");
+    tcp.write_all(b"0\r\n\r\n").await.unwrap();
+    let mut out = Vec::new();
+    read_until_closed(&mut tcp, &mut out).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.ends_with("5 532"), "{text}");
+
+    // Declared larger than the buffer: streamed, so the upstream sees it before it ends.
+    let mut tcp = connect_from("127.0.0.73", gw.plain).await;
+    let head = "POST /upload HTTP/1.1\r\nHost: a.test\r\nContent-Length: 10000\r\nConnection: close\r\n\r\n";
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    tcp.write_all(&[1u8; 100]).await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(3), || async { origin.count() == 3 }).await,
+        "a large body was held back"
+    );
+    tcp.write_all(&[1u8; 9900]).await.unwrap();
+    let mut out = Vec::new();
+    read_until_closed(&mut tcp, &mut out).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.ends_with("10000 10000"), "{text}");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_site_has_at_most_its_upstream_connections_and_the_next_request_waits_then_gets_503() {
+    let sites = r#"
+[[site]]
+hosts = ["a.test"]
+upstream = "http://{upstream}"
+max_upstream_connections = 2
+"#;
+    let gw = GatewayBuilder::new()
+        .sites(sites)
+        .extra("[limits]\nupstream_queue_timeout = \"1s\"\n")
+        .spawn()
+        .await;
+    // Two slow requests take both connections for 2.5 s.
+    let busy: Vec<_> = (0..2)
+        .map(|i| {
+            let addr = gw.plain;
+            tokio::spawn(async move {
+                let c = connect_from(&format!("127.0.0.{}", 81 + i), addr).await;
+                get_on(c, "/slow?ms=2500", "a.test", &[]).await.0
+            })
+        })
+        .collect();
+    let origin = gw.origin.as_ref().unwrap();
+    assert!(eventually(Duration::from_secs(3), || async { origin.count() == 2 }).await);
+    // A third waits for the queue timeout, then gets 503 with Retry-After.
+    let start = Instant::now();
+    let mut tcp = connect_from("127.0.0.83", gw.plain).await;
+    tcp.write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    read_until_closed(&mut tcp, &mut out).await;
+    let text = String::from_utf8_lossy(&out).to_ascii_lowercase();
+    assert!(text.starts_with("http/1.1 503"), "{text}");
+    assert!(text.contains("retry-after: 1"), "{text}");
+    assert_near("queued request", start.elapsed(), Duration::from_secs(1));
+    assert_eq!(origin.count(), 2, "the upstream was given a third request");
+    let m = gw.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            r#"ipgate_upstream_errors_total{kind="busy",site="a.test"}"#
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    // A request that comes while they are busy waits and is served once one ends.
+    let waiting = {
+        let addr = gw.plain;
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(1000)).await;
+            let c = connect_from("127.0.0.84", addr).await;
+            get_on(c, "/", "a.test", &[]).await.0
+        })
+    };
+    for b in busy {
+        assert_eq!(b.await.unwrap(), 200);
+    }
+    assert_eq!(waiting.await.unwrap(), 200);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_websocket_is_closed_at_shutdown_after_the_grace_period() {
+    let gw = GatewayBuilder::new()
+        .extra("[limits]\nshutdown_grace = \"1s\"\n")
+        .spawn()
+        .await;
+    let tcp = connect_from("127.0.0.91", gw.plain).await;
+    let (mut ws, resp) = tokio_tungstenite::client_async("ws://a.test/ws", tcp)
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 101);
+    ws.send(tokio_tungstenite::tungstenite::Message::text("hi"))
+        .await
+        .unwrap();
+    assert!(ws.next().await.unwrap().is_ok());
+    let start = Instant::now();
+    let stopping = tokio::spawn(gw.shutdown());
+    let end = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .expect("the WebSocket outlived the shutdown");
+    assert!(
+        !matches!(
+            end,
+            Some(Ok(tokio_tungstenite::tungstenite::Message::Text(_)))
+        ),
+        "{end:?}"
+    );
+    assert_near(
+        "WebSocket at shutdown",
+        start.elapsed(),
+        Duration::from_secs(1),
+    );
+    tokio::time::timeout(Duration::from_secs(3), stopping)
+        .await
+        .expect("the gateway did not stop")
+        .unwrap();
+}

@@ -346,6 +346,16 @@ fn site(
             s.upstream_timeout.as_deref(),
             UPSTREAM_TIMEOUT,
         ),
+        max_upstream_connections: match s.max_upstream_connections {
+            Some(0) => {
+                r.key(
+                    &format!("{key}.max_upstream_connections"),
+                    "must be at least 1 (leave it out for no cap)",
+                );
+                None
+            }
+            n => n,
+        },
         rate_limit,
         jails: s.jails.clone(),
         allow_only: s.allow_only.clone(),
@@ -381,6 +391,13 @@ fn limits(r: &mut Report, l: &RawLimits) -> Limits {
     if max_connections_per_client == 0 {
         r.key("limits.max_connections_per_client", "must be at least 1");
     }
+    let request_buffer_bytes = l.request_buffer_bytes.unwrap_or(REQUEST_BUFFER_BYTES);
+    if request_buffer_bytes > MAX_REQUEST_BUFFER_BYTES {
+        r.key(
+            "limits.request_buffer_bytes",
+            format!("must be at most {MAX_REQUEST_BUFFER_BYTES} (16 MiB)"),
+        );
+    }
     let mut d = |key: &str, value: &Option<String>, default| {
         dur(r, &format!("limits.{key}"), value.as_deref(), default)
     };
@@ -408,6 +425,12 @@ fn limits(r: &mut Report, l: &RawLimits) -> Limits {
             UPGRADE_IDLE_TIMEOUT,
         ),
         body_idle_timeout: d("body_idle_timeout", &l.body_idle_timeout, BODY_IDLE_TIMEOUT),
+        upstream_queue_timeout: d(
+            "upstream_queue_timeout",
+            &l.upstream_queue_timeout,
+            UPSTREAM_QUEUE_TIMEOUT,
+        ),
+        request_buffer_bytes,
         write_idle_timeout: d(
             "write_idle_timeout",
             &l.write_idle_timeout,

@@ -179,6 +179,10 @@ pub struct Site {
     pub hosts: Vec<String>,
     pub upstream: http::Uri,
     pub upstream_timeout: Duration,
+    /// Requests this gateway has at the upstream at once (each holds one upstream
+    /// connection); more wait up to `limits.upstream_queue_timeout`, then get 503. None: no
+    /// cap.
+    pub max_upstream_connections: Option<usize>,
     pub rate_limit: Option<RateLimit>,
     pub jails: Vec<String>,
     pub allow_only: Vec<String>,
@@ -227,6 +231,12 @@ pub struct Limits {
     /// A request body with no data from the client for this long is abandoned (the upstream
     /// request ends with an error), so a slow body holds no upstream worker for long.
     pub body_idle_timeout: Duration,
+    /// A request body of at most this many bytes is read whole before an upstream
+    /// connection is taken for it (0: never read ahead).
+    pub request_buffer_bytes: usize,
+    /// How long a request waits for one of its site's `max_upstream_connections` before
+    /// it is answered 503.
+    pub upstream_queue_timeout: Duration,
 }
 
 pub const DEFAULT_CONFIG_PATH: &str = "config/ipgate.toml";

@@ -136,6 +136,7 @@ pub struct RawSite {
     pub hosts: Vec<String>,
     pub upstream: String,
     pub upstream_timeout: Option<String>,
+    pub max_upstream_connections: Option<usize>,
     pub rate_limit: Option<RawRateLimit>,
     #[serde(default)]
     pub jails: Vec<String>,
@@ -172,6 +173,8 @@ pub struct RawLimits {
     pub write_idle_timeout: Option<String>,
     pub max_requests_per_client: Option<u32>,
     pub body_idle_timeout: Option<String>,
+    pub request_buffer_bytes: Option<usize>,
+    pub upstream_queue_timeout: Option<String>,
 }
 
 /// `[log]`.

@@ -26,6 +26,10 @@ pub const UPGRADE_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 pub const WRITE_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const MAX_REQUESTS_PER_CLIENT: u32 = 1024;
 pub const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(20);
+pub const REQUEST_BUFFER_BYTES: usize = 64 * 1024;
+/// Largest `limits.request_buffer_bytes`: memory a client can hold per request in flight.
+pub const MAX_REQUEST_BUFFER_BYTES: usize = 16 * 1024 * 1024;
+pub const UPSTREAM_QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const HTTP2_MAX_STREAMS: u32 = 128;
 pub const MAX_TRACKED_CLIENTS: usize = 100_000;
 pub const STATE_DIR: &str = "/var/lib/ipgate";
