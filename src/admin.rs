@@ -271,42 +271,38 @@ fn list_entries(state: &AppState, action: Option<Action>, kind: Option<&str>) ->
     out
 }
 
+/// A `POST /v1/entries` body, checked: what to enforce, on what, for how long (capped at
+/// `max_retention`), and why. Pure, so it is fuzzed (`fuzz/fuzz_targets/admin_json.rs`).
+pub fn parse_new_entry(
+    body: &[u8],
+    default_ttl: Duration,
+    max_retention: Duration,
+) -> Result<(Action, IpNet, Duration, Option<String>), String> {
+    let new: NewEntry = serde_json::from_slice(body).map_err(|e| format!("malformed body: {e}"))?;
+    let target = config::parse_target(&new.target)?;
+    let ttl = match new.ttl.as_deref() {
+        None => default_ttl,
+        Some(t) => config::parse_duration(t).map_err(|e| format!("ttl: {e}"))?,
+    };
+    if new.reason.as_ref().is_some_and(|r| r.len() > MAX_REASON) {
+        return Err(format!("reason is longer than {MAX_REASON} bytes"));
+    }
+    // No datum outlives privacy.max_retention.
+    let reason = new.reason.filter(|r| !r.is_empty());
+    Ok((new.action, target, ttl.min(max_retention), reason))
+}
+
 async fn add_entry(state: &AppState, body: &[u8]) -> Response<AdminBody> {
-    let new: NewEntry = match serde_json::from_slice(body) {
-        Ok(n) => n,
-        Err(e) => return json_error(StatusCode::BAD_REQUEST, &format!("malformed body: {e}")),
-    };
-    let target = match config::parse_target(&new.target) {
-        Ok(t) => t,
-        Err(e) => return json_error(StatusCode::BAD_REQUEST, &e),
-    };
-    let action = new.action;
     let (default_ttl, max_retention) = {
         let c = &state.snapshot.load().config;
         (c.gateway.default_ban, c.privacy.max_retention)
     };
-    let ttl = match new.ttl.as_deref() {
-        None => default_ttl,
-        Some(t) => match config::parse_duration(t) {
-            Ok(d) => d,
-            Err(e) => return json_error(StatusCode::BAD_REQUEST, &format!("ttl: {e}")),
-        },
+    let (action, target, ttl, reason) = match parse_new_entry(body, default_ttl, max_retention) {
+        Ok(parsed) => parsed,
+        Err(e) => return json_error(StatusCode::BAD_REQUEST, &e),
     };
-    if new.reason.as_ref().is_some_and(|r| r.len() > MAX_REASON) {
-        return json_error(
-            StatusCode::BAD_REQUEST,
-            &format!("reason is longer than {MAX_REASON} bytes"),
-        );
-    }
-    // No datum outlives privacy.max_retention.
-    let ttl = ttl.min(max_retention);
     let now = now_ms();
-    let entry = Entry::new(
-        now,
-        now + ttl.as_millis() as u64,
-        "api",
-        new.reason.as_deref().filter(|r| !r.is_empty()),
-    );
+    let entry = Entry::new(now, now + ttl.as_millis() as u64, "api", reason.as_deref());
     match state.add_entry(action, target, entry.clone()).await {
         Ok(()) => json(StatusCode::CREATED, &temporary_view(action, target, &entry)),
         // SPEC 17: enforced now, written as soon as the disk takes it.

@@ -140,6 +140,11 @@ pub fn load_list_file(path: &Path, key: &str, out: &mut Vec<IpNet>, report: &mut
             return;
         }
     };
+    parse_list(&text, path, key, out, report);
+}
+
+/// The lines of a list file (see [`load_list_file`]); problems are reported against `path`.
+pub fn parse_list(text: &str, path: &Path, key: &str, out: &mut Vec<IpNet>, report: &mut Report) {
     let mut bad = 0;
     for (n, line) in text.lines().enumerate() {
         let line = match line.find(['#', ';']) {
