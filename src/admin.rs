@@ -113,6 +113,20 @@ fn temporary_view(action: Action, target: IpNet, e: &Entry) -> EntryView {
         source: e.source().to_string(),
         reason: e.reason().map(str::to_string),
         expires_at: Some(rfc3339(e.expires_at)),
+        origin: e.origin().map(str::to_string),
+        shared: None,
+    }
+}
+
+/// With a fleet: who made each temporary entry and whether the fleet has it yet.
+async fn mark_fleet(state: &AppState, views: &mut [EntryView]) {
+    let Some(me) = &state.fleet_id else { return };
+    let waiting = state.store.outbox_targets().await.unwrap_or_default();
+    for v in views.iter_mut().filter(|v| v.expires_at.is_some()) {
+        let own = v.origin.is_none();
+        v.origin.get_or_insert_with(|| me.clone());
+        let key = v.target.parse().ok().map(|t| (v.action, t));
+        v.shared = Some(!own || key.is_none_or(|k| !waiting.contains(&k)));
     }
 }
 
@@ -125,6 +139,8 @@ fn config_view(action: Action, list: &str, target: IpNet) -> EntryView {
         source: "config".into(),
         reason: None,
         expires_at: None,
+        origin: None,
+        shared: None,
     }
 }
 
@@ -377,7 +393,8 @@ async fn lookup(state: &AppState, ip: IpAddr) -> Response<AdminBody> {
         Err(e) => return json_error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
     };
     let (decision, rule) = decision(state, ip);
-    let (entries, config_entries) = held(state, ip);
+    let (mut entries, config_entries) = held(state, ip);
+    mark_fleet(state, &mut entries).await;
     let lookup = Lookup {
         ip: ip.to_string(),
         decision: decision.into(),
@@ -457,9 +474,6 @@ async fn forget(state: &AppState, ip: IpAddr) -> Response<AdminBody> {
         Ok(o) => o,
         Err(e) => return json_error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
     };
-    if let Err(e) = state.forget_offenses(targets.clone()).await {
-        return json_error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
-    }
     let pairs: Vec<(Action, IpNet)> = targets
         .iter()
         .flat_map(|&t| Action::ALL.map(|a| (a, t)))
@@ -468,6 +482,10 @@ async fn forget(state: &AppState, ip: IpAddr) -> Response<AdminBody> {
         Ok(r) => r,
         Err(e) => return json_error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
     };
+    // Last: with a fleet, the forget also erases the records of the removals just made.
+    if let Err(e) = state.forget_offenses(targets.clone()).await {
+        return json_error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
+    }
     let (entries, config_entries) = held(state, ip);
     let forgotten = Forgotten {
         ip: ip.to_string(),

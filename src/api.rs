@@ -19,6 +19,12 @@ pub struct EntryView {
     pub reason: Option<String>,
     /// RFC 3339, UTC; `null` for config entries.
     pub expires_at: Option<String>,
+    /// With a fleet: the gateway that made the entry (`fleet.gateway_id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
+    /// With a fleet: whether the fleet has it (false while it waits in the outbox).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared: Option<bool>,
 }
 
 /// `POST /v1/entries`.

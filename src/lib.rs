@@ -20,7 +20,9 @@
 //! - [`state`]: the shared [`state::AppState`] (the one door every change goes through) and the
 //!   swappable compiled [`state::Snapshot`]; it compiles [`config`] into [`policy`] (static lists,
 //!   temporary entries, the allow/block decision), limiters and jails.
-//! - [`store`]: the state store interface and its embedded implementation (redb).
+//! - [`store`]: the state store interface and its embedded implementation (redb), with the
+//!   outbox of changes for the fleet; [`fleet`]: sends the outbox to the shared store (Redis
+//!   or Valkey) and applies the other gateways' changes, off the request path.
 //! - [`clients`]: the client key (IPv6 per prefix) and the bounded per-client map;
 //!   [`clock`]: the clock every expiry is measured on.
 //! - [`admin`]: the admin listener (health, metrics, the `/v1` API); [`cli`]: the command line.
@@ -38,6 +40,7 @@ pub mod clients;
 pub mod clock;
 pub mod config;
 pub mod demo;
+pub mod fleet;
 pub mod headers;
 pub mod host;
 pub mod jail;
@@ -85,6 +88,8 @@ pub enum StartError {
     Admin(#[from] token::TokenError),
     #[error("{0}")]
     Store(#[from] store::Error),
+    #[error("{0}")]
+    Fleet(#[from] fleet::Error),
 }
 
 /// A gateway with its sockets bound, ready to [`Gateway::run`].
@@ -94,6 +99,7 @@ pub struct Gateway {
     workers: Vec<worker::Sockets>,
     admin: Option<TcpListener>,
     demo: Option<TcpListener>,
+    fleet: Option<Arc<fleet::Fleet>>,
 }
 
 impl Gateway {
@@ -124,8 +130,9 @@ impl Gateway {
             }
         }
         let state_dir = config.gateway.state_dir.clone();
+        let fleet_conf = config.fleet.clone();
         let snapshot = Snapshot::build(config, &metrics, None)?;
-        let (store, opened) = store::Store::open(&state_dir)?;
+        let (store, opened) = store::Store::open(&state_dir, fleet_conf.is_some())?;
         if let store::Opened::MovedAside(aside, e) = &opened {
             error!(
                 file = %aside.display(),
@@ -143,8 +150,14 @@ impl Gateway {
         }
         state.publish_list_gauges();
         info!(entries = n, dir = %state_dir.display(), "temporary entries loaded");
+        let state = Arc::new(state);
+        let fleet = match &fleet_conf {
+            Some(f) => Some(fleet::Fleet::new(state.clone(), f)?),
+            None => None,
+        };
         Ok(Gateway {
-            state: Arc::new(state),
+            fleet,
+            state,
             workers,
             admin,
             demo,
@@ -203,6 +216,9 @@ impl Gateway {
             tokio::spawn(sweeper),
             tokio::spawn(watcher::run(state.clone())),
         ];
+        if let Some(fleet) = self.fleet {
+            side_tasks.push(tokio::spawn(fleet.run(stop_rx.clone())));
+        }
         if let Some(admin) = self.admin {
             if let Ok(addr) = admin.local_addr() {
                 info!(%addr, "admin listening");

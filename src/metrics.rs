@@ -55,6 +55,13 @@ pub struct Metrics {
     pub store_pending: IntGauge,
     pub connections_open: IntGauge,
     pub access_log_dropped: IntCounter,
+    /// `ipgate_fleet_connected`: 1 while the fleet's store is reachable.
+    pub fleet_connected: IntGauge,
+    /// `ipgate_fleet_changes_total{direction}` (`sent`, `applied`).
+    pub fleet_sent: IntCounter,
+    pub fleet_applied: IntCounter,
+    /// `ipgate_fleet_outbox`: changes waiting to be sent.
+    pub fleet_outbox: IntGauge,
 }
 
 /// Request latency buckets, seconds: sub-millisecond proxying up to slow upstreams.
@@ -96,6 +103,11 @@ impl Metrics {
             "ipgate_would_block_total",
             "Requests a dry-run rule would have refused, by rule.",
             &["rule"],
+        );
+        let fleet_changes = counter_vec(
+            "ipgate_fleet_changes_total",
+            "Changes to entries and offense history sent to the fleet, or applied from it.",
+            &["direction"],
         );
         Metrics {
             timed_out: counter_vec(
@@ -163,6 +175,16 @@ impl Metrics {
             access_log_dropped: counter(
                 "ipgate_access_log_dropped_total",
                 "Access log lines dropped because the writer fell behind.",
+            ),
+            fleet_connected: gauge(
+                "ipgate_fleet_connected",
+                "1 while the fleet's shared store (Redis or Valkey) is reachable; 0 without.",
+            ),
+            fleet_sent: fleet_changes.with_label_values(&["sent"]),
+            fleet_applied: fleet_changes.with_label_values(&["applied"]),
+            fleet_outbox: gauge(
+                "ipgate_fleet_outbox",
+                "Changes made here and not yet sent to the fleet.",
             ),
             registry,
         }

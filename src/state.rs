@@ -249,6 +249,8 @@ pub struct AppState {
     pub temp: TempEntries,
     /// Durable home of the temporary entries and the offense history.
     pub store: Store,
+    /// `fleet.gateway_id` when a fleet is configured.
+    pub fleet_id: Option<String>,
 }
 
 impl AppState {
@@ -258,6 +260,7 @@ impl AppState {
         admin_token: Option<String>,
         store: Store,
     ) -> Self {
+        let fleet_id = snapshot.config.fleet.as_ref().map(|f| f.gateway_id.clone());
         let access_log = AccessLog::stdout(
             snapshot.config.access_log,
             metrics.access_log_dropped.clone(),
@@ -273,6 +276,7 @@ impl AppState {
             draining: AtomicBool::new(false),
             admin_token,
             temp: TempEntries::default(),
+            fleet_id,
             store,
         }
     }
@@ -414,6 +418,18 @@ impl AppState {
         }
     }
 
+    /// Erases the rate-limit and jail state kept for `ip` (a fleet's `forget`).
+    pub fn erase_counters(&self, ip: std::net::IpAddr) {
+        let snap = self.snapshot.load();
+        for l in snap.limiters.values() {
+            l.forget(crate::clients::client_key(ip, l.settings.ipv6_prefix));
+        }
+        let key = crate::clients::client_key(ip, snap.config.rate_limit.ipv6_prefix);
+        for j in snap.jails.values() {
+            j.forget(key);
+        }
+    }
+
     /// Drops idle rate-limit and jail state and publishes `ipgate_tracked_clients`.
     pub fn sweep_clients(&self) {
         let snap = self.snapshot.load();
@@ -481,7 +497,7 @@ impl AppState {
         self.publish_temporary_gauges();
     }
 
-    fn publish_temporary_gauges(&self) {
+    pub fn publish_temporary_gauges(&self) {
         for action in [Action::Block, Action::Allow] {
             self.metrics
                 .list_entries

@@ -37,6 +37,37 @@ pub(super) fn compile(raw: RawConfig, source: &Path, base: &Path, r: &mut Report
             .demo_upstream
             .as_ref()
             .and_then(|d| socket_addr(r, "demo_upstream.addr", &d.addr)),
+        fleet: raw.fleet.as_ref().map(|f| fleet(r, base, f)),
+    }
+}
+
+fn fleet(r: &mut Report, base: &Path, raw: &RawFleet) -> Fleet {
+    if !(raw.redis.starts_with("redis://") || raw.redis.starts_with("rediss://")) {
+        r.key("fleet.redis", "must be a redis:// or rediss:// URL");
+    } else if let Err(e) = redis::Client::open(raw.redis.as_str()) {
+        r.key("fleet.redis", format!("'{}': {e}", raw.redis));
+    }
+    let gateway_id = match &raw.gateway_id {
+        Some(id) => id.clone(),
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_default(),
+    };
+    let valid = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    if gateway_id.is_empty() || gateway_id.len() > 64 || !gateway_id.chars().all(valid) {
+        r.key(
+            "fleet.gateway_id",
+            format!("'{gateway_id}': 1 to 64 letters, digits, '-', '_' or '.'"),
+        );
+    }
+    Fleet {
+        redis: raw.redis.clone(),
+        password_file: raw
+            .password_file
+            .as_deref()
+            .filter(|p| !p.is_empty())
+            .map(|p| resolve(base, p)),
+        gateway_id,
     }
 }
 
@@ -177,6 +208,14 @@ fn jails(r: &mut Report, raw: &[RawJail], privacy: &Privacy) -> Vec<Jail> {
     let mut jails: Vec<Jail> = Vec::new();
     for (i, j) in raw.iter().enumerate() {
         let key = format!("jail[{i}]");
+        let plain = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+        if j.name.is_empty() || !j.name.chars().all(plain) {
+            // It names metrics, store keys and fleet keys (`ipgate:offense:JAIL:TARGET`).
+            r.key(
+                &format!("{key}.name"),
+                format!("'{}': letters, digits, '-', '_' and '.' only", j.name),
+            );
+        }
         if jails.iter().any(|o| o.name == j.name) {
             r.key(
                 &format!("{key}.name"),

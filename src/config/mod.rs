@@ -43,6 +43,18 @@ pub struct Config {
     pub access_log: bool,
     /// The built-in demo page's address, for the quick start.
     pub demo_upstream: Option<SocketAddr>,
+    /// `[fleet]`; absent: this gateway keeps its entries to itself.
+    pub fleet: Option<Fleet>,
+}
+
+/// The fleet's shared store (SPEC 18). Restart-only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fleet {
+    /// `redis://` or `rediss://` URL (Redis or Valkey).
+    pub redis: String,
+    pub password_file: Option<PathBuf>,
+    /// This gateway's name in the fleet: letters, digits, `-`, `_` and `.`.
+    pub gateway_id: String,
 }
 
 #[derive(Debug, Clone)]
@@ -277,6 +289,7 @@ impl Config {
         );
         check("log.access", self.access_log != next.access_log);
         check("demo_upstream", self.demo_upstream != next.demo_upstream);
+        check("fleet", self.fleet != next.fleet);
         changed
     }
 

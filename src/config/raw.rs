@@ -24,6 +24,16 @@ pub struct RawConfig {
     pub limits: RawLimits,
     pub log: RawLog,
     pub demo_upstream: Option<RawDemoUpstream>,
+    pub fleet: Option<RawFleet>,
+}
+
+/// `[fleet]`: the shared store (Redis or Valkey) and this gateway's name in it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFleet {
+    pub redis: String,
+    pub password_file: Option<String>,
+    pub gateway_id: Option<String>,
 }
 
 /// `[gateway]`: state directory, trusted proxies, default ban, workers.

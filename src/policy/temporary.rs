@@ -27,6 +27,8 @@ pub struct About {
     /// `api`, or the name of the jail that made it.
     pub source: Box<str>,
     pub reason: Option<Box<str>>,
+    /// The fleet gateway that made it (`fleet.gateway_id`); `None`: this gateway.
+    pub origin: Option<Box<str>>,
 }
 
 impl Entry {
@@ -37,8 +39,25 @@ impl Entry {
             about: Arc::new(About {
                 source: source.into(),
                 reason: reason.map(Into::into),
+                origin: None,
             }),
         }
+    }
+
+    /// The same entry, made by the fleet gateway `origin` (`None`: this one).
+    pub fn with_origin(self, origin: Option<&str>) -> Entry {
+        Entry {
+            about: Arc::new(About {
+                source: self.about.source.clone(),
+                reason: self.about.reason.clone(),
+                origin: origin.map(Into::into),
+            }),
+            ..self
+        }
+    }
+
+    pub fn origin(&self) -> Option<&str> {
+        self.about.origin.as_deref()
     }
 
     pub fn source(&self) -> &str {

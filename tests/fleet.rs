@@ -1,0 +1,528 @@
+//! Fleet mode (SPEC 18) against a real `redis-server` (Debian package; `scripts/test` installs
+//! it): each test starts its own server on a free port and three gateway processes.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+
+/// A `redis-server` of the test's own, without persistence (a restart starts empty); killed
+/// on drop.
+struct Redis {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl Redis {
+    fn start() -> Redis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut r = Redis { port, child: None };
+        r.restart();
+        r
+    }
+
+    /// Starts the server (again) on the same port, empty.
+    fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "yes",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server is not installed: run scripts/test, which installs it");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while redis::Client::open(self.url())
+            .and_then(|c| c.get_connection())
+            .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    fn con(&self) -> redis::Connection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_connection()
+            .unwrap()
+    }
+
+    /// Every key, and every stream record, as text: what the store holds.
+    fn dump(&self) -> String {
+        let mut con = self.con();
+        let keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut con).unwrap();
+        let mut out = keys.join("\n");
+        let records: redis::Value = redis::cmd("XRANGE")
+            .arg("ipgate:changes")
+            .arg("-")
+            .arg("+")
+            .query(&mut con)
+            .unwrap();
+        out.push_str(&format!("\n{records:?}"));
+        for k in keys.iter().filter(|k| k.starts_with("ipgate:entry:")) {
+            let v: Option<String> = redis::cmd("GET").arg(k).query(&mut con).unwrap();
+            out.push_str(&format!("\n{k} = {v:?}"));
+        }
+        out
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+const JAIL: &str = r#"
+[privacy]
+max_retention = "1h"
+
+[[jail]]
+name = "login"
+method = "POST"
+path = "/login"
+status = [200]
+hits = 2
+window = "1m"
+ban = "2s"
+ban_factor = 4.0
+max_ban = "1h"
+
+[[site]]
+hosts = ["a.test"]
+upstream = "http://{upstream}"
+jails = ["login"]
+"#;
+
+/// Gateway number `i` of a fleet on `redis`.
+async fn member(redis: &Redis, upstream: SocketAddr, i: usize) -> GatewayFiles {
+    let fleet = format!(
+        "[fleet]\nredis = \"{}\"\ngateway_id = \"g{i}\"\n",
+        redis.url()
+    );
+    GatewayBuilder::new()
+        .upstream(upstream)
+        .sites(JAIL)
+        .extra(&fleet)
+        .files()
+        .await
+}
+
+struct Member {
+    files: GatewayFiles,
+    gw: BinaryGateway,
+}
+
+impl Member {
+    fn token(&self) -> String {
+        std::fs::read_to_string(self.files.token_file())
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    async fn api(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        admin_call(self.gw.admin, method, path, body, Some(&self.token())).await
+    }
+
+    async fn ban(&self, target: &str, ttl: &str) -> u16 {
+        let body = json!({"target": target, "action": "block", "ttl": ttl});
+        self.api("POST", "/v1/entries", Some(body)).await.0
+    }
+
+    async fn connected(&self) -> Option<f64> {
+        let text = admin_metrics(self.gw.admin).await;
+        metric(&text, "ipgate_fleet_connected")
+    }
+}
+
+async fn admin_metrics(admin: SocketAddr) -> String {
+    admin_call_text(admin, "/metrics").await
+}
+
+async fn admin_call_text(admin: SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(admin).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tcp.read_to_end(&mut out).await.unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn fleet_of(redis: &Redis, upstream: SocketAddr, n: usize) -> Vec<Member> {
+    let mut members = Vec::new();
+    for i in 1..=n {
+        let files = member(redis, upstream, i).await;
+        let gw = files.start("info");
+        members.push(Member { files, gw });
+    }
+    for m in &members {
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                m.connected().await == Some(1.0)
+            })
+            .await,
+            "a gateway did not connect to the fleet:\n{}",
+            m.gw.output.text()
+        );
+    }
+    members
+}
+
+/// How long until `check` holds, polling every 10 ms, at most `limit`.
+async fn within<F, Fut>(limit: Duration, mut check: F) -> Option<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if check().await {
+            return Some(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    None
+}
+
+/// Whether `local` is refused (blocked) by every one of `members`.
+async fn blocked_everywhere<const N: usize>(members: [&Member; N], local: &str) -> bool {
+    for m in members {
+        if !refused(local, m.gw.plain).await {
+            return false;
+        }
+    }
+    true
+}
+
+async fn served_everywhere<const N: usize>(members: [&Member; N], local: &str) -> bool {
+    for m in members {
+        if !served_from(local, m.gw.plain).await {
+            return false;
+        }
+    }
+    true
+}
+
+const SECOND: Duration = Duration::from_secs(1);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bans_unbans_and_jail_bans_reach_every_gateway_within_a_second() {
+    let redis = Redis::start();
+    let up = Upstream::start().await;
+    let fleet = fleet_of(&redis, up.addr, 3).await;
+    let [g1, g2, g3] = [&fleet[0], &fleet[1], &fleet[2]];
+
+    // A ban on g1 holds on g2 and g3 within a second.
+    assert!(served_everywhere([g2, g3], "127.0.2.1").await);
+    assert_eq!(g1.ban("127.0.2.1", "10m").await, 201);
+    let took = within(SECOND, || blocked_everywhere([g2, g3], "127.0.2.1")).await;
+    assert!(took.is_some(), "the ban did not reach g2 and g3 within 1 s");
+    // g2 says where it came from and that the fleet has it.
+    let (_, lookup) = g2.api("GET", "/v1/ips/127.0.2.1", None).await;
+    let entry = &lookup["entries"][0];
+    assert_eq!(entry["origin"], "g1", "{lookup}");
+    assert_eq!(entry["shared"], true, "{lookup}");
+    let (_, own) = g1.api("GET", "/v1/ips/127.0.2.1", None).await;
+    assert_eq!(own["entries"][0]["origin"], "g1", "{own}");
+
+    // Unbanned on g2: served everywhere within a second.
+    let (status, _) = g2
+        .api("DELETE", "/v1/entries?target=127.0.2.1&action=block", None)
+        .await;
+    assert_eq!(status, 204);
+    let took = within(SECOND, || served_everywhere([g1, g3], "127.0.2.1")).await;
+    assert!(
+        took.is_some(),
+        "the unban did not reach g1 and g3 within 1 s"
+    );
+
+    // A jail ban on g3 (two failed logins) holds on g1 and g2 within a second.
+    for _ in 0..2 {
+        assert_eq!(
+            post_from(g3.gw.plain, "127.0.2.2", "/login", "a.test").await,
+            Some(200)
+        );
+    }
+    assert!(
+        within(SECOND, || async { refused("127.0.2.2", g3.gw.plain).await })
+            .await
+            .is_some()
+    );
+    let took = within(SECOND, || blocked_everywhere([g1, g2], "127.0.2.2")).await;
+    assert!(
+        took.is_some(),
+        "the jail ban did not reach g1 and g2 within 1 s"
+    );
+    let m = admin_metrics(g1.gw.admin).await;
+    assert!(
+        metric(&m, r#"ipgate_fleet_changes_total{direction="applied"}"#).unwrap_or(0.0) >= 3.0,
+        "{m}"
+    );
+    let m = admin_metrics(g3.gw.admin).await;
+    assert!(
+        metric(&m, r#"ipgate_fleet_changes_total{direction="sent"}"#).unwrap_or(0.0) >= 2.0,
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_offense_on_another_gateway_bans_longer() {
+    let redis = Redis::start();
+    let up = Upstream::start().await;
+    let fleet = fleet_of(&redis, up.addr, 3).await;
+    let [g1, g2, g3] = [&fleet[0], &fleet[1], &fleet[2]];
+    // First offense on g1: banned 2 s everywhere.
+    for _ in 0..2 {
+        post_from(g1.gw.plain, "127.0.2.3", "/login", "a.test").await;
+    }
+    assert!(
+        within(SECOND * 2, || blocked_everywhere([g2, g3], "127.0.2.3"))
+            .await
+            .is_some()
+    );
+    assert!(
+        within(SECOND * 5, || served_everywhere([g1, g2, g3], "127.0.2.3"))
+            .await
+            .is_some(),
+        "the first ban did not end"
+    );
+    // Second offense on g2: it knows the first, so the ban is 2 s x 4 = 8 s.
+    for _ in 0..2 {
+        assert_eq!(
+            post_from(g2.gw.plain, "127.0.2.3", "/login", "a.test").await,
+            Some(200)
+        );
+    }
+    // (The ban follows the response.)
+    assert!(
+        within(SECOND, || async { refused("127.0.2.3", g2.gw.plain).await })
+            .await
+            .is_some()
+    );
+    let (_, lookup) = g2.api("GET", "/v1/ips/127.0.2.3", None).await;
+    let until = lookup["entries"][0]["expires_at"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let until = humantime::parse_rfc3339(&until).unwrap_or_else(|_| panic!("{lookup}"));
+    let left = until
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    assert!(
+        left > Duration::from_secs(5),
+        "not escalated: {left:?} left\n{lookup}"
+    );
+    assert_eq!(
+        lookup["offenses"][0]["at"].as_array().map(Vec::len),
+        Some(2),
+        "{lookup}"
+    );
+    // And on the others it holds past the first ban's length.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(blocked_everywhere([g1, g3], "127.0.2.3").await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forget_erases_an_address_on_every_gateway_and_in_the_store() {
+    let redis = Redis::start();
+    let up = Upstream::start().await;
+    let fleet = fleet_of(&redis, up.addr, 3).await;
+    let [g1, g2, g3] = [&fleet[0], &fleet[1], &fleet[2]];
+    // Offenses and a ban on g1, another entry from g3.
+    for _ in 0..2 {
+        post_from(g1.gw.plain, "127.0.2.4", "/login", "a.test").await;
+    }
+    assert_eq!(g3.ban("127.0.2.4", "1h").await, 201);
+    assert!(
+        within(SECOND * 2, || blocked_everywhere([g1, g2, g3], "127.0.2.4"))
+            .await
+            .is_some()
+    );
+    assert!(redis.dump().contains("127.0.2.4"));
+    // Forgotten on g2.
+    let (status, erased) = g2.api("DELETE", "/v1/ips/127.0.2.4", None).await;
+    assert_eq!(status, 200, "{erased}");
+    let gone_everywhere = || async {
+        for m in [g1, g2, g3] {
+            let (_, l) = m.api("GET", "/v1/ips/127.0.2.4", None).await;
+            let empty = |k: &str| l[k].as_array().is_none_or(Vec::is_empty);
+            if !(empty("entries") && empty("offenses")) {
+                return false;
+            }
+        }
+        true
+    };
+    assert!(
+        within(SECOND * 2, gone_everywhere).await.is_some(),
+        "a gateway still holds the address"
+    );
+    assert!(served_everywhere([g1, g2, g3], "127.0.2.4").await);
+    // Nothing about it left in the store: keys or stream records (the forget record itself
+    // lingers 3 s for the gateways to read).
+    let clean = within(SECOND * 6, || async { !redis.dump().contains("127.0.2.4") }).await;
+    assert!(
+        clean.is_some(),
+        "the store still holds the address:\n{}",
+        redis.dump()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_an_outage_bans_stay_local_then_the_fleet_converges_even_on_an_empty_store() {
+    let mut redis = Redis::start();
+    let up = Upstream::start().await;
+    let mut fleet = fleet_of(&redis, up.addr, 3).await;
+    // Before the outage: a ban from g3, everywhere.
+    assert_eq!(fleet[2].ban("127.0.3.1", "1h").await, 201);
+    assert!(within(SECOND, || blocked_everywhere(
+        [&fleet[0], &fleet[1]],
+        "127.0.3.1"
+    ))
+    .await
+    .is_some());
+
+    // The store goes away.
+    redis.kill();
+    for m in &fleet {
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                m.connected().await == Some(0.0)
+            })
+            .await,
+            "ipgate_fleet_connected stayed 1"
+        );
+    }
+    // New bans are taken and enforced locally.
+    assert_eq!(fleet[0].ban("127.0.3.2", "1h").await, 201);
+    assert!(refused("127.0.3.2", fleet[0].gw.plain).await);
+    assert!(served_from("127.0.3.2", fleet[1].gw.plain).await);
+    // g2 bans, then restarts while the store is still away: its outbox survives.
+    assert_eq!(fleet[1].ban("127.0.3.3", "1h").await, 201);
+    {
+        let m = &mut fleet[1];
+        m.gw.signal("TERM");
+        let old = std::mem::replace(&mut m.gw, m.files.start("info"));
+        let _ = old.wait().await;
+    }
+    assert!(refused("127.0.3.3", fleet[1].gw.plain).await);
+
+    // The store comes back empty: outboxes are sent, and what it lost is published again.
+    redis.restart();
+    let all = ["127.0.3.1", "127.0.3.2", "127.0.3.3"];
+    let converged = || async {
+        for ip in all {
+            if !blocked_everywhere([&fleet[0], &fleet[1], &fleet[2]], ip).await {
+                return false;
+            }
+        }
+        true
+    };
+    assert!(
+        within(Duration::from_secs(10), converged).await.is_some(),
+        "the fleet did not converge:\n{}",
+        redis.dump()
+    );
+    // A gateway that starts later gets every live entry.
+    let files = member(&redis, up.addr, 4).await;
+    let late = Member {
+        gw: files.start("info"),
+        files,
+    };
+    assert!(
+        within(Duration::from_secs(10), || blocked_everywhere(
+            [&late],
+            all[0]
+        ))
+        .await
+        .is_some(),
+        "the late joiner has nothing:\n{}",
+        late.gw.output.text()
+    );
+    for ip in all {
+        assert!(refused(ip, late.gw.plain).await, "{ip}");
+    }
+    // Every key the fleet keeps expires within max_retention (1 h here).
+    let mut con = redis.con();
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut con).unwrap();
+    assert!(
+        keys.iter().any(|k| k.starts_with("ipgate:entry:")),
+        "{keys:?}"
+    );
+    for k in &keys {
+        let ttl: i64 = redis::cmd("PTTL").arg(k).query(&mut con).unwrap();
+        assert!(ttl > 0 && ttl <= 3_600_000, "{k}: PTTL {ttl}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_whose_unread_changes_were_trimmed_resyncs() {
+    let redis = Redis::start();
+    let up = Upstream::start().await;
+    let fleet = fleet_of(&redis, up.addr, 3).await;
+    let [g1, g2, g3] = [&fleet[0], &fleet[1], &fleet[2]];
+    // g3 stops reading (paused). Its pending XREAD takes the first ban's record; the second
+    // one the stream loses before g3 asks again.
+    g3.gw.signal("STOP");
+    assert_eq!(g1.ban("127.0.4.1", "1h").await, 201);
+    assert!(within(SECOND, || blocked_everywhere([g2], "127.0.4.1"))
+        .await
+        .is_some());
+    assert_eq!(g1.ban("127.0.4.2", "1h").await, 201);
+    assert!(within(SECOND, || blocked_everywhere([g2], "127.0.4.2"))
+        .await
+        .is_some());
+    let mut con = redis.con();
+    let _: () = redis::cmd("XTRIM")
+        .arg("ipgate:changes")
+        .arg("MAXLEN")
+        .arg(0)
+        .query(&mut con)
+        .unwrap();
+    g3.gw.signal("CONT");
+    // It notices (entries were added that it never read) and takes the entry from the keys.
+    assert!(
+        within(Duration::from_secs(6), || blocked_everywhere(
+            [g3],
+            "127.0.4.2"
+        ))
+        .await
+        .is_some(),
+        "g3 never resynced:\n{}",
+        g3.gw.output.text()
+    );
+    assert!(g3.gw.output.text().contains("resyncing"));
+}
