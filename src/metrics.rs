@@ -30,6 +30,18 @@ pub struct Rejections {
     pub proxy_header: IntCounter,
 }
 
+impl Rejections {
+    fn new(v: &IntCounterVec) -> Rejections {
+        Rejections {
+            blocked: v.with_label_values(&["blocked"]),
+            max_connections: v.with_label_values(&["max_connections"]),
+            per_client: v.with_label_values(&["per_client"]),
+            untrusted_proxy: v.with_label_values(&["untrusted_proxy"]),
+            proxy_header: v.with_label_values(&["proxy_header"]),
+        }
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     /// `ipgate_connections_timed_out_total{reason}`: connections closed for holding a slot
@@ -55,13 +67,52 @@ pub struct Metrics {
     pub store_pending: IntGauge,
     pub connections_open: IntGauge,
     pub access_log_dropped: IntCounter,
+    pub fleet: FleetMetrics,
+}
+
+pub struct FleetMetrics {
     /// `ipgate_fleet_connected`: 1 while the fleet's store is reachable.
-    pub fleet_connected: IntGauge,
+    pub connected: IntGauge,
     /// `ipgate_fleet_changes_total{direction}` (`sent`, `applied`).
-    pub fleet_sent: IntCounter,
-    pub fleet_applied: IntCounter,
+    pub sent: IntCounter,
+    pub applied: IntCounter,
     /// `ipgate_fleet_outbox`: changes waiting to be sent.
-    pub fleet_outbox: IntGauge,
+    pub outbox: IntGauge,
+}
+
+impl FleetMetrics {
+    fn new(registry: &Registry) -> FleetMetrics {
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("metric names are unique");
+            g
+        };
+        let changes = IntCounterVec::new(
+            Opts::new(
+                "ipgate_fleet_changes_total",
+                "Changes to entries and offense history sent to the fleet, or applied from it.",
+            ),
+            &["direction"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(changes.clone()))
+            .expect("metric names are unique");
+        FleetMetrics {
+            connected: gauge(
+                "ipgate_fleet_connected",
+                "1 while the fleet's shared store (Redis or Valkey) is reachable; 0 without.",
+            ),
+            sent: changes.with_label_values(&["sent"]),
+            applied: changes.with_label_values(&["applied"]),
+            outbox: gauge(
+                "ipgate_fleet_outbox",
+                "Changes made here and not yet sent to the fleet.",
+            ),
+        }
+    }
 }
 
 /// Request latency buckets, seconds: sub-millisecond proxying up to slow upstreams.
@@ -104,11 +155,6 @@ impl Metrics {
             "Requests a dry-run rule would have refused, by rule.",
             &["rule"],
         );
-        let fleet_changes = counter_vec(
-            "ipgate_fleet_changes_total",
-            "Changes to entries and offense history sent to the fleet, or applied from it.",
-            &["direction"],
-        );
         Metrics {
             timed_out: counter_vec(
                 "ipgate_connections_timed_out_total",
@@ -118,13 +164,7 @@ impl Metrics {
             ),
             would_block_rate_limit: would_block.with_label_values(&["rate_limit"]),
             would_block,
-            rejected: Rejections {
-                blocked: connections_rejected.with_label_values(&["blocked"]),
-                max_connections: connections_rejected.with_label_values(&["max_connections"]),
-                per_client: connections_rejected.with_label_values(&["per_client"]),
-                untrusted_proxy: connections_rejected.with_label_values(&["untrusted_proxy"]),
-                proxy_header: connections_rejected.with_label_values(&["proxy_header"]),
-            },
+            rejected: Rejections::new(&connections_rejected),
             connections_rejected,
             requests: counter_vec(
                 "ipgate_requests_total",
@@ -176,16 +216,7 @@ impl Metrics {
                 "ipgate_access_log_dropped_total",
                 "Access log lines dropped because the writer fell behind.",
             ),
-            fleet_connected: gauge(
-                "ipgate_fleet_connected",
-                "1 while the fleet's shared store (Redis or Valkey) is reachable; 0 without.",
-            ),
-            fleet_sent: fleet_changes.with_label_values(&["sent"]),
-            fleet_applied: fleet_changes.with_label_values(&["applied"]),
-            fleet_outbox: gauge(
-                "ipgate_fleet_outbox",
-                "Changes made here and not yet sent to the fleet.",
-            ),
+            fleet: FleetMetrics::new(&registry),
             registry,
         }
     }

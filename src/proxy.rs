@@ -290,10 +290,7 @@ pub async fn handle(
                             host,
                             path: &path,
                             status: resp.status().as_u16(),
-                            location: resp
-                                .headers()
-                                .get(header::LOCATION)
-                                .and_then(|v| v.to_str().ok()),
+                            location: location(&resp),
                         };
                         admission::observe(state, &snap, site, client.ip, &seen);
                     }
@@ -301,22 +298,31 @@ pub async fn handle(
                 }
                 // The client's fault, not the upstream's.
                 Err(e @ (Error::BodyIdle | Error::BodyFailed)) => refuse(state, None, e),
-                Err(e) => {
-                    site.metrics.upstream_error.inc();
-                    match &e {
-                        Error::UpstreamConnect(_) => site.metrics.connect_errors.inc(),
-                        Error::UpstreamTimeout => site.metrics.timeouts.inc(),
-                        Error::UpstreamBusy => site.metrics.busy.inc(),
-                        _ => site.metrics.protocol_errors.inc(),
-                    }
-                    debug!(site = %site.site.name, error = %e, "upstream error");
-                    (Response::from(&e), site.site.name.as_str(), e.outcome())
-                }
+                Err(e) => upstream_failed(site, e),
             }
         }
     };
     logged.log(state, &snap, client.ip, &resp, site_name, outcome);
     Ok((resp, held))
+}
+
+/// Counts an upstream failure and makes its answer.
+fn upstream_failed(site: &SiteEntry, e: Error) -> (Response<Body>, &str, &'static str) {
+    site.metrics.upstream_error.inc();
+    match &e {
+        Error::UpstreamConnect(_) => site.metrics.connect_errors.inc(),
+        Error::UpstreamTimeout => site.metrics.timeouts.inc(),
+        Error::UpstreamBusy => site.metrics.busy.inc(),
+        _ => site.metrics.protocol_errors.inc(),
+    }
+    debug!(site = %site.site.name, error = %e, "upstream error");
+    (Response::from(&e), site.site.name.as_str(), e.outcome())
+}
+
+fn location(resp: &Response<Body>) -> Option<&str> {
+    resp.headers()
+        .get(header::LOCATION)
+        .and_then(|v| v.to_str().ok())
 }
 
 /// Counts a request answered by the gateway itself and makes its answer.
@@ -432,25 +438,7 @@ async fn forward(
     }
     // Upstreams speak HTTP/1.1 whatever the client spoke.
     parts.version = Version::HTTP_11;
-    // A small body is read before an upstream connection is taken for it.
-    let body =
-        UpstreamBody::read_small(body, limits.request_buffer_bytes, limits.body_idle_timeout)
-            .await
-            .map_err(|e| match e {
-                crate::body::Error::Idle(_) => Error::BodyIdle,
-                crate::body::Error::Client(_) => Error::BodyFailed,
-            })?;
-    if let Some(slots) = &site.upstream_slots {
-        held.upstream = Some(match slots.clone().try_acquire_owned() {
-            Ok(permit) => permit,
-            Err(_) => {
-                tokio::time::timeout(limits.upstream_queue_timeout, slots.clone().acquire_owned())
-                    .await
-                    .map_err(|_| Error::UpstreamBusy)?
-                    .map_err(|_| Error::UpstreamBusy)?
-            }
-        });
-    }
+    let body = ready_to_send(body, limits, site, held).await?;
     let upstream_req = Request::from_parts(parts, body);
 
     let mut resp = match tokio::time::timeout(
@@ -494,6 +482,36 @@ async fn forward(
     }
     headers::strip_hop_by_hop(resp.headers_mut());
     Ok(resp.map(Either::Left))
+}
+
+/// What comes before a request takes an upstream connection (SPEC 16): a small body is read
+/// whole, then one of the site's `max_upstream_connections` is waited for (bounded).
+async fn ready_to_send(
+    body: Incoming,
+    limits: &crate::config::Limits,
+    site: &SiteEntry,
+    held: &mut Held,
+) -> Result<UpstreamBody, Error> {
+    let body =
+        UpstreamBody::read_small(body, limits.request_buffer_bytes, limits.body_idle_timeout)
+            .await
+            .map_err(|e| match e {
+                crate::body::Error::Idle(_) => Error::BodyIdle,
+                crate::body::Error::Client(_) => Error::BodyFailed,
+            })?;
+    if let Some(slots) = &site.upstream_slots {
+        let permit = match slots.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                tokio::time::timeout(limits.upstream_queue_timeout, slots.clone().acquire_owned())
+                    .await
+                    .map_err(|_| Error::UpstreamBusy)?
+                    .map_err(|_| Error::UpstreamBusy)?
+            }
+        };
+        held.upstream = Some(permit);
+    }
+    Ok(body)
 }
 
 /// `path?query` as a request target.

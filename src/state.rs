@@ -144,15 +144,8 @@ impl Snapshot {
                 })
                 .collect();
             route_limiters.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
-            let upstream_slots = site.max_upstream_connections.map(|cap| {
-                previous
-                    .and_then(|p| p.sites.iter().find(|s| s.site.name == site.name))
-                    .filter(|s| s.site.max_upstream_connections == Some(cap))
-                    .and_then(|s| s.upstream_slots.clone())
-                    .unwrap_or_else(|| Arc::new(tokio::sync::Semaphore::new(cap)))
-            });
             sites.push(SiteEntry {
-                upstream_slots,
+                upstream_slots: upstream_slots(previous, site),
                 upstream: site
                     .upstream
                     .authority()
@@ -220,6 +213,20 @@ pub fn http_builder(
 
 /// The rule of the previous snapshot named `name`, if `same` says its settings are unchanged:
 /// kept, client state and all, across a reload; otherwise a new one from `make`.
+/// A site's `max_upstream_connections` permits: the previous snapshot's when the cap is the
+/// same, so requests in flight stay counted across a reload.
+fn upstream_slots(
+    previous: Option<&Snapshot>,
+    site: &crate::config::Site,
+) -> Option<Arc<tokio::sync::Semaphore>> {
+    let cap = site.max_upstream_connections?;
+    let kept = previous
+        .and_then(|p| p.sites.iter().find(|s| s.site.name == site.name))
+        .filter(|s| s.site.max_upstream_connections == Some(cap))
+        .and_then(|s| s.upstream_slots.clone());
+    Some(kept.unwrap_or_else(|| Arc::new(tokio::sync::Semaphore::new(cap))))
+}
+
 fn kept_or<T>(
     previous: Option<&HashMap<String, Arc<T>>>,
     name: &str,

@@ -19,13 +19,13 @@
 //! elsewhere); if not, the store was emptied, and this gateway publishes its live entries and
 //! offenses again, so the fleet converges.
 
-use std::collections::{HashMap, HashSet};
+mod sync;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
-use redis::streams::StreamReadReply;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::AsyncCommands;
 use tokio::sync::{watch, Mutex};
 use tracing::{info, warn};
@@ -33,7 +33,7 @@ use tracing::{info, warn};
 use crate::clock::now_ms;
 use crate::config::{self, Action};
 use crate::state::AppState;
-use crate::store::{self, Change, Stored};
+use crate::store::{self, Change};
 
 const STREAM: &str = "ipgate:changes";
 const EPOCH: &str = "ipgate:epoch";
@@ -124,7 +124,7 @@ impl Fleet {
         let _ = stop.wait_for(|s| *s).await;
         sender.abort();
         reader.abort();
-        self.state.metrics.fleet_connected.set(0);
+        self.state.metrics.fleet.connected.set(0);
     }
 
     /// Sends the outbox whenever a change is queued, and every second (after an outage).
@@ -161,7 +161,7 @@ impl Fleet {
         loop {
             let batch = store.outbox(BATCH).await?;
             let Some(&(last, _)) = batch.last() else {
-                self.state.metrics.fleet_outbox.set(0);
+                self.state.metrics.fleet.outbox.set(0);
                 return Ok(());
             };
             // A forget goes alone: it scans and deletes what the store holds about it.
@@ -178,9 +178,9 @@ impl Fleet {
                 _ => self.send(con, batch.iter().map(|(_, c)| c)).await?,
             }
             store.outbox_done(last).await?;
-            self.state.metrics.fleet_sent.inc_by(batch.len() as u64);
+            self.state.metrics.fleet.sent.inc_by(batch.len() as u64);
             let left = store.outbox_len().await.unwrap_or(0);
-            self.state.metrics.fleet_outbox.set(left as i64);
+            self.state.metrics.fleet.outbox.set(left as i64);
         }
     }
 
@@ -325,289 +325,6 @@ impl Fleet {
                 let _ = c.xdel::<_, _, ()>(STREAM, &[id]).await;
             }
         });
-        Ok(())
-    }
-
-    /// Reads the others' changes; (re)connects and resyncs after any failure.
-    async fn read_loop(self: Arc<Self>) {
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            match self.read(&mut backoff).await {
-                Ok(()) => {}
-                Err(e) => {
-                    if self.state.metrics.fleet_connected.get() == 1 {
-                        warn!(error = %e, "fleet: the shared store is unreachable; entries stay local until it is back");
-                    }
-                }
-            }
-            self.state.metrics.fleet_connected.set(0);
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(2));
-        }
-    }
-
-    async fn read(&self, backoff: &mut Duration) -> Result<(), Error> {
-        let config = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(RESPONSE_TIMEOUT))
-            .set_response_timeout(Some(BLOCK + RESPONSE_TIMEOUT));
-        let mut con = self
-            .client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await?;
-        let (mut last, mut base) = self.resync(&mut con).await?;
-        // Records read since the resync, own ones included: with `base`, what the stream's
-        // `entries-added` must be when nothing was lost.
-        let mut seen: u64 = 0;
-        *backoff = Duration::from_millis(100);
-        if self.state.metrics.fleet_connected.get() == 0 {
-            info!(gateway = %self.id, "fleet: connected and in sync");
-        }
-        self.state.metrics.fleet_connected.set(1);
-        loop {
-            let opts = redis::streams::StreamReadOptions::default()
-                .block(BLOCK.as_millis() as usize)
-                .count(BATCH);
-            let reply: Option<StreamReadReply> =
-                con.xread_options(&[STREAM], &[&last], &opts).await?;
-            let entries = reply
-                .and_then(|r| r.keys.into_iter().next())
-                .map(|k| k.ids)
-                .unwrap_or_default();
-            if entries.is_empty() {
-                // Idle: were records this gateway had not read trimmed or deleted?
-                if self.missed(&mut con, &last, base + seen).await? {
-                    info!(
-                        "fleet: changes were trimmed or deleted before they were read: resyncing"
-                    );
-                    (last, base) = self.resync(&mut con).await?;
-                    seen = 0;
-                }
-                continue;
-            }
-            seen += entries.len() as u64;
-            let mut changes = Vec::with_capacity(entries.len());
-            for e in &entries {
-                let origin: Option<String> = e.get("origin");
-                if origin.as_deref() == Some(self.id.as_str()) {
-                    continue;
-                }
-                if let Some(c) = e
-                    .get::<Vec<u8>>("change")
-                    .and_then(|c| serde_json::from_slice::<Change>(&c).ok())
-                {
-                    changes.push(c);
-                }
-            }
-            if let Some(e) = entries.last() {
-                last = e.id.clone();
-            }
-            self.apply(changes).await?;
-        }
-    }
-
-    /// The stream's `XINFO`: (last ID, entries ever added, largest deleted ID); zeros when
-    /// there is no stream yet.
-    async fn stream_info(con: &mut MultiplexedConnection) -> Result<(String, u64, String), Error> {
-        let info: HashMap<String, redis::Value> = match redis::cmd("XINFO")
-            .arg("STREAM")
-            .arg(STREAM)
-            .query_async(con)
-            .await
-        {
-            Ok(i) => i,
-            Err(e)
-                if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError) =>
-            {
-                return Ok(("0-0".into(), 0, "0-0".into()))
-            }
-            Err(e) => return Err(e.into()),
-        };
-        let text = |k: &str| {
-            info.get(k)
-                .and_then(|v| redis::from_redis_value_ref::<String>(v).ok())
-                .unwrap_or_else(|| "0-0".into())
-        };
-        let added = info
-            .get("entries-added")
-            .and_then(|v| redis::from_redis_value_ref::<u64>(v).ok())
-            .unwrap_or(0);
-        Ok((
-            text("last-generated-id"),
-            added,
-            text("max-deleted-entry-id"),
-        ))
-    }
-
-    /// Whether the stream lost records this gateway had not read: trimmed (more were added
-    /// than `expected`, though nothing is left to read) or deleted after `last`.
-    async fn missed(
-        &self,
-        con: &mut MultiplexedConnection,
-        last: &str,
-        expected: u64,
-    ) -> Result<bool, Error> {
-        let (_, added, deleted) = Self::stream_info(con).await?;
-        Ok(added > expected || stream_id(&deleted) > stream_id(last))
-    }
-
-    /// Brings this gateway and the store together; returns the stream ID to read from and
-    /// the stream's `entries-added` at that ID.
-    async fn resync(&self, con: &mut MultiplexedConnection) -> Result<(String, u64), Error> {
-        let retention = self.retention_ms();
-        let fresh = format!("{:016x}", rand_u64());
-        let _: Option<String> = redis::cmd("SET")
-            .arg(EPOCH)
-            .arg(&fresh)
-            .arg("NX")
-            .arg("PX")
-            .arg(retention)
-            .query_async(con)
-            .await?;
-        let epoch: String = con.get(EPOCH).await?;
-        let _: () = con.pexpire(EPOCH, retention as i64).await?;
-        // What this gateway did while away goes first.
-        self.flush(con).await?;
-        let (last, added, _) = Self::stream_info(con).await?;
-
-        let now = now_ms();
-        let started = now;
-        let mut in_store: HashSet<(Action, IpNet)> = HashSet::new();
-        let mut changes = Vec::new();
-        for keys in scan(con, "ipgate:entry:*").await?.chunks(256) {
-            let values: Vec<Option<Vec<u8>>> = con.mget(keys).await?;
-            for (key, value) in keys.iter().zip(values) {
-                let Some((action, target)) = parse_entry_key(key) else {
-                    continue;
-                };
-                let Some(entry) = value.and_then(|v| serde_json::from_slice::<Stored>(&v).ok())
-                else {
-                    continue;
-                };
-                in_store.insert((action, target));
-                let held = self.state.temp.table(action).find(target.addr(), None);
-                let same =
-                    held.is_some_and(|(net, e)| net == target && e.expires_at == entry.expires_at);
-                if !same && entry.expires_at > now {
-                    changes.push(Change::Put {
-                        action,
-                        target,
-                        entry,
-                    });
-                }
-            }
-        }
-        let mut offenses_in_store: HashSet<(String, IpNet)> = HashSet::new();
-        for key in scan(con, "ipgate:offense:*").await? {
-            let Some((jail, target)) = parse_offense_key(&key) else {
-                continue;
-            };
-            let times: Vec<u64> = con.zrange(&key, 0, -1).await?;
-            offenses_in_store.insert((jail.clone(), target));
-            changes.push(Change::Offense {
-                jail,
-                target,
-                times,
-            });
-        }
-
-        let store = &self.state.store;
-        let seen = store.meta("fleet_epoch").await?;
-        let local = store.load(now).await?;
-        let local_offenses = store.all_offenses().await?;
-        if seen.as_deref() == Some(epoch.as_str()) {
-            // The store knows what happened while this gateway was away: what it lacks was
-            // removed (or forgotten) elsewhere. Not what was made here meanwhile (still in
-            // the outbox, or made after the scan began).
-            let busy = store.outbox_concerns().await?;
-            for (action, target, entry) in &local {
-                let fresh = entry.created_at >= started || busy.contains(target);
-                if !fresh && !in_store.contains(&(*action, *target)) {
-                    changes.push(Change::Delete {
-                        action: *action,
-                        target: *target,
-                    });
-                }
-            }
-            let mut forgotten: Vec<IpNet> = Vec::new();
-            for (jail, target, _) in &local_offenses {
-                let gone = !offenses_in_store.contains(&(jail.clone(), *target));
-                if gone && !busy.contains(target) && !forgotten.contains(target) {
-                    forgotten.push(*target);
-                }
-            }
-            if !forgotten.is_empty() {
-                changes.push(Change::Forget { targets: forgotten });
-            }
-        } else {
-            // A new store (first contact, or it restarted empty): publish what is live here.
-            let again: Vec<Change> =
-                local
-                    .iter()
-                    .filter(|(a, t, _)| !in_store.contains(&(*a, *t)))
-                    .map(|(action, target, entry)| Change::Put {
-                        action: *action,
-                        target: *target,
-                        entry: Stored::of(entry),
-                    })
-                    .chain(local_offenses.into_iter().map(|(jail, target, times)| {
-                        Change::Offense {
-                            jail,
-                            target,
-                            times,
-                        }
-                    }))
-                    .collect();
-            if !again.is_empty() {
-                info!(
-                    changes = again.len(),
-                    "fleet: a new store: publishing this gateway's entries again"
-                );
-                store.enqueue(again).await?;
-                self.flush(con).await?;
-            }
-            store.set_meta("fleet_epoch", epoch).await?;
-        }
-        self.apply(changes).await?;
-        Ok((last, added))
-    }
-
-    /// Applies the others' changes: memory first (enforced at once), then the local store.
-    async fn apply(&self, changes: Vec<Change>) -> Result<(), Error> {
-        if changes.is_empty() {
-            return Ok(());
-        }
-        let state = &self.state;
-        let now = now_ms();
-        state.metrics.fleet_applied.inc_by(changes.len() as u64);
-        for c in &changes {
-            match c {
-                Change::Put {
-                    action,
-                    target,
-                    entry,
-                } if entry.expires_at > now => {
-                    if *action == Action::Block {
-                        state.metrics.bans.with_label_values(&["fleet"]).inc();
-                    }
-                    state.temp.table(*action).insert(*target, entry.entry());
-                }
-                Change::Put { .. } => {}
-                Change::Delete { action, target } => {
-                    state.temp.table(*action).remove(*target);
-                }
-                Change::Offense { .. } => {}
-                Change::Forget { targets } => {
-                    for t in targets {
-                        state.erase_counters(t.addr());
-                    }
-                }
-            }
-        }
-        state.publish_temporary_gauges();
-        if let Err(e) = state.store.apply(changes).await {
-            state.metrics.store_errors.inc();
-            return Err(e.into());
-        }
         Ok(())
     }
 }
