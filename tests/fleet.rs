@@ -433,10 +433,11 @@ async fn through_an_outage_bans_stay_local_then_the_fleet_converges_even_on_an_e
     // g2 bans, then restarts while the store is still away: its outbox survives.
     assert_eq!(fleet[1].ban("127.0.3.3", "1h").await, 201);
     {
-        let m = &mut fleet[1];
-        m.gw.signal("TERM");
-        let old = std::mem::replace(&mut m.gw, m.files.start("info"));
-        let _ = old.wait().await;
+        let Member { files, gw } = fleet.remove(1);
+        gw.signal("TERM");
+        assert!(gw.wait().await.success());
+        let gw = files.start("info");
+        fleet.insert(1, Member { files, gw });
     }
     assert!(refused("127.0.3.3", fleet[1].gw.plain).await);
 
