@@ -5,10 +5,9 @@
 //! A request flows top to bottom, each module using only the ones below it:
 //! - [`worker`]: one thread per CPU, each with its own event loop, listening sockets and
 //!   upstream pool; a connection never leaves the thread that accepted it.
-//! - [`acceptor`]: a thread per listening socket that accepts, resets blocked clients and
-//!   clients over a connection cap at once, and hands the others to its worker.
-//! - [`listener`]: serves an admitted connection: the PROXY header's client ([`client_addr`]),
-//!   TLS ([`tls`]) and HTTP/1.1 and HTTP/2 under the limits.
+//! - [`listener`]: accepts client connections, enforces the connection cap, closes blocked
+//!   clients before TLS ([`client_addr`]: the peer or the PROXY header's source), runs TLS
+//!   ([`tls`]) and serves HTTP/1.1 and HTTP/2 under the limits.
 //! - [`proxy`]: one request: checks it ([`request`]: one valid [`host`], the [`path`] in normal
 //!   form, the client behind trusted proxies), picks the site, asks [`admission`], rewrites
 //!   the headers, forwards, streams bodies and WebSocket upgrades, maps failures to statuses.
@@ -30,7 +29,6 @@
 //! - [`metrics`], [`access_log`], [`shutdown`] (signals), [`watcher`] (changed list and
 //!   certificate files), [`demo`] (the quick start's demo upstream).
 
-pub mod acceptor;
 pub mod access_log;
 pub mod admin;
 pub mod admission;

@@ -2,6 +2,7 @@
 //! timeout, and serve HTTP/1.1 and HTTP/2 with hyper under the configured limits. Each
 //! connection is watched by the graceful-shutdown tracker so SIGTERM lets it finish.
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -9,12 +10,12 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncWrite, Interest};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
-use tracing::{debug, warn};
+use tracing::{debug, error, warn};
 
-pub use crate::acceptor::Admitted;
 use crate::access_log::LoggedIp;
 use crate::client_addr;
 use crate::clients::{client_key, ClientSlot, ConnSlot};
@@ -23,38 +24,93 @@ use crate::policy::Verdict;
 use crate::proxy::{self, ConnInfo, Context};
 use crate::state::AppState;
 
-/// Serves the connections the acceptor thread of one listener admitted, until `stop` turns
-/// true (SPEC 3, 16: refusals never wait for this loop; see [`crate::acceptor`]).
-pub async fn serve_admitted(
+/// A listening socket whose accepted connections are not registered with the event loop
+/// until they are admitted: refusing a client costs accept, one setsockopt and close, with
+/// no epoll registration to add and remove.
+struct Acceptor(AsyncFd<mio::net::TcpListener>);
+
+impl Acceptor {
+    fn new(listener: std::net::TcpListener) -> std::io::Result<Acceptor> {
+        listener.set_nonblocking(true)?;
+        let listener = mio::net::TcpListener::from_std(listener);
+        // Deprecated because a borrowed descriptor could be closed while registered; this one
+        // is owned by the AsyncFd for as long as it is registered (the replacement is `unsafe`,
+        // which this crate forbids).
+        #[allow(deprecated)]
+        let fd = AsyncFd::with_interest(listener, Interest::READABLE)?;
+        Ok(Acceptor(fd))
+    }
+
+    async fn accept(&self) -> std::io::Result<(mio::net::TcpStream, SocketAddr)> {
+        loop {
+            let mut ready = self.0.readable().await?;
+            // Readiness is cleared, and waited for again, only on WouldBlock.
+            if let Ok(accepted) = ready.try_io(|l| l.get_ref().accept()) {
+                return accepted;
+            }
+        }
+    }
+}
+
+/// Accepts on one listener until `stop` turns true.
+pub async fn accept_loop(
     worker: Arc<Context>,
-    mut admitted: tokio::sync::mpsc::UnboundedReceiver<Admitted>,
+    listener: std::net::TcpListener,
     conf: config::Listener,
     graceful: &GracefulShutdown,
     mut stop: watch::Receiver<bool>,
 ) {
     let state = &worker.state;
+    let listener = match Acceptor::new(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            error!(addr = %conf.addr, error = %e, "cannot use a listening socket");
+            return;
+        }
+    };
     loop {
-        let next = tokio::select! {
+        let accepted = tokio::select! {
             biased;
             _ = stop.wait_for(|s| *s) => return,
-            a = admitted.recv() => a,
+            a = listener.accept() => a,
         };
-        let Some(Admitted {
-            tcp,
-            peer,
-            client,
-            client_slot,
-            permit,
-            head_by,
-        }) = next
-        else {
-            return;
+        let (tcp, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of descriptors and the like: back off briefly instead of spinning.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                continue;
+            }
         };
-        // It joins this worker's event loop. TCP_NODELAY is inherited.
-        let tcp = match tcp
-            .set_nonblocking(true)
-            .and_then(|()| TcpStream::from_std(tcp))
-        {
+        let client = client_addr::peer(peer);
+        // The address is known now (unless a PROXY header will name it): a blocked client is
+        // closed before a byte is read (SPEC 3), and a client over its connection cap too
+        // (SPEC 16), before either can take a connection slot.
+        let client_slot = if conf.proxy_protocol {
+            None
+        } else {
+            match admit_client(state, client) {
+                Ok(slot) => slot,
+                Err(reason) => {
+                    reason.inc();
+                    reset(tcp);
+                    continue;
+                }
+            }
+        };
+        let Ok(permit) = state.connections.clone().try_acquire_owned() else {
+            state.metrics.rejected.max_connections.inc();
+            reset(tcp);
+            continue;
+        };
+        // Admitted: a normal close again (a reset would drop a response still in the send
+        // buffer), and it joins this worker's event loop. TCP_NODELAY is inherited.
+        if let Err(e) = socket2::SockRef::from(&tcp).set_linger(None) {
+            warn!(error = %e, "cannot set up a connection");
+            continue;
+        }
+        let tcp = match TcpStream::from_std(std::net::TcpStream::from(tcp)) {
             Ok(t) => t,
             Err(e) => {
                 warn!(error = %e, "cannot register a connection");
@@ -67,7 +123,9 @@ pub async fn serve_admitted(
         let builder = state.snapshot.load().http.clone();
         let tls = conf.tls;
         let proxy_protocol = conf.proxy_protocol;
-        let head_by = tokio::time::Instant::from_std(head_by);
+        // The first request head is due this long after accept, TLS and PROXY header included.
+        let head_by =
+            tokio::time::Instant::now() + state.snapshot.load().config.limits.header_read_timeout;
         tokio::spawn(async move {
             let state = &worker.state;
             let mut tcp = tcp;
@@ -96,10 +154,17 @@ pub async fn serve_admitted(
     }
 }
 
+/// Closes a refused connection with an RST: it inherited zero linger from the listening
+/// socket (`worker::bind`), so no FIN exchange and no TIME_WAIT socket is left behind per
+/// attempt, which is what a flood of them would otherwise cost.
+fn reset(tcp: mio::net::TcpStream) {
+    drop(tcp);
+}
+
 /// Whether a client may open another connection: not blocked, and under
 /// `limits.max_connections_per_client` (allow-listed clients and trusted proxies are exempt,
 /// so a front proxy is never capped for its users). `Err` carries the rejection to count.
-pub(crate) fn admit_client(
+fn admit_client(
     state: &AppState,
     client: std::net::IpAddr,
 ) -> Result<Option<ClientSlot>, &prometheus::IntCounter> {

@@ -1,7 +1,6 @@
 //! Worker threads, one per CPU by default (`gateway.workers`). Each runs its own
 //! single-threaded Tokio runtime with its own socket on every client listener (SO_REUSEPORT:
-//! the kernel spreads new connections over the workers; each socket's acceptor thread,
-//! [`crate::acceptor`], refuses or hands over what it accepts) and its own upstream pool.
+//! the kernel spreads new connections over the workers) and its own upstream connection pool.
 //! A client connection, its requests and their upstream connections therefore live on one
 //! thread: no task migrates, no wake-up crosses threads and no pool lock is shared on the
 //! request path. What the workers share is read-mostly: the [`AppState`] (snapshot behind an
@@ -16,7 +15,6 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::watch;
 use tracing::{error, warn};
 
-use crate::acceptor;
 use crate::config;
 use crate::listener;
 use crate::proxy::Context;
@@ -67,8 +65,7 @@ pub fn run(state: Arc<AppState>, sockets: Sockets, stop: watch::Receiver<bool>) 
             return;
         }
     };
-    let mut acceptors = Vec::new();
-    runtime.block_on(async {
+    runtime.block_on(async move {
         let worker = Arc::new(Context {
             state,
             upstream: Arc::default(),
@@ -76,26 +73,9 @@ pub fn run(state: Arc<AppState>, sockets: Sockets, stop: watch::Receiver<bool>) 
             upgrades: tokio_util::task::TaskTracker::new(),
         });
         let graceful = GracefulShutdown::new();
-        let mut loops = Vec::new();
-        for (i, (socket, conf)) in sockets.into_iter().enumerate() {
-            let (to, admitted) = tokio::sync::mpsc::unbounded_channel();
-            let name = format!("ipgate-accept-{i}");
-            let state = worker.state.clone();
-            match acceptor::spawn(state, socket, conf.clone(), to, stop.clone(), name) {
-                Ok(thread) => acceptors.push(thread),
-                Err(e) => {
-                    error!(addr = %conf.addr, error = %e, "cannot use a listening socket");
-                    continue;
-                }
-            }
-            loops.push(listener::serve_admitted(
-                worker.clone(),
-                admitted,
-                conf,
-                &graceful,
-                stop.clone(),
-            ));
-        }
+        let loops = sockets.into_iter().map(|(socket, conf)| {
+            listener::accept_loop(worker.clone(), socket, conf, &graceful, stop.clone())
+        });
         futures_util::future::join_all(loops).await;
         let grace = worker.state.snapshot.load().config.limits.shutdown_grace;
         // Requests in flight, then upgraded connections (which close themselves when the
@@ -114,9 +94,6 @@ pub fn run(state: Arc<AppState>, sockets: Sockets, stop: watch::Receiver<bool>) 
     });
     // Tasks still running (a jail ban being written) get a moment to finish.
     runtime.shutdown_timeout(Duration::from_secs(5));
-    for thread in acceptors {
-        let _ = thread.join();
-    }
 }
 
 #[cfg(test)]
