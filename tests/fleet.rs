@@ -15,43 +15,86 @@ use serde_json::json;
 struct Redis {
     port: u16,
     child: Option<Child>,
+    /// With TLS and a password: the directory with its certificate (`redis.crt` for
+    /// localhost, signed by `ca.crt`) and the gateways' `password` file.
+    secure: Option<tempfile::TempDir>,
 }
+
+const PASSWORD: &str = "fleet-test-password";
 
 impl Redis {
     fn start() -> Redis {
+        Redis::new(None)
+    }
+
+    /// Over TLS only (rediss://, a certificate the gateways trust through `fleet.ca_file`)
+    /// and with `requirepass` (the gateways' `fleet.password_file`).
+    fn start_secure() -> Redis {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = TestCa::new();
+        ca.issue(dir.path(), "redis", &["localhost"]);
+        std::fs::write(dir.path().join("ca.crt"), ca.ca_pem()).unwrap();
+        std::fs::write(dir.path().join("password"), format!("{PASSWORD}\n")).unwrap();
+        Redis::new(Some(dir))
+    }
+
+    fn new(secure: Option<tempfile::TempDir>) -> Redis {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        let mut r = Redis { port, child: None };
+        let mut r = Redis {
+            port,
+            child: None,
+            secure,
+        };
         r.restart();
         r
     }
 
+    /// The `[fleet]` keys a gateway needs for this server.
+    fn fleet_keys(&self) -> String {
+        match &self.secure {
+            None => format!("redis = \"{}\"\n", self.url()),
+            Some(dir) => format!(
+                "redis = \"rediss://localhost:{}/0\"\npassword_file = \"{}\"\nca_file = \"{}\"\n",
+                self.port,
+                dir.path().join("password").display(),
+                dir.path().join("ca.crt").display()
+            ),
+        }
+    }
+
     /// Starts the server (again) on the same port, empty.
     fn restart(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args([
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--protected-mode",
-                "yes",
-            ])
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
+        match &self.secure {
+            None => {
+                cmd.args(["--port", &self.port.to_string()]);
+            }
+            Some(dir) => {
+                cmd.args(["--port", "0", "--tls-port", &self.port.to_string()])
+                    .arg("--tls-cert-file")
+                    .arg(dir.path().join("redis.crt"))
+                    .arg("--tls-key-file")
+                    .arg(dir.path().join("redis.key"))
+                    .args(["--tls-auth-clients", "no", "--requirepass", PASSWORD]);
+            }
+        }
+        let child = cmd
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server is not installed: run scripts/test, which installs it");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while redis::Client::open(self.url())
+        while let Err(e) = self
+            .client()
             .and_then(|c| c.get_connection())
             .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
-            .is_err()
         {
-            assert!(Instant::now() < deadline, "redis-server did not start");
+            assert!(Instant::now() < deadline, "redis-server did not start: {e}");
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -63,15 +106,30 @@ impl Redis {
         }
     }
 
+    /// The test's own URL.
     fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        match self.secure {
+            None => format!("redis://127.0.0.1:{}/0", self.port),
+            Some(_) => format!("rediss://:{PASSWORD}@localhost:{}/0", self.port),
+        }
+    }
+
+    /// The test's own client (over TLS trusting the server's certificate, as the gateways).
+    fn client(&self) -> redis::RedisResult<redis::Client> {
+        match &self.secure {
+            None => redis::Client::open(self.url()),
+            Some(dir) => redis::Client::build_with_tls(
+                self.url(),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(std::fs::read(dir.path().join("ca.crt")).unwrap()),
+                },
+            ),
+        }
     }
 
     fn con(&self) -> redis::Connection {
-        redis::Client::open(self.url())
-            .unwrap()
-            .get_connection()
-            .unwrap()
+        self.client().unwrap().get_connection().unwrap()
     }
 
     /// Every key, and every stream record, as text: what the store holds.
@@ -123,10 +181,7 @@ jails = ["login"]
 
 /// Gateway number `i` of a fleet on `redis`.
 async fn member(redis: &Redis, upstream: SocketAddr, i: usize) -> GatewayFiles {
-    let fleet = format!(
-        "[fleet]\nredis = \"{}\"\ngateway_id = \"g{i}\"\n",
-        redis.url()
-    );
+    let fleet = format!("[fleet]\n{}gateway_id = \"g{i}\"\n", redis.fleet_keys());
     GatewayBuilder::new()
         .upstream(upstream)
         .sites(JAIL)
@@ -491,7 +546,9 @@ async fn through_an_outage_bans_stay_local_then_the_fleet_converges_even_on_an_e
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_whose_unread_changes_were_trimmed_resyncs() {
-    let redis = Redis::start();
+    // Over rediss:// with a password, too: the gateways connect (fleet_of waits for it) only
+    // with fleet.ca_file and fleet.password_file.
+    let redis = Redis::start_secure();
     let up = Upstream::start().await;
     let fleet = fleet_of(&redis, up.addr, 3).await;
     let [g1, g2, g3] = [&fleet[0], &fleet[1], &fleet[2]];

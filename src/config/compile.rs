@@ -67,6 +67,11 @@ fn fleet(r: &mut Report, base: &Path, raw: &RawFleet) -> Fleet {
             .as_deref()
             .filter(|p| !p.is_empty())
             .map(|p| resolve(base, p)),
+        ca_file: raw
+            .ca_file
+            .as_deref()
+            .filter(|p| !p.is_empty())
+            .map(|p| resolve(base, p)),
         gateway_id,
     }
 }

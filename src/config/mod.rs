@@ -53,6 +53,8 @@ pub struct Fleet {
     /// `redis://` or `rediss://` URL (Redis or Valkey).
     pub redis: String,
     pub password_file: Option<PathBuf>,
+    /// For `rediss://`: a CA to trust instead of the system's (PEM).
+    pub ca_file: Option<PathBuf>,
     /// This gateway's name in the fleet: letters, digits, `-`, `_` and `.`.
     pub gateway_id: String,
 }

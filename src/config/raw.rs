@@ -34,6 +34,7 @@ pub struct RawFleet {
     pub redis: String,
     pub password_file: Option<String>,
     pub gateway_id: Option<String>,
+    pub ca_file: Option<String>,
 }
 
 /// `[gateway]`: state directory, trusted proxies, default ban, workers.

@@ -54,8 +54,9 @@ pub enum Error {
     Redis(#[from] redis::RedisError),
     #[error("fleet: the local store: {0}")]
     Local(#[from] store::Error),
-    #[error("fleet: cannot read fleet.password_file {}: {source}", path.display())]
-    Password {
+    #[error("fleet: cannot read fleet.{key} {}: {source}", path.display())]
+    File {
+        key: &'static str,
         path: std::path::PathBuf,
         source: std::io::Error,
     },
@@ -82,14 +83,29 @@ pub fn client(conf: &config::Fleet) -> Result<redis::Client, Error> {
     use redis::IntoConnectionInfo;
     let mut info = conf.redis.as_str().into_connection_info()?;
     if let Some(path) = &conf.password_file {
-        let password = std::fs::read_to_string(path).map_err(|source| Error::Password {
+        let password = std::fs::read_to_string(path).map_err(|source| Error::File {
+            key: "password_file",
             path: path.clone(),
             source,
         })?;
         let settings = info.redis_settings().clone().set_password(password.trim());
         info = info.set_redis_settings(settings);
     }
-    Ok(redis::Client::open(info)?)
+    match &conf.ca_file {
+        Some(path) => {
+            let pem = std::fs::read(path).map_err(|source| Error::File {
+                key: "ca_file",
+                path: path.clone(),
+                source,
+            })?;
+            let certs = redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem),
+            };
+            Ok(redis::Client::build_with_tls(info, certs)?)
+        }
+        None => Ok(redis::Client::open(info)?),
+    }
 }
 
 /// One gateway's link to the fleet.

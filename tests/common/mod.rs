@@ -51,6 +51,12 @@ impl TestCa {
         }
     }
 
+    /// The CA certificate, PEM.
+    #[allow(dead_code)]
+    pub fn ca_pem(&self) -> String {
+        self.ca_cert.pem()
+    }
+
     /// Writes `NAME.crt` (leaf + CA, like certbot's fullchain.pem) and `NAME.key`; returns
     /// the leaf's DER.
     pub fn issue(&self, dir: &Path, file: &str, names: &[&str]) -> CertificateDer<'static> {
