@@ -1,5 +1,6 @@
 //! Fleet mode (SPEC 18) against a real `redis-server` (Debian package; `scripts/test` installs
 //! it): each test starts its own server on a free port and three gateway processes.
+//! `IPGATE_TEST_REDIS_SERVER=/path/to/valkey-server` runs them against Valkey instead.
 
 mod common;
 
@@ -68,7 +69,8 @@ impl Redis {
 
     /// Starts the server (again) on the same port, empty.
     fn restart(&mut self) {
-        let mut cmd = Command::new("redis-server");
+        let server = std::env::var("IPGATE_TEST_REDIS_SERVER");
+        let mut cmd = Command::new(server.as_deref().unwrap_or("redis-server"));
         cmd.args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
         match &self.secure {
             None => {
