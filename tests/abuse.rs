@@ -229,9 +229,11 @@ async fn offend_until_banned(gw: &TestGateway, ip: &str) -> f64 {
 async fn a_second_offense_bans_longer() {
     let gw = spawn_gateway(WP_SITE, WP_JAIL).await;
     let first = offend_until_banned(&gw, "127.0.0.15").await;
-    // `ban = "2s"`, read within moments of the ban: close to 2 s, and enforced.
+    // `ban = "2s"`, read within moments of the ban: close to 2 s, and enforced. The API
+    // shows whole seconds (truncated), so up to 1 s less can show, and a busy runner reads
+    // a little later.
     assert!(
-        first > 1.0 && first <= 2.0,
+        first > 0.5 && first <= 2.0,
         "first ban {first}s, want about 2 s"
     );
     assert!(
