@@ -88,16 +88,28 @@ impl UpstreamBody {
         if limit == 0 || declared > limit as u64 || body.is_end_stream() {
             return Ok(body);
         }
-        let mut total = 0usize;
-        while total <= limit {
+        // Coalesced into one buffer: a client sending its body a byte per chunk holds
+        // `limit` bytes, not a frame (and an allocation) per byte.
+        let mut data = bytes::BytesMut::new();
+        let mut rest = None;
+        while data.len() <= limit {
             let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_inner(cx)).await
             else {
                 break;
             };
-            let frame = frame?;
-            total += frame.data_ref().map_or(0, Bytes::len);
-            body.read.push_back(frame);
+            match frame?.into_data() {
+                Ok(chunk) => data.extend_from_slice(&chunk),
+                // Trailers: the body ends with them.
+                Err(trailers) => {
+                    rest = Some(trailers);
+                    break;
+                }
+            }
         }
+        if !data.is_empty() {
+            body.read.push_back(Frame::data(data.freeze()));
+        }
+        body.read.extend(rest);
         Ok(body)
     }
 

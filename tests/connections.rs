@@ -36,6 +36,30 @@ fn assert_near(what: &str, took: Duration, want: Duration) {
     );
 }
 
+/// Waits for the gateway to close `ws` (no text message may come first) and asserts it came
+/// about `want` after `since`.
+async fn assert_ws_closed<S>(ws: &mut S, what: &str, since: Instant, want: Duration)
+where
+    S: futures_util::Stream<
+            Item = Result<
+                tokio_tungstenite::tungstenite::Message,
+                tokio_tungstenite::tungstenite::Error,
+            >,
+        > + Unpin,
+{
+    let end = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .unwrap_or_else(|_| panic!("{what}: still open after 5 s"));
+    assert!(
+        !matches!(
+            end,
+            Some(Ok(tokio_tungstenite::tungstenite::Message::Text(_)))
+        ),
+        "{end:?}"
+    );
+    assert_near(what, since.elapsed(), want);
+}
+
 const TIMEOUTS: &str = r#"
 [limits]
 header_read_timeout = "1s"
@@ -238,21 +262,13 @@ async fn a_websocket_keeps_its_slot_and_closes_when_idle() {
     }
     // Quiet for the idle timeout: closed.
     let idle_since = Instant::now();
-    let end = tokio::time::timeout(Duration::from_secs(5), ws.next())
-        .await
-        .expect("an idle WebSocket stayed open");
-    assert!(
-        !matches!(
-            end,
-            Some(Ok(tokio_tungstenite::tungstenite::Message::Text(_)))
-        ),
-        "{end:?}"
-    );
-    assert_near(
+    assert_ws_closed(
+        &mut ws,
         "idle WebSocket",
-        idle_since.elapsed(),
+        idle_since,
         Duration::from_secs(1),
-    );
+    )
+    .await;
     assert_eq!(
         gw.metric_settled(
             r#"ipgate_connections_timed_out_total{reason="upgrade_idle"}"#,
@@ -508,13 +524,32 @@ async fn a_small_body_is_read_whole_before_the_upstream_sees_the_request() {
     let text = String::from_utf8_lossy(&out);
     assert!(text.ends_with("5 532"), "{text}");
 
+    // 500 one-byte chunks: read ahead (coalesced), then delivered whole.
+    let mut tcp = connect_from("127.0.0.74", gw.plain).await;
+    let mut req = b"POST /upload HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n".to_vec();
+    for _ in 0..500 {
+        req.extend_from_slice(b"1\r\nz\r\n");
+    }
+    tcp.write_all(&req).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        origin.count(),
+        2,
+        "a small body of tiny chunks was not read ahead"
+    );
+    tcp.write_all(b"0\r\n\r\n").await.unwrap();
+    let mut out = Vec::new();
+    read_until_closed(&mut tcp, &mut out).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.ends_with(&format!("500 {}", 500 * 122)), "{text}");
+
     // Declared larger than the buffer: streamed, so the upstream sees it before it ends.
     let mut tcp = connect_from("127.0.0.73", gw.plain).await;
     let head = "POST /upload HTTP/1.1\r\nHost: a.test\r\nContent-Length: 10000\r\nConnection: close\r\n\r\n";
     tcp.write_all(head.as_bytes()).await.unwrap();
     tcp.write_all(&[1u8; 100]).await.unwrap();
     assert!(
-        eventually(Duration::from_secs(3), || async { origin.count() == 3 }).await,
+        eventually(Duration::from_secs(3), || async { origin.count() == 4 }).await,
         "a large body was held back"
     );
     tcp.write_all(&[1u8; 9900]).await.unwrap();
@@ -605,21 +640,13 @@ async fn a_websocket_is_closed_at_shutdown_after_the_grace_period() {
     assert!(ws.next().await.unwrap().is_ok());
     let start = Instant::now();
     let stopping = tokio::spawn(gw.shutdown());
-    let end = tokio::time::timeout(Duration::from_secs(5), ws.next())
-        .await
-        .expect("the WebSocket outlived the shutdown");
-    assert!(
-        !matches!(
-            end,
-            Some(Ok(tokio_tungstenite::tungstenite::Message::Text(_)))
-        ),
-        "{end:?}"
-    );
-    assert_near(
+    assert_ws_closed(
+        &mut ws,
         "WebSocket at shutdown",
-        start.elapsed(),
+        start,
         Duration::from_secs(1),
-    );
+    )
+    .await;
     tokio::time::timeout(Duration::from_secs(3), stopping)
         .await
         .expect("the gateway did not stop")
