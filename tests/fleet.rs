@@ -344,6 +344,39 @@ async fn bans_unbans_and_jail_bans_reach_every_gateway_within_a_second() {
         took.is_some(),
         "the jail ban did not reach g1 and g2 within 1 s"
     );
+    // A change in the store that claims 10 days is kept no longer than max_retention (1 h).
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let change = json!({"kind": "put", "action": "block", "target": "127.0.2.9/32",
+        "entry": {"created_at": now_ms, "expires_at": now_ms + 10 * 86_400_000,
+                  "source": "api", "reason": null, "origin": "elsewhere"}});
+    let _: String = redis::cmd("XADD")
+        .arg("ipgate:changes")
+        .arg("*")
+        .arg("origin")
+        .arg("elsewhere")
+        .arg("change")
+        .arg(change.to_string())
+        .query(&mut redis.con())
+        .unwrap();
+    assert!(within(SECOND, || blocked_everywhere([g1], "127.0.2.9"))
+        .await
+        .is_some());
+    let (_, lookup) = g1.api("GET", "/v1/ips/127.0.2.9", None).await;
+    let until = lookup["entries"][0]["expires_at"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let until = humantime::parse_rfc3339(&until).unwrap_or_else(|_| panic!("{lookup}"));
+    let left = until
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    assert!(
+        left <= Duration::from_secs(3600),
+        "kept for {left:?}: {lookup}"
+    );
     let m = admin_metrics(g1.gw.admin).await;
     assert!(
         metric(&m, r#"ipgate_fleet_changes_total{direction="applied"}"#).unwrap_or(0.0) >= 3.0,

@@ -284,12 +284,21 @@ impl Fleet {
     }
 
     /// Applies the others' changes: memory first (enforced at once), then the local store.
-    async fn apply(&self, changes: Vec<Change>) -> Result<(), Error> {
+    async fn apply(&self, mut changes: Vec<Change>) -> Result<(), Error> {
         if changes.is_empty() {
             return Ok(());
         }
         let state = &self.state;
         let now = now_ms();
+        // Whatever the store says, nothing is kept here past privacy.max_retention.
+        let cap = now + self.retention_ms();
+        for c in &mut changes {
+            match c {
+                Change::Put { entry, .. } => entry.expires_at = entry.expires_at.min(cap),
+                Change::Offense { times, .. } => times.retain(|&t| t + self.retention_ms() > now),
+                _ => {}
+            }
+        }
         state.metrics.fleet.applied.inc_by(changes.len() as u64);
         for c in &changes {
             match c {
