@@ -235,3 +235,20 @@ fn configured_hosts_lose_case_and_one_trailing_dot_like_requests() {
     assert_eq!(c.sites[0].hosts, ["b.test"]);
     assert_eq!(c.jails[0].hosts, ["a.test"]);
 }
+
+#[test]
+fn fleet_keys_are_checked() {
+    let bad = |fleet: &str| {
+        let p = problems(&format!("{MINIMAL}\n[fleet]\n{fleet}"));
+        p.into_iter().map(|p| p.key).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        bad("redis = \"http://127.0.0.1:6379\"\ngateway_id = \"web1\""),
+        vec!["fleet.redis"]
+    );
+    assert_eq!(
+        bad("redis = \"redis://127.0.0.1:6379/0\"\ngateway_id = \"web 1:x\""),
+        vec!["fleet.gateway_id"]
+    );
+    assert!(bad("redis = \"rediss://10.0.0.5:6379/0\"\ngateway_id = \"web1\"").is_empty());
+}
