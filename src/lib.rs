@@ -143,7 +143,8 @@ impl Gateway {
             );
         }
         let loaded = store.load(clock::now_ms()).await?;
-        let state = AppState::new(snapshot, metrics, admin_token, store);
+        let mut state = AppState::new(snapshot, metrics, admin_token, store);
+        state.https_port = https_port(&workers);
         let n = loaded.len();
         for (action, target, entry) in loaded {
             state.temp.table(action).insert(target, entry);
@@ -273,6 +274,16 @@ impl Gateway {
         state.access_log.flush();
         info!("stopped");
     }
+}
+
+/// The bound port of the first TLS listener, which `redirect_https` sends clients to; 443
+/// when there is none (TLS ends in front of ipgate).
+fn https_port(workers: &[worker::Sockets]) -> u16 {
+    workers
+        .first()
+        .and_then(|sockets| sockets.iter().find(|(_, conf)| conf.tls))
+        .and_then(|(l, _)| l.local_addr().ok())
+        .map_or(443, |a| a.port())
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {

@@ -122,6 +122,7 @@ pub async fn accept_loop(
         // Per connection, so a reload's limits apply to the next connection.
         let builder = state.snapshot.load().http.clone();
         let tls = conf.tls;
+        let redirect = conf.redirect_https;
         let proxy_protocol = conf.proxy_protocol;
         // The first request head is due this long after accept, TLS and PROXY header included.
         let head_by =
@@ -143,7 +144,7 @@ pub async fn accept_loop(
                 client: client_slot,
             });
             state.metrics.connections_open.inc();
-            let info = ConnInfo::new(peer, client, tls, slot);
+            let info = ConnInfo::on(peer, client, tls, redirect, slot);
             if tls {
                 serve_tls(&worker, &builder, tcp, info, watcher, head_by).await;
             } else {

@@ -18,6 +18,10 @@ pub mod outcome {
     pub const BAD_REQUEST: &str = "bad_request";
     /// No site matches the Host (421).
     pub const MISDIRECTED: &str = "misdirected";
+    /// Sent to HTTPS by a `redirect_https` listener (301 or 308).
+    pub const REDIRECTED: &str = "redirected";
+    /// An ACME HTTP-01 challenge answered by ipgate itself.
+    pub const ACME: &str = "acme";
 }
 
 /// `ipgate_connections_rejected_total` children, resolved once: floods hit these.
@@ -261,6 +265,8 @@ pub struct SiteMetrics {
     pub blocked: IntCounter,
     pub denied: IntCounter,
     pub rate_limited: IntCounter,
+    /// Answered with a redirect to HTTPS (`redirect_https`).
+    pub redirected: IntCounter,
     pub duration: Histogram,
     pub connect_errors: IntCounter,
     pub timeouts: IntCounter,
@@ -279,6 +285,7 @@ impl SiteMetrics {
             blocked: m.requests.with_label_values(&[site, outcome::BLOCKED]),
             denied: m.requests.with_label_values(&[site, outcome::DENIED]),
             rate_limited: m.requests.with_label_values(&[site, outcome::RATE_LIMITED]),
+            redirected: m.requests.with_label_values(&[site, outcome::REDIRECTED]),
             duration: m.request_duration.with_label_values(&[site]),
             connect_errors: m.upstream_errors.with_label_values(&[site, "connect"]),
             timeouts: m.upstream_errors.with_label_values(&[site, "timeout"]),

@@ -48,6 +48,8 @@ pub struct ConnInfo {
     /// The client at connection level: the peer, or the PROXY header's source.
     pub client: IpAddr,
     pub tls: bool,
+    /// The listener answers with redirects to HTTPS (`redirect_https`).
+    pub redirect: bool,
     /// `client` as a header value, formatted once per connection (cloning it per request
     /// is a reference count, not an allocation).
     pub client_value: HeaderValue,
@@ -57,6 +59,17 @@ pub struct ConnInfo {
 
 impl ConnInfo {
     pub fn new(peer: SocketAddr, client: IpAddr, tls: bool, slot: Arc<ConnSlot>) -> ConnInfo {
+        ConnInfo::on(peer, client, tls, false, slot)
+    }
+
+    /// On a listener that may redirect to HTTPS.
+    pub fn on(
+        peer: SocketAddr,
+        client: IpAddr,
+        tls: bool,
+        redirect: bool,
+        slot: Arc<ConnSlot>,
+    ) -> ConnInfo {
         let mut buf = [0u8; 64];
         let client_value = HeaderValue::from_str(format_ip(client, &mut buf))
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
@@ -64,6 +77,7 @@ impl ConnInfo {
             peer,
             client,
             tls,
+            redirect,
             client_value,
             slot,
         }
@@ -267,6 +281,11 @@ pub async fn handle(
     let (resp, site_name, outcome) = match (site, admitted) {
         (site, Err(refusal)) => refuse(state, site, Error::from(refusal)),
         (None, Ok(_)) => refuse(state, None, Error::NoSite),
+        (Some(site), Ok(_)) if conn.redirect && !path.starts_with(ACME_CHALLENGE) => {
+            site.metrics.redirected.inc();
+            let resp = to_https(&method, host, state.https_port, &uri);
+            (resp, site.site.name.as_str(), outcome::REDIRECTED)
+        }
         (Some(site), Ok(admitted)) => {
             held.in_flight = admitted.in_flight;
             let checked = Checked {
@@ -282,8 +301,13 @@ pub async fn handle(
             let result = Box::pin(forwarding).await;
             site.metrics.duration.observe(start.elapsed().as_secs_f64());
             match result {
-                Ok(resp) => {
+                Ok(mut resp) => {
                     site.metrics.proxied.inc();
+                    if let (Some(hsts), true) = (&site.hsts, conn.tls) {
+                        resp.headers_mut()
+                            .entry(header::STRICT_TRANSPORT_SECURITY)
+                            .or_insert_with(|| hsts.clone());
+                    }
                     if !admitted.exempt && !site.jails.is_empty() {
                         let seen = admission::Seen {
                             method: &method,
@@ -304,6 +328,43 @@ pub async fn handle(
     };
     logged.log(state, &snap, client.ip, &resp, site_name, outcome);
     Ok((resp, held))
+}
+
+/// Where ACME's HTTP-01 challenges are asked (RFC 8555 §8.3): never redirected.
+pub const ACME_CHALLENGE: &str = "/.well-known/acme-challenge/";
+
+/// The redirect of a `redirect_https` listener: 301 for GET and HEAD, 308 (method and body
+/// kept) for the others, to the same host, path and query over HTTPS; the port only when it
+/// is not 443.
+fn to_https(method: &http::Method, host: &str, port: u16, uri: &Uri) -> Response<Body> {
+    if host.is_empty() {
+        return plain(
+            StatusCode::BAD_REQUEST,
+            "400 bad request: a Host is needed to redirect to HTTPS\n",
+        );
+    }
+    let target = uri
+        .path_and_query()
+        .map_or("/", http::uri::PathAndQuery::as_str);
+    let target = if target.starts_with('/') { target } else { "/" };
+    let location = if port == 443 {
+        format!("https://{host}{target}")
+    } else {
+        format!("https://{host}:{port}{target}")
+    };
+    let status = if method == http::Method::GET || method == http::Method::HEAD {
+        StatusCode::MOVED_PERMANENTLY
+    } else {
+        StatusCode::PERMANENT_REDIRECT
+    };
+    let mut resp = plain(status, "redirecting to HTTPS\n");
+    match HeaderValue::try_from(location) {
+        Ok(v) => {
+            resp.headers_mut().insert(header::LOCATION, v);
+            resp
+        }
+        Err(_) => plain(StatusCode::BAD_REQUEST, "400 bad request\n"),
+    }
 }
 
 /// Counts an upstream failure and makes its answer.
@@ -548,6 +609,27 @@ mod tests {
             Response::from(&Error::UpstreamTimeout).status(),
             StatusCode::GATEWAY_TIMEOUT
         );
+    }
+
+    #[test]
+    fn the_https_redirect_names_the_port_only_when_it_is_not_443() {
+        let uri: Uri = "/a/b?c=d".parse().unwrap();
+        let at = |port| {
+            to_https(&http::Method::GET, "example.nl", port, &uri)
+                .headers()
+                .get(header::LOCATION)
+                .unwrap()
+                .clone()
+        };
+        assert_eq!(at(443), "https://example.nl/a/b?c=d");
+        assert_eq!(at(8443), "https://example.nl:8443/a/b?c=d");
+        let absolute: Uri = "http://example.nl/x?y".parse().unwrap();
+        let resp = to_https(&http::Method::POST, "example.nl", 443, &absolute);
+        assert_eq!(resp.status(), StatusCode::PERMANENT_REDIRECT);
+        assert_eq!(resp.headers()[header::LOCATION], "https://example.nl/x?y");
+        // No Host (HTTP/1.0): nowhere to send the client.
+        let resp = to_https(&http::Method::GET, "", 443, &uri);
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
     }
 
     #[test]

@@ -60,6 +60,8 @@ pub struct SiteEntry {
     /// `site.max_upstream_connections` as permits; kept across a reload that keeps the cap,
     /// so requests in flight stay counted.
     pub upstream_slots: Option<Arc<tokio::sync::Semaphore>>,
+    /// `site.hsts` as the Strict-Transport-Security value for its TLS responses.
+    pub hsts: Option<http::HeaderValue>,
 }
 
 impl SiteEntry {
@@ -146,6 +148,9 @@ impl Snapshot {
             route_limiters.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
             sites.push(SiteEntry {
                 upstream_slots: upstream_slots(previous, site),
+                hsts: site.hsts.and_then(|d| {
+                    http::HeaderValue::try_from(format!("max-age={}", d.as_secs())).ok()
+                }),
                 upstream: site
                     .upstream
                     .authority()
@@ -258,6 +263,9 @@ pub struct AppState {
     pub store: Store,
     /// `fleet.gateway_id` when a fleet is configured.
     pub fleet_id: Option<String>,
+    /// The port `redirect_https` listeners send clients to: the first TLS listener's (as
+    /// bound), else 443. Set once at start.
+    pub https_port: u16,
 }
 
 impl AppState {
@@ -285,6 +293,7 @@ impl AppState {
             temp: TempEntries::default(),
             fleet_id,
             store,
+            https_port: 443,
         }
     }
 

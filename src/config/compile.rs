@@ -139,10 +139,17 @@ fn listeners(r: &mut Report, raw: &[RawListener]) -> Vec<Listener> {
         if addr.port() != 0 && listeners.iter().any(|o| o.addr == addr) {
             r.key(&key, format!("{addr} is used by another listener"));
         }
+        if l.redirect_https && l.tls {
+            r.key(
+                &format!("listener[{i}].redirect_https"),
+                "only a tls = false listener redirects to HTTPS",
+            );
+        }
         listeners.push(Listener {
             addr,
             tls: l.tls,
             proxy_protocol: l.proxy_protocol,
+            redirect_https: l.redirect_https,
         });
     }
     listeners
@@ -400,6 +407,17 @@ fn site(
             }
             n => n,
         },
+        hsts: s.hsts.as_deref().map(|h| {
+            let key = format!("{key}.hsts");
+            let d = required_dur(r, &key, h);
+            if d < Duration::from_secs(1) {
+                r.key(
+                    &key,
+                    "a max-age of at least 1s is needed (leave hsts out for none)",
+                );
+            }
+            d
+        }),
         rate_limit,
         jails: s.jails.clone(),
         allow_only: s.allow_only.clone(),

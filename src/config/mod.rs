@@ -73,6 +73,9 @@ pub struct Listener {
     pub addr: SocketAddr,
     pub tls: bool,
     pub proxy_protocol: bool,
+    /// `tls = false` only: answer every request (but ACME's HTTP-01 challenges) with a
+    /// redirect to HTTPS.
+    pub redirect_https: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -197,6 +200,8 @@ pub struct Site {
     /// connection); more wait up to `limits.upstream_queue_timeout`, then get 503. None: no
     /// cap.
     pub max_upstream_connections: Option<usize>,
+    /// `site.hsts`: the Strict-Transport-Security max-age added to its TLS responses.
+    pub hsts: Option<Duration>,
     pub rate_limit: Option<RateLimit>,
     pub jails: Vec<String>,
     pub allow_only: Vec<String>,

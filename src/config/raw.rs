@@ -57,6 +57,8 @@ pub struct RawListener {
     pub tls: bool,
     #[serde(default)]
     pub proxy_protocol: bool,
+    #[serde(default)]
+    pub redirect_https: bool,
 }
 
 /// `[tls]`: certificate files, or a self-signed fallback for testing.
@@ -148,6 +150,7 @@ pub struct RawSite {
     pub upstream: String,
     pub upstream_timeout: Option<String>,
     pub max_upstream_connections: Option<usize>,
+    pub hsts: Option<String>,
     pub rate_limit: Option<RawRateLimit>,
     #[serde(default)]
     pub jails: Vec<String>,

@@ -252,3 +252,25 @@ fn fleet_keys_are_checked() {
     );
     assert!(bad("redis = \"rediss://10.0.0.5:6379/0\"\ngateway_id = \"web1\"").is_empty());
 }
+
+#[test]
+fn redirect_https_and_hsts_are_checked() {
+    let keys = |text: &str| {
+        problems(text)
+            .into_iter()
+            .map(|p| p.key)
+            .collect::<Vec<_>>()
+    };
+    let tls_listener = "[tls]\nself_signed = true\n[[listener]]\naddr = \"127.0.0.1:0\"\ntls = true\nredirect_https = true\n";
+    assert_eq!(
+        keys(&format!("{MINIMAL}{tls_listener}")),
+        vec!["listener[1].redirect_https"]
+    );
+    let plain = MINIMAL.replace("127.0.0.1:0\"", "127.0.0.1:0\"\nredirect_https = true");
+    assert!(keys(&plain).is_empty());
+    let site =
+        |hsts: &str| MINIMAL.replace("upstream =", &format!("hsts = \"{hsts}\"\nupstream ="));
+    assert!(keys(&site("1y")).is_empty());
+    assert_eq!(keys(&site("forever")), vec!["site[0].hsts"]);
+    assert_eq!(keys(&site("0s")), vec!["site[0].hsts"]);
+}

@@ -304,6 +304,7 @@ pub struct GatewayBuilder {
     upstream: Option<SocketAddr>,
     workers: Option<usize>,
     access_log: bool,
+    redirect_https: bool,
     files: Vec<(PathBuf, String)>,
 }
 
@@ -349,6 +350,12 @@ impl GatewayBuilder {
         self.extra(PROXY_LISTENER)
     }
 
+    /// `redirect_https = true` on the plain listener.
+    pub fn redirect_https(mut self) -> Self {
+        self.redirect_https = true;
+        self
+    }
+
     /// `[log] access = "stdout"` instead of "off".
     pub fn access_log(mut self, on: bool) -> Self {
         self.access_log = on;
@@ -380,6 +387,7 @@ state_dir = "state"
 [[listener]]
 addr = "127.0.0.1:0"
 tls = false
+redirect_https = {redirect}
 
 [[listener]]
 addr = "127.0.0.1:0"
@@ -400,6 +408,7 @@ access = "{access}"
 "#,
             keys = self.gateway_keys,
             extra = self.extra,
+            redirect = self.redirect_https,
         )
         .replace("{upstream}", &upstream.to_string())
     }

@@ -1,0 +1,170 @@
+//! An operator's everyday needs: the HTTPS redirect and HSTS (issue 15).
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+/// One raw HTTP/1.1 exchange on the plain listener (`Connection: close`): the status, the
+/// Location header, and whether the upstream was reached.
+async fn exchange(gw: &TestGateway, head: &str) -> (u16, Option<String>, String) {
+    let bytes = raw_exchange(gw.plain, head.as_bytes(), Duration::from_secs(3)).await;
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let location = text
+        .lines()
+        .find_map(|l| l.strip_prefix("location: "))
+        .map(str::to_string);
+    (status, location, text)
+}
+
+#[tokio::test]
+async fn redirect_https_sends_get_and_head_301_and_other_methods_308_with_path_and_query() {
+    let gw = GatewayBuilder::new().redirect_https().spawn().await;
+    let port = gw.tls.port();
+    let origin = gw.origin.as_ref().unwrap();
+
+    let (status, location, _) = exchange(
+        &gw,
+        "GET /shop/cart.php?item=7&q=a%20b HTTP/1.1\r\nHost: A.Test:80\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 301);
+    // The host as the client named it, without its port; the TLS listener's port, which
+    // is not 443 here; path and query unchanged.
+    assert_eq!(
+        location.as_deref(),
+        Some(format!("https://A.Test:{port}/shop/cart.php?item=7&q=a%20b").as_str())
+    );
+
+    let (status, location, _) = exchange(
+        &gw,
+        "HEAD / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 301);
+    assert_eq!(
+        location.as_deref(),
+        Some(format!("https://a.test:{port}/").as_str())
+    );
+
+    for method in ["POST", "PUT", "DELETE"] {
+        let head = format!(
+            "{method} /wp-login.php?redirect_to=x HTTP/1.1\r\nHost: a.test\r\n\
+             Content-Length: 5\r\nConnection: close\r\n\r\nlog=1"
+        );
+        let (status, location, _) = exchange(&gw, &head).await;
+        assert_eq!(status, 308, "{method}");
+        assert_eq!(
+            location.as_deref(),
+            Some(format!("https://a.test:{port}/wp-login.php?redirect_to=x").as_str())
+        );
+    }
+    // Nothing reached the site over plain HTTP; the TLS listener still proxies.
+    assert_eq!(origin.count(), 0);
+    let (status, _) = https_get(&gw, "/").await;
+    assert_eq!(status, 200);
+    assert_eq!(origin.count(), 1);
+
+    let metrics = gw.metrics().await;
+    assert_eq!(
+        metric(
+            &metrics,
+            r#"ipgate_requests_total{outcome="redirected",site="*"}"#
+        ),
+        Some(5.0)
+    );
+}
+
+#[tokio::test]
+async fn acme_challenges_are_proxied_through_a_redirect_listener() {
+    let gw = GatewayBuilder::new().redirect_https().spawn().await;
+    let origin = gw.origin.as_ref().unwrap();
+    // certbot's webroot mode: the challenge reaches the site over plain HTTP, in each form
+    // that names the same path.
+    for path in [
+        "/.well-known/acme-challenge/tok3n",
+        "/.well-known/./acme-challenge/tok3n",
+        "/%2Ewell-known/acme-challenge/tok3n",
+    ] {
+        let (status, body) = plain_get(gw.plain, path, "a.test").await;
+        assert_eq!(status, 200, "{path}");
+        assert_eq!(
+            json(&body)["uri"],
+            "/.well-known/acme-challenge/tok3n",
+            "{path}"
+        );
+    }
+    assert_eq!(origin.count(), 3);
+    // Next to it, but not under it: redirected.
+    let (status, location, _) = exchange(
+        &gw,
+        "GET /.well-known/acme-challenge HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 301);
+    assert!(location.unwrap().starts_with("https://a.test:"));
+    assert_eq!(origin.count(), 3);
+}
+
+#[tokio::test]
+async fn a_blocked_client_is_refused_not_redirected() {
+    let gw = GatewayBuilder::new()
+        .redirect_https()
+        .extra("[lists.bad]\naction = \"block\"\nentries = [\"127.0.0.9\"]\n")
+        .spawn()
+        .await;
+    // Refused at accept: a blocked client gets no redirect either.
+    if let Ok(tcp) = try_connect_from("127.0.0.9", gw.plain).await {
+        assert!(closed_without_a_byte(tcp, b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n").await);
+    }
+    let (status, _, _) = exchange(
+        &gw,
+        "GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 301);
+}
+
+#[tokio::test]
+async fn hsts_is_added_to_tls_responses_of_its_site_only() {
+    let gw = GatewayBuilder::new()
+        .sites(
+            r#"
+[[site]]
+hosts = ["a.test"]
+upstream = "http://{upstream}"
+hsts = "1y"
+
+[[site]]
+hosts = ["b.test"]
+upstream = "http://{upstream}"
+"#,
+        )
+        .spawn()
+        .await;
+    let (parts, _) = https_request(&gw, get("/", "a.test")).await;
+    assert_eq!(parts.status, 200);
+    // humantime's year: 365.25 days.
+    assert_eq!(
+        parts.headers.get("strict-transport-security").unwrap(),
+        "max-age=31557600"
+    );
+    let (parts, _) = https_request(&gw, get("/", "b.test")).await;
+    assert!(!parts.headers.contains_key("strict-transport-security"));
+    // Never over plain HTTP (RFC 6797 §7.2).
+    let bytes = raw_exchange(
+        gw.plain,
+        b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(3),
+    )
+    .await;
+    let text = String::from_utf8_lossy(&bytes).to_ascii_lowercase();
+    assert!(text.starts_with("http/1.1 200"), "{text}");
+    assert!(!text.contains("strict-transport-security"), "{text}");
+}
