@@ -144,6 +144,24 @@ fn config_view(action: Action, list: &str, target: IpNet) -> EntryView {
     }
 }
 
+/// Every certificate the TLS listeners serve, soonest expiry first.
+fn certificates(state: &AppState) -> Vec<crate::api::CertificateView> {
+    let secs = |s: i64| rfc3339(u64::try_from(s).unwrap_or(0).saturating_mul(1000));
+    let mut certs = state.snapshot.load().certificates.clone();
+    certs.sort_by_key(|c| c.not_after);
+    certs
+        .into_iter()
+        .map(|c| crate::api::CertificateView {
+            file: c.file.map(|f| f.display().to_string()),
+            not_before: secs(c.not_before),
+            not_after: secs(c.not_after),
+            next_renewal: c.renew_at.map(secs),
+            names: c.names,
+            source: c.source,
+        })
+        .collect()
+}
+
 fn rfc3339(ms: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
@@ -214,6 +232,7 @@ async fn v1(state: &AppState, req: Request<Incoming>) -> Response<AdminBody> {
             Ok(ip) => forget(state, ip).await,
             Err(e) => json_error(StatusCode::BAD_REQUEST, &e),
         },
+        (Method::GET, "/v1/certificates") => json(StatusCode::OK, &certificates(state)),
         (Method::POST, "/v1/reload") => match state.reload() {
             Ok(restart) => json(StatusCode::OK, &reloaded(state, &restart)),
             Err(errors) => {

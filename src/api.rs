@@ -27,6 +27,21 @@ pub struct EntryView {
     pub shared: Option<bool>,
 }
 
+/// A certificate served (`GET /v1/certificates`, `ipgate certs`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CertificateView {
+    pub names: Vec<String>,
+    /// `file`, `acme` or `self_signed`.
+    pub source: crate::tls::Source,
+    /// The PEM chain's file, if it has one.
+    pub file: Option<String>,
+    /// RFC 3339, UTC.
+    pub not_before: String,
+    pub not_after: String,
+    /// For ACME: when renewal starts (a third of the lifetime left).
+    pub next_renewal: Option<String>,
+}
+
 /// `POST /v1/entries`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -74,6 +74,11 @@ pub enum Command {
     Forget { ip: String },
     /// Reload the config (same as SIGHUP).
     Reload,
+    /// Every certificate served: names, source, expiry and, for ACME, the next renewal.
+    Certs {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -185,6 +190,7 @@ pub async fn admin_command(cli: &Cli, command: &Command) -> anyhow::Result<()> {
         Command::Lookup { ip, json } => lookup(&client, ip, *json).await,
         Command::Forget { ip } => forget(&client, ip).await,
         Command::Reload => reload(&client).await,
+        Command::Certs { json } => certs(&client, *json).await,
         Command::Run | Command::Check => Ok(()),
     }
 }
@@ -300,6 +306,34 @@ async fn forget(client: &AdminClient, ip: &str) -> anyhow::Result<()> {
     if !kept.is_empty() {
         println!("kept (about a wider network, or configuration):");
         print_entries(&kept);
+    }
+    Ok(())
+}
+
+async fn certs(client: &AdminClient, json: bool) -> anyhow::Result<()> {
+    let (status, bytes) = client.call(Method::GET, "/v1/certificates", None).await?;
+    if status != StatusCode::OK {
+        return Err(api_error(status, &bytes));
+    }
+    if json {
+        println!("{}", String::from_utf8_lossy(&bytes));
+        return Ok(());
+    }
+    let certs: Vec<crate::api::CertificateView> = serde_json::from_slice(&bytes)?;
+    println!(
+        "{:<22} {:<11} {:<22} NAMES",
+        "NOT AFTER", "SOURCE", "NEXT RENEWAL"
+    );
+    for c in certs {
+        let source = serde_json::to_value(c.source)?;
+        println!(
+            "{:<22} {:<11} {:<22} {}{}",
+            c.not_after,
+            source.as_str().unwrap_or("?"),
+            c.next_renewal.as_deref().unwrap_or("-"),
+            c.names.join(","),
+            c.file.map(|f| format!("  ({f})")).unwrap_or_default()
+        );
     }
     Ok(())
 }

@@ -72,6 +72,8 @@ pub struct Metrics {
     pub connections_open: IntGauge,
     pub access_log_dropped: IntCounter,
     pub fleet: FleetMetrics,
+    /// `ipgate_certificate_expiry_timestamp_seconds{name}`: every certificate served.
+    pub certificate_expiry: IntGaugeVec,
 }
 
 pub struct FleetMetrics {
@@ -221,6 +223,18 @@ impl Metrics {
                 "Access log lines dropped because the writer fell behind.",
             ),
             fleet: FleetMetrics::new(&registry),
+            certificate_expiry: reg(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "ipgate_certificate_expiry_timestamp_seconds",
+                        "When each certificate served expires (notAfter, Unix seconds), by its \
+                         first name.",
+                    ),
+                    &["name"],
+                )
+                .expect("valid metric"),
+            ),
             registry,
         }
     }

@@ -28,6 +28,8 @@ pub struct Snapshot {
     pub config: Config,
     /// `None` when no listener needs TLS and no certificate is configured.
     pub tls: Option<TlsAcceptor>,
+    /// Every certificate `tls` serves.
+    pub certificates: Vec<tls::CertInfo>,
     pub sites: Vec<SiteEntry>,
     /// The static block and allow lists.
     pub policy: Policy,
@@ -83,7 +85,8 @@ impl Snapshot {
         previous: Option<&Snapshot>,
     ) -> Result<Snapshot, Errors> {
         let mut report = Report::new(&config.source, "");
-        let tls = tls::server_config(&config.tls, &mut report).map(TlsAcceptor::from);
+        let loaded = tls::server_config(&config.tls, Vec::new(), &mut report);
+        let tls = loaded.config.map(TlsAcceptor::from);
         let policy = Policy::build(&config.lists, &mut report, metrics);
         if !report.is_empty() {
             return Err(report.into_errors());
@@ -174,6 +177,7 @@ impl Snapshot {
             jails,
             config,
             tls,
+            certificates: loaded.certificates,
             sites,
             policy,
             hosts,
@@ -511,6 +515,13 @@ impl AppState {
                 .set(l.table.len() as i64);
         }
         self.publish_temporary_gauges();
+        self.metrics.certificate_expiry.reset();
+        for c in &snap.certificates {
+            self.metrics
+                .certificate_expiry
+                .with_label_values(&[&c.label()])
+                .set(c.not_after);
+        }
     }
 
     pub fn publish_temporary_gauges(&self) {

@@ -16,6 +16,91 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::config::{self, Report};
 
+/// Where a served certificate comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    /// `tls.certificates`.
+    File,
+    /// Obtained through `[acme]` for a site with `acme = true`.
+    Acme,
+    /// Made at start: `tls.self_signed`, or an ACME site's fallback until its first
+    /// certificate arrives.
+    SelfSigned,
+}
+
+/// One certificate served, as `ipgate certs` and the expiry metric show it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CertInfo {
+    /// The DNS names (and addresses) of its subjectAltName.
+    pub names: Vec<String>,
+    pub source: Source,
+    /// The chain's file (`tls.certificates`, or the ACME site's file in `state_dir`).
+    pub file: Option<std::path::PathBuf>,
+    /// Validity, in seconds since the Unix epoch.
+    pub not_before: i64,
+    pub not_after: i64,
+    /// For ACME: when renewal starts (a third of the lifetime left).
+    pub renew_at: Option<i64>,
+}
+
+impl CertInfo {
+    /// The metric's `name` label: the first name, or the file when it names none.
+    pub fn label(&self) -> String {
+        self.names.first().cloned().unwrap_or_else(|| {
+            self.file
+                .as_ref()
+                .map_or_else(String::new, |f| f.display().to_string())
+        })
+    }
+}
+
+/// A certificate's validity (seconds since the Unix epoch).
+pub fn validity(der: &CertificateDer<'_>) -> Result<(i64, i64), String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
+        .map_err(|e| format!("not a usable X.509 certificate: {e}"))?;
+    let v = cert.validity();
+    Ok((v.not_before.timestamp(), v.not_after.timestamp()))
+}
+
+/// When an ACME certificate is renewed: once a third of its lifetime is left (SPEC 19).
+pub fn renew_at(not_before: i64, not_after: i64) -> i64 {
+    not_after - (not_after - not_before).max(0) / 3
+}
+
+/// A certificate ready to serve, with what is shown about it.
+pub struct Served {
+    pub key: Arc<CertifiedKey>,
+    pub info: CertInfo,
+}
+
+impl Served {
+    /// Describes `key` (its leaf's names and validity).
+    pub fn new(key: CertifiedKey, source: Source, file: Option<&Path>) -> Result<Served, String> {
+        let leaf = key.cert.first().ok_or("an empty chain")?;
+        let names = dns_names(leaf)?;
+        let (not_before, not_after) = validity(leaf)?;
+        Ok(Served {
+            info: CertInfo {
+                names,
+                source,
+                file: file.map(Path::to_path_buf),
+                not_before,
+                not_after,
+                renew_at: (source == Source::Acme).then(|| renew_at(not_before, not_after)),
+            },
+            key: Arc::new(key),
+        })
+    }
+}
+
+/// What a TLS listener serves: the settings and the certificates in them.
+#[derive(Default)]
+pub struct Loaded {
+    pub config: Option<Arc<ServerConfig>>,
+    pub certificates: Vec<CertInfo>,
+}
+
 /// Certificates by the DNS names they are valid for.
 #[derive(Debug, Default)]
 pub struct Certificates {
@@ -99,14 +184,26 @@ pub fn crypto_provider() -> CryptoProvider {
 }
 
 /// Loads every configured certificate (and makes the self-signed one if asked) into a
-/// server config. Problems go to `report`, naming the file and the config key.
-pub fn server_config(tls: &config::Tls, report: &mut Report) -> Option<Arc<ServerConfig>> {
+/// server config, with the ACME sites' certificates (`extra`). Problems go to `report`,
+/// naming the file and the config key.
+pub fn server_config(tls: &config::Tls, extra: Vec<Served>, report: &mut Report) -> Loaded {
     let provider = Arc::new(crypto_provider());
     let mut certs = Certificates::default();
+    let mut shown = Vec::new();
+    let mut serve = |served: Served, certs: &mut Certificates| {
+        certs.add(served.key, &served.info.names);
+        shown.push(served.info);
+    };
     for (i, files) in tls.certificates.iter().enumerate() {
         let key = format!("tls.certificates[{i}]");
-        match load_pair(&files.cert, &files.key, &provider) {
-            Ok((ck, names)) => certs.add(Arc::new(ck), &names),
+        let loaded = load_pair(&files.cert, &files.key, &provider).and_then(|(ck, _)| {
+            Served::new(ck, Source::File, Some(&files.cert)).map_err(|message| LoadError {
+                part: Part::Cert,
+                message,
+            })
+        });
+        match loaded {
+            Ok(served) => serve(served, &mut certs),
             Err(e) => {
                 let (file, field) = match e.part {
                     Part::Key => (&files.key, "key"),
@@ -116,22 +213,31 @@ pub fn server_config(tls: &config::Tls, report: &mut Report) -> Option<Arc<Serve
             }
         }
     }
+    for served in extra {
+        serve(served, &mut certs);
+    }
     if tls.self_signed {
-        match self_signed(&provider) {
-            Ok(ck) => certs.add(
-                Arc::new(ck),
-                &["localhost".to_string(), "127.0.0.1".to_string()],
-            ),
+        let names = ["localhost".to_string(), "127.0.0.1".to_string()];
+        match self_signed(&names, &provider)
+            .and_then(|ck| Served::new(ck, Source::SelfSigned, None))
+        {
+            Ok(served) => serve(served, &mut certs),
             Err(e) => report.key("tls.self_signed", e),
         }
     }
     if certs.is_empty() {
-        return None;
+        return Loaded::default();
     }
-    let mut cfg = ServerConfig::builder_with_provider(provider)
+    let builder = match ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| report.key("tls", format!("TLS settings rejected: {e}")))
-        .ok()?
+    {
+        Ok(b) => b,
+        Err(e) => {
+            report.key("tls", format!("TLS settings rejected: {e}"));
+            return Loaded::default();
+        }
+    };
+    let mut cfg = builder
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(certs));
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
@@ -141,7 +247,10 @@ pub fn server_config(tls: &config::Tls, report: &mut Report) -> Option<Arc<Serve
     if let Ok(ticketer) = provider::Ticketer::new() {
         cfg.ticketer = ticketer;
     }
-    Some(Arc::new(cfg))
+    Loaded {
+        config: Some(Arc::new(cfg)),
+        certificates: shown,
+    }
 }
 
 /// Which file of a certificate pair is at fault.
@@ -200,11 +309,11 @@ pub fn dns_names(der: &CertificateDer<'_>) -> Result<Vec<String>, String> {
     Ok(cert.valid_dns_names().map(str::to_string).collect())
 }
 
-/// A throwaway certificate for `localhost` and `127.0.0.1`, made at start.
-pub fn self_signed(provider: &CryptoProvider) -> Result<CertifiedKey, String> {
-    let ck =
-        rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])
-            .map_err(|e| format!("cannot make a self-signed certificate: {e}"))?;
+/// A throwaway certificate for `names`, made at start (`tls.self_signed`: `localhost` and
+/// `127.0.0.1`; an ACME site's hosts until its first certificate arrives).
+pub fn self_signed(names: &[String], provider: &CryptoProvider) -> Result<CertifiedKey, String> {
+    let ck = rcgen::generate_simple_self_signed(names.to_vec())
+        .map_err(|e| format!("cannot make a self-signed certificate: {e}"))?;
     let key = PrivateKeyDer::try_from(ck.key_pair.serialize_der())
         .map_err(|e| format!("self-signed key: {e}"))?;
     CertifiedKey::from_der(vec![ck.cert.der().clone()], key, provider)

@@ -168,3 +168,76 @@ upstream = "http://{upstream}"
     assert!(text.starts_with("http/1.1 200"), "{text}");
     assert!(!text.contains("strict-transport-security"), "{text}");
 }
+
+#[tokio::test]
+async fn certificate_expiry_is_a_metric_and_listed_by_ipgate_certs() {
+    let files = GatewayBuilder::new()
+        .cert_a_until((2031, 5, 17))
+        .files()
+        .await;
+    let gw = files.start("info");
+    // 2031-05-17T00:00:00Z.
+    let a_expiry = 1_936_742_400;
+    let (_, metrics) = plain_get(gw.admin, "/metrics", "admin").await;
+    assert_eq!(
+        metric(
+            &metrics,
+            r#"ipgate_certificate_expiry_timestamp_seconds{name="a.test"}"#
+        ),
+        Some(a_expiry as f64)
+    );
+    // b.test's certificate is rcgen's default: until 4096-01-01.
+    assert_eq!(
+        metric(
+            &metrics,
+            r#"ipgate_certificate_expiry_timestamp_seconds{name="b.test"}"#
+        ),
+        Some(67_090_118_400.0)
+    );
+
+    let cli = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_ipgate"))
+            .args(args)
+            .arg("--admin")
+            .arg(format!("http://{}", gw.admin))
+            .arg("--token-file")
+            .arg(files.token_file())
+            .output()
+            .unwrap()
+    };
+    let out = cli(&["certs", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let certs = json(&String::from_utf8_lossy(&out.stdout));
+    let certs = certs.as_array().unwrap();
+    assert_eq!(certs.len(), 2);
+    // Soonest expiry first.
+    assert_eq!(
+        certs[0]["names"],
+        serde_json::json!(["a.test", "localhost"])
+    );
+    assert_eq!(certs[0]["source"], "file");
+    assert_eq!(certs[0]["not_after"], "2031-05-17T00:00:00Z");
+    assert_eq!(certs[0]["not_before"], "2024-01-01T00:00:00Z");
+    assert!(certs[0]["file"].as_str().unwrap().ends_with("a.crt"));
+    assert_eq!(certs[0]["next_renewal"], serde_json::Value::Null);
+    assert_eq!(
+        certs[1]["names"],
+        serde_json::json!(["b.test", "*.wild.test"])
+    );
+
+    let out = cli(&["certs"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(
+        text.lines().nth(1).is_some_and(
+            |l| l.starts_with("2031-05-17T00:00:00Z") && l.contains("a.test,localhost")
+        ),
+        "{text}"
+    );
+    gw.signal("TERM");
+    assert!(gw.wait().await.success());
+}

@@ -60,10 +60,25 @@ impl TestCa {
     /// Writes `NAME.crt` (leaf + CA, like certbot's fullchain.pem) and `NAME.key`; returns
     /// the leaf's DER.
     pub fn issue(&self, dir: &Path, file: &str, names: &[&str]) -> CertificateDer<'static> {
+        self.issue_until(dir, file, names, None)
+    }
+
+    /// `issue`, valid until `not_after` (year, month, day; midnight UTC) when given.
+    pub fn issue_until(
+        &self,
+        dir: &Path,
+        file: &str,
+        names: &[&str],
+        not_after: Option<(i32, u8, u8)>,
+    ) -> CertificateDer<'static> {
         let key = rcgen::KeyPair::generate().unwrap();
-        let params =
+        let mut params =
             rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
                 .unwrap();
+        if let Some((y, m, d)) = not_after {
+            params.not_before = rcgen::date_time_ymd(2024, 1, 1);
+            params.not_after = rcgen::date_time_ymd(y, m, d);
+        }
         let cert = params.signed_by(&key, &self.ca_cert, &self.ca_key).unwrap();
         let chain = format!("{}{}", cert.pem(), self.ca_cert.pem());
         std::fs::write(dir.join(format!("{file}.crt")), chain).unwrap();
@@ -305,6 +320,7 @@ pub struct GatewayBuilder {
     workers: Option<usize>,
     access_log: bool,
     redirect_https: bool,
+    cert_a_until: Option<(i32, u8, u8)>,
     files: Vec<(PathBuf, String)>,
 }
 
@@ -348,6 +364,12 @@ impl GatewayBuilder {
     /// Adds the `proxy_protocol` listener (`listeners[2]`).
     pub fn proxy_listener(self) -> Self {
         self.extra(PROXY_LISTENER)
+    }
+
+    /// The a.test certificate expires at midnight UTC of this day (default: year 4096).
+    pub fn cert_a_until(mut self, day: (i32, u8, u8)) -> Self {
+        self.cert_a_until = Some(day);
+        self
     }
 
     /// `redirect_https = true` on the plain listener.
@@ -427,7 +449,7 @@ access = "{access}"
         };
         let dir = tempfile::tempdir().unwrap();
         let ca = Arc::new(TestCa::new());
-        let cert_a = ca.issue(dir.path(), "a", &["a.test", "localhost"]);
+        let cert_a = ca.issue_until(dir.path(), "a", &["a.test", "localhost"], self.cert_a_until);
         let cert_b = ca.issue(dir.path(), "b", &["b.test", "*.wild.test"]);
         for (relative, text) in &self.files {
             let p = dir.path().join(relative);
