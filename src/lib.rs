@@ -30,6 +30,7 @@
 //!   certificate files), [`demo`] (the quick start's demo upstream).
 
 pub mod access_log;
+pub mod acme;
 pub mod admin;
 pub mod admission;
 pub mod api;
@@ -216,6 +217,7 @@ impl Gateway {
             tokio::spawn(shutdown::reload_on_hangup(state.clone())),
             tokio::spawn(sweeper),
             tokio::spawn(watcher::run(state.clone())),
+            tokio::spawn(acme::run(state.clone())),
         ];
         if let Some(fleet) = self.fleet {
             side_tasks.push(tokio::spawn(fleet.run(stop_rx.clone())));

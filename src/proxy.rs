@@ -268,6 +268,16 @@ pub async fn handle(
         }
     };
 
+    if !conn.tls {
+        if let Some(answer) = path
+            .strip_prefix(ACME_CHALLENGE)
+            .and_then(|token| crate::acme::CHALLENGES.http01(token))
+        {
+            let resp = acme_answer(answer);
+            logged.log(state, &snap, client.ip, &resp, "none", outcome::ACME);
+            return Ok((resp, Held::default()));
+        }
+    }
     let site = snap.site_for(host);
     // The connection's client slot counts its requests in flight, unless X-Forwarded-For
     // named someone else.
@@ -332,6 +342,16 @@ pub async fn handle(
 
 /// Where ACME's HTTP-01 challenges are asked (RFC 8555 §8.3): never redirected.
 pub const ACME_CHALLENGE: &str = "/.well-known/acme-challenge/";
+
+/// An HTTP-01 challenge's answer (RFC 8555 §8.3): the key authorization.
+fn acme_answer(key_authorization: String) -> Response<Body> {
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::from(key_authorization))));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    resp
+}
 
 /// The redirect of a `redirect_https` listener: 301 for GET and HEAD, 308 (method and body
 /// kept) for the others, to the same host, path and query over HTTPS; the port only when it

@@ -85,7 +85,12 @@ impl Snapshot {
         previous: Option<&Snapshot>,
     ) -> Result<Snapshot, Errors> {
         let mut report = Report::new(&config.source, "");
-        let loaded = tls::server_config(&config.tls, Vec::new(), &mut report);
+        let loaded = tls::server_config(
+            &config.tls,
+            config.acme.as_ref(),
+            crate::acme::served(&config),
+            &mut report,
+        );
         let tls = loaded.config.map(TlsAcceptor::from);
         let policy = Policy::build(&config.lists, &mut report, metrics);
         if !report.is_empty() {

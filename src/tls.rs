@@ -108,9 +108,25 @@ pub struct Certificates {
     /// `*.example.nl` stored under `example.nl`.
     wildcard: HashMap<String, Arc<CertifiedKey>>,
     default: Option<Arc<CertifiedKey>>,
+    /// TLS-ALPN-01 is on: a ClientHello asking for `acme-tls/1` gets the challenge certificate.
+    alpn: bool,
 }
 
 impl Certificates {
+    /// Adds a certificate that takes its names from any added before.
+    pub fn add_over(&mut self, key: Arc<CertifiedKey>, names: &[String]) {
+        for name in names {
+            let name = name.to_ascii_lowercase();
+            match name.strip_prefix("*.") {
+                Some(parent) => self.wildcard.insert(parent.to_string(), key.clone()),
+                None => self.exact.insert(name, key.clone()),
+            };
+        }
+        if self.default.is_none() {
+            self.default = Some(key);
+        }
+    }
+
     /// Adds a certificate for every DNS name in its subjectAltName; the first one added is
     /// the default for clients that send no SNI or a name no certificate carries. A name
     /// carried by two certificates goes to the first.
@@ -162,6 +178,14 @@ impl Certificates {
 
 impl ResolvesServerCert for Certificates {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        if self.alpn
+            && hello
+                .alpn()
+                .is_some_and(|mut a| a.any(|p| p == crate::acme::ALPN))
+        {
+            // A validation (RFC 8737): the challenge certificate, or nothing.
+            return crate::acme::CHALLENGES.alpn(hello.server_name()?);
+        }
         self.lookup(hello.server_name())
     }
 }
@@ -186,12 +210,26 @@ pub fn crypto_provider() -> CryptoProvider {
 /// Loads every configured certificate (and makes the self-signed one if asked) into a
 /// server config, with the ACME sites' certificates (`extra`). Problems go to `report`,
 /// naming the file and the config key.
-pub fn server_config(tls: &config::Tls, extra: Vec<Served>, report: &mut Report) -> Loaded {
+pub fn server_config(
+    tls: &config::Tls,
+    acme: Option<&config::Acme>,
+    extra: Vec<Served>,
+    report: &mut Report,
+) -> Loaded {
     let provider = Arc::new(crypto_provider());
-    let mut certs = Certificates::default();
+    let mut certs = Certificates {
+        alpn: acme.is_some_and(|a| a.challenge == config::Challenge::TlsAlpn01),
+        ..Certificates::default()
+    };
     let mut shown = Vec::new();
     let mut serve = |served: Served, certs: &mut Certificates| {
-        certs.add(served.key, &served.info.names);
+        // An ACME certificate is served for its names even where a file names them too
+        // (moving a site from certbot to ACME); a stand-in only where nothing else does.
+        if served.info.source == Source::Acme {
+            certs.add_over(served.key, &served.info.names);
+        } else {
+            certs.add(served.key, &served.info.names);
+        }
         shown.push(served.info);
     };
     for (i, files) in tls.certificates.iter().enumerate() {
@@ -237,10 +275,14 @@ pub fn server_config(tls: &config::Tls, extra: Vec<Served>, report: &mut Report)
             return Loaded::default();
         }
     };
+    let certs_alpn = certs.alpn;
     let mut cfg = builder
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(certs));
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    if certs_alpn {
+        cfg.alpn_protocols.push(crate::acme::ALPN.to_vec());
+    }
     // Our suite order (256-bit first) rather than the client's.
     cfg.ignore_client_order = true;
     // Stateless TLS 1.3 resumption: tickets under a rotating in-memory key.
@@ -270,7 +312,7 @@ pub struct LoadError {
 
 /// Reads a PEM chain (certbot's `fullchain.pem`) and its key (`privkey.pem`), checks that
 /// they belong together, and returns the key with the chain's DNS names.
-fn load_pair(
+pub(crate) fn load_pair(
     cert: &Path,
     key: &Path,
     provider: &CryptoProvider,

@@ -20,6 +20,7 @@ pub(super) fn compile(raw: RawConfig, source: &Path, base: &Path, r: &mut Report
     let lists = lists(r, base, &raw);
     let jails = jails(r, &raw.jails, &privacy);
     let sites = sites(r, &raw.sites, &lists, &jails, &rate_limit);
+    let acme = acme(r, base, &raw, &listeners);
     Config {
         source: source.to_path_buf(),
         gateway,
@@ -38,7 +39,82 @@ pub(super) fn compile(raw: RawConfig, source: &Path, base: &Path, r: &mut Report
             .as_ref()
             .and_then(|d| socket_addr(r, "demo_upstream.addr", &d.addr)),
         fleet: raw.fleet.as_ref().map(|f| fleet(r, base, f)),
+        acme,
     }
+}
+
+/// `[acme]`, and the sites that use it: every host a DNS name (no `*`).
+fn acme(r: &mut Report, base: &Path, raw: &RawConfig, listeners: &[Listener]) -> Option<Acme> {
+    for (i, s) in raw.sites.iter().enumerate().filter(|(_, s)| s.acme) {
+        if raw.acme.is_none() {
+            r.key(&format!("site[{i}].acme"), "needs an [acme] table");
+        }
+        for (k, h) in s.hosts.iter().enumerate() {
+            if h.contains('*') || h.parse::<std::net::IpAddr>().is_ok() {
+                r.key(
+                    &format!("site[{i}].hosts[{k}]"),
+                    format!("'{h}': an ACME site's hosts are DNS names (no '*', no address)"),
+                );
+            }
+        }
+    }
+    let a = raw.acme.as_ref()?;
+    if !a.directory.starts_with("https://") || a.directory.parse::<http::Uri>().is_err() {
+        r.key(
+            "acme.directory",
+            format!("'{}' is not an https:// URL", a.directory),
+        );
+    }
+    for (k, c) in a.contact.iter().enumerate() {
+        if !c.starts_with("mailto:") || !c.contains('@') {
+            r.key(
+                &format!("acme.contact[{k}]"),
+                format!("'{c}': a contact is mailto:someone@example.nl"),
+            );
+        }
+    }
+    let plain = listeners.iter().any(|l| !l.tls && !l.proxy_protocol);
+    let challenge = match a.challenge.as_deref() {
+        None if plain => Challenge::Http01,
+        None => Challenge::TlsAlpn01,
+        Some("http-01") => Challenge::Http01,
+        Some("tls-alpn-01") => Challenge::TlsAlpn01,
+        Some(other) => {
+            r.key(
+                "acme.challenge",
+                format!("'{other}': \"http-01\" or \"tls-alpn-01\""),
+            );
+            Challenge::Http01
+        }
+    };
+    if challenge == Challenge::Http01 && !plain {
+        r.key(
+            "acme.challenge",
+            "http-01 needs a tls = false listener without proxy_protocol (port 80)",
+        );
+    }
+    if challenge == Challenge::TlsAlpn01 && !listeners.iter().any(|l| l.tls) {
+        r.key(
+            "acme.challenge",
+            "tls-alpn-01 needs a tls = true listener (port 443)",
+        );
+    }
+    let ca_file = a
+        .ca_file
+        .as_deref()
+        .filter(|p| !p.is_empty())
+        .map(|p| resolve(base, p));
+    if let Some(f) = &ca_file {
+        if let Err(e) = std::fs::metadata(f) {
+            r.other(f, None, "acme.ca_file", format!("cannot read: {e}"));
+        }
+    }
+    Some(Acme {
+        directory: a.directory.clone(),
+        contact: a.contact.clone(),
+        ca_file,
+        challenge,
+    })
 }
 
 fn fleet(r: &mut Report, base: &Path, raw: &RawFleet) -> Fleet {
@@ -169,7 +245,12 @@ fn tls(r: &mut Report, base: &Path, raw: &RawConfig) -> Tls {
             .collect(),
         self_signed: t.self_signed,
     };
-    if raw.listeners.iter().any(|l| l.tls) && tls.certificates.is_empty() && !tls.self_signed {
+    let acme = raw.acme.is_some() && raw.sites.iter().any(|s| s.acme);
+    if raw.listeners.iter().any(|l| l.tls)
+        && tls.certificates.is_empty()
+        && !tls.self_signed
+        && !acme
+    {
         r.key(
             "tls.certificates",
             "a listener has tls = true but no certificate is configured (or set self_signed = true)",
@@ -418,6 +499,7 @@ fn site(
             }
             d
         }),
+        acme: s.acme,
         rate_limit,
         jails: s.jails.clone(),
         allow_only: s.allow_only.clone(),

@@ -45,6 +45,29 @@ pub struct Config {
     pub demo_upstream: Option<SocketAddr>,
     /// `[fleet]`; absent: this gateway keeps its entries to itself.
     pub fleet: Option<Fleet>,
+    /// `[acme]`; absent: certificates come from files only.
+    pub acme: Option<Acme>,
+}
+
+/// Where ACME certificates come from (SPEC 19).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Acme {
+    /// The directory URL (https).
+    pub directory: String,
+    /// `mailto:` addresses for the account.
+    pub contact: Vec<String>,
+    /// A CA to trust for the directory instead of the system's (a test CA).
+    pub ca_file: Option<PathBuf>,
+    pub challenge: Challenge,
+}
+
+/// How ipgate proves it holds a name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Challenge {
+    /// Answered on a plain listener (port 80).
+    Http01,
+    /// Answered in the TLS handshake on a TLS listener (port 443).
+    TlsAlpn01,
 }
 
 /// The fleet's shared store (SPEC 18). Restart-only.
@@ -202,6 +225,8 @@ pub struct Site {
     pub max_upstream_connections: Option<usize>,
     /// `site.hsts`: the Strict-Transport-Security max-age added to its TLS responses.
     pub hsts: Option<Duration>,
+    /// `site.acme`: its certificate comes from `[acme]`.
+    pub acme: bool,
     pub rate_limit: Option<RateLimit>,
     pub jails: Vec<String>,
     pub allow_only: Vec<String>,

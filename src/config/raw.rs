@@ -25,6 +25,19 @@ pub struct RawConfig {
     pub log: RawLog,
     pub demo_upstream: Option<RawDemoUpstream>,
     pub fleet: Option<RawFleet>,
+    pub acme: Option<RawAcme>,
+}
+
+/// `[acme]`: the ACME CA certificates come from for sites with `acme = true`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAcme {
+    pub directory: String,
+    #[serde(default)]
+    pub contact: Vec<String>,
+    pub ca_file: Option<String>,
+    /// "http-01" or "tls-alpn-01" (default: http-01 when a plain listener exists).
+    pub challenge: Option<String>,
 }
 
 /// `[fleet]`: the shared store (Redis or Valkey) and this gateway's name in it.
@@ -151,6 +164,8 @@ pub struct RawSite {
     pub upstream_timeout: Option<String>,
     pub max_upstream_connections: Option<usize>,
     pub hsts: Option<String>,
+    #[serde(default)]
+    pub acme: bool,
     pub rate_limit: Option<RawRateLimit>,
     #[serde(default)]
     pub jails: Vec<String>,

@@ -274,3 +274,46 @@ fn redirect_https_and_hsts_are_checked() {
     assert_eq!(keys(&site("forever")), vec!["site[0].hsts"]);
     assert_eq!(keys(&site("0s")), vec!["site[0].hsts"]);
 }
+
+#[test]
+fn acme_is_checked() {
+    let keys = |text: &str| {
+        problems(text)
+            .into_iter()
+            .map(|p| p.key)
+            .collect::<Vec<_>>()
+    };
+    let site = |hosts: &str, acme: &str| {
+        format!(
+            "[[listener]]\naddr = \"127.0.0.1:0\"\n{acme}\n[[site]]\nhosts = {hosts}\n\
+             upstream = \"http://127.0.0.1:9\"\nacme = true\n"
+        )
+    };
+    let good = "[acme]\ndirectory = \"https://acme.test/dir\"\ncontact = [\"mailto:a@b.nl\"]\n";
+    assert!(keys(&site("[\"a.nl\", \"www.a.nl\"]", good)).is_empty());
+    assert_eq!(keys(&site("[\"a.nl\"]", "")), vec!["site[0].acme"]);
+    assert_eq!(
+        keys(&site("[\"*\", \"*.a.nl\", \"192.0.2.1\"]", good)),
+        vec!["site[0].hosts[0]", "site[0].hosts[1]", "site[0].hosts[2]"]
+    );
+    let bad = "[acme]\ndirectory = \"http://acme.test/dir\"\ncontact = [\"a@b.nl\"]\n\
+               challenge = \"dns-01\"\nca_file = \"/nonexistent/ca.pem\"\n";
+    assert_eq!(
+        keys(&site("[\"a.nl\"]", bad)),
+        vec![
+            "acme.directory",
+            "acme.contact[0]",
+            "acme.challenge",
+            "acme.ca_file"
+        ]
+    );
+    // HTTP-01 needs a plain listener; this one has only TLS.
+    let tls_only = format!(
+        "[tls]\nself_signed = true\n{}",
+        site("[\"a.nl\"]", &format!("{good}challenge = \"http-01\"\n")).replace(
+            "addr = \"127.0.0.1:0\"",
+            "addr = \"127.0.0.1:0\"\ntls = true"
+        )
+    );
+    assert_eq!(keys(&tls_only), vec!["acme.challenge"]);
+}

@@ -321,6 +321,7 @@ pub struct GatewayBuilder {
     access_log: bool,
     redirect_https: bool,
     cert_a_until: Option<(i32, u8, u8)>,
+    ports: Option<(u16, u16)>,
     files: Vec<(PathBuf, String)>,
 }
 
@@ -372,6 +373,12 @@ impl GatewayBuilder {
         self
     }
 
+    /// The plain and TLS listeners on these loopback ports instead of free ones.
+    pub fn ports(mut self, plain: u16, tls: u16) -> Self {
+        self.ports = Some((plain, tls));
+        self
+    }
+
     /// `redirect_https = true` on the plain listener.
     pub fn redirect_https(mut self) -> Self {
         self.redirect_https = true;
@@ -407,12 +414,12 @@ impl GatewayBuilder {
 state_dir = "state"
 {workers}{keys}
 [[listener]]
-addr = "127.0.0.1:0"
+addr = "127.0.0.1:{plain_port}"
 tls = false
 redirect_https = {redirect}
 
 [[listener]]
-addr = "127.0.0.1:0"
+addr = "127.0.0.1:{tls_port}"
 tls = true
 
 [tls]
@@ -431,6 +438,8 @@ access = "{access}"
             keys = self.gateway_keys,
             extra = self.extra,
             redirect = self.redirect_https,
+            plain_port = self.ports.map_or(0, |p| p.0),
+            tls_port = self.ports.map_or(0, |p| p.1),
         )
         .replace("{upstream}", &upstream.to_string())
     }
@@ -850,7 +859,13 @@ fn start_binary_logged(config: &Path, level: &str) -> (std::process::Child, Proc
     while plain.is_none() || admin.is_none() {
         let (kind, addr) = rx
             .recv_timeout(Duration::from_secs(20))
-            .expect("gateway did not report its addresses");
+            .unwrap_or_else(|e| {
+                std::thread::sleep(Duration::from_millis(100));
+                panic!(
+                    "gateway did not report its addresses ({e}):\n{}",
+                    output.text()
+                )
+            });
         if kind == "plain" {
             plain = Some(addr);
         } else {
