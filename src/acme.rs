@@ -200,6 +200,9 @@ impl Manager {
                     if let Err(e) = state.refresh_files() {
                         warn!(error = %e, "the new certificate could not be put in force");
                     }
+                    // Look again at once: the new certificate's renewal is scheduled from the
+                    // snapshot that now holds it.
+                    next = now;
                 }
                 Err(e) => {
                     let f = self.failures.entry(site.name.clone()).or_insert((0, 0));

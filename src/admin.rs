@@ -27,6 +27,7 @@ use crate::api::{
 use crate::clock::now_ms;
 use crate::config::{self, Action};
 use crate::policy::temporary::Entry;
+use crate::policy::temporary::{Scope, Slot};
 use crate::policy::{Rule, Verdict};
 use crate::state::AppState;
 
@@ -105,11 +106,13 @@ async fn route(state: &AppState, req: Request<Incoming>) -> Response<AdminBody> 
 }
 
 /// A temporary entry as the API shows it.
-fn temporary_view(action: Action, target: IpNet, e: &Entry) -> EntryView {
+fn temporary_view(slot: &Slot, target: IpNet, e: &Entry) -> EntryView {
+    let action = slot.action();
     EntryView {
         target: target.to_string(),
         action,
         list: action.to_string(),
+        scope: slot.scope().map(ToString::to_string),
         source: e.source().to_string(),
         reason: e.reason().map(str::to_string),
         expires_at: Some(rfc3339(e.expires_at)),
@@ -125,7 +128,11 @@ async fn mark_fleet(state: &AppState, views: &mut [EntryView]) {
     for v in views.iter_mut().filter(|v| v.expires_at.is_some()) {
         let own = v.origin.is_none();
         v.origin.get_or_insert_with(|| me.clone());
-        let key = v.target.parse().ok().map(|t| (v.action, t));
+        let slot = match v.scope.as_deref().map(str::parse::<Scope>) {
+            Some(Ok(scope)) => Slot::Scoped(scope),
+            _ => Slot::of(v.action),
+        };
+        let key = v.target.parse().ok().map(|t| (slot, t));
         v.shared = Some(!own || key.is_none_or(|k| !waiting.contains(&k)));
     }
 }
@@ -137,6 +144,7 @@ fn config_view(action: Action, list: &str, target: IpNet) -> EntryView {
         action,
         list: list.to_string(),
         source: "config".into(),
+        scope: None,
         reason: None,
         expires_at: None,
         origin: None,
@@ -205,14 +213,29 @@ async fn v1(state: &AppState, req: Request<Incoming>) -> Response<AdminBody> {
                 Ok(t) => t,
                 Err(e) => return json_error(StatusCode::BAD_REQUEST, &e),
             };
-            let actions = match param("action") {
-                None => Action::ALL.to_vec(),
-                Some(a) => match parse_action(a) {
-                    Ok(a) => vec![a],
-                    Err(e) => return json_error(StatusCode::BAD_REQUEST, &e),
-                },
+            let action = match param("action").map(parse_action).transpose() {
+                Ok(a) => a,
+                Err(e) => return json_error(StatusCode::BAD_REQUEST, &e),
             };
-            let targets = actions.into_iter().map(|a| (a, target)).collect();
+            // `scope=site:NAME` (or `site=NAME`): that scoped entry only; none: the entries
+            // for the target in every scope.
+            let scope = match (param("scope"), param("site")) {
+                (Some(s), _) => s.parse::<Scope>().map(Some),
+                (None, Some(site)) => Ok(Some(Scope::Site(site.into()))),
+                (None, None) => Ok(None),
+            };
+            let scope = match scope {
+                Ok(s) => s,
+                Err(e) => return json_error(StatusCode::BAD_REQUEST, &e),
+            };
+            let targets = state
+                .temp
+                .slots()
+                .into_iter()
+                .filter(|s| action.is_none_or(|a| s.action() == a))
+                .filter(|s| scope.is_none() || s.scope() == scope.as_ref())
+                .map(|s| (s, target))
+                .collect();
             match state.remove_entries(targets).await {
                 Ok(removed) if removed.is_empty() => {
                     json_error(StatusCode::NOT_FOUND, "no such temporary entry")
@@ -290,15 +313,15 @@ fn list_entries(state: &AppState, action: Option<Action>, kind: Option<&str>) ->
     }
     if kind != Some("static") {
         let now = now_ms();
-        for a in Action::ALL {
-            if action.is_none_or(|x| x == a) {
+        for slot in state.temp.slots() {
+            if action.is_none_or(|x| x == slot.action()) {
                 out.extend(
                     state
                         .temp
-                        .table(a)
+                        .table(&slot)
                         .all(now)
                         .iter()
-                        .map(|(t, e)| temporary_view(a, *t, e)),
+                        .map(|(t, e)| temporary_view(&slot, *t, e)),
                 );
             }
         }
@@ -312,8 +335,18 @@ pub fn parse_new_entry(
     body: &[u8],
     default_ttl: Duration,
     max_retention: Duration,
-) -> Result<(Action, IpNet, Duration, Option<String>), String> {
+) -> Result<(Slot, IpNet, Duration, Option<String>), String> {
     let new: NewEntry = serde_json::from_slice(body).map_err(|e| format!("malformed body: {e}"))?;
+    let slot = match (&new.site, new.action) {
+        (None, action) => Slot::of(action),
+        (Some(site), Action::Block) if !site.is_empty() && site.len() <= 253 => {
+            Slot::Scoped(Scope::Site(site.as_str().into()))
+        }
+        (Some(_), Action::Block) => return Err("site: a site's name is needed".into()),
+        (Some(_), Action::Allow) => {
+            return Err("site: only block entries hold on one site".into());
+        }
+    };
     let target = config::parse_target(&new.target)?;
     let ttl = match new.ttl.as_deref() {
         None => default_ttl,
@@ -324,7 +357,7 @@ pub fn parse_new_entry(
     }
     // No datum outlives privacy.max_retention.
     let reason = new.reason.filter(|r| !r.is_empty());
-    Ok((new.action, target, ttl.min(max_retention), reason))
+    Ok((slot, target, ttl.min(max_retention), reason))
 }
 
 async fn add_entry(state: &AppState, body: &[u8]) -> Response<AdminBody> {
@@ -336,10 +369,24 @@ async fn add_entry(state: &AppState, body: &[u8]) -> Response<AdminBody> {
         Ok(parsed) => parsed,
         Err(e) => return json_error(StatusCode::BAD_REQUEST, &e),
     };
+    if let Some(Scope::Site(site)) = action.scope() {
+        if !state
+            .snapshot
+            .load()
+            .sites
+            .iter()
+            .any(|s| *s.site.name == **site)
+        {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                &format!("site: no site is named '{site}'"),
+            );
+        }
+    }
     let now = now_ms();
     let entry = Entry::new(now, now + ttl.as_millis() as u64, "api", reason.as_deref());
-    match state.add_entry(action, target, entry.clone()).await {
-        Ok(()) => json(StatusCode::CREATED, &temporary_view(action, target, &entry)),
+    match state.add_entry(action.clone(), target, entry.clone()).await {
+        Ok(()) => json(StatusCode::CREATED, &temporary_view(&action, target, &entry)),
         // SPEC 17: enforced now, written as soon as the disk takes it.
         Err(e) => json_error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -448,10 +495,10 @@ fn decision(state: &AppState, ip: IpAddr) -> (&'static str, Option<RuleView>) {
         }
         Rule::Temporary => state
             .temp
-            .table(action)
+            .table(&Slot::of(action))
             .find(ip, Some(now_ms()))
             .map(|(t, e)| RuleView::Temporary {
-                entry: temporary_view(action, t, &e),
+                entry: temporary_view(&Slot::of(action), t, &e),
             }),
     };
     (action.as_str(), rule)
@@ -461,15 +508,17 @@ fn decision(state: &AppState, ip: IpAddr) -> (&'static str, Option<RuleView>) {
 fn held(state: &AppState, ip: IpAddr) -> (Vec<EntryView>, Vec<EntryView>) {
     let snap = state.snapshot.load();
     let now = now_ms();
-    let temporary = Action::ALL
+    let temporary = state
+        .temp
+        .slots()
         .into_iter()
-        .flat_map(|a| {
+        .flat_map(|slot| {
             state
                 .temp
-                .table(a)
+                .table(&slot)
                 .covering(ip, now)
                 .into_iter()
-                .map(move |(t, e)| temporary_view(a, t, &e))
+                .map(move |(t, e)| temporary_view(&slot, t, &e))
         })
         .collect();
     let config = snap
@@ -493,9 +542,10 @@ async fn forget(state: &AppState, ip: IpAddr) -> Response<AdminBody> {
         Ok(o) => o,
         Err(e) => return json_error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
     };
-    let pairs: Vec<(Action, IpNet)> = targets
+    let slots = state.temp.slots();
+    let pairs: Vec<(Slot, IpNet)> = targets
         .iter()
-        .flat_map(|&t| Action::ALL.map(|a| (a, t)))
+        .flat_map(|&t| slots.iter().map(move |s| (s.clone(), t)))
         .collect();
     let erased = match state.remove_entries(pairs).await {
         Ok(r) => r,
@@ -510,7 +560,7 @@ async fn forget(state: &AppState, ip: IpAddr) -> Response<AdminBody> {
         ip: ip.to_string(),
         erased: erased
             .iter()
-            .map(|(a, t, e)| temporary_view(*a, *t, e))
+            .map(|(a, t, e)| temporary_view(a, *t, e))
             .collect(),
         erased_rate_limits,
         erased_jail_counters,

@@ -63,6 +63,10 @@ pub fn admit(
             in_flight: None,
         });
     };
+    // Scoped block entries hold on their sites only, at request level (allow still wins).
+    if !matches!(verdict, Verdict::Allow(_)) && state.temp.blocked_in(&site.scopes, client.ip) {
+        return Err(Refusal::Blocked);
+    }
     if !allowed_only(snap, site, path, client.ip) {
         return Err(Refusal::Denied);
     }

@@ -19,6 +19,10 @@ pub struct EntryView {
     pub reason: Option<String>,
     /// RFC 3339, UTC; `null` for config entries.
     pub expires_at: Option<String>,
+    /// A block entry that holds on some sites only: `site:NAME` (one site) or `jail:NAME`
+    /// (the sites that name a jail with `scope = "site"`); absent: everywhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
     /// With a fleet: the gateway that made the entry (`fleet.gateway_id`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin: Option<String>,
@@ -51,6 +55,9 @@ pub struct NewEntry {
     /// A DUR string (`90s`, `1h`, `7d`); the default ban when absent.
     pub ttl: Option<String>,
     pub reason: Option<String>,
+    /// A block entry for this site only (`ipgate ban --site NAME`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
 }
 
 /// Any refusal: 400, 401, 404, 5xx.

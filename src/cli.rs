@@ -47,7 +47,13 @@ pub enum Command {
     /// Add a temporary block entry for an address or CIDR.
     Ban(EntryArgs),
     /// Remove a temporary block entry.
-    Unban { target: String },
+    Unban {
+        target: String,
+        /// Only the block entry scoped to this site (default: the target's block entries in
+        /// every scope).
+        #[arg(long)]
+        site: Option<String>,
+    },
     /// Add a temporary allow entry for an address or CIDR.
     Allow(EntryArgs),
     /// Remove a temporary allow entry.
@@ -91,6 +97,9 @@ pub struct EntryArgs {
     /// Why, kept with the entry.
     #[arg(long)]
     pub reason: Option<String>,
+    /// Block on this site only (its `name`, or its first host); other sites serve the client.
+    #[arg(long)]
+    pub site: Option<String>,
 }
 
 /// Talks to the admin API.
@@ -183,9 +192,8 @@ pub async fn admin_command(cli: &Cli, command: &Command) -> anyhow::Result<()> {
     let client = AdminClient::from_cli(cli)?;
     match command {
         Command::Ban(a) | Command::Allow(a) => ban_or_allow(&client, command, a).await,
-        Command::Unban { target } | Command::Disallow { target } => {
-            remove(&client, command, target).await
-        }
+        Command::Unban { target, site } => remove(&client, command, target, site.as_deref()).await,
+        Command::Disallow { target } => remove(&client, command, target, None).await,
         Command::List { block, allow, json } => list(&client, *block, *allow, *json).await,
         Command::Lookup { ip, json } => lookup(&client, ip, *json).await,
         Command::Forget { ip } => forget(&client, ip).await,
@@ -210,6 +218,7 @@ async fn ban_or_allow(
         action,
         ttl: a.ttl.clone(),
         reason: a.reason.clone(),
+        site: a.site.clone(),
     })?;
     let (status, bytes) = client.call(Method::POST, "/v1/entries", Some(body)).await?;
     if status != StatusCode::CREATED {
@@ -229,13 +238,21 @@ async fn ban_or_allow(
     Ok(())
 }
 
-async fn remove(client: &AdminClient, command: &Command, target: &str) -> anyhow::Result<()> {
+async fn remove(
+    client: &AdminClient,
+    command: &Command,
+    target: &str,
+    site: Option<&str>,
+) -> anyhow::Result<()> {
     let action = if matches!(command, Command::Unban { .. }) {
         Action::Block
     } else {
         Action::Allow
     };
-    let path = format!("/v1/entries?target={}&action={action}", encode(target));
+    let mut path = format!("/v1/entries?target={}&action={action}", encode(target));
+    if let Some(site) = site {
+        path.push_str(&format!("&site={}", encode(site)));
+    }
     let (status, bytes) = client.call(Method::DELETE, &path, None).await?;
     match status {
         StatusCode::NO_CONTENT => {
@@ -370,17 +387,18 @@ fn print_entries(entries: &[EntryView]) {
         return;
     }
     println!(
-        "{:<43} {:<6} {:<12} {:<10} {:<21} REASON",
-        "TARGET", "ACTION", "LIST", "SOURCE", "EXPIRES"
+        "{:<43} {:<6} {:<12} {:<10} {:<21} {:<16} REASON",
+        "TARGET", "ACTION", "LIST", "SOURCE", "EXPIRES", "SCOPE"
     );
     for e in entries {
         println!(
-            "{:<43} {:<6} {:<12} {:<10} {:<21} {}",
+            "{:<43} {:<6} {:<12} {:<10} {:<21} {:<16} {}",
             e.target,
             e.action,
             e.list,
             e.source,
             e.expires_at.as_deref().unwrap_or("-"),
+            e.scope.as_deref().unwrap_or("everywhere"),
             e.reason.as_deref().unwrap_or("")
         );
     }

@@ -138,6 +138,7 @@ mod tests {
             ban_factor: 2.0,
             max_ban: Duration::from_secs(7 * 86400),
             dry_run: false,
+            site_scoped: false,
         };
         Jail::new(c, 1000, IntCounter::new("e", "e").unwrap(), None)
     }

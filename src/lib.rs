@@ -148,7 +148,7 @@ impl Gateway {
         state.https_port = https_port(&workers);
         let n = loaded.len();
         for (action, target, entry) in loaded {
-            state.temp.table(action).insert(target, entry);
+            state.temp.table(&action).insert(target, entry);
         }
         state.publish_list_gauges();
         info!(entries = n, dir = %state_dir.display(), "temporary entries loaded");

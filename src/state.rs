@@ -17,7 +17,7 @@ use crate::config::{Action, Config, Errors, Report, Site};
 use crate::jail::Jail;
 use crate::metrics::{Metrics, SiteMetrics};
 use crate::policy::table::CidrTable;
-use crate::policy::temporary::{Entry, TempEntries};
+use crate::policy::temporary::{Entry, Slot, TempEntries};
 use crate::policy::Policy;
 use crate::ratelimit::Limiter;
 use crate::store::{self, Store};
@@ -64,6 +64,9 @@ pub struct SiteEntry {
     pub upstream_slots: Option<Arc<tokio::sync::Semaphore>>,
     /// `site.hsts` as the Strict-Transport-Security value for its TLS responses.
     pub hsts: Option<http::HeaderValue>,
+    /// The scopes whose block entries hold here: the site's own, and each of its jails with
+    /// `scope = "site"`.
+    pub scopes: Vec<crate::policy::temporary::Scope>,
 }
 
 impl SiteEntry {
@@ -156,6 +159,17 @@ impl Snapshot {
             route_limiters.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
             sites.push(SiteEntry {
                 upstream_slots: upstream_slots(previous, site),
+                scopes: std::iter::once(crate::policy::temporary::Scope::Site(
+                    site.name.as_str().into(),
+                ))
+                .chain(
+                    config
+                        .jails
+                        .iter()
+                        .filter(|j| j.site_scoped && site.jails.contains(&j.name))
+                        .map(|j| crate::policy::temporary::Scope::Jail(j.name.as_str().into())),
+                )
+                .collect(),
                 hsts: site.hsts.and_then(|d| {
                     http::HeaderValue::try_from(format!("max-age={}", d.as_secs())).ok()
                 }),
@@ -311,14 +325,14 @@ impl AppState {
     /// not durable yet: the store writes it as soon as the disk takes it ([`Self::sweep`]).
     pub async fn add_entry(
         &self,
-        action: Action,
+        action: Slot,
         target: ipnet::IpNet,
         entry: Entry,
     ) -> Result<(), store::Error> {
-        if action == Action::Block {
+        if action.action() == Action::Block {
             self.metrics.bans.with_label_values(&[entry.source()]).inc();
         }
-        self.temp.table(action).insert(target, entry.clone());
+        self.temp.table(&action).insert(target, entry.clone());
         self.publish_temporary_gauges();
         let written = self.store.put(action, target, entry).await;
         if written.is_err() {
@@ -331,8 +345,8 @@ impl AppState {
     /// Removes temporary entries from memory and the store; returns those that existed.
     pub async fn remove_entries(
         &self,
-        targets: Vec<(Action, ipnet::IpNet)>,
-    ) -> Result<Vec<(Action, ipnet::IpNet, Entry)>, store::Error> {
+        targets: Vec<(Slot, ipnet::IpNet)>,
+    ) -> Result<Vec<(Slot, ipnet::IpNet, Entry)>, store::Error> {
         // Written before it is applied (SPEC 17): a removal the disk refuses changes nothing,
         // so no entry comes back at restart after it was reported gone.
         if let Err(e) = self.store.delete(targets.clone()).await {
@@ -341,8 +355,8 @@ impl AppState {
         }
         let now = now_ms();
         let mut removed = Vec::new();
-        for &(action, target) in &targets {
-            if let Some(e) = self.temp.table(action).remove(target) {
+        for (action, target) in targets {
+            if let Some(e) = self.temp.table(&action).remove(target) {
                 if e.expires_at > now {
                     removed.push((action, target, e));
                 }
@@ -395,7 +409,14 @@ impl AppState {
             &jail.config.name,
             Some(&reason),
         );
-        match self.add_entry(Action::Block, target, entry).await {
+        let slot = if jail.config.site_scoped {
+            Slot::Scoped(crate::policy::temporary::Scope::Jail(
+                jail.config.name.as_str().into(),
+            ))
+        } else {
+            Slot::Block
+        };
+        match self.add_entry(slot, target, entry).await {
             Ok(()) => tracing::info!(
                 jail = %jail.config.name,
                 client = %crate::access_log::LoggedIp(target.addr(), log_ip),
@@ -484,15 +505,10 @@ impl AppState {
             }
         }
         self.metrics.store_pending.set(self.store.pending() as i64);
-        let mut gone: Vec<(Action, ipnet::IpNet)> = Vec::new();
-        for action in [Action::Block, Action::Allow] {
-            gone.extend(
-                self.temp
-                    .table(action)
-                    .sweep(now)
-                    .into_iter()
-                    .map(|t| (action, t)),
-            );
+        let mut gone: Vec<(Slot, ipnet::IpNet)> = Vec::new();
+        for slot in self.temp.slots() {
+            let swept = self.temp.table(&slot).sweep(now);
+            gone.extend(swept.into_iter().map(|t| (slot.clone(), t)));
         }
         if gone.is_empty() {
             return;
@@ -534,8 +550,12 @@ impl AppState {
             self.metrics
                 .list_entries
                 .with_label_values(&[action.as_str(), "temporary"])
-                .set(self.temp.table(action).len() as i64);
+                .set(self.temp.table(&Slot::of(action)).len() as i64);
         }
+        self.metrics
+            .list_entries
+            .with_label_values(&["block_scoped", "temporary"])
+            .set(self.temp.scoped_len() as i64);
     }
 }
 

@@ -424,6 +424,7 @@ fn two_million_ipv6_clients_stay_within_the_cap() {
             ban_factor: 2.0,
             max_ban: Duration::from_secs(3600),
             dry_run: false,
+            site_scoped: false,
         },
         cap,
         evictions.clone(),

@@ -179,6 +179,11 @@ max_ban = "1h"
 hosts = ["a.test"]
 upstream = "http://{upstream}"
 jails = ["login"]
+
+[[site]]
+name = "blog"
+hosts = ["b.test"]
+upstream = "http://{upstream}"
 "#;
 
 /// Gateway number `i` of a fleet on `redis`.
@@ -386,6 +391,42 @@ async fn bans_unbans_and_jail_bans_reach_every_gateway_within_a_second() {
     assert!(
         metric(&m, r#"ipgate_fleet_changes_total{direction="sent"}"#).unwrap_or(0.0) >= 2.0,
         "{m}"
+    );
+
+    // A ban for one site travels with its scope: blocked on the blog everywhere, served on
+    // a.test; unbanned in that scope on another gateway.
+    let status_on = |m: &Member, host: &'static str| {
+        let addr = m.gw.plain;
+        async move {
+            let head = format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+            raw_status(addr, "127.0.2.3", &head).await
+        }
+    };
+    let body = json!({"target": "127.0.2.3", "action": "block", "ttl": "10m", "site": "blog"});
+    assert_eq!(g1.api("POST", "/v1/entries", Some(body)).await.0, 201);
+    let took = within(SECOND, || async {
+        status_on(g2, "b.test").await == Some(403) && status_on(g3, "b.test").await == Some(403)
+    })
+    .await;
+    assert!(
+        took.is_some(),
+        "the site ban did not reach g2 and g3 within 1 s"
+    );
+    assert_eq!(status_on(g2, "a.test").await, Some(200));
+    let (_, lookup) = g3.api("GET", "/v1/ips/127.0.2.3", None).await;
+    assert_eq!(lookup["entries"][0]["scope"], "site:blog", "{lookup}");
+    assert!(redis.dump().contains("site%3Ablog"), "{}", redis.dump());
+    let (status, _) = g2
+        .api("DELETE", "/v1/entries?target=127.0.2.3&site=blog", None)
+        .await;
+    assert_eq!(status, 204);
+    let took = within(SECOND, || async {
+        status_on(g1, "b.test").await == Some(200) && status_on(g3, "b.test").await == Some(200)
+    })
+    .await;
+    assert!(
+        took.is_some(),
+        "the site unban did not reach g1 and g3 within 1 s"
     );
 }
 

@@ -241,3 +241,141 @@ async fn certificate_expiry_is_a_metric_and_listed_by_ipgate_certs() {
     gw.signal("TERM");
     assert!(gw.wait().await.success());
 }
+
+/// GET over plain HTTP from a chosen loopback address, with a Host.
+async fn get_from(local: &str, addr: std::net::SocketAddr, path: &str, host: &str) -> u16 {
+    get_on(connect_from(local, addr).await, path, host, &[])
+        .await
+        .0
+}
+
+const SCOPED_SITES: &str = r#"
+[[jail]]
+name = "shop-login"
+path = "/login"
+status = [200]
+hits = 2
+window = "1m"
+ban = "1h"
+scope = "site"
+
+[[jail]]
+name = "everywhere"
+path = "/xmlrpc.php"
+hits = 2
+window = "1m"
+ban = "1h"
+
+[[site]]
+name = "shop"
+hosts = ["a.test"]
+upstream = "http://{upstream}"
+jails = ["shop-login", "everywhere"]
+
+[[site]]
+name = "blog"
+hosts = ["b.test"]
+upstream = "http://{upstream}"
+"#;
+
+#[tokio::test]
+async fn a_site_scoped_jail_bans_on_its_sites_only_and_the_scope_survives_a_restart() {
+    let files = GatewayBuilder::new().sites(SCOPED_SITES).files().await;
+    let gw = files.start("info");
+    let token = std::fs::read_to_string(files.token_file()).unwrap();
+    let token = token.trim();
+    let plain = gw.plain;
+
+    // Two failed logins on the shop: banned there, served on the blog.
+    for _ in 0..2 {
+        assert_eq!(get_from("127.0.0.21", plain, "/login", "a.test").await, 200);
+    }
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            get_from("127.0.0.21", plain, "/", "a.test").await == 403
+        })
+        .await
+    );
+    assert_eq!(get_from("127.0.0.21", plain, "/", "b.test").await, 200);
+    assert_eq!(get_from("127.0.0.22", plain, "/", "a.test").await, 200);
+
+    // By hand: one site only.
+    let (status, made) = admin_call(
+        gw.admin,
+        "POST",
+        "/v1/entries",
+        Some(serde_json::json!({"target": "127.0.0.23", "action": "block", "ttl": "1h", "site": "blog"})),
+        Some(token),
+    )
+    .await;
+    assert_eq!(status, 201, "{made}");
+    assert_eq!(made["scope"], "site:blog");
+    assert_eq!(get_from("127.0.0.23", plain, "/", "b.test").await, 403);
+    assert_eq!(get_from("127.0.0.23", plain, "/", "a.test").await, 200);
+    let (status, _) = admin_call(
+        gw.admin,
+        "POST",
+        "/v1/entries",
+        Some(serde_json::json!({"target": "127.0.0.24", "action": "block", "site": "nosuch"})),
+        Some(token),
+    )
+    .await;
+    assert_eq!(status, 400);
+
+    // Lookup shows each scope; the escalation history is the jail's, as for any jail.
+    let scopes = |lookup: &serde_json::Value| -> Vec<String> {
+        lookup["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["scope"].as_str().unwrap_or("everywhere").to_string())
+            .collect()
+    };
+    let (_, lookup) = admin_call(gw.admin, "GET", "/v1/ips/127.0.0.21", None, Some(token)).await;
+    assert_eq!(scopes(&lookup), vec!["jail:shop-login"], "{lookup}");
+    assert_eq!(lookup["decision"], "pass", "{lookup}");
+    assert_eq!(lookup["offenses"][0]["jail"], "shop-login", "{lookup}");
+
+    // Restart: both scoped bans come back from the store, scope and all.
+    gw.signal("TERM");
+    assert!(gw.wait().await.success());
+    let gw = files.start("info");
+    let plain = gw.plain;
+    assert_eq!(get_from("127.0.0.21", plain, "/", "a.test").await, 403);
+    assert_eq!(get_from("127.0.0.21", plain, "/", "b.test").await, 200);
+    assert_eq!(get_from("127.0.0.23", plain, "/", "b.test").await, 403);
+    assert_eq!(get_from("127.0.0.23", plain, "/", "a.test").await, 200);
+    let (_, lookup) = admin_call(gw.admin, "GET", "/v1/ips/127.0.0.23", None, Some(token)).await;
+    assert_eq!(scopes(&lookup), vec!["site:blog"], "{lookup}");
+
+    // A global jail on the same site still bans everywhere.
+    for _ in 0..2 {
+        get_from("127.0.0.25", plain, "/xmlrpc.php", "a.test").await;
+    }
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            match try_connect_from("127.0.0.25", plain).await {
+                // Refused at accept, before a byte is read: banned everywhere.
+                Ok(tcp) => {
+                    closed_without_a_byte(tcp, b"GET / HTTP/1.1\r\nHost: b.test\r\n\r\n").await
+                }
+                Err(_) => true,
+            }
+        })
+        .await
+    );
+
+    // Unban of the scoped entry: served again on the shop.
+    let (status, _) = admin_call(
+        gw.admin,
+        "DELETE",
+        "/v1/entries?target=127.0.0.21&action=block&scope=jail:shop-login",
+        None,
+        Some(token),
+    )
+    .await;
+    assert_eq!(status, 204);
+    assert_eq!(get_from("127.0.0.21", plain, "/", "a.test").await, 200);
+    gw.signal("TERM");
+    assert!(gw.wait().await.success());
+}

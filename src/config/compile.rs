@@ -365,6 +365,17 @@ fn jail(r: &mut Report, key: &str, j: &RawJail, privacy: &Privacy) -> Jail {
         ban_factor,
         max_ban: dur(r, &format!("{key}.max_ban"), j.max_ban.as_deref(), MAX_BAN),
         dry_run: j.dry_run,
+        site_scoped: match j.scope.as_deref() {
+            None | Some("global") => false,
+            Some("site") => true,
+            Some(other) => {
+                r.key(
+                    &format!("{key}.scope"),
+                    format!("'{other}': \"global\" or \"site\""),
+                );
+                false
+            }
+        },
     }
 }
 

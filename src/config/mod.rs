@@ -210,6 +210,8 @@ pub struct Jail {
     pub max_ban: Duration,
     /// Log and count the ban without enforcing it.
     pub dry_run: bool,
+    /// `scope = "site"`: its bans hold only on the sites that name the jail.
+    pub site_scoped: bool,
 }
 
 #[derive(Debug, Clone)]

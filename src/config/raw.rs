@@ -152,6 +152,8 @@ pub struct RawJail {
     pub max_ban: Option<String>,
     #[serde(default)]
     pub dry_run: bool,
+    /// "global" (default) or "site".
+    pub scope: Option<String>,
 }
 
 /// One `[[site]]`: its hosts, upstream and policy.

@@ -31,7 +31,8 @@ use tokio::sync::{watch, Mutex};
 use tracing::{info, warn};
 
 use crate::clock::now_ms;
-use crate::config::{self, Action};
+use crate::config;
+use crate::policy::temporary::Slot;
 use crate::state::AppState;
 use crate::store::{self, Change};
 
@@ -64,8 +65,11 @@ pub enum Error {
     Encode(#[from] serde_json::Error),
 }
 
-fn entry_key(action: Action, target: IpNet) -> String {
-    format!("ipgate:entry:{action}:{target}")
+/// `ipgate:entry:SLOT:TARGET`; a scoped slot (`block@site:NAME`) is percent-encoded, so
+/// the first `:` after the slot still ends it (an IPv6 target has more).
+fn entry_key(action: &Slot, target: IpNet) -> String {
+    let slot: String = form_urlencoded::byte_serialize(action.to_string().as_bytes()).collect();
+    format!("ipgate:entry:{slot}:{target}")
 }
 
 fn offense_key(jail: &str, target: IpNet) -> String {
@@ -225,14 +229,14 @@ impl Fleet {
                         continue;
                     }
                     pipe.cmd("SET")
-                        .arg(entry_key(*action, *target))
+                        .arg(entry_key(action, *target))
                         .arg(serde_json::to_vec(entry)?)
                         .arg("PXAT")
                         .arg(until)
                         .ignore();
                 }
                 Change::Delete { action, target } => {
-                    pipe.del(entry_key(*action, *target)).ignore();
+                    pipe.del(entry_key(action, *target)).ignore();
                 }
                 Change::Offense {
                     jail,
@@ -369,10 +373,14 @@ async fn scan<C: redis::aio::ConnectionLike + Send + Sync>(
     }
 }
 
-fn parse_entry_key(key: &str) -> Option<(Action, IpNet)> {
+fn parse_entry_key(key: &str) -> Option<(Slot, IpNet)> {
     let rest = key.strip_prefix("ipgate:entry:")?;
-    let (action, target) = rest.split_once(':')?;
-    Some((action.parse().ok()?, target.parse().ok()?))
+    let (slot, target) = rest.split_once(':')?;
+    let slot: String = form_urlencoded::parse(format!("s={slot}").as_bytes())
+        .next()?
+        .1
+        .into_owned();
+    Some((slot.parse().ok()?, target.parse().ok()?))
 }
 
 fn parse_offense_key(key: &str) -> Option<(String, IpNet)> {
@@ -392,14 +400,17 @@ fn rand_u64() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::temporary::Scope;
 
     #[test]
     fn keys_round_trip() {
         let t: IpNet = "2001:db8::/64".parse().unwrap();
         assert_eq!(
-            parse_entry_key(&entry_key(Action::Block, t)),
-            Some((Action::Block, t))
+            parse_entry_key(&entry_key(&Slot::Block, t)),
+            Some((Slot::Block, t))
         );
+        let scoped = Slot::Scoped(Scope::Site("Klant: Jansen & Zn+".into()));
+        assert_eq!(parse_entry_key(&entry_key(&scoped, t)), Some((scoped, t)));
         assert_eq!(
             parse_offense_key(&offense_key("wp-login", t)),
             Some(("wp-login".to_string(), t))

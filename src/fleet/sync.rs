@@ -15,11 +15,12 @@ use super::{parse_entry_key, parse_offense_key, rand_u64, scan, stream_id, Error
 use super::{BATCH, BLOCK, EPOCH, RESPONSE_TIMEOUT, STREAM};
 use crate::clock::now_ms;
 use crate::config::Action;
+use crate::policy::temporary::Slot;
 use crate::store::{Change, Stored};
 
 /// What a resync found in the store.
 struct Held {
-    entries: HashSet<(Action, IpNet)>,
+    entries: HashSet<(Slot, IpNet)>,
     offenses: HashSet<(String, IpNet)>,
     /// Entries and offense times this gateway lacks.
     changes: Vec<Change>,
@@ -151,7 +152,7 @@ impl Fleet {
     /// What the store holds: its entries and offense records, and the changes that would
     /// bring this gateway up to them.
     async fn read_store(&self, con: &mut MultiplexedConnection, now: u64) -> Result<Held, Error> {
-        let mut entries: HashSet<(Action, IpNet)> = HashSet::new();
+        let mut entries: HashSet<(Slot, IpNet)> = HashSet::new();
         let mut changes = Vec::new();
         for keys in scan(con, "ipgate:entry:*").await?.chunks(256) {
             let values: Vec<Option<Vec<u8>>> = con.mget(keys).await?;
@@ -163,8 +164,8 @@ impl Fleet {
                 else {
                     continue;
                 };
-                entries.insert((action, target));
-                let held = self.state.temp.table(action).find(target.addr(), None);
+                entries.insert((action.clone(), target));
+                let held = self.state.temp.table(&action).find(target.addr(), None);
                 let same =
                     held.is_some_and(|(net, e)| net == target && e.expires_at == entry.expires_at);
                 if !same && entry.expires_at > now {
@@ -233,9 +234,9 @@ impl Fleet {
             let busy = store.outbox_concerns().await?;
             for (action, target, entry) in &local {
                 let fresh = entry.created_at >= started || busy.contains(target);
-                if !fresh && !in_store.contains(&(*action, *target)) {
+                if !fresh && !in_store.contains(&(action.clone(), *target)) {
                     changes.push(Change::Delete {
-                        action: *action,
+                        action: action.clone(),
                         target: *target,
                     });
                 }
@@ -255,9 +256,9 @@ impl Fleet {
             let again: Vec<Change> =
                 local
                     .iter()
-                    .filter(|(a, t, _)| !in_store.contains(&(*a, *t)))
+                    .filter(|(a, t, _)| !in_store.contains(&(a.clone(), *t)))
                     .map(|(action, target, entry)| Change::Put {
-                        action: *action,
+                        action: action.clone(),
                         target: *target,
                         entry: Stored::of(entry),
                     })
@@ -307,14 +308,14 @@ impl Fleet {
                     target,
                     entry,
                 } if entry.expires_at > now => {
-                    if *action == Action::Block {
+                    if action.action() == Action::Block {
                         state.metrics.bans.with_label_values(&["fleet"]).inc();
                     }
-                    state.temp.table(*action).insert(*target, entry.entry());
+                    state.temp.table(action).insert(*target, entry.entry());
                 }
                 Change::Put { .. } => {}
                 Change::Delete { action, target } => {
-                    state.temp.table(*action).remove(*target);
+                    state.temp.table(action).remove(*target);
                 }
                 Change::Offense { .. } => {}
                 Change::Forget { targets } => {

@@ -303,19 +303,185 @@ impl TempTable {
     }
 }
 
-/// The temporary block and allow entries.
+/// Where a scoped block entry holds (SPEC `jail.scope`): on one site, or on the sites that
+/// name a jail.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Scope {
+    Site(Box<str>),
+    Jail(Box<str>),
+}
+
+impl std::fmt::Display for Scope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Scope::Site(s) => write!(f, "site:{s}"),
+            Scope::Jail(j) => write!(f, "jail:{j}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Scope {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Scope, String> {
+        match s.split_once(':') {
+            Some(("site", name)) if !name.is_empty() => Ok(Scope::Site(name.into())),
+            Some(("jail", name)) if !name.is_empty() => Ok(Scope::Jail(name.into())),
+            _ => Err(format!("'{s}': a scope is site:NAME or jail:NAME")),
+        }
+    }
+}
+
+/// Which temporary list an entry is in: allow, block (everywhere), or block on some sites.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Slot {
+    Allow,
+    Block,
+    Scoped(Scope),
+}
+
+impl Slot {
+    pub fn action(&self) -> Action {
+        match self {
+            Slot::Allow => Action::Allow,
+            Slot::Block | Slot::Scoped(_) => Action::Block,
+        }
+    }
+
+    pub fn scope(&self) -> Option<&Scope> {
+        match self {
+            Slot::Scoped(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The unscoped slot of an action.
+    pub fn of(action: Action) -> Slot {
+        match action {
+            Action::Allow => Slot::Allow,
+            Action::Block => Slot::Block,
+        }
+    }
+}
+
+impl From<Action> for Slot {
+    fn from(a: Action) -> Slot {
+        Slot::of(a)
+    }
+}
+
+/// `allow`, `block`, or `block@site:NAME` / `block@jail:NAME`: how the store, the outbox and
+/// the fleet name a slot.
+impl std::fmt::Display for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Slot::Scoped(s) => write!(f, "block@{s}"),
+            other => f.write_str(other.action().as_str()),
+        }
+    }
+}
+
+impl std::str::FromStr for Slot {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Slot, String> {
+        match s.split_once('@') {
+            Some(("block", scope)) => Ok(Slot::Scoped(scope.parse()?)),
+            Some(_) => Err(format!("'{s}': only block entries have a scope")),
+            None => s.parse::<Action>().map(Slot::of),
+        }
+    }
+}
+
+impl serde::Serialize for Slot {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Slot {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Slot, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// The temporary block and allow entries, and the scoped block entries by scope.
 #[derive(Default)]
 pub struct TempEntries {
     pub block: TempTable,
     pub allow: TempTable,
+    /// Scoped block entries; a table per scope in use, made on first use (scopes come from
+    /// the config and the API, never from a client).
+    scoped: DashMap<Scope, Arc<TempTable>, Hasher>,
+    /// Whether any scoped table exists (read on every request of a site with scopes).
+    any_scoped: std::sync::atomic::AtomicBool,
+}
+
+/// A table of [`TempEntries`], borrowed or shared.
+pub enum TableRef<'a> {
+    Fixed(&'a TempTable),
+    Scoped(Arc<TempTable>),
+}
+
+impl std::ops::Deref for TableRef<'_> {
+    type Target = TempTable;
+
+    fn deref(&self) -> &TempTable {
+        match self {
+            TableRef::Fixed(t) => t,
+            TableRef::Scoped(t) => t,
+        }
+    }
 }
 
 impl TempEntries {
-    pub fn table(&self, action: Action) -> &TempTable {
-        match action {
-            Action::Block => &self.block,
-            Action::Allow => &self.allow,
+    /// The table of a slot (a scoped one is made when first asked for).
+    pub fn table(&self, slot: &Slot) -> TableRef<'_> {
+        match slot {
+            Slot::Block => TableRef::Fixed(&self.block),
+            Slot::Allow => TableRef::Fixed(&self.allow),
+            Slot::Scoped(scope) => {
+                if let Some(t) = self.scoped.get(scope) {
+                    return TableRef::Scoped(t.clone());
+                }
+                let t = self.scoped.entry(scope.clone()).or_default().clone();
+                self.any_scoped.store(true, Ordering::Release);
+                TableRef::Scoped(t)
+            }
         }
+    }
+
+    /// Every slot with a table: block, allow, then the scopes in use.
+    pub fn slots(&self) -> Vec<Slot> {
+        let mut slots = vec![Slot::Block, Slot::Allow];
+        let mut scoped: Vec<Slot> = self
+            .scoped
+            .iter()
+            .map(|r| Slot::Scoped(r.key().clone()))
+            .collect();
+        scoped.sort();
+        slots.extend(scoped);
+        slots
+    }
+
+    /// Whether a live scoped entry of one of `scopes` covers `ip` (the request path: no
+    /// scoped entry at all is one atomic read).
+    #[inline]
+    pub fn blocked_in(&self, scopes: &[Scope], ip: IpAddr) -> bool {
+        if scopes.is_empty() || !self.any_scoped.load(Ordering::Acquire) {
+            return false;
+        }
+        scopes.iter().any(|s| {
+            self.scoped
+                .get(s)
+                .is_some_and(|t| !t.is_empty() && t.contains(ip))
+        })
+    }
+
+    /// Scoped entries in all.
+    pub fn scoped_len(&self) -> usize {
+        self.scoped.iter().map(|t| t.len()).sum()
     }
 }
 

@@ -3,8 +3,7 @@
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::config::Action;
-use crate::policy::temporary::Entry;
+use crate::policy::temporary::{Entry, Slot};
 
 /// An entry as it is written down (on disk, in the outbox, in the fleet's store).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -46,12 +45,13 @@ impl Stored {
 pub enum Change {
     /// An entry made or replaced.
     Put {
-        action: Action,
+        /// `block`, `allow`, or a scoped `block@site:NAME`.
+        action: Slot,
         target: IpNet,
         entry: Stored,
     },
     /// An entry removed (unban, or forget).
-    Delete { action: Action, target: IpNet },
+    Delete { action: Slot, target: IpNet },
     /// The offense times of `target` in `jail` (every one within retention).
     Offense {
         jail: String,

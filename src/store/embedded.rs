@@ -10,8 +10,8 @@ use ipnet::IpNet;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use super::{err, Change, Error, Stored};
-use crate::config::Action;
 use crate::policy::temporary::Entry;
+use crate::policy::temporary::Slot;
 
 /// `"block 10.0.0.0/24"` → the entry as JSON.
 const ENTRIES: TableDefinition<&str, &[u8]> = TableDefinition::new("entries");
@@ -31,7 +31,7 @@ pub struct Redb {
     outbox: bool,
 }
 
-fn key(action: Action, target: IpNet) -> String {
+fn key(action: &Slot, target: IpNet) -> String {
     format!("{action} {target}")
 }
 
@@ -50,7 +50,7 @@ fn enqueue(txn: &Txn, changes: &[Change]) -> Result<(), Error> {
     Ok(())
 }
 
-fn put_in(txn: &Txn, action: Action, target: IpNet, entry: &Stored) -> Result<(), Error> {
+fn put_in(txn: &Txn, action: &Slot, target: IpNet, entry: &Stored) -> Result<(), Error> {
     let mut t = txn.open_table(ENTRIES).map_err(err)?;
     t.insert(
         key(action, target).as_str(),
@@ -60,11 +60,11 @@ fn put_in(txn: &Txn, action: Action, target: IpNet, entry: &Stored) -> Result<()
     Ok(())
 }
 
-fn delete_in(txn: &Txn, targets: &[(Action, IpNet)]) -> Result<usize, Error> {
+fn delete_in(txn: &Txn, targets: &[(Slot, IpNet)]) -> Result<usize, Error> {
     let mut t = txn.open_table(ENTRIES).map_err(err)?;
     let mut n = 0;
     for (action, target) in targets {
-        if t.remove(key(*action, *target).as_str())
+        if t.remove(key(action, *target).as_str())
             .map_err(err)?
             .is_some()
         {
@@ -142,7 +142,7 @@ impl Redb {
     }
 
     /// Writes an entry durably (returns once it is on disk).
-    pub fn put(&self, action: Action, target: IpNet, entry: &Entry) -> Result<(), Error> {
+    pub fn put(&self, action: &Slot, target: IpNet, entry: &Entry) -> Result<(), Error> {
         let stored = Stored::of(entry);
         let txn = self.db.begin_write().map_err(err)?;
         put_in(&txn, action, target, &stored)?;
@@ -151,7 +151,7 @@ impl Redb {
             enqueue(
                 &txn,
                 &[Change::Put {
-                    action,
+                    action: action.clone(),
                     target,
                     entry,
                 }],
@@ -161,11 +161,11 @@ impl Redb {
     }
 
     /// Deletes entries durably; returns how many existed.
-    pub fn delete(&self, targets: &[(Action, IpNet)]) -> Result<usize, Error> {
+    pub fn delete(&self, targets: &[(Slot, IpNet)]) -> Result<usize, Error> {
         self.delete_and_queue(targets, self.outbox)
     }
 
-    fn delete_and_queue(&self, targets: &[(Action, IpNet)], queue: bool) -> Result<usize, Error> {
+    fn delete_and_queue(&self, targets: &[(Slot, IpNet)], queue: bool) -> Result<usize, Error> {
         if targets.is_empty() {
             return Ok(0);
         }
@@ -174,7 +174,10 @@ impl Redb {
         if queue {
             let changes: Vec<Change> = targets
                 .iter()
-                .map(|&(action, target)| Change::Delete { action, target })
+                .map(|(action, target)| Change::Delete {
+                    action: action.clone(),
+                    target: *target,
+                })
                 .collect();
             enqueue(&txn, &changes)?;
         }
@@ -184,7 +187,7 @@ impl Redb {
 
     /// Every entry still live at `now`; expired ones are deleted on the way (not sent to
     /// the fleet: its copies expire by themselves).
-    pub fn load(&self, now: u64) -> Result<Vec<(Action, IpNet, Entry)>, Error> {
+    pub fn load(&self, now: u64) -> Result<Vec<(Slot, IpNet, Entry)>, Error> {
         let mut live = Vec::new();
         let mut expired = Vec::new();
         {
@@ -311,9 +314,9 @@ impl Redb {
                     action,
                     target,
                     entry,
-                } => put_in(&txn, *action, *target, entry)?,
+                } => put_in(&txn, action, *target, entry)?,
                 Change::Delete { action, target } => {
-                    delete_in(&txn, &[(*action, *target)])?;
+                    delete_in(&txn, &[(action.clone(), *target)])?;
                 }
                 Change::Offense {
                     jail,
@@ -391,8 +394,9 @@ impl Redb {
     }
 }
 
-fn parse_key(k: &str) -> Option<(Action, IpNet)> {
-    let (action, target) = k.split_once(' ')?;
+/// `SLOT TARGET`, the target last (a site's name in a scope may have spaces; a target not).
+fn parse_key(k: &str) -> Option<(Slot, IpNet)> {
+    let (action, target) = k.rsplit_once(' ')?;
     Some((action.parse().ok()?, target.parse().ok()?))
 }
 
@@ -411,11 +415,11 @@ mod tests {
         let e = |expires_at| Entry::new(1, expires_at, "api", Some("test"));
         {
             let s = Redb::open(dir.path(), false).unwrap();
-            s.put(Action::Block, "10.0.0.0/24".parse().unwrap(), &e(1000))
+            s.put(&Slot::Block, "10.0.0.0/24".parse().unwrap(), &e(1000))
                 .unwrap();
-            s.put(Action::Allow, "2001:db8::/64".parse().unwrap(), &e(1000))
+            s.put(&Slot::Allow, "2001:db8::/64".parse().unwrap(), &e(1000))
                 .unwrap();
-            s.put(Action::Block, "192.0.2.1/32".parse().unwrap(), &e(10))
+            s.put(&Slot::Block, "192.0.2.1/32".parse().unwrap(), &e(10))
                 .unwrap();
         }
         let s = Redb::open(dir.path(), false).unwrap();
@@ -424,12 +428,12 @@ mod tests {
         assert_eq!(live[0].2, e(1000));
         // The expired one is gone from disk too.
         assert_eq!(
-            s.delete(&[(Action::Block, "192.0.2.1/32".parse().unwrap())])
+            s.delete(&[(Slot::Block, "192.0.2.1/32".parse().unwrap())])
                 .unwrap(),
             0
         );
         assert_eq!(
-            s.delete(&[(Action::Block, "10.0.0.0/24".parse().unwrap())])
+            s.delete(&[(Slot::Block, "10.0.0.0/24".parse().unwrap())])
                 .unwrap(),
             1
         );
@@ -470,16 +474,16 @@ mod tests {
         let s = Redb::open(dir.path(), true).unwrap();
         let t: IpNet = "192.0.2.9/32".parse().unwrap();
         let e = Entry::new(1, 10_000, "api", None);
-        s.put(Action::Block, t, &e).unwrap();
+        s.put(&Slot::Block, t, &e).unwrap();
         s.record_offense("wp", t, 1_000, 100_000).unwrap();
-        s.delete(&[(Action::Block, t)]).unwrap();
+        s.delete(&[(Slot::Block, t)]).unwrap();
         s.forget_offenses(&[t]).unwrap();
         let queued: Vec<Change> = s.outbox(100).unwrap().into_iter().map(|(_, c)| c).collect();
         assert_eq!(
             queued,
             vec![
                 Change::Put {
-                    action: Action::Block,
+                    action: Slot::Block,
                     target: t,
                     entry: Stored::of(&e)
                 },
@@ -489,7 +493,7 @@ mod tests {
                     times: vec![1_000]
                 },
                 Change::Delete {
-                    action: Action::Block,
+                    action: Slot::Block,
                     target: t
                 },
                 Change::Forget { targets: vec![t] },
@@ -505,7 +509,7 @@ mod tests {
         let from = e.clone().with_origin(Some("web2"));
         s.apply(&[
             Change::Put {
-                action: Action::Block,
+                action: Slot::Block,
                 target: t,
                 entry: Stored::of(&from),
             },

@@ -18,8 +18,8 @@ use ipnet::IpNet;
 pub use change::{Change, Stored};
 pub use embedded::Redb;
 
-use crate::config::Action;
 use crate::policy::temporary::Entry;
+use crate::policy::temporary::Slot;
 
 /// Why the store could not do what it was asked.
 #[derive(Debug, thiserror::Error)]
@@ -46,7 +46,7 @@ fn err(e: impl Into<redb::Error>) -> Error {
 }
 
 /// A temporary entry as the store returns it.
-pub type Loaded = (Action, IpNet, Entry);
+pub type Loaded = (Slot, IpNet, Entry);
 
 /// An offense record: jail, target, offense times (ms).
 pub type Offenses = (String, IpNet, Vec<u64>);
@@ -68,7 +68,7 @@ pub struct Local {
     /// a retried write and a delete of the same entry cannot cross.
     db: Mutex<Option<Redb>>,
     /// Entries enforced but not yet durable.
-    pending: Mutex<HashMap<(Action, IpNet), Entry>>,
+    pending: Mutex<HashMap<(Slot, IpNet), Entry>>,
     /// Local changes also go into the outbox, for the fleet.
     outbox: bool,
     /// Woken when a change has been queued in the outbox.
@@ -113,7 +113,7 @@ impl Store {
 
     async fn run<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Redb, &mut HashMap<(Action, IpNet), Entry>) -> Result<T, Error> + Send + 'static,
+        f: impl FnOnce(&Redb, &mut HashMap<(Slot, IpNet), Entry>) -> Result<T, Error> + Send + 'static,
     ) -> Result<T, Error> {
         let Store::Local(local) = self;
         let local = local.clone();
@@ -135,16 +135,16 @@ impl Store {
 
     /// Writes an entry durably (returns once it is on disk). When the disk refuses, the
     /// entry is kept and written by [`Store::retry`] as soon as the disk takes it.
-    pub async fn put(&self, action: Action, target: IpNet, entry: Entry) -> Result<(), Error> {
+    pub async fn put(&self, action: Slot, target: IpNet, entry: Entry) -> Result<(), Error> {
         let Store::Local(local) = self;
         let local = local.clone();
         tokio::task::spawn_blocking(move || {
             let mut db = local.db.lock().unwrap_or_else(|p| p.into_inner());
             let mut pending = local.pending.lock().unwrap_or_else(|p| p.into_inner());
             let written = match db.as_ref() {
-                Some(open) => open.put(action, target, &entry),
+                Some(open) => open.put(&action, target, &entry),
                 None => Redb::open(&local.dir, local.outbox).and_then(|open| {
-                    let r = open.put(action, target, &entry);
+                    let r = open.put(&action, target, &entry);
                     *db = Some(open);
                     r
                 }),
@@ -175,9 +175,12 @@ impl Store {
         }
         self.run(move |db, pending| {
             pending.retain(|_, e| e.expires_at > now);
-            let due: Vec<_> = pending.iter().map(|(k, e)| (*k, e.clone())).collect();
+            let due: Vec<_> = pending
+                .iter()
+                .map(|(k, e)| (k.clone(), e.clone()))
+                .collect();
             for ((action, target), entry) in due {
-                db.put(action, target, &entry)?;
+                db.put(&action, target, &entry)?;
                 pending.remove(&(action, target));
             }
             Ok(pending.len())
@@ -193,7 +196,7 @@ impl Store {
     }
 
     /// Deletes entries durably; returns how many existed on disk.
-    pub async fn delete(&self, targets: Vec<(Action, IpNet)>) -> Result<usize, Error> {
+    pub async fn delete(&self, targets: Vec<(Slot, IpNet)>) -> Result<usize, Error> {
         self.run(move |db, pending| {
             let n = db.delete(&targets)?;
             for t in &targets {
@@ -267,9 +270,7 @@ impl Store {
     }
 
     /// The entries whose latest change waits in the outbox.
-    pub async fn outbox_targets(
-        &self,
-    ) -> Result<std::collections::HashSet<(Action, IpNet)>, Error> {
+    pub async fn outbox_targets(&self) -> Result<std::collections::HashSet<(Slot, IpNet)>, Error> {
         let waiting = self.run(move |db, _| db.outbox(usize::MAX)).await?;
         Ok(waiting
             .into_iter()
