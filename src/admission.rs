@@ -10,6 +10,7 @@ use http::Method;
 
 use crate::access_log::LoggedIp;
 use crate::clients::{client_key, key_target, ClientSlot, InFlight};
+use crate::jail::Jail;
 use crate::policy::Verdict;
 use crate::state::{AppState, SiteEntry, Snapshot};
 
@@ -113,33 +114,40 @@ pub fn observe(
     client: IpAddr,
     seen: &Seen,
 ) {
-    let prefix = snap.config.rate_limit.ipv6_prefix;
-    let key = client_key(client, prefix);
     for jail in &site.jails {
-        if !jail.matches(
+        if jail.matches(
             seen.method,
             seen.host,
             seen.path,
             seen.status,
             seen.location,
-        ) || !jail.observe(key)
-        {
-            continue;
+        ) {
+            count_offense(state, snap, jail, client);
         }
-        let target = key_target(key, prefix);
-        if let Some(counter) = &jail.would_block {
-            counter.inc();
-            tracing::info!(
-                jail = %jail.config.name,
-                client = %LoggedIp(client, snap.config.privacy.log_ip),
-                "dry run: a jail would ban this client"
-            );
-            continue;
-        }
-        let state = state.clone();
-        let jail = jail.clone();
-        tokio::spawn(async move { state.jail_ban(&jail, target).await });
     }
+}
+
+/// Counts one offense of `client` against `jail` (a response or a log line); at the jail's
+/// `hits` the client is banned (in a dry run, counted as what it would have done).
+pub fn count_offense(state: &Arc<AppState>, snap: &Snapshot, jail: &Arc<Jail>, client: IpAddr) {
+    let prefix = snap.config.rate_limit.ipv6_prefix;
+    let key = client_key(client, prefix);
+    if !jail.observe(key) {
+        return;
+    }
+    let target = key_target(key, prefix);
+    if let Some(counter) = &jail.would_block {
+        counter.inc();
+        tracing::info!(
+            jail = %jail.config.name,
+            client = %LoggedIp(client, snap.config.privacy.log_ip),
+            "dry run: a jail would ban this client"
+        );
+        return;
+    }
+    let state = state.clone();
+    let jail = jail.clone();
+    tokio::spawn(async move { state.jail_ban(&jail, target).await });
 }
 
 /// Whether `allow_only` admits the client: the longest matching route's list if it has one,

@@ -139,6 +139,7 @@ mod tests {
             max_ban: Duration::from_secs(7 * 86400),
             dry_run: false,
             site_scoped: false,
+            log: None,
         };
         Jail::new(c, 1000, IntCounter::new("e", "e").unwrap(), None)
     }

@@ -46,6 +46,7 @@ pub mod headers;
 pub mod host;
 pub mod jail;
 pub mod listener;
+pub mod logjail;
 pub mod metrics;
 pub mod path;
 pub mod policy;
@@ -218,6 +219,7 @@ impl Gateway {
             tokio::spawn(sweeper),
             tokio::spawn(watcher::run(state.clone())),
             tokio::spawn(acme::run(state.clone())),
+            tokio::spawn(logjail::run(state.clone())),
         ];
         if let Some(fleet) = self.fleet {
             side_tasks.push(tokio::spawn(fleet.run(stop_rx.clone())));

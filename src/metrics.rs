@@ -74,6 +74,8 @@ pub struct Metrics {
     pub fleet: FleetMetrics,
     /// `ipgate_certificate_expiry_timestamp_seconds{name}`: every certificate served.
     pub certificate_expiry: IntGaugeVec,
+    /// `ipgate_log_lines_total{jail}`: lines a log jail has read.
+    pub log_lines: IntCounterVec,
 }
 
 pub struct FleetMetrics {
@@ -234,6 +236,11 @@ impl Metrics {
                     &["name"],
                 )
                 .expect("valid metric"),
+            ),
+            log_lines: counter_vec(
+                "ipgate_log_lines_total",
+                "Lines read from the files of each log jail.",
+                &["jail"],
             ),
             registry,
         }

@@ -18,7 +18,7 @@ pub(super) fn compile(raw: RawConfig, source: &Path, base: &Path, r: &mut Report
     let admin = raw.admin.as_ref().map(|a| admin(r, base, a));
     let rate_limit = compile_rate_limit(r, "rate_limit", raw.rate_limit.as_ref(), None);
     let lists = lists(r, base, &raw);
-    let jails = jails(r, &raw.jails, &privacy);
+    let jails = jails(r, base, &raw.jails, &privacy);
     let sites = sites(r, &raw.sites, &lists, &jails, &rate_limit);
     let acme = acme(r, base, &raw, &listeners);
     Config {
@@ -297,7 +297,7 @@ fn lists(r: &mut Report, base: &Path, raw: &RawConfig) -> Vec<List> {
     lists
 }
 
-fn jails(r: &mut Report, raw: &[RawJail], privacy: &Privacy) -> Vec<Jail> {
+fn jails(r: &mut Report, base: &Path, raw: &[RawJail], privacy: &Privacy) -> Vec<Jail> {
     let mut jails: Vec<Jail> = Vec::new();
     for (i, j) in raw.iter().enumerate() {
         let key = format!("jail[{i}]");
@@ -315,7 +315,8 @@ fn jails(r: &mut Report, raw: &[RawJail], privacy: &Privacy) -> Vec<Jail> {
                 format!("jail '{}' is defined twice", j.name),
             );
         }
-        let jail = jail(r, &key, j, privacy);
+        let mut jail = jail(r, &key, j, privacy);
+        jail.log = j.log.as_ref().map(|l| log_source(r, &key, base, j, l));
         jails.push(jail);
     }
     jails
@@ -376,7 +377,43 @@ fn jail(r: &mut Report, key: &str, j: &RawJail, privacy: &Privacy) -> Jail {
                 false
             }
         },
+        log: None,
     }
+}
+
+/// `jail.log`: its files and patterns; a log jail has no response keys.
+fn log_source(r: &mut Report, key: &str, base: &Path, j: &RawJail, l: &RawLogSource) -> LogSource {
+    let response_keys = [
+        ("method", j.method.is_some()),
+        ("path", j.path.is_some()),
+        ("hosts", !j.hosts.is_empty()),
+        ("status", !j.status.is_empty()),
+        ("location", j.location.is_some()),
+        ("scope", j.scope.is_some()),
+    ];
+    for (name, set) in response_keys {
+        if set {
+            r.key(
+                &format!("{key}.{name}"),
+                "a jail with log counts log lines, not responses: leave this out",
+            );
+        }
+    }
+    if l.files.is_empty() {
+        r.key(&format!("{key}.log.files"), "at least one file is needed");
+    }
+    let source = LogSource {
+        files: l.files.iter().map(|f| resolve(base, f)).collect(),
+        pattern: l.pattern.clone(),
+        ignore: l.ignore.clone(),
+    };
+    if let Err(e) = source.regex() {
+        r.key(&format!("{key}.log.match"), e);
+    }
+    if let Err(e) = source.ignore_regex() {
+        r.key(&format!("{key}.log.ignore"), e);
+    }
+    source
 }
 
 /// What a site needs to check its references against.
@@ -452,11 +489,16 @@ fn site(
         hosts.push(h);
     }
     for (k, n) in s.jails.iter().enumerate() {
-        if !known.jails.iter().any(|j| &j.name == n) {
-            r.key(
+        match known.jails.iter().find(|j| &j.name == n) {
+            None => r.key(
                 &format!("{key}.jails[{k}]"),
                 format!("no [[jail]] is named '{n}'"),
-            );
+            ),
+            Some(j) if j.log.is_some() => r.key(
+                &format!("{key}.jails[{k}]"),
+                format!("jail '{n}' reads a log: sites do not name it"),
+            ),
+            Some(_) => {}
         }
     }
     known.check_allow_only(r, key, &s.allow_only);

@@ -212,6 +212,50 @@ pub struct Jail {
     pub dry_run: bool,
     /// `scope = "site"`: its bans hold only on the sites that name the jail.
     pub site_scoped: bool,
+    /// `log`: the jail counts lines of these files instead of responses (SPEC 20).
+    pub log: Option<LogSource>,
+}
+
+/// What a log jail follows and counts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogSource {
+    pub files: Vec<PathBuf>,
+    /// The `match` regex as written, `<ADDR>` and all.
+    pub pattern: String,
+    pub ignore: Option<String>,
+}
+
+/// What stands for the client address in a log jail's `match` pattern.
+pub const ADDR: &str = "<ADDR>";
+
+impl LogSource {
+    /// The `match` pattern as a regex: `<ADDR>` becomes a group named `addr` that takes an
+    /// IPv4 or IPv6 address (checked again when parsed). Linear time (the regex crate).
+    pub fn regex(&self) -> Result<regex::Regex, String> {
+        let n = self.pattern.matches(ADDR).count();
+        if n != 1 {
+            return Err(format!(
+                "needs exactly one {ADDR} where the client address is (found {n})"
+            ));
+        }
+        let source = self.pattern.replace(ADDR, r"(?P<addr>[0-9A-Fa-f:.]{2,45})");
+        regex::RegexBuilder::new(&source)
+            .size_limit(1 << 20)
+            .build()
+            .map_err(|e| format!("not a valid pattern: {e}"))
+    }
+
+    pub fn ignore_regex(&self) -> Result<Option<regex::Regex>, String> {
+        self.ignore
+            .as_deref()
+            .map(|p| {
+                regex::RegexBuilder::new(p)
+                    .size_limit(1 << 20)
+                    .build()
+                    .map_err(|e| format!("not a valid pattern: {e}"))
+            })
+            .transpose()
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -154,6 +154,20 @@ pub struct RawJail {
     pub dry_run: bool,
     /// "global" (default) or "site".
     pub scope: Option<String>,
+    /// A jail fed by log files instead of responses.
+    pub log: Option<RawLogSource>,
+}
+
+/// `jail.log`: the files a log jail follows and the line that counts.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLogSource {
+    pub files: Vec<String>,
+    /// A regex with one `<ADDR>` where the client address is.
+    #[serde(rename = "match")]
+    pub pattern: String,
+    /// A regex: matching lines that also match this one do not count.
+    pub ignore: Option<String>,
 }
 
 /// One `[[site]]`: its hosts, upstream and policy.

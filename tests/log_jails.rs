@@ -1,0 +1,480 @@
+//! Log jails (SPEC 20): real-format log lines written to files the gateway follows, through
+//! rotation and truncation; the ready jails in config/jails/ against their daemons' lines.
+
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// An sshd jail on `logs/auth.log` (and `logs/later.log`, which does not exist at start).
+const SSHD: &str = r#"
+[[jail]]
+name = "sshd"
+log = { files = ["logs/auth.log", "logs/later.log"], match = 'sshd\[\d+\]: Failed password for .* from <ADDR> port \d+', ignore = 'for invalid user ' }
+hits = 3
+window = "10m"
+ban = "1h"
+"#;
+
+fn failed(ip: &str) -> String {
+    format!("Dec  1 10:00:00 web1 sshd[812]: Failed password for root from {ip} port 51234 ssh2\n")
+}
+
+fn append(path: &Path, text: &str) {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+}
+
+async fn lines_read(gw: &TestGateway, jail: &str) -> f64 {
+    let m = gw.metrics().await;
+    metric(&m, &format!("ipgate_log_lines_total{{jail=\"{jail}\"}}")).unwrap_or(0.0)
+}
+
+/// Waits until the jail has read `n` lines in all; panics after 10 s.
+async fn wait_lines(gw: &TestGateway, jail: &str, n: f64) {
+    let ok = eventually(Duration::from_secs(10), || async {
+        lines_read(gw, jail).await == n
+    })
+    .await;
+    assert!(ok, "read {} lines, not {n}", lines_read(gw, jail).await);
+}
+
+async fn lookup(gw: &TestGateway, ip: &str) -> serde_json::Value {
+    let token = std::fs::read_to_string(gw.dir.path().join("admin.token")).unwrap();
+    admin_call(
+        gw.admin,
+        "GET",
+        &format!("/v1/ips/{ip}"),
+        None,
+        Some(token.trim()),
+    )
+    .await
+    .1
+}
+
+fn banned_by(lookup: &serde_json::Value, jail: &str) -> bool {
+    lookup["entries"].as_array().is_some_and(|e| {
+        e.iter()
+            .any(|e| e["source"] == jail && e["action"] == "block")
+    })
+}
+
+async fn log_gateway(jails: &str) -> (TestGateway, PathBuf) {
+    let gw = GatewayBuilder::new()
+        .file("logs/auth.log", &failed("127.0.0.50").repeat(5))
+        .extra(jails)
+        .spawn()
+        .await;
+    let log = gw.dir.path().join("logs/auth.log");
+    (gw, log)
+}
+
+#[tokio::test]
+async fn a_log_jail_bans_after_hits_lines_and_starts_at_the_end_of_its_files() {
+    let (gw, log) = log_gateway(SSHD).await;
+    // Give the follower its first look (it takes the file from its end).
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    append(
+        &log,
+        "Dec  1 10:00:01 web1 sshd[812]: Accepted password for ops from 127.0.0.51 port 2 ssh2\n",
+    );
+    append(&log, &failed("127.0.0.51").repeat(2));
+    wait_lines(&gw, "sshd", 3.0).await;
+    assert!(served_from("127.0.0.51", gw.plain).await);
+    append(&log, &failed("127.0.0.51"));
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            refused("127.0.0.51", gw.plain).await
+        })
+        .await
+    );
+    let l = lookup(&gw, "127.0.0.51").await;
+    assert!(banned_by(&l, "sshd"), "{l}");
+    // The five lines there before start were not counted.
+    let l = lookup(&gw, "127.0.0.50").await;
+    assert!(!banned_by(&l, "sshd"), "{l}");
+    assert!(served_from("127.0.0.50", gw.plain).await);
+}
+
+#[tokio::test]
+async fn rename_rotation_and_copytruncate_lose_no_line_and_count_none_twice() {
+    let (gw, log) = log_gateway(SSHD).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+
+    // The daemon keeps its file open: one line before the rename, one after (into the
+    // rotated file), then logrotate's new file.
+    let mut daemon = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+    daemon.write_all(failed("127.0.0.52").as_bytes()).unwrap();
+    wait_lines(&gw, "sshd", 1.0).await;
+    // All within one look of the follower: it finds a new file while the rotated one still
+    // has an unread line.
+    std::fs::rename(&log, log.with_extension("log.1")).unwrap();
+    daemon.write_all(failed("127.0.0.53").as_bytes()).unwrap();
+    drop(daemon);
+    append(&log, &failed("127.0.0.52"));
+    append(&log, &failed("127.0.0.53"));
+    wait_lines(&gw, "sshd", 4.0).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(lines_read(&gw, "sshd").await, 4.0, "a line counted twice");
+    // Two each so far: one more bans.
+    assert!(served_from("127.0.0.52", gw.plain).await);
+    append(&log, &failed("127.0.0.52"));
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            refused("127.0.0.52", gw.plain).await
+        })
+        .await
+    );
+
+    // copytruncate: the file is copied, then emptied in place, and written again (less than
+    // before, then more than before).
+    wait_lines(&gw, "sshd", 5.0).await;
+    std::fs::copy(&log, log.with_extension("log.2")).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&log)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    append(&log, &failed("127.0.0.53"));
+    wait_lines(&gw, "sshd", 6.0).await;
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            refused("127.0.0.53", gw.plain).await
+        })
+        .await
+    );
+    // Truncated and at once written past the old length: told apart by its first bytes.
+    std::fs::write(&log, failed("127.0.0.54").repeat(8)).unwrap();
+    wait_lines(&gw, "sshd", 14.0).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(lines_read(&gw, "sshd").await, 14.0);
+}
+
+#[tokio::test]
+async fn a_file_created_after_start_is_read_from_its_start() {
+    let (gw, _) = log_gateway(SSHD).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let later = gw.dir.path().join("logs/later.log");
+    append(&later, &failed("127.0.0.55").repeat(3));
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            refused("127.0.0.55", gw.plain).await
+        })
+        .await
+    );
+}
+
+#[tokio::test]
+async fn ipv6_clients_count_per_prefix_and_allow_listed_ones_never() {
+    let lists = "[lists.office]\naction = \"allow\"\nentries = [\"127.0.0.56\"]\n";
+    let (gw, log) = log_gateway(&format!("{SSHD}\n{lists}")).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    // Three addresses of one /64: one client.
+    append(&log, &failed("2001:db8:7:1::5"));
+    append(&log, &failed("2001:db8:7:1::6"));
+    append(&log, &failed("2001:db8:7:1:ffff::1"));
+    append(&log, &failed("127.0.0.56").repeat(5));
+    wait_lines(&gw, "sshd", 8.0).await;
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            banned_by(&lookup(&gw, "2001:db8:7:1::77").await, "sshd")
+        })
+        .await
+    );
+    let l = lookup(&gw, "2001:db8:7:1::77").await;
+    assert_eq!(l["entries"][0]["target"], "2001:db8:7:1::/64", "{l}");
+    let l = lookup(&gw, "127.0.0.56").await;
+    assert!(!banned_by(&l, "sshd"), "{l}");
+    assert_eq!(l["jail_counters"].as_array().map_or(0, Vec::len), 0, "{l}");
+    assert!(served_from("127.0.0.56", gw.plain).await);
+}
+
+#[tokio::test]
+async fn forget_erases_a_log_jails_counters_and_offenses() {
+    let (gw, log) = log_gateway(SSHD).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    append(&log, &failed("127.0.0.57").repeat(3));
+    append(&log, &failed("127.0.0.58").repeat(2));
+    wait_lines(&gw, "sshd", 5.0).await;
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            banned_by(&lookup(&gw, "127.0.0.57").await, "sshd")
+        })
+        .await
+    );
+    let token = std::fs::read_to_string(gw.dir.path().join("admin.token")).unwrap();
+    let token = token.trim();
+    let before = lookup(&gw, "127.0.0.58").await;
+    assert_eq!(before["jail_counters"][0]["jail"], "sshd", "{before}");
+    for ip in ["127.0.0.57", "127.0.0.58"] {
+        let (status, erased) = admin_call(
+            gw.admin,
+            "DELETE",
+            &format!("/v1/ips/{ip}"),
+            None,
+            Some(token),
+        )
+        .await;
+        assert_eq!(status, 200, "{erased}");
+        let after = lookup(&gw, ip).await;
+        assert_eq!(
+            after["entries"].as_array().map_or(0, Vec::len),
+            0,
+            "{after}"
+        );
+        assert_eq!(
+            after["jail_counters"].as_array().map_or(0, Vec::len),
+            0,
+            "{after}"
+        );
+        assert_eq!(
+            after["offenses"].as_array().map_or(0, Vec::len),
+            0,
+            "{after}"
+        );
+    }
+    let (_, erased) = admin_call(gw.admin, "GET", "/v1/ips/127.0.0.57", None, Some(token)).await;
+    assert_eq!(erased["decision"], "pass");
+}
+
+#[tokio::test]
+async fn a_huge_line_and_a_burst_of_100000_lines_do_not_stall_the_proxy() {
+    let (gw, log) = log_gateway(SSHD).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    // One 1 MiB line (skipped whole), then a counted one.
+    append(&log, &format!("{}\n", "x".repeat(1 << 20)));
+    append(&log, &failed("127.0.0.59"));
+    wait_lines(&gw, "sshd", 1.0).await;
+
+    let mut burst = String::with_capacity(100_000 * 90);
+    for i in 0..100_000u32 {
+        if i % 1000 == 999 {
+            burst.push_str(&failed(&format!(
+                "10.9.{}.{}",
+                (i / 1000) % 250,
+                1 + i % 250
+            )));
+        } else {
+            burst.push_str(&format!("Dec  1 10:00:00 web1 CRON[{i}]: pam_unix(cron:session): session closed for user root\n"));
+        }
+    }
+    let start = Instant::now();
+    append(&log, &burst);
+    // The proxy answers while the lines are read.
+    let mut slowest = Duration::ZERO;
+    while lines_read(&gw, "sshd").await < 100_001.0 {
+        let t = Instant::now();
+        let (status, _) = plain_get(gw.plain, "/", "a.test").await;
+        assert_eq!(status, 200);
+        slowest = slowest.max(t.elapsed());
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the burst was not read in 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "100,000 lines read in {:?}; slowest request meanwhile {:?}",
+        start.elapsed(),
+        slowest
+    );
+    assert!(
+        slowest < Duration::from_secs(1),
+        "a request took {slowest:?}"
+    );
+}
+
+#[tokio::test]
+async fn log_jail_patterns_are_checked() {
+    let check = |jail: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ipgate.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[[listener]]\naddr = \"127.0.0.1:0\"\n[[site]]\nhosts = [\"*\"]\nupstream = \"http://127.0.0.1:9\"\n{jail}"
+            ),
+        )
+        .unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ipgate"))
+            .args(["check", "-c"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let jail = |log: &str| {
+        format!("[[jail]]\nname = \"j\"\nlog = {log}\nhits = 1\nwindow = \"1m\"\nban = \"1m\"\n")
+    };
+    let (ok, _) = check(&jail(
+        r#"{ files = ["a.log"], match = 'from <ADDR> port' }"#,
+    ));
+    assert!(ok);
+    let (ok, err) = check(&jail(r#"{ files = ["a.log"], match = 'Failed password' }"#));
+    assert!(
+        !ok && err.contains("jail[0].log.match") && err.contains("<ADDR>"),
+        "{err}"
+    );
+    let (ok, err) = check(&jail(
+        r#"{ files = ["a.log"], match = 'from <ADDR> (port' }"#,
+    ));
+    assert!(!ok && err.contains("jail[0].log.match"), "{err}");
+    let (ok, err) = check(&jail(
+        r#"{ files = ["a.log"], match = '<ADDR>', ignore = '[' }"#,
+    ));
+    assert!(!ok && err.contains("jail[0].log.ignore"), "{err}");
+    let (ok, err) = check(&format!(
+        "{}path = \"/login\"\n",
+        jail(r#"{ files = ["a.log"], match = '<ADDR>' }"#)
+    ));
+    assert!(!ok && err.contains("jail[0].path"), "{err}");
+}
+
+/// A ready jail from config/jails/, following `file` instead of the daemon's log.
+fn ready_jail(name: &str, file: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("config/jails/{name}.toml"));
+    let text = std::fs::read_to_string(path).unwrap();
+    let start = text.find("files = [").unwrap();
+    let end = start + text[start..].find(']').unwrap() + 1;
+    format!("{}files = [\"{file}\"]{}", &text[..start], &text[end..])
+}
+
+/// Lines that must count and lines that must not, for each ready log jail; each jail bans a
+/// client after its `hits` counted lines.
+#[tokio::test]
+async fn the_ready_log_jails_match_their_daemons_lines() {
+    let cases: [(&str, &str, Vec<String>, Vec<String>); 5] = [
+        (
+            "sshd",
+            "sshd",
+            vec![
+                "Dec  1 10:00:00 web1 sshd[812]: Failed password for root from {ip} port 51234 ssh2".into(),
+                "2026-12-01T10:00:00.123456+01:00 web1 sshd[812]: Failed publickey for git from {ip} port 40022 ssh2".into(),
+                "Dec  1 10:00:00 web1 sshd[812]: Invalid user admin from {ip} port 51234".into(),
+            ],
+            vec![
+                "Dec  1 10:00:00 web1 sshd[812]: Accepted password for ops from {ip} port 2 ssh2".into(),
+                // Counted once, as the "Invalid user" line before it.
+                "Dec  1 10:00:00 web1 sshd[812]: Failed password for invalid user admin from {ip} port 51234 ssh2".into(),
+                // A user name naming another address: the last one of the line counts.
+                "Dec  1 10:00:00 web1 sshd[812]: Invalid user x from {ip} port 22 from 192.0.2.99 port 5".into(),
+            ],
+        ),
+        (
+            "postfix-sasl",
+            "postfix-sasl",
+            vec![
+                "Dec  1 10:00:00 mx postfix/submission/smtpd[2211]: warning: unknown[{ip}]: SASL LOGIN authentication failed: UGFzc3dvcmQ6".into(),
+                "Dec  1 10:00:00 mx postfix/smtpd[2211]: warning: mail.example.com[{ip}]: SASL PLAIN authentication failed: authentication failure".into(),
+            ],
+            vec![
+                "Dec  1 10:00:00 mx postfix/smtpd[2211]: connect from unknown[{ip}]".into(),
+                "Dec  1 10:00:00 mx postfix/smtpd[2211]: NOQUEUE: reject: RCPT from unknown[{ip}]: 554 5.7.1 Relay access denied".into(),
+            ],
+        ),
+        (
+            "dovecot",
+            "dovecot",
+            vec![
+                "Dec  1 10:00:00 mx dovecot: imap-login: Disconnected: Connection closed (auth failed, 3 attempts in 12 secs): user=<info@example.nl>, method=PLAIN, rip={ip}, lip=192.0.2.10, TLS, session=<abc>".into(),
+                "Dec  1 10:00:00 mx dovecot: pop3-login: Aborted login (auth failed, 1 attempts in 2 secs): user=<x>, method=PLAIN, rip={ip}, lip=192.0.2.10, session=<def>".into(),
+            ],
+            vec![
+                "Dec  1 10:00:00 mx dovecot: imap-login: Login: user=<info@example.nl>, method=PLAIN, rip={ip}, lip=192.0.2.10, mpid=1, TLS, session=<x>".into(),
+                "Dec  1 10:00:00 mx dovecot: imap-login: Disconnected: Connection closed (no auth attempts in 0 secs): user=<>, rip={ip}, lip=192.0.2.10, session=<y>".into(),
+            ],
+        ),
+        (
+            "pure-ftpd",
+            "pure-ftpd",
+            vec![
+                "Dec  1 10:00:00 web1 pure-ftpd: (?@{ip}) [WARNING] Authentication failed for user [admin]".into(),
+            ],
+            vec![
+                "Dec  1 10:00:00 web1 pure-ftpd: (?@{ip}) [INFO] New connection from {ip}".into(),
+                "Dec  1 10:00:00 web1 pure-ftpd: (web1@{ip}) [INFO] web1 is now logged in".into(),
+            ],
+        ),
+        (
+            "roundcube-log",
+            "roundcube-log",
+            vec![
+                "[01-Dec-2026 14:03:11 +0100]: <k3v1s0> Failed login for admin from {ip} in session k3v1s0 (error: 0)".into(),
+            ],
+            vec![
+                "[01-Dec-2026 14:03:11 +0100]: <k3v1s0> Successful login for admin (ID: 1) from {ip} in session k3v1s0".into(),
+            ],
+        ),
+    ];
+    let mut extra = String::new();
+    for (file, _, _, _) in &cases {
+        extra.push_str(&ready_jail(file, &format!("logs/{file}.log")));
+        extra.push('\n');
+    }
+    let gw = GatewayBuilder::new()
+        .file("logs/.keep", "")
+        .extra(&extra)
+        .spawn()
+        .await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    for (n, (file, jail, counted, not)) in cases.iter().enumerate() {
+        let hits: usize = {
+            let text = ready_jail(file, "x");
+            let line = text.lines().find(|l| l.starts_with("hits")).unwrap();
+            line.split('=').nth(1).unwrap().trim().parse().unwrap()
+        };
+        let log = gw.dir.path().join(format!("logs/{file}.log"));
+        // Lines that must not count, many times over, from one address: no ban.
+        let quiet = format!("127.0.1.{}", 10 + n);
+        for line in not {
+            append(
+                &log,
+                &format!("{}\n", line.replace("{ip}", &quiet)).repeat(hits + 1),
+            );
+        }
+        // Each counted form once from its own address, then `hits` from one address.
+        let loud = format!("127.0.2.{}", 10 + n);
+        for (k, line) in counted.iter().enumerate() {
+            let ip = format!("2001:db8:{n}:{k}::9");
+            append(&log, &format!("{}\n", line.replace("{ip}", &ip)));
+        }
+        for k in 0..hits {
+            let line = &counted[k % counted.len()];
+            append(&log, &format!("{}\n", line.replace("{ip}", &loud)));
+        }
+        let ok = eventually(Duration::from_secs(5), || async {
+            banned_by(&lookup(&gw, &loud).await, jail)
+        })
+        .await;
+        assert!(ok, "{jail}: {loud} not banned after {hits} lines");
+        let l = lookup(&gw, &quiet).await;
+        assert!(
+            !banned_by(&l, jail),
+            "{jail}: a line that must not count did: {l}"
+        );
+        assert_eq!(
+            l["jail_counters"].as_array().map_or(0, Vec::len),
+            0,
+            "{jail}: {l}"
+        );
+        for k in 0..counted.len() {
+            let l = lookup(&gw, &format!("2001:db8:{n}:{k}::9")).await;
+            assert_eq!(
+                l["jail_counters"][0]["jail"], *jail,
+                "{jail}: form {k} not counted: {l}"
+            );
+        }
+    }
+}
