@@ -41,6 +41,7 @@ pub mod clients;
 pub mod clock;
 pub mod config;
 pub mod demo;
+pub mod firewall;
 pub mod fleet;
 pub mod headers;
 pub mod host;
@@ -92,6 +93,8 @@ pub enum StartError {
     Store(#[from] store::Error),
     #[error("{0}")]
     Fleet(#[from] fleet::Error),
+    #[error("{0}")]
+    Firewall(#[from] firewall::Error),
 }
 
 /// A gateway with its sockets bound, ready to [`Gateway::run`].
@@ -102,6 +105,7 @@ pub struct Gateway {
     admin: Option<TcpListener>,
     demo: Option<TcpListener>,
     fleet: Option<Arc<fleet::Fleet>>,
+    firewall: Option<firewall::Firewall>,
 }
 
 impl Gateway {
@@ -153,12 +157,17 @@ impl Gateway {
         }
         state.publish_list_gauges();
         info!(entries = n, dir = %state_dir.display(), "temporary entries loaded");
+        let firewall = match state.snapshot.load().config.firewall.clone() {
+            Some(conf) => Some(firewall::Firewall::start(&state, conf).await?),
+            None => None,
+        };
         let state = Arc::new(state);
         let fleet = match &fleet_conf {
             Some(f) => Some(fleet::Fleet::new(state.clone(), f)?),
             None => None,
         };
         Ok(Gateway {
+            firewall,
             fleet,
             state,
             workers,
@@ -224,6 +233,11 @@ impl Gateway {
         if let Some(fleet) = self.fleet {
             side_tasks.push(tokio::spawn(fleet.run(stop_rx.clone())));
         }
+        // The table it was started with (a reload does not change [firewall]).
+        let firewall = self.firewall.as_ref().map(|f| f.conf().clone());
+        if let Some(fw) = self.firewall {
+            side_tasks.push(tokio::spawn(fw.run(state.clone())));
+        }
         if let Some(admin) = self.admin {
             if let Ok(addr) = admin.local_addr() {
                 info!(%addr, "admin listening");
@@ -274,6 +288,9 @@ impl Gateway {
         }
         for t in side_tasks {
             t.abort();
+        }
+        if let Some(conf) = &firewall {
+            firewall::Firewall::stop(conf).await;
         }
         state.access_log.flush();
         info!("stopped");

@@ -42,11 +42,30 @@ fn admin(cli: &Cli, command: &Command) -> ExitCode {
 }
 
 fn check(path: &std::path::Path) -> ExitCode {
-    let result =
-        Config::load(path).and_then(|c| Snapshot::build(c, &Metrics::new(), None).map(|_| ()));
+    let result = Config::load(path).and_then(|c| {
+        let firewall = c.firewall.clone();
+        Snapshot::build(c, &Metrics::new(), None).map(|_| firewall)
+    });
     match result {
-        Ok(()) => {
+        Ok(firewall) => {
             println!("{}: ok", path.display());
+            if let Some(f) = firewall {
+                // Not a config error (the service may hold the right); said all the same.
+                if !ipgate::firewall::has_net_admin() {
+                    eprintln!(
+                        "{}: note: [firewall] needs CAP_NET_ADMIN, which this process lacks: \
+                         `ipgate run` as this user would refuse to start",
+                        path.display()
+                    );
+                }
+                if !ipgate::firewall::nft_found(&f.nft) {
+                    eprintln!(
+                        "{}: note: firewall.nft: '{}' is not found (apt install nftables)",
+                        path.display(),
+                        f.nft.display()
+                    );
+                }
+            }
             ExitCode::SUCCESS
         }
         Err(errors) => {

@@ -76,6 +76,10 @@ pub struct Metrics {
     pub certificate_expiry: IntGaugeVec,
     /// `ipgate_log_lines_total{jail}`: lines a log jail has read.
     pub log_lines: IntCounterVec,
+    /// `ipgate_firewall_elements{family,set}`: elements in the kernel's sets.
+    pub firewall_elements: IntGaugeVec,
+    /// `ipgate_firewall_errors_total`: updates nft refused (each retried as a rebuild).
+    pub firewall_errors: IntCounter,
 }
 
 pub struct FleetMetrics {
@@ -236,6 +240,21 @@ impl Metrics {
                     &["name"],
                 )
                 .expect("valid metric"),
+            ),
+            firewall_elements: reg(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "ipgate_firewall_elements",
+                        "Elements in the nftables sets, by family (ipv4, ipv6) and set (block, allow).",
+                    ),
+                    &["family", "set"],
+                )
+                .expect("valid metric"),
+            ),
+            firewall_errors: counter(
+                "ipgate_firewall_errors_total",
+                "nftables updates that failed (each is retried as a rebuild of the table).",
             ),
             log_lines: counter_vec(
                 "ipgate_log_lines_total",

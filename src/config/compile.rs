@@ -40,6 +40,33 @@ pub(super) fn compile(raw: RawConfig, source: &Path, base: &Path, r: &mut Report
             .and_then(|d| socket_addr(r, "demo_upstream.addr", &d.addr)),
         fleet: raw.fleet.as_ref().map(|f| fleet(r, base, f)),
         acme,
+        firewall: raw.firewall.as_ref().map(|f| firewall(r, f)),
+    }
+}
+
+fn firewall(r: &mut Report, raw: &RawFirewall) -> Firewall {
+    if raw.ports.is_empty() {
+        r.key("firewall.ports", "at least one port is needed");
+    }
+    if raw.ports.contains(&0) {
+        r.key("firewall.ports", "0 is not a port");
+    }
+    let table = raw.table.clone().unwrap_or_else(|| "ipgate".into());
+    let plain = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-');
+    if table.is_empty() || table.len() > 32 || !table.chars().all(plain) {
+        r.key(
+            "firewall.table",
+            format!("'{table}': 1 to 32 letters, digits, '_' or '-'"),
+        );
+    }
+    let mut ports = raw.ports.clone();
+    ports.sort_unstable();
+    ports.dedup();
+    Firewall {
+        table,
+        ports,
+        keep_at_stop: raw.keep_at_stop,
+        nft: raw.nft.as_deref().unwrap_or("nft").into(),
     }
 }
 

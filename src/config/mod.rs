@@ -47,6 +47,21 @@ pub struct Config {
     pub fleet: Option<Fleet>,
     /// `[acme]`; absent: certificates come from files only.
     pub acme: Option<Acme>,
+    /// `[firewall]`; absent: ipgate touches no firewall. Restart-only.
+    pub firewall: Option<Firewall>,
+}
+
+/// The nftables mirror of the entries (SPEC 20).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Firewall {
+    /// The one table (family inet) ipgate owns.
+    pub table: String,
+    /// TCP ports whose new connections from blocked clients are dropped.
+    pub ports: Vec<u16>,
+    /// Leave the table in place at stop (its timeouts still run out).
+    pub keep_at_stop: bool,
+    /// The `nft` program.
+    pub nft: PathBuf,
 }
 
 /// Where ACME certificates come from (SPEC 19).
@@ -368,6 +383,7 @@ impl Config {
         check("log.access", self.access_log != next.access_log);
         check("demo_upstream", self.demo_upstream != next.demo_upstream);
         check("fleet", self.fleet != next.fleet);
+        check("firewall", self.firewall != next.firewall);
         changed
     }
 

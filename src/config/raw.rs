@@ -26,6 +26,18 @@ pub struct RawConfig {
     pub demo_upstream: Option<RawDemoUpstream>,
     pub fleet: Option<RawFleet>,
     pub acme: Option<RawAcme>,
+    pub firewall: Option<RawFirewall>,
+}
+
+/// `[firewall]`: the nftables table that mirrors the block and allow entries.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFirewall {
+    pub ports: Vec<u16>,
+    pub table: Option<String>,
+    #[serde(default)]
+    pub keep_at_stop: bool,
+    pub nft: Option<String>,
 }
 
 /// `[acme]`: the ACME CA certificates come from for sites with `acme = true`.

@@ -80,6 +80,8 @@ pub struct TempTable {
     counts: Mutex<[u32; 33 + 129]>,
     v4_lens: AtomicU64,
     v6_lens: [AtomicU64; 3],
+    /// Bumped by every change: lets a mirror (the firewall) tell that nothing changed.
+    generation: AtomicU64,
 }
 
 impl Default for TempTable {
@@ -90,6 +92,7 @@ impl Default for TempTable {
             counts: Mutex::new([0; 33 + 129]),
             v4_lens: AtomicU64::new(0),
             v6_lens: Default::default(),
+            generation: AtomicU64::new(0),
         }
     }
 }
@@ -115,6 +118,7 @@ fn mask6(ip: u128, len: u8) -> u128 {
 impl TempTable {
     /// Inserts or replaces the entry for `target`.
     pub fn insert(&self, target: IpNet, entry: Entry) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
         let new = match target {
             IpNet::V4(n) => self
                 .v4
@@ -144,8 +148,14 @@ impl TempTable {
         };
         if removed.is_some() {
             self.count(target, -1);
+            self.generation.fetch_add(1, Ordering::AcqRel);
         }
         removed
+    }
+
+    /// Changes so far (inserts, removals, sweeps that removed something).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     fn count(&self, target: IpNet, delta: i32) {
@@ -278,6 +288,7 @@ impl TempTable {
         sweep_map(&self.v4, now, v4, &mut gone);
         sweep_map(&self.v6, now, v6, &mut gone);
         if !gone.is_empty() {
+            self.generation.fetch_add(1, Ordering::AcqRel);
             let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
             for t in &gone {
                 let slot = match t {
@@ -477,6 +488,13 @@ impl TempEntries {
                 .get(s)
                 .is_some_and(|t| !t.is_empty() && t.contains(ip))
         })
+    }
+
+    /// Changes to the block and allow tables so far.
+    pub fn generation(&self) -> u64 {
+        self.block
+            .generation()
+            .wrapping_add(self.allow.generation())
     }
 
     /// Scoped entries in all.

@@ -523,7 +523,17 @@ pub struct GatewayFiles {
 impl GatewayFiles {
     /// `ipgate run -c FILE` at log level `level`; it can be started again on the same files.
     pub fn start(&self, level: &str) -> BinaryGateway {
-        let (child, addrs, output) = start_binary_logged(&self.config, level);
+        self.start_with(level, None)
+    }
+
+    /// `start`, inside the network namespace `ns` (`ip netns exec NS ipgate run ...`).
+    #[allow(dead_code)]
+    pub fn start_in(&self, ns: &str, level: &str) -> BinaryGateway {
+        self.start_with(level, Some(ns))
+    }
+
+    fn start_with(&self, level: &str, ns: Option<&str>) -> BinaryGateway {
+        let (child, addrs, output) = start_binary_logged(&self.config, level, ns);
         BinaryGateway {
             child: Some(child),
             plain: addrs.plain,
@@ -816,9 +826,21 @@ impl Output {
 /// Starts `ipgate run -c FILE` at log level `level`, keeping stdout and stderr (together);
 /// returns the child and the addresses of its plain listener and admin listener, read from
 /// its log lines. Used by `GatewayFiles::start`.
-fn start_binary_logged(config: &Path, level: &str) -> (std::process::Child, ProcessAddrs, Output) {
+fn start_binary_logged(
+    config: &Path,
+    level: &str,
+    ns: Option<&str>,
+) -> (std::process::Child, ProcessAddrs, Output) {
     use std::io::{BufRead, BufReader};
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ipgate"))
+    let mut command = match ns {
+        Some(ns) => {
+            let mut c = std::process::Command::new("ip");
+            c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_ipgate")]);
+            c
+        }
+        None => std::process::Command::new(env!("CARGO_BIN_EXE_ipgate")),
+    };
+    let mut child = command
         .args(["run", "-c"])
         .arg(config)
         .env("RUST_LOG", level)

@@ -1,0 +1,563 @@
+//! The block set in the kernel too (SPEC 20, `[firewall]`): every block and allow entry,
+//! static or temporary, mirrored into one nftables table that ipgate owns (family inet,
+//! `firewall.table`), so new TCP connections from blocked, non-allowed clients to
+//! `firewall.ports` (SSH, mail, FTP) are dropped by the kernel.
+//!
+//! The table holds four interval sets with timeouts (`block4`, `block6`, `allow4`,
+//! `allow6`) and one input chain: allowed sources are accepted first, then blocked ones are
+//! dropped. Each temporary entry's element carries the entry's own remaining time, so the
+//! kernel forgets on time too. The rules and sets are built with the `nftables` crate's types
+//! and sent to `nft -j -f -` in one transaction each time.
+//!
+//! At start the table is rebuilt whole from the entries in force (the store's included); after
+//! that the desired sets are compared with what was sent, every [`TICK`], and only the
+//! difference is sent: a ban, an unban or a `forget` reaches the kernel within a tick. Interval
+//! sets refuse overlapping elements, so a set holds the widest of nested targets only (the
+//! narrower one is added when the wider one goes). A failed update is counted
+//! (`ipgate_firewall_errors_total`) and retried as a full rebuild. At stop the table is removed,
+//! unless `firewall.keep_at_stop`.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use nftables::batch::Batch;
+use nftables::expr::{
+    Elem, Expression, NamedExpression, Payload, PayloadField, Prefix, SetItem, CT,
+};
+use nftables::schema::{
+    Chain, Element, NfListObject, Nftables, Rule, Set, SetFlag, SetType, SetTypeValue, Table,
+};
+use nftables::stmt::{Match, Operator, Statement};
+use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
+use tokio::io::AsyncWriteExt;
+use tracing::{info, warn};
+
+use crate::clock::now_ms;
+use crate::config;
+use crate::state::AppState;
+
+/// How often the sets are compared with the entries in force.
+pub const TICK: Duration = Duration::from_millis(250);
+
+/// The four sets: (name, family label, block?).
+const SETS: [(&str, &str, bool); 4] = [
+    ("block4", "ipv4", true),
+    ("block6", "ipv6", true),
+    ("allow4", "ipv4", false),
+    ("allow6", "ipv6", false),
+];
+
+/// Why the table could not be set up or changed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "firewall: managing the nftables table needs CAP_NET_ADMIN, which this process lacks \
+         (run ipgate as root, or give the service AmbientCapabilities=CAP_NET_ADMIN); \
+         without [firewall] ipgate needs no such right"
+    )]
+    NoCapability,
+    #[error("firewall: cannot run {program}: {source}")]
+    Spawn {
+        program: String,
+        source: std::io::Error,
+    },
+    #[error("firewall: nft refused the change: {0}")]
+    Refused(String),
+    #[error("firewall: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+/// Whether this process holds CAP_NET_ADMIN (bit 12 of CapEff).
+pub fn has_net_admin() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & (1 << 12) != 0)
+}
+
+/// Whether the `nft` program is there (a path, or a name found on PATH).
+pub fn nft_found(nft: &Path) -> bool {
+    if nft.components().count() > 1 {
+        return nft.is_file();
+    }
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(nft).is_file()))
+}
+
+/// Element targets and their expiry (ms; `None`: no timeout), per set, in `SETS` order.
+type Sets = [BTreeMap<IpNet, Option<u64>>; 4];
+
+/// The entries in force as the four sets: nested targets folded into the widest, expired
+/// ones left out.
+fn desired(state: &AppState, now: u64) -> Sets {
+    let snap = state.snapshot.load();
+    let mut raw: [Vec<(IpNet, Option<u64>)>; 4] = Default::default();
+    let mut put = |net: IpNet, block: bool, expires: Option<u64>| {
+        let i = match (block, net) {
+            (true, IpNet::V4(_)) => 0,
+            (true, IpNet::V6(_)) => 1,
+            (false, IpNet::V4(_)) => 2,
+            (false, IpNet::V6(_)) => 3,
+        };
+        raw[i].push((net.trunc(), expires));
+    };
+    for l in &snap.policy.block {
+        if !l.dry_run {
+            for &n in l.table.cidrs() {
+                put(n, true, None);
+            }
+        }
+    }
+    for l in &snap.policy.allow {
+        for &n in l.table.cidrs() {
+            put(n, false, None);
+        }
+    }
+    for (net, e) in state.temp.block.all(now) {
+        put(net, true, Some(e.expires_at));
+    }
+    for (net, e) in state.temp.allow.all(now) {
+        put(net, false, Some(e.expires_at));
+    }
+    raw.map(fold)
+}
+
+/// Keeps the widest of nested targets (interval sets refuse overlaps); of two equal targets,
+/// the one that lasts longer.
+fn fold(mut nets: Vec<(IpNet, Option<u64>)>) -> BTreeMap<IpNet, Option<u64>> {
+    let lasts = |e: Option<u64>| e.unwrap_or(u64::MAX);
+    nets.sort_by(|a, b| {
+        (
+            a.0.network(),
+            a.0.prefix_len(),
+            std::cmp::Reverse(lasts(a.1)),
+        )
+            .cmp(&(
+                b.0.network(),
+                b.0.prefix_len(),
+                std::cmp::Reverse(lasts(b.1)),
+            ))
+    });
+    let mut out = BTreeMap::new();
+    let mut wider: Option<IpNet> = None;
+    for (net, expires) in nets {
+        if wider.is_some_and(|w| w.contains(&net)) {
+            continue;
+        }
+        wider = Some(net);
+        out.insert(net, expires);
+    }
+    out
+}
+
+fn s(x: &str) -> Cow<'static, str> {
+    Cow::Owned(x.to_owned())
+}
+
+fn table(name: &str) -> Table<'static> {
+    Table {
+        family: NfFamily::INet,
+        name: s(name),
+        handle: None,
+    }
+}
+
+fn set(t: &str, name: &str) -> Set<'static> {
+    Set {
+        family: NfFamily::INet,
+        table: s(t),
+        name: s(name),
+        handle: None,
+        set_type: SetTypeValue::Single(if name.ends_with('4') {
+            SetType::Ipv4Addr
+        } else {
+            SetType::Ipv6Addr
+        }),
+        policy: None,
+        flags: Some(HashSet::from([SetFlag::Interval, SetFlag::Timeout])),
+        elem: None,
+        timeout: None,
+        gc_interval: None,
+        size: None,
+        comment: None,
+    }
+}
+
+fn payload(protocol: &str, field: &str) -> Expression<'static> {
+    Expression::Named(NamedExpression::Payload(Payload::PayloadField(
+        PayloadField {
+            protocol: s(protocol),
+            field: s(field),
+        },
+    )))
+}
+
+fn matches(
+    left: Expression<'static>,
+    right: Expression<'static>,
+    op: Operator,
+) -> Statement<'static> {
+    Statement::Match(Match { left, right, op })
+}
+
+fn rule(t: &str, statements: Vec<Statement<'static>>) -> Rule<'static> {
+    Rule {
+        family: NfFamily::INet,
+        table: s(t),
+        chain: s("input"),
+        expr: statements.into(),
+        handle: None,
+        index: None,
+        comment: None,
+    }
+}
+
+/// `TARGET timeout SECONDS` (no timeout for config entries and those without an expiry).
+fn element(net: IpNet, expires: Option<u64>, now: u64) -> Expression<'static> {
+    let val = Expression::Named(NamedExpression::Prefix(Prefix {
+        addr: Box::new(Expression::String(Cow::Owned(net.network().to_string()))),
+        len: u32::from(net.prefix_len()),
+    }));
+    match expires {
+        Some(at) => {
+            let secs = at
+                .saturating_sub(now)
+                .div_ceil(1000)
+                .clamp(1, u64::from(u32::MAX));
+            Expression::Named(NamedExpression::Elem(Elem {
+                val: Box::new(val),
+                timeout: Some(secs as u32),
+                expires: None,
+                comment: None,
+                counter: None,
+            }))
+        }
+        None => val,
+    }
+}
+
+fn elements(t: &str, set: &str, elems: Vec<Expression<'static>>) -> NfListObject<'static> {
+    NfListObject::Element(Element {
+        family: NfFamily::INet,
+        table: s(t),
+        name: s(set),
+        elem: elems.into(),
+    })
+}
+
+/// The whole table, replaced in one transaction (whether or not it exists).
+fn rebuild(conf: &config::Firewall, sets: &Sets, now: u64) -> Nftables<'static> {
+    let t = conf.table.as_str();
+    let mut b = Batch::new();
+    b.add(NfListObject::Table(table(t)));
+    b.delete(NfListObject::Table(table(t)));
+    b.add(NfListObject::Table(table(t)));
+    for (name, _, _) in SETS {
+        b.add(NfListObject::Set(Box::new(set(t, name))));
+    }
+    b.add(NfListObject::Chain(Chain {
+        family: NfFamily::INet,
+        table: s(t),
+        name: s("input"),
+        newname: None,
+        handle: None,
+        _type: Some(NfChainType::Filter),
+        hook: Some(NfHook::Input),
+        prio: Some(-10),
+        dev: None,
+        policy: Some(NfChainPolicy::Accept),
+    }));
+    let ports = || {
+        Expression::Named(NamedExpression::Set(
+            conf.ports
+                .iter()
+                .map(|&p| SetItem::Element(Expression::Number(u32::from(p))))
+                .collect(),
+        ))
+    };
+    let new = || {
+        matches(
+            Expression::Named(NamedExpression::CT(CT {
+                key: s("state"),
+                family: None,
+                dir: None,
+            })),
+            Expression::String(s("new")),
+            Operator::IN,
+        )
+    };
+    // Allow wins: accepted before the block rules look.
+    for (l3, set) in [
+        ("ip", "@allow4"),
+        ("ip6", "@allow6"),
+        ("ip", "@block4"),
+        ("ip6", "@block6"),
+    ] {
+        let verdict = if set.starts_with("@allow") {
+            Statement::Accept(None)
+        } else {
+            Statement::Drop(None)
+        };
+        b.add(NfListObject::Rule(rule(
+            t,
+            vec![
+                matches(payload("tcp", "dport"), ports(), Operator::EQ),
+                new(),
+                matches(
+                    payload(l3, "saddr"),
+                    Expression::String(s(set)),
+                    Operator::EQ,
+                ),
+                verdict,
+            ],
+        )));
+    }
+    for ((name, _, _), elems) in SETS.iter().zip(sets) {
+        if !elems.is_empty() {
+            let e = elems.iter().map(|(&n, &x)| element(n, x, now)).collect();
+            b.add(elements(t, name, e));
+        }
+    }
+    b.to_nftables()
+}
+
+/// The changes from `sent` to `want`: removals (of elements the kernel still holds), then
+/// additions; a changed expiry is a removal and an addition. `None`: nothing to do.
+fn update(
+    conf: &config::Firewall,
+    sent: &Sets,
+    want: &Sets,
+    now: u64,
+) -> Option<Nftables<'static>> {
+    let t = conf.table.as_str();
+    let mut b = Batch::new();
+    let mut any = false;
+    // Elements about to time out are left to the kernel: removing one it already dropped
+    // would fail the whole transaction.
+    let alive = |e: &Option<u64>| e.is_none_or(|at| at > now + 2000);
+    for ((name, _, _), (old, new)) in SETS.iter().zip(sent.iter().zip(want)) {
+        let gone: Vec<Expression<'static>> = old
+            .iter()
+            .filter(|(n, e)| new.get(n) != Some(e) && alive(e))
+            .map(|(&n, _)| element(n, None, now))
+            .collect();
+        if !gone.is_empty() {
+            b.delete(elements(t, name, gone));
+            any = true;
+        }
+    }
+    for ((name, _, _), (old, new)) in SETS.iter().zip(sent.iter().zip(want)) {
+        let added: Vec<Expression<'static>> = new
+            .iter()
+            .filter(|(n, e)| old.get(n) != Some(e))
+            .map(|(&n, &e)| element(n, e, now))
+            .collect();
+        if !added.is_empty() {
+            b.add(elements(t, name, added));
+            any = true;
+        }
+    }
+    any.then(|| b.to_nftables())
+}
+
+/// Sends one transaction to `nft -j -f -`; nft's own message on failure.
+async fn apply(nft: &Path, payload: &Nftables<'_>) -> Result<(), Error> {
+    let json = serde_json::to_vec(payload)?;
+    let spawn_error = |source| Error::Spawn {
+        program: nft.display().to_string(),
+        source,
+    };
+    let mut child = tokio::process::Command::new(nft)
+        .args(["-j", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(spawn_error)?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(&json).await.map_err(spawn_error)?;
+    }
+    let out = child.wait_with_output().await.map_err(spawn_error)?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        let text = String::from_utf8_lossy(&out.stderr);
+        Err(Error::Refused(text.trim().chars().take(500).collect()))
+    }
+}
+
+/// The mirror of the entries in force, and what was last sent.
+pub struct Firewall {
+    conf: config::Firewall,
+    sent: Sets,
+    /// (snapshot, temporary entries' generation) of the last comparison.
+    seen: (usize, u64),
+    /// When the next element times out (ms): a nested target may be due then.
+    next_expiry: u64,
+}
+
+impl Firewall {
+    /// Checks the right to manage nftables and builds the table from the entries in force
+    /// (the store's among them): start fails with a clear error when either is impossible.
+    pub async fn start(state: &AppState, conf: config::Firewall) -> Result<Firewall, Error> {
+        if !has_net_admin() {
+            return Err(Error::NoCapability);
+        }
+        if !nft_found(&conf.nft) {
+            return Err(Error::Spawn {
+                program: conf.nft.display().to_string(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "not found (apt install nftables)",
+                ),
+            });
+        }
+        let mut fw = Firewall {
+            conf,
+            sent: Default::default(),
+            seen: (0, 0),
+            next_expiry: u64::MAX,
+        };
+        fw.sync(state, true).await?;
+        info!(table = %fw.conf.table, ports = ?fw.conf.ports, "nftables table built");
+        Ok(fw)
+    }
+
+    /// Brings the kernel's sets to the entries in force: the difference, or everything.
+    async fn sync(&mut self, state: &AppState, whole: bool) -> Result<(), Error> {
+        let now = now_ms();
+        let seen = (
+            Arc::as_ptr(&state.snapshot.load_full()) as usize,
+            state.temp.generation(),
+        );
+        if !whole && seen == self.seen && now < self.next_expiry {
+            return Ok(());
+        }
+        let want = desired(state, now);
+        let payload = if whole {
+            Some(rebuild(&self.conf, &want, now))
+        } else {
+            update(&self.conf, &self.sent, &want, now)
+        };
+        if let Some(p) = payload {
+            apply(&self.conf.nft, &p).await?;
+        }
+        self.next_expiry = want
+            .iter()
+            .flat_map(|s| s.values().filter_map(|e| *e))
+            .min()
+            .unwrap_or(u64::MAX);
+        self.sent = want;
+        self.seen = seen;
+        for ((_, family, block), set) in SETS.iter().zip(&self.sent) {
+            let kind = if *block { "block" } else { "allow" };
+            state
+                .metrics
+                .firewall_elements
+                .with_label_values(&[family, kind])
+                .set(set.len() as i64);
+        }
+        Ok(())
+    }
+
+    pub fn conf(&self) -> &config::Firewall {
+        &self.conf
+    }
+
+    /// Follows the entries until the process ends; a failed update is counted and retried
+    /// as a rebuild.
+    pub async fn run(mut self, state: Arc<AppState>) {
+        let mut whole = false;
+        loop {
+            tokio::time::sleep(TICK).await;
+            match self.sync(&state, whole).await {
+                Ok(()) => whole = false,
+                Err(e) => {
+                    state.metrics.firewall_errors.inc();
+                    warn!(error = %e, "firewall update failed; the table is rebuilt next");
+                    whole = true;
+                }
+            }
+        }
+    }
+
+    /// At stop: removes the table, unless `firewall.keep_at_stop`.
+    pub async fn stop(conf: &config::Firewall) {
+        if conf.keep_at_stop {
+            info!(table = %conf.table, "nftables table kept (firewall.keep_at_stop)");
+            return;
+        }
+        let mut b = Batch::new();
+        b.add(NfListObject::Table(table(&conf.table)));
+        b.delete(NfListObject::Table(table(&conf.table)));
+        match apply(&conf.nft, &b.to_nftables()).await {
+            Ok(()) => info!(table = %conf.table, "nftables table removed"),
+            Err(e) => warn!(error = %e, "the nftables table could not be removed"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn n(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn nested_targets_fold_into_the_widest() {
+        let folded = fold(vec![
+            (n("10.1.2.3/32"), Some(5)),
+            (n("10.1.0.0/16"), Some(1)),
+            (n("10.2.0.0/16"), None),
+            (n("10.2.0.0/16"), Some(9)),
+            (n("192.0.2.1/32"), Some(3)),
+        ]);
+        let got: Vec<(String, Option<u64>)> = folded
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("10.1.0.0/16".to_string(), Some(1)),
+                ("10.2.0.0/16".to_string(), None),
+                ("192.0.2.1/32".to_string(), Some(3)),
+            ]
+        );
+    }
+
+    #[test]
+    fn updates_send_only_the_difference() {
+        let conf = config::Firewall {
+            table: "ipgate".into(),
+            ports: vec![22],
+            keep_at_stop: false,
+            nft: "nft".into(),
+        };
+        let now = 1_000_000;
+        let mut old: Sets = Default::default();
+        old[0].insert(n("192.0.2.1/32"), Some(now + 60_000));
+        old[0].insert(n("192.0.2.2/32"), Some(now + 1_000));
+        let mut new: Sets = Default::default();
+        new[0].insert(n("192.0.2.3/32"), Some(now + 60_000));
+        assert!(update(&conf, &old, &old, now).is_none());
+        let json = serde_json::to_string(&update(&conf, &old, &new, now).unwrap()).unwrap();
+        // .1 removed; .2 is left to time out in the kernel; .3 added with its 60 s.
+        assert!(json.contains(r#"{"delete":{"element""#), "{json}");
+        assert!(json.contains("192.0.2.1"), "{json}");
+        assert!(!json.contains("192.0.2.2"), "{json}");
+        assert!(json.contains(r#""timeout":60"#), "{json}");
+    }
+}
