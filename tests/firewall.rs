@@ -244,6 +244,20 @@ fn cli(ns: &Netns, files: &GatewayFiles, gw: &BinaryGateway, args: &[&str]) {
     );
 }
 
+/// The gateway's metrics, fetched from inside the server namespace.
+fn admin_metrics(ns: &Netns, gw: &BinaryGateway) -> String {
+    let out = ns
+        .exec(&ns.srv, "python3")
+        .args([
+            "-c",
+            "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1]).read().decode())",
+            &format!("http://{}/metrics", gw.admin),
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 const FIREWALL: &str = "[firewall]\nports = [2222]\ntable = \"ipgate_test\"\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -301,6 +315,33 @@ async fn the_kernel_drops_banned_clients_on_other_ports_and_follows_every_change
         gw.output.text()
     );
     assert!(!ns.elements("ipgate_test", "block6").contains("fd77::3"));
+
+    // Someone deletes the table: the next update fails, is counted, and the rebuild that
+    // follows restores every element.
+    assert!(sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &ns.srv,
+        "nft",
+        "delete",
+        "table",
+        "inet",
+        "ipgate_test"
+    ]));
+    assert!(ns.connects("fd77::2"));
+    cli(&ns, &files, &gw, &["ban", "fd77::2", "--ttl", "1h"]);
+    assert!(
+        ns.until("fd77::2", false, Duration::from_secs(3)),
+        "{}",
+        gw.output.text()
+    );
+    let metrics = admin_metrics(&ns, &gw);
+    assert!(
+        metric(&metrics, "ipgate_firewall_errors_total").unwrap_or(0.0) >= 1.0,
+        "{metrics}"
+    );
+    cli(&ns, &files, &gw, &["unban", "fd77::2"]);
 
     // A restart rebuilds the set from the store; at stop the table goes.
     cli(&ns, &files, &gw, &["ban", "10.77.0.3", "--ttl", "1h"]);
@@ -367,18 +408,7 @@ async fn static_lists_are_mirrored_and_the_table_can_be_kept_at_stop() {
     // An allow entry inside a blocked network: allowed; its neighbour: dropped.
     assert!(ns.connects("fd77::2"));
     assert!(!ns.connects("fd77::3"));
-    let metrics = {
-        let out = ns
-            .exec(&ns.srv, "python3")
-            .args([
-                "-c",
-                "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1]).read().decode())",
-                &format!("http://{}/metrics", gw.admin),
-            ])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let metrics = admin_metrics(&ns, &gw);
     assert_eq!(
         metric(
             &metrics,
@@ -395,6 +425,15 @@ async fn static_lists_are_mirrored_and_the_table_can_be_kept_at_stop() {
         Some(1.0)
     );
     assert_eq!(metric(&metrics, "ipgate_firewall_errors_total"), Some(0.0));
+
+    // A line added to the list file reaches the kernel (the file is re-read on its own).
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(files.dir.path().join("lists/drop.txt"))
+        .unwrap();
+    std::io::Write::write_all(&mut f, b"10.77.0.2\n").unwrap();
+    drop(f);
+    assert!(ns.until("10.77.0.2", false, Duration::from_secs(10)));
 
     // Kept at stop: still enforced by the kernel alone.
     gw.signal("TERM");

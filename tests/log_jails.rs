@@ -247,6 +247,22 @@ async fn forget_erases_a_log_jails_counters_and_offenses() {
 }
 
 #[tokio::test]
+async fn a_dry_run_log_jail_counts_and_bans_nobody() {
+    let (gw, log) =
+        log_gateway(&SSHD.replace("ban = \"1h\"", "ban = \"1h\"\ndry_run = true")).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    append(&log, &failed("127.0.0.60").repeat(3));
+    wait_lines(&gw, "sshd", 3.0).await;
+    assert_eq!(
+        gw.metric_settled(r#"ipgate_would_block_total{rule="sshd"}"#, 1.0)
+            .await,
+        Some(1.0)
+    );
+    assert!(served_from("127.0.0.60", gw.plain).await);
+    assert!(!banned_by(&lookup(&gw, "127.0.0.60").await, "sshd"));
+}
+
+#[tokio::test]
 async fn a_huge_line_and_a_burst_of_100000_lines_do_not_stall_the_proxy() {
     let (gw, log) = log_gateway(SSHD).await;
     tokio::time::sleep(Duration::from_millis(600)).await;
