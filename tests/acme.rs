@@ -194,14 +194,23 @@ upstream = "http://{{upstream}}"
 /// The certificate chain served for `name`, and whether a client trusting only `root` accepts
 /// it for that name.
 async fn served(tls: SocketAddr, name: &str, root: &CertificateDer<'static>) -> Option<Vec<u8>> {
-    let tcp = TcpStream::connect(tls).await.ok()?;
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config(root, &[b"http/1.1"])));
-    let stream = connector
-        .connect(ServerName::try_from(name.to_string()).unwrap(), tcp)
-        .await
-        .ok()?;
+    let stream = tls_to(tls, name, root).await?;
     let leaf = stream.get_ref().1.peer_certificates()?.first()?.to_vec();
     Some(leaf)
+}
+
+/// A TLS connection to `name` (SNI) trusting only `root`; `None` when it is refused.
+async fn tls_to(
+    tls: SocketAddr,
+    name: &str,
+    root: &CertificateDer<'static>,
+) -> Option<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(tls).await.ok()?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config(root, &[b"http/1.1"])));
+    connector
+        .connect(ServerName::try_from(name.to_string()).unwrap(), tcp)
+        .await
+        .ok()
 }
 
 /// Waits until `name` is served a certificate that chains to `root`; returns its leaf.
@@ -228,12 +237,7 @@ async fn wait_for_pebble_certificate(
 
 /// GET over HTTPS to `name`, trusting only `root`.
 async fn https_status(tls: SocketAddr, name: &str, root: &CertificateDer<'static>) -> u16 {
-    let tcp = TcpStream::connect(tls).await.unwrap();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config(root, &[b"http/1.1"])));
-    let stream = connector
-        .connect(ServerName::try_from(name.to_string()).unwrap(), tcp)
-        .await
-        .unwrap();
+    let stream = tls_to(tls, name, root).await.expect("a TLS connection");
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .unwrap();
@@ -242,19 +246,29 @@ async fn https_status(tls: SocketAddr, name: &str, root: &CertificateDer<'static
     resp.status().as_u16()
 }
 
-#[tokio::test]
-async fn a_site_gets_a_certificate_from_pebble_over_http01_and_keeps_it_across_a_restart() {
+/// Pebble, and a gateway whose ACME site has its first certificate from it.
+struct Started {
+    pebble: Pebble,
+    files: GatewayFiles,
+    gw: BinaryGateway,
+    tls_addr: SocketAddr,
+    /// Pebble's issuing root.
+    root: CertificateDer<'static>,
+    /// The first certificate served for acme.test (DER).
+    leaf: Vec<u8>,
+}
+
+async fn start(validity: Option<u64>, challenge: &str) -> Started {
     let (plain, tls) = (free_port(), free_port());
-    let mut pebble = Pebble::start(plain, tls, None);
+    let pebble = Pebble::start(plain, tls, validity);
     let files = GatewayBuilder::new()
         .ports(plain, tls)
-        .sites(&acme_site(&pebble, "http-01"))
+        .sites(&acme_site(&pebble, challenge))
         .files()
         .await;
     let gw = files.start("info");
     let tls_addr: SocketAddr = ([127, 0, 0, 1], tls).into();
     let root = pebble.root().await;
-
     let leaf = wait_for_pebble_certificate(
         tls_addr,
         "acme.test",
@@ -263,6 +277,26 @@ async fn a_site_gets_a_certificate_from_pebble_over_http01_and_keeps_it_across_a
         &gw.output,
     )
     .await;
+    Started {
+        pebble,
+        files,
+        gw,
+        tls_addr,
+        root,
+        leaf,
+    }
+}
+
+#[tokio::test]
+async fn a_site_gets_a_certificate_from_pebble_over_http01_and_keeps_it_across_a_restart() {
+    let Started {
+        mut pebble,
+        files,
+        gw,
+        tls_addr,
+        root,
+        leaf,
+    } = start(None, "http-01").await;
     // One certificate for both hosts, issued by Pebble.
     let mut names = ipgate::tls::dns_names(&CertificateDer::from(leaf.clone())).unwrap();
     names.sort();
@@ -322,34 +356,18 @@ async fn a_site_gets_a_certificate_from_pebble_over_http01_and_keeps_it_across_a
 
 #[tokio::test]
 async fn a_short_lived_certificate_is_renewed_over_tls_alpn01_under_a_keepalive_client() {
-    let (plain, tls) = (free_port(), free_port());
     // 24 s certificates: renewed 16 s after issue (a third of the lifetime left).
-    let pebble = Pebble::start(plain, tls, Some(24));
-    let files = GatewayBuilder::new()
-        .ports(plain, tls)
-        .sites(&acme_site(&pebble, "tls-alpn-01"))
-        .files()
-        .await;
-    let gw = files.start("info");
-    let tls_addr: SocketAddr = ([127, 0, 0, 1], tls).into();
-    let root = pebble.root().await;
-    let first = wait_for_pebble_certificate(
+    let Started {
+        pebble: _pebble,
+        files: _files,
+        gw,
         tls_addr,
-        "acme.test",
-        &root,
-        Duration::from_secs(60),
-        &gw.output,
-    )
-    .await;
+        root,
+        leaf: first,
+    } = start(Some(24), "tls-alpn-01").await;
 
     // One keep-alive connection, a request every 100 ms, across the swap.
-    let tcp = TcpStream::connect(tls_addr).await.unwrap();
-    let connector =
-        tokio_rustls::TlsConnector::from(Arc::new(client_config(&root, &[b"http/1.1"])));
-    let stream = connector
-        .connect(ServerName::try_from("acme.test").unwrap(), tcp)
-        .await
-        .unwrap();
+    let stream = tls_to(tls_addr, "acme.test", &root).await.unwrap();
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .unwrap();
