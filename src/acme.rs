@@ -207,9 +207,7 @@ impl Manager {
                 Err(e) => {
                     let f = self.failures.entry(site.name.clone()).or_insert((0, 0));
                     f.0 += 1;
-                    let backoff = FIRST_BACKOFF
-                        .saturating_mul(1 << (f.0 - 1).min(16))
-                        .min(MAX_BACKOFF);
+                    let backoff = backoff(f.0);
                     f.1 = now + backoff.as_secs() as i64;
                     next = next.min(f.1);
                     warn!(site = %site.name, error = %e, retry_in = ?backoff,
@@ -282,6 +280,14 @@ impl Manager {
         self.account = Some((conf.directory.clone(), account.clone()));
         Ok(account)
     }
+}
+
+/// How long after the `failures`-th failure in a row an order is tried again: 1 minute,
+/// doubling, at most 6 hours.
+fn backoff(failures: u32) -> Duration {
+    FIRST_BACKOFF
+        .saturating_mul(1 << failures.saturating_sub(1).min(16))
+        .min(MAX_BACKOFF)
 }
 
 fn builder(conf: &Acme) -> Result<instant_acme::AccountBuilder, Error> {
@@ -416,4 +422,23 @@ fn unix_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_orders_back_off_from_a_minute_to_six_hours() {
+        let mins = |n| backoff(n).as_secs() / 60;
+        assert_eq!([1, 2, 3, 4, 9].map(mins), [1, 2, 4, 8, 256]);
+        assert_eq!(backoff(10), MAX_BACKOFF);
+        assert_eq!(backoff(1000), MAX_BACKOFF);
+    }
+
+    #[test]
+    fn site_folders_are_plain_names() {
+        let d = site_dir(Path::new("/var/lib/ipgate"), "Klant/../x y");
+        assert_eq!(d, Path::new("/var/lib/ipgate/acme/Klant_.._x_y"));
+    }
 }

@@ -377,6 +377,42 @@ mod tests {
     }
 
     #[test]
+    fn every_certificate_served_is_listed_with_its_source_and_expiry() {
+        let tls = config::Tls {
+            certificates: vec![],
+            self_signed: true,
+        };
+        let acme_key = rcgen::generate_simple_self_signed(vec!["shop.test".into()]).unwrap();
+        let acme = CertifiedKey::from_der(
+            vec![acme_key.cert.der().clone()],
+            PrivateKeyDer::try_from(acme_key.key_pair.serialize_der()).unwrap(),
+            &crypto_provider(),
+        )
+        .unwrap();
+        let served = Served::new(acme, Source::Acme, Some(Path::new("/s/acme/shop/cert.pem")));
+        let mut report = Report::new(Path::new("x.toml"), "");
+        let loaded = server_config(&tls, None, vec![served.unwrap()], &mut report);
+        assert!(loaded.config.is_some());
+        let c = &loaded.certificates;
+        assert_eq!(c.len(), 2);
+        assert_eq!(
+            (c[0].source, c[0].names.clone()),
+            (Source::Acme, vec!["shop.test".into()])
+        );
+        // rcgen's default validity: 1975-01-01 to 4096-01-01; renewal a third before the end.
+        assert_eq!(
+            (c[0].not_before, c[0].not_after),
+            (157_766_400, 67_090_118_400)
+        );
+        assert_eq!(c[0].renew_at, Some(renew_at(157_766_400, 67_090_118_400)));
+        assert_eq!(c[1].source, Source::SelfSigned);
+        // Its DNS names (the 127.0.0.1 SAN is an address; no client sends it as SNI).
+        assert_eq!(c[1].names, vec!["localhost"]);
+        assert_eq!(c[1].renew_at, None);
+        assert_eq!(renew_at(0, 90), 60);
+    }
+
+    #[test]
     fn sni_prefers_exact_then_wildcard_then_default() {
         let mut certs = Certificates::default();
         let (a, a_names) = key_for(&["a.test"]);

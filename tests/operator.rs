@@ -299,16 +299,29 @@ async fn a_site_scoped_jail_bans_on_its_sites_only_and_the_scope_survives_a_rest
     assert_eq!(get_from("127.0.0.21", plain, "/", "b.test").await, 200);
     assert_eq!(get_from("127.0.0.22", plain, "/", "a.test").await, 200);
 
-    // By hand: one site only.
-    let (status, made) = admin_call(
-        gw.admin,
-        "POST",
-        "/v1/entries",
-        Some(serde_json::json!({"target": "127.0.0.23", "action": "block", "ttl": "1h", "site": "blog"})),
-        Some(token),
-    )
-    .await;
-    assert_eq!(status, 201, "{made}");
+    // By hand, with the CLI: one site only.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ipgate"))
+        .args(["ban", "127.0.0.23", "--ttl", "1h", "--site", "blog"])
+        .arg("--admin")
+        .arg(format!("http://{}", gw.admin))
+        .arg("--token-file")
+        .arg(files.token_file())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_, listed) =
+        admin_call(gw.admin, "GET", "/v1/entries?list=block", None, Some(token)).await;
+    let made = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["target"] == "127.0.0.23/32")
+        .cloned()
+        .unwrap_or_else(|| panic!("{listed}"));
     assert_eq!(made["scope"], "site:blog");
     assert_eq!(get_from("127.0.0.23", plain, "/", "b.test").await, 403);
     assert_eq!(get_from("127.0.0.23", plain, "/", "a.test").await, 200);
