@@ -89,16 +89,25 @@ impl Follower {
             }
         }
         if self.file.is_none() {
-            let Some(meta) = current else {
+            if current.is_none() {
+                return false;
+            }
+            let Ok(mut file) = File::open(&self.path) else {
                 return false;
             };
-            let Ok(file) = File::open(&self.path) else {
+            // What was opened, not what the path named a moment before (a rotation between
+            // the two would count the new file twice).
+            let Ok(meta) = file.metadata() else {
                 return false;
             };
             self.id = (meta.dev(), meta.ino());
             self.offset = if first_look { meta.len() } else { 0 };
+            // Its first bytes now, so a rewrite is seen even of a file followed from its end.
+            self.head = vec![0u8; HEAD.min(self.offset as usize)];
+            if file.read_exact(&mut self.head).is_err() {
+                self.head.clear();
+            }
             self.file = Some(file);
-            self.head.clear();
             self.partial.clear();
             self.skipping = false;
         }
@@ -141,7 +150,7 @@ impl Follower {
                 Ok(0) | Err(_) => return false,
                 Ok(n) => n,
             };
-            if self.offset < HEAD as u64 {
+            if self.offset < HEAD as u64 && self.head.len() as u64 == self.offset {
                 let take = (HEAD as u64 - self.offset).min(n as u64) as usize;
                 self.head.extend_from_slice(&buf[..take]);
             }

@@ -160,6 +160,18 @@ async fn rename_rotation_and_copytruncate_lose_no_line_and_count_none_twice() {
 }
 
 #[tokio::test]
+async fn a_file_there_at_start_rewritten_longer_at_once_is_read_from_its_start() {
+    // Followed from its end (five lines there before start); then truncated and written past
+    // its old length between two looks: told apart by its first bytes.
+    let (gw, log) = log_gateway(SSHD).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    std::fs::write(&log, failed("127.0.0.61").repeat(7)).unwrap();
+    wait_lines(&gw, "sshd", 7.0).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(lines_read(&gw, "sshd").await, 7.0);
+}
+
+#[tokio::test]
 async fn a_file_created_after_start_is_read_from_its_start() {
     let (gw, _) = log_gateway(SSHD).await;
     tokio::time::sleep(Duration::from_millis(600)).await;
