@@ -101,7 +101,7 @@ pub fn served(config: &Config) -> Vec<Served> {
         let cert = folder.join("cert.pem");
         let loaded = tls::load_pair(&cert, &folder.join("key.pem"), &provider)
             .map_err(|e| e.message)
-            .and_then(|(ck, _)| Served::new(ck, Source::Acme, Some(&cert)));
+            .and_then(|ck| Served::new(ck, Source::Acme, Some(&cert)));
         match loaded {
             Ok(served) => out.push(served),
             Err(why) => {

@@ -409,7 +409,7 @@ pub struct Firewall {
 impl Firewall {
     /// Checks the right to manage nftables and builds the table from the entries in force
     /// (the store's among them): start fails with a clear error when either is impossible.
-    pub async fn start(state: &AppState, conf: config::Firewall) -> Result<Firewall, Error> {
+    pub async fn start(state: &Arc<AppState>, conf: config::Firewall) -> Result<Firewall, Error> {
         if !has_net_admin() {
             return Err(Error::NoCapability);
         }
@@ -434,7 +434,7 @@ impl Firewall {
     }
 
     /// Brings the kernel's sets to the entries in force: the difference, or everything.
-    async fn sync(&mut self, state: &AppState, whole: bool) -> Result<(), Error> {
+    async fn sync(&mut self, state: &Arc<AppState>, whole: bool) -> Result<(), Error> {
         let now = now_ms();
         let seen = (
             Arc::as_ptr(&state.snapshot.load_full()) as usize,
@@ -443,7 +443,11 @@ impl Firewall {
         if !whole && seen == self.seen && now < self.next_expiry {
             return Ok(());
         }
-        let want = desired(state, now);
+        // Folding a large list takes a while: not on the runtime that serves the admin API.
+        let from = state.clone();
+        let want = tokio::task::spawn_blocking(move || desired(&from, now))
+            .await
+            .map_err(|e| Error::Refused(format!("computing the sets failed: {e}")))?;
         let payload = if whole {
             Some(rebuild(&self.conf, &want, now))
         } else {

@@ -157,11 +157,11 @@ impl Gateway {
         }
         state.publish_list_gauges();
         info!(entries = n, dir = %state_dir.display(), "temporary entries loaded");
+        let state = Arc::new(state);
         let firewall = match state.snapshot.load().config.firewall.clone() {
             Some(conf) => Some(firewall::Firewall::start(&state, conf).await?),
             None => None,
         };
-        let state = Arc::new(state);
         let fleet = match &fleet_conf {
             Some(f) => Some(fleet::Fleet::new(state.clone(), f)?),
             None => None,

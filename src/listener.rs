@@ -144,7 +144,7 @@ pub async fn accept_loop(
                 client: client_slot,
             });
             state.metrics.connections_open.inc();
-            let info = ConnInfo::on(peer, client, tls, redirect, slot);
+            let info = ConnInfo::new(peer, client, tls, redirect, slot);
             if tls {
                 serve_tls(&worker, &builder, tcp, info, watcher, head_by).await;
             } else {

@@ -58,12 +58,7 @@ pub struct ConnInfo {
 }
 
 impl ConnInfo {
-    pub fn new(peer: SocketAddr, client: IpAddr, tls: bool, slot: Arc<ConnSlot>) -> ConnInfo {
-        ConnInfo::on(peer, client, tls, false, slot)
-    }
-
-    /// On a listener that may redirect to HTTPS.
-    pub fn on(
+    pub fn new(
         peer: SocketAddr,
         client: IpAddr,
         tls: bool,

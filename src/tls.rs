@@ -32,7 +32,7 @@ pub enum Source {
 /// One certificate served, as `ipgate certs` and the expiry metric show it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CertInfo {
-    /// The DNS names (and addresses) of its subjectAltName.
+    /// The DNS names of its subjectAltName.
     pub names: Vec<String>,
     pub source: Source,
     /// The chain's file (`tls.certificates`, or the ACME site's file in `state_dir`).
@@ -113,31 +113,26 @@ pub struct Certificates {
 }
 
 impl Certificates {
-    /// Adds a certificate that takes its names from any added before.
-    pub fn add_over(&mut self, key: Arc<CertifiedKey>, names: &[String]) {
-        for name in names {
-            let name = name.to_ascii_lowercase();
-            match name.strip_prefix("*.") {
-                Some(parent) => self.wildcard.insert(parent.to_string(), key.clone()),
-                None => self.exact.insert(name, key.clone()),
-            };
-        }
-        if self.default.is_none() {
-            self.default = Some(key);
-        }
-    }
-
     /// Adds a certificate for every DNS name in its subjectAltName; the first one added is
     /// the default for clients that send no SNI or a name no certificate carries. A name
-    /// carried by two certificates goes to the first.
-    pub fn add(&mut self, key: Arc<CertifiedKey>, names: &[String]) {
+    /// carried by two certificates goes to the first, unless `over` (an ACME certificate
+    /// takes its names from files that carry them too).
+    pub fn add(&mut self, key: Arc<CertifiedKey>, names: &[String], over: bool) {
         for name in names {
             let name = name.to_ascii_lowercase();
-            match name.strip_prefix("*.") {
+            let slot = match name.strip_prefix("*.") {
                 Some(parent) => self.wildcard.entry(parent.to_string()),
                 None => self.exact.entry(name),
+            };
+            match slot {
+                std::collections::hash_map::Entry::Occupied(mut e) if over => {
+                    e.insert(key.clone());
+                }
+                std::collections::hash_map::Entry::Occupied(_) => {}
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(key.clone());
+                }
             }
-            .or_insert_with(|| key.clone());
         }
         if self.default.is_none() {
             self.default = Some(key);
@@ -225,16 +220,13 @@ pub fn server_config(
     let mut serve = |served: Served, certs: &mut Certificates| {
         // An ACME certificate is served for its names even where a file names them too
         // (moving a site from certbot to ACME); a stand-in only where nothing else does.
-        if served.info.source == Source::Acme {
-            certs.add_over(served.key, &served.info.names);
-        } else {
-            certs.add(served.key, &served.info.names);
-        }
+        let over = served.info.source == Source::Acme;
+        certs.add(served.key, &served.info.names, over);
         shown.push(served.info);
     };
     for (i, files) in tls.certificates.iter().enumerate() {
         let key = format!("tls.certificates[{i}]");
-        let loaded = load_pair(&files.cert, &files.key, &provider).and_then(|(ck, _)| {
+        let loaded = load_pair(&files.cert, &files.key, &provider).and_then(|ck| {
             Served::new(ck, Source::File, Some(&files.cert)).map_err(|message| LoadError {
                 part: Part::Cert,
                 message,
@@ -311,12 +303,12 @@ pub struct LoadError {
 }
 
 /// Reads a PEM chain (certbot's `fullchain.pem`) and its key (`privkey.pem`), checks that
-/// they belong together, and returns the key with the chain's DNS names.
+/// they belong together, and returns them as one key.
 pub(crate) fn load_pair(
     cert: &Path,
     key: &Path,
     provider: &CryptoProvider,
-) -> Result<(CertifiedKey, Vec<String>), LoadError> {
+) -> Result<CertifiedKey, LoadError> {
     let err = |part: Part, message: String| LoadError { part, message };
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .map_err(|e| err(Part::Cert, pem_error(&e)))?
@@ -332,8 +324,7 @@ pub(crate) fn load_pair(
             format!("key does not match the certificate or is unsupported: {e}"),
         )
     })?;
-    let names = dns_names(&ck.cert[0]).map_err(|e| err(Part::Cert, e))?;
-    Ok((ck, names))
+    Ok(ck)
 }
 
 fn pem_error(e: &rustls_pki_types::pem::Error) -> String {
@@ -418,8 +409,8 @@ mod tests {
         let (a, a_names) = key_for(&["a.test"]);
         let (w, w_names) = key_for(&["*.b.test", "b.test"]);
         assert_eq!(w_names, vec!["*.b.test", "b.test"]);
-        certs.add(a.clone(), &a_names);
-        certs.add(w.clone(), &w_names);
+        certs.add(a.clone(), &a_names, false);
+        certs.add(w.clone(), &w_names, false);
         assert!(Arc::ptr_eq(&certs.lookup(Some("a.test")).unwrap(), &a));
         assert!(Arc::ptr_eq(&certs.lookup(Some("X.B.Test")).unwrap(), &w));
         assert!(Arc::ptr_eq(&certs.lookup(Some("x.b.test")).unwrap(), &w));
