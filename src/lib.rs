@@ -10,7 +10,8 @@
 //!   ([`tls`]) and serves HTTP/1.1 and HTTP/2 under the limits.
 //! - [`proxy`]: one request: checks it ([`request`]: one valid [`host`], the [`path`] in normal
 //!   form, the client behind trusted proxies), picks the site, asks [`admission`], rewrites
-//!   the headers, forwards, streams bodies and WebSocket upgrades, maps failures to statuses.
+//!   the headers, forwards, streams bodies and WebSocket upgrades, maps failures to statuses;
+//!   [`https`]: the redirect of `redirect_https` listeners, HTTP-01 answers and HSTS.
 //! - [`admission`]: the per-request decision, in order: allow wins, block entries,
 //!   `allow_only`, the rate limit ([`ratelimit`]); then the jails ([`jail`]) see the response
 //!   and ban through the state.
@@ -45,6 +46,7 @@ pub mod firewall;
 pub mod fleet;
 pub mod headers;
 pub mod host;
+pub mod https;
 pub mod jail;
 pub mod listener;
 pub mod logjail;
@@ -55,6 +57,7 @@ pub mod proxy;
 pub mod ratelimit;
 pub mod request;
 pub mod shutdown;
+pub mod snapshot;
 pub mod splice;
 pub mod state;
 pub mod store;

@@ -21,6 +21,7 @@ use crate::admission::{self, Client, Refusal};
 use crate::body::UpstreamBody;
 use crate::clients::{ConnSlot, InFlight};
 use crate::headers::{self, format_ip, Forwarding};
+use crate::https;
 use crate::metrics::outcome;
 use crate::request::{self, Invalid};
 use crate::state::{AppState, SiteEntry, Snapshot};
@@ -265,10 +266,10 @@ pub async fn handle(
 
     if !conn.tls {
         if let Some(answer) = path
-            .strip_prefix(ACME_CHALLENGE)
+            .strip_prefix(https::ACME_CHALLENGE)
             .and_then(|token| crate::acme::CHALLENGES.http01(token))
         {
-            let resp = acme_answer(answer);
+            let resp = https::acme_answer(answer);
             logged.log(state, &snap, client.ip, &resp, "none", outcome::ACME);
             return Ok((resp, Held::default()));
         }
@@ -286,9 +287,9 @@ pub async fn handle(
     let (resp, site_name, outcome) = match (site, admitted) {
         (site, Err(refusal)) => refuse(state, site, Error::from(refusal)),
         (None, Ok(_)) => refuse(state, None, Error::NoSite),
-        (Some(site), Ok(_)) if conn.redirect && !path.starts_with(ACME_CHALLENGE) => {
+        (Some(site), Ok(_)) if conn.redirect && !path.starts_with(https::ACME_CHALLENGE) => {
             site.metrics.redirected.inc();
-            let resp = to_https(&method, host, state.https_port, &uri);
+            let resp = https::redirect(&method, host, state.https_port, &uri);
             (resp, site.site.name.as_str(), outcome::REDIRECTED)
         }
         (Some(site), Ok(admitted)) => {
@@ -308,10 +309,8 @@ pub async fn handle(
             match result {
                 Ok(mut resp) => {
                     site.metrics.proxied.inc();
-                    if let (Some(hsts), true) = (&site.hsts, conn.tls) {
-                        resp.headers_mut()
-                            .entry(header::STRICT_TRANSPORT_SECURITY)
-                            .or_insert_with(|| hsts.clone());
+                    if conn.tls {
+                        https::add_hsts(&mut resp, site);
                     }
                     if !admitted.exempt && !site.jails.is_empty() {
                         let seen = admission::Seen {
@@ -333,53 +332,6 @@ pub async fn handle(
     };
     logged.log(state, &snap, client.ip, &resp, site_name, outcome);
     Ok((resp, held))
-}
-
-/// Where ACME's HTTP-01 challenges are asked (RFC 8555 §8.3): never redirected.
-pub const ACME_CHALLENGE: &str = "/.well-known/acme-challenge/";
-
-/// An HTTP-01 challenge's answer (RFC 8555 §8.3): the key authorization.
-fn acme_answer(key_authorization: String) -> Response<Body> {
-    let mut resp = Response::new(Either::Right(Full::new(Bytes::from(key_authorization))));
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/octet-stream"),
-    );
-    resp
-}
-
-/// The redirect of a `redirect_https` listener: 301 for GET and HEAD, 308 (method and body
-/// kept) for the others, to the same host, path and query over HTTPS; the port only when it
-/// is not 443.
-fn to_https(method: &http::Method, host: &str, port: u16, uri: &Uri) -> Response<Body> {
-    if host.is_empty() {
-        return plain(
-            StatusCode::BAD_REQUEST,
-            "400 bad request: a Host is needed to redirect to HTTPS\n",
-        );
-    }
-    let target = uri
-        .path_and_query()
-        .map_or("/", http::uri::PathAndQuery::as_str);
-    let target = if target.starts_with('/') { target } else { "/" };
-    let location = if port == 443 {
-        format!("https://{host}{target}")
-    } else {
-        format!("https://{host}:{port}{target}")
-    };
-    let status = if method == http::Method::GET || method == http::Method::HEAD {
-        StatusCode::MOVED_PERMANENTLY
-    } else {
-        StatusCode::PERMANENT_REDIRECT
-    };
-    let mut resp = plain(status, "redirecting to HTTPS\n");
-    match HeaderValue::try_from(location) {
-        Ok(v) => {
-            resp.headers_mut().insert(header::LOCATION, v);
-            resp
-        }
-        Err(_) => plain(StatusCode::BAD_REQUEST, "400 bad request\n"),
-    }
 }
 
 /// Counts an upstream failure and makes its answer.
@@ -624,27 +576,6 @@ mod tests {
             Response::from(&Error::UpstreamTimeout).status(),
             StatusCode::GATEWAY_TIMEOUT
         );
-    }
-
-    #[test]
-    fn the_https_redirect_names_the_port_only_when_it_is_not_443() {
-        let uri: Uri = "/a/b?c=d".parse().unwrap();
-        let at = |port| {
-            to_https(&http::Method::GET, "example.nl", port, &uri)
-                .headers()
-                .get(header::LOCATION)
-                .unwrap()
-                .clone()
-        };
-        assert_eq!(at(443), "https://example.nl/a/b?c=d");
-        assert_eq!(at(8443), "https://example.nl:8443/a/b?c=d");
-        let absolute: Uri = "http://example.nl/x?y".parse().unwrap();
-        let resp = to_https(&http::Method::POST, "example.nl", 443, &absolute);
-        assert_eq!(resp.status(), StatusCode::PERMANENT_REDIRECT);
-        assert_eq!(resp.headers()[header::LOCATION], "https://example.nl/x?y");
-        // No Host (HTTP/1.0): nowhere to send the client.
-        let resp = to_https(&http::Method::GET, "", 443, &uri);
-        assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
     }
 
     #[test]

@@ -228,15 +228,7 @@ impl Drop for Netns {
 
 /// Runs the CLI inside the server namespace against the gateway's admin API.
 fn cli(ns: &Netns, files: &GatewayFiles, gw: &BinaryGateway, args: &[&str]) {
-    let out = ns
-        .exec(&ns.srv, env!("CARGO_BIN_EXE_ipgate"))
-        .args(args)
-        .arg("--admin")
-        .arg(format!("http://{}", gw.admin))
-        .arg("--token-file")
-        .arg(files.token_file())
-        .output()
-        .unwrap();
+    let out = files.cli(gw.admin, Some(&ns.srv), args).output().unwrap();
     assert!(
         out.status.success(),
         "ipgate {args:?}: {}",

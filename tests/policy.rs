@@ -384,17 +384,8 @@ async fn admin_api_needs_the_token_and_validates_input() {
 async fn a_ban_survives_kill_9_and_restart() {
     let files = GatewayBuilder::new().files().await;
     let gw = files.start("info");
-    let token_file = files.token_file();
-    let cli = |args: &[&str], admin: std::net::SocketAddr| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_ipgate"))
-            .args(args)
-            .arg("--admin")
-            .arg(format!("http://{admin}"))
-            .arg("--token-file")
-            .arg(&token_file)
-            .output()
-            .unwrap()
-    };
+    let cli =
+        |args: &[&str], admin: std::net::SocketAddr| files.cli(admin, None, args).output().unwrap();
     let out = cli(
         &["ban", "127.0.0.7", "--ttl", "1h", "--reason", "durable"],
         gw.admin,

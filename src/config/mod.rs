@@ -6,6 +6,7 @@
 mod compile;
 mod raw;
 mod report;
+mod services;
 #[cfg(test)]
 mod tests;
 pub mod values;

@@ -545,6 +545,26 @@ impl GatewayFiles {
     pub fn token_file(&self) -> PathBuf {
         self.dir.path().join("admin.token")
     }
+
+    /// `ipgate ARGS --admin http://ADMIN --token-file ...`, the CLI against this gateway's
+    /// admin API; inside network namespace `ns` when given.
+    #[allow(dead_code)]
+    pub fn cli(&self, admin: SocketAddr, ns: Option<&str>, args: &[&str]) -> std::process::Command {
+        let mut c = match ns {
+            Some(ns) => {
+                let mut c = std::process::Command::new("ip");
+                c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_ipgate")]);
+                c
+            }
+            None => std::process::Command::new(env!("CARGO_BIN_EXE_ipgate")),
+        };
+        c.args(args)
+            .arg("--admin")
+            .arg(format!("http://{admin}"))
+            .arg("--token-file")
+            .arg(self.token_file());
+        c
+    }
 }
 
 /// A gateway process; killed on drop if it still runs (no orphan after a failed assert).
