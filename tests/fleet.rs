@@ -301,6 +301,17 @@ async fn served_everywhere<const N: usize>(members: [&Member; N], local: &str) -
 
 const SECOND: Duration = Duration::from_secs(1);
 
+/// How long the first entry of a lookup has left.
+fn time_left(lookup: &serde_json::Value) -> Duration {
+    let until = lookup["entries"][0]["expires_at"]
+        .as_str()
+        .unwrap_or_default();
+    let until = humantime::parse_rfc3339(until).unwrap_or_else(|_| panic!("{lookup}"));
+    until
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bans_unbans_and_jail_bans_reach_every_gateway_within_a_second() {
     let redis = Redis::start();
@@ -370,14 +381,7 @@ async fn bans_unbans_and_jail_bans_reach_every_gateway_within_a_second() {
         .await
         .is_some());
     let (_, lookup) = g1.api("GET", "/v1/ips/127.0.2.9", None).await;
-    let until = lookup["entries"][0]["expires_at"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    let until = humantime::parse_rfc3339(&until).unwrap_or_else(|_| panic!("{lookup}"));
-    let left = until
-        .duration_since(std::time::SystemTime::now())
-        .unwrap_or_default();
+    let left = time_left(&lookup);
     assert!(
         left <= Duration::from_secs(3600),
         "kept for {left:?}: {lookup}"
@@ -465,14 +469,7 @@ async fn a_second_offense_on_another_gateway_bans_longer() {
             .is_some()
     );
     let (_, lookup) = g2.api("GET", "/v1/ips/127.0.2.3", None).await;
-    let until = lookup["entries"][0]["expires_at"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    let until = humantime::parse_rfc3339(&until).unwrap_or_else(|_| panic!("{lookup}"));
-    let left = until
-        .duration_since(std::time::SystemTime::now())
-        .unwrap_or_default();
+    let left = time_left(&lookup);
     assert!(
         left > Duration::from_secs(5),
         "not escalated: {left:?} left\n{lookup}"

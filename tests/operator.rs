@@ -289,7 +289,11 @@ async fn a_site_scoped_jail_bans_on_its_sites_only_and_the_scope_survives_a_rest
     assert_eq!(get_from("127.0.0.22", plain, "/", "a.test").await, 200);
     // The same site however its host is written.
     for host in ["A.Test", "a.test.", "a.test:8080", "a.test.:80"] {
-        assert_eq!(get_from("127.0.0.21", plain, "/", host).await, 403, "{host}");
+        assert_eq!(
+            get_from("127.0.0.21", plain, "/", host).await,
+            403,
+            "{host}"
+        );
     }
 
     // By hand, with the CLI: one site only.
