@@ -27,12 +27,12 @@ use std::time::Duration;
 use ipnet::IpNet;
 use nftables::batch::Batch;
 use nftables::expr::{
-    Elem, Expression, NamedExpression, Payload, PayloadField, Prefix, SetItem, CT,
+    BinaryOperation, Elem, Expression, NamedExpression, Payload, PayloadField, Prefix, SetItem, CT,
 };
 use nftables::schema::{
     Chain, Element, NfListObject, Nftables, Rule, Set, SetFlag, SetType, SetTypeValue, Table,
 };
-use nftables::stmt::{Match, Operator, Statement};
+use nftables::stmt::{CTCount, Counter, Match, Meter, Operator, Reject, RejectType, Statement};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 use tokio::io::AsyncWriteExt;
 use tracing::{info, warn};
@@ -221,12 +221,17 @@ fn rule(t: &str, statements: Vec<Statement<'static>>) -> Rule<'static> {
     }
 }
 
-/// `TARGET timeout SECONDS` (no timeout for config entries and those without an expiry).
-fn element(net: IpNet, expires: Option<u64>, now: u64) -> Expression<'static> {
-    let val = Expression::Named(NamedExpression::Prefix(Prefix {
+/// `ADDRESS/LENGTH`.
+fn prefix(net: IpNet) -> Expression<'static> {
+    Expression::Named(NamedExpression::Prefix(Prefix {
         addr: Box::new(Expression::String(Cow::Owned(net.network().to_string()))),
         len: u32::from(net.prefix_len()),
-    }));
+    }))
+}
+
+/// `TARGET timeout SECONDS` (no timeout for config entries and those without an expiry).
+fn element(net: IpNet, expires: Option<u64>, now: u64) -> Expression<'static> {
+    let val = prefix(net);
     match expires {
         Some(at) => {
             let secs = at
@@ -254,8 +259,103 @@ fn elements(t: &str, set: &str, elems: Vec<Expression<'static>>) -> NfListObject
     })
 }
 
+/// `tcp dport { PORTS }`.
+fn to_ports(conf: &config::Firewall) -> Statement<'static> {
+    let ports = conf
+        .ports
+        .iter()
+        .map(|&p| SetItem::Element(Expression::Number(u32::from(p))))
+        .collect();
+    matches(
+        payload("tcp", "dport"),
+        Expression::Named(NamedExpression::Set(ports)),
+        Operator::EQ,
+    )
+}
+
+/// `ct state new`.
+fn new_connection() -> Statement<'static> {
+    matches(
+        Expression::Named(NamedExpression::CT(CT {
+            key: s("state"),
+            family: None,
+            dir: None,
+        })),
+        Expression::String(s("new")),
+        Operator::IN,
+    )
+}
+
+/// What the connection-cap rules are made of, from the config in force: a change rebuilds
+/// the table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Cap {
+    per_client: u32,
+    ipv6_prefix: u8,
+    /// `gateway.trusted_proxies`: exempt, as at accept.
+    trusted: Vec<IpNet>,
+}
+
+impl Cap {
+    fn of(state: &AppState) -> Cap {
+        let snap = state.snapshot.load();
+        Cap {
+            per_client: snap.config.limits.max_connections_per_client,
+            ipv6_prefix: snap.config.rate_limit.ipv6_prefix,
+            trusted: snap.config.gateway.trusted_proxies.clone(),
+        }
+    }
+}
+
+/// Per family: `[saddr != { TRUSTED }] meter capN { KEY ct count over CAP } counter drop`,
+/// where KEY is the address (IPv6: masked to the client prefix). A dropped SYN is what a full
+/// accept queue does: the client's kernel tries again (1 s, 3 s, ...), where a reset would
+/// invite it to reconnect at once.
+fn cap_rules(t: &str, conf: &config::Firewall, cap: &Cap) -> Vec<Rule<'static>> {
+    let mask = ipnet::Ipv6Net::new(std::net::Ipv6Addr::UNSPECIFIED, cap.ipv6_prefix)
+        .map(|n| n.netmask())
+        .unwrap_or(std::net::Ipv6Addr::from(u128::MAX));
+    let key6 = Expression::BinaryOperation(Box::new(BinaryOperation::AND(
+        payload("ip6", "saddr"),
+        Expression::String(Cow::Owned(mask.to_string())),
+    )));
+    [
+        ("ip", "cap4", payload("ip", "saddr")),
+        ("ip6", "cap6", key6),
+    ]
+    .into_iter()
+    .map(|(l3, name, key)| {
+        let mut stmts = vec![to_ports(conf), new_connection()];
+        let trusted: Vec<SetItem<'static>> = cap
+            .trusted
+            .iter()
+            .filter(|n| matches!(n, IpNet::V4(_)) == (l3 == "ip"))
+            .map(|&n| SetItem::Element(prefix(n.trunc())))
+            .collect();
+        if !trusted.is_empty() {
+            stmts.push(matches(
+                payload(l3, "saddr"),
+                Expression::Named(NamedExpression::Set(trusted)),
+                Operator::NEQ,
+            ));
+        }
+        stmts.push(Statement::Meter(Meter {
+            name: s(name),
+            key,
+            stmt: Box::new(Statement::CTCount(CTCount {
+                val: Expression::Number(cap.per_client),
+                inv: Some(true),
+            })),
+        }));
+        stmts.push(Statement::Counter(Counter::Anonymous(None)));
+        stmts.push(Statement::Drop(None));
+        rule(t, stmts)
+    })
+    .collect()
+}
+
 /// The whole table, replaced in one transaction (whether or not it exists).
-fn rebuild(conf: &config::Firewall, sets: &Sets, now: u64) -> Nftables<'static> {
+fn rebuild(conf: &config::Firewall, sets: &Sets, cap: Option<&Cap>, now: u64) -> Nftables<'static> {
     let t = conf.table.as_str();
     let mut b = Batch::new();
     b.add(NfListObject::Table(table(t)));
@@ -276,25 +376,6 @@ fn rebuild(conf: &config::Firewall, sets: &Sets, now: u64) -> Nftables<'static> 
         dev: None,
         policy: Some(NfChainPolicy::Accept),
     }));
-    let ports = || {
-        Expression::Named(NamedExpression::Set(
-            conf.ports
-                .iter()
-                .map(|&p| SetItem::Element(Expression::Number(u32::from(p))))
-                .collect(),
-        ))
-    };
-    let new = || {
-        matches(
-            Expression::Named(NamedExpression::CT(CT {
-                key: s("state"),
-                family: None,
-                dir: None,
-            })),
-            Expression::String(s("new")),
-            Operator::IN,
-        )
-    };
     // Allow wins: accepted before the block rules look.
     for (l3, set) in [
         ("ip", "@allow4"),
@@ -304,14 +385,16 @@ fn rebuild(conf: &config::Firewall, sets: &Sets, now: u64) -> Nftables<'static> 
     ] {
         let verdict = if set.starts_with("@allow") {
             Statement::Accept(None)
+        } else if conf.verdict == config::Verdict::Reject {
+            Statement::Reject(Some(Reject::new(Some(RejectType::TCPReset), None)))
         } else {
             Statement::Drop(None)
         };
         b.add(NfListObject::Rule(rule(
             t,
             vec![
-                matches(payload("tcp", "dport"), ports(), Operator::EQ),
-                new(),
+                to_ports(conf),
+                new_connection(),
                 matches(
                     payload(l3, "saddr"),
                     Expression::String(s(set)),
@@ -320,6 +403,9 @@ fn rebuild(conf: &config::Firewall, sets: &Sets, now: u64) -> Nftables<'static> 
                 verdict,
             ],
         )));
+    }
+    for r in cap.map(|c| cap_rules(t, conf, c)).unwrap_or_default() {
+        b.add(NfListObject::Rule(r));
     }
     for ((name, _, _), elems) in SETS.iter().zip(sets) {
         if !elems.is_empty() {
@@ -404,6 +490,8 @@ pub struct Firewall {
     seen: (usize, u64),
     /// When the next element times out (ms): a nested target may be due then.
     next_expiry: u64,
+    /// The connection-cap rules sent (`firewall.connection_cap`).
+    cap: Option<Cap>,
 }
 
 impl Firewall {
@@ -427,6 +515,7 @@ impl Firewall {
             sent: Default::default(),
             seen: (0, 0),
             next_expiry: u64::MAX,
+            cap: None,
         };
         fw.sync(state, true).await?;
         info!(table = %fw.conf.table, ports = ?fw.conf.ports, "nftables table built");
@@ -443,13 +532,17 @@ impl Firewall {
         if !whole && seen == self.seen && now < self.next_expiry {
             return Ok(());
         }
+        // The cap's rules change only with a rebuild (a reload may change the cap, the
+        // prefix or the trusted proxies).
+        let cap = self.conf.connection_cap.then(|| Cap::of(state));
+        let whole = whole || cap != self.cap;
         // Folding a large list takes a while: not on the runtime that serves the admin API.
         let from = state.clone();
         let want = tokio::task::spawn_blocking(move || desired(&from, now))
             .await
             .map_err(|e| Error::Refused(format!("computing the sets failed: {e}")))?;
         let payload = if whole {
-            Some(rebuild(&self.conf, &want, now))
+            Some(rebuild(&self.conf, &want, cap.as_ref(), now))
         } else {
             update(&self.conf, &self.sent, &want, now)
         };
@@ -463,6 +556,7 @@ impl Firewall {
             .unwrap_or(u64::MAX);
         self.sent = want;
         self.seen = seen;
+        self.cap = cap;
         for ((_, family, block), set) in SETS.iter().zip(&self.sent) {
             let kind = if *block { "block" } else { "allow" };
             state
@@ -548,6 +642,8 @@ mod tests {
             table: "ipgate".into(),
             ports: vec![22],
             keep_at_stop: false,
+            verdict: config::Verdict::Drop,
+            connection_cap: false,
             nft: "nft".into(),
         };
         let now = 1_000_000;

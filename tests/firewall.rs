@@ -126,15 +126,21 @@ impl Netns {
         c
     }
 
-    /// A TCP server on port 2222 of the server side (IPv4 and IPv6): accepts and closes.
+    /// A TCP server on port 2222 of the server side (IPv4 and IPv6): holds each connection
+    /// until the client closes it.
     fn tcp_server(&self) -> Server {
         const PY: &str = r#"
 import socket, threading
+def hold(c):
+    while c.recv(4096):
+        pass
+    c.close()
 def serve(family, addr):
     s = socket.socket(family); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind((addr, 2222)); s.listen(64)
     while True:
-        c, _ = s.accept(); c.close()
+        c, _ = s.accept()
+        threading.Thread(target=hold, args=(c,), daemon=True).start()
 threading.Thread(target=serve, args=(socket.AF_INET6, "fd77::1"), daemon=True).start()
 serve(socket.AF_INET, "10.77.0.1")
 "#;
@@ -149,6 +155,16 @@ serve(socket.AF_INET, "10.77.0.1")
     /// Whether a TCP connection from `src` (client side) to the server's port 2222 is
     /// established within 1 s: `false` is an unanswered SYN.
     fn connects(&self, src: &str) -> bool {
+        match self.probe(src) {
+            Probe::Open => true,
+            Probe::Dropped => false,
+            Probe::Refused => panic!("{src} was refused with a reset, not dropped"),
+        }
+    }
+
+    /// What a TCP connection from `src` (client side) to the server's port 2222 meets
+    /// within 1 s.
+    fn probe(&self, src: &str) -> Probe {
         const PY: &str = r#"
 import socket, sys
 src, dst = sys.argv[1], sys.argv[2]
@@ -157,6 +173,8 @@ try:
     s.connect((dst, 2222)); sys.exit(0)
 except socket.timeout:
     sys.exit(2)
+except ConnectionRefusedError:
+    sys.exit(3)
 "#;
         let dst = if src.contains(':') {
             "fd77::1"
@@ -169,17 +187,54 @@ except socket.timeout:
             .status()
             .unwrap();
         match status.code() {
-            Some(0) => true,
-            Some(2) => false,
+            Some(0) => Probe::Open,
+            Some(2) => Probe::Dropped,
+            Some(3) => Probe::Refused,
             other => panic!("the probe failed: {other:?}"),
         }
     }
 
+    /// Opens one connection from each of `srcs` in turn and holds them all: which were
+    /// established within 1 s (`.` dropped SYN, `o` open), e.g. `ooo.`; then closes them.
+    fn hold(&self, srcs: &[&str]) -> String {
+        const PY: &str = r#"
+import socket, sys
+out, held = "", []
+for src in sys.argv[1:]:
+    dst = "fd77::1" if ":" in src else "10.77.0.1"
+    s = socket.socket(socket.AF_INET6 if ":" in src else socket.AF_INET); s.settimeout(1.0)
+    s.bind((src, 0))
+    try:
+        s.connect((dst, 2222)); held.append(s); out += "o"
+    except socket.timeout:
+        out += "."
+print(out)
+"#;
+        let out = self
+            .exec(&self.cli, "python3")
+            .args(["-c", PY])
+            .args(srcs)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
     /// Waits up to `limit` for `connects(src) == want`.
     fn until(&self, src: &str, want: bool, limit: Duration) -> bool {
+        let want = if want { Probe::Open } else { Probe::Dropped };
+        self.until_probe(src, want, limit)
+    }
+
+    /// Waits up to `limit` for `probe(src) == want`.
+    fn until_probe(&self, src: &str, want: Probe, limit: Duration) -> bool {
         let deadline = Instant::now() + limit;
         loop {
-            if self.connects(src) == want {
+            if self.probe(src) == want {
                 return true;
             }
             if Instant::now() > deadline {
@@ -189,24 +244,35 @@ except socket.timeout:
         }
     }
 
-    /// The elements of one of the table's sets, as `nft` lists them.
-    fn elements(&self, table: &str, set: &str) -> String {
-        let out = self
-            .exec(&self.srv, "nft")
-            .args(["list", "set", "inet", table, set])
-            .output()
-            .unwrap();
+    /// What `nft ARGS` prints on the server side.
+    fn nft(&self, args: &[&str]) -> String {
+        let out = self.exec(&self.srv, "nft").args(args).output().unwrap();
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    fn tables(&self) -> String {
-        let out = self
-            .exec(&self.srv, "nft")
-            .args(["list", "tables"])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
+    /// The elements of one of the table's sets, as `nft` lists them.
+    fn elements(&self, table: &str, set: &str) -> String {
+        self.nft(&["list", "set", "inet", table, set])
     }
+
+    fn tables(&self) -> String {
+        self.nft(&["list", "tables"])
+    }
+
+    /// The test table's input chain.
+    fn rules(&self) -> String {
+        self.nft(&["list", "chain", "inet", "ipgate_test", "input"])
+    }
+}
+
+#[derive(Debug, PartialEq)]
+enum Probe {
+    /// Established.
+    Open,
+    /// The SYN went unanswered for 1 s.
+    Dropped,
+    /// Reset at once.
+    Refused,
 }
 
 /// The TCP server, killed on drop (also when an assert fails).
@@ -432,6 +498,77 @@ async fn static_lists_are_mirrored_and_the_table_can_be_kept_at_stop() {
     assert!(gw.wait().await.success());
     assert!(ns.tables().contains("ipgate_test"));
     assert!(!ns.connects("10.77.0.3"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reject_verdict_resets_a_blocked_client_at_once() {
+    let ns = Netns::new("rj");
+    let _server = ns.tcp_server();
+    let extra = format!(
+        "{FIREWALL}verdict = \"reject\"\n\
+         [lists.drop]\naction = \"block\"\nentries = [\"10.77.0.3\", \"fd77::3\"]\n"
+    );
+    let files = GatewayBuilder::new().extra(&extra).files().await;
+    let _gw = files.start_in(&ns.srv, "info");
+    assert!(
+        ns.until("10.77.0.2", true, Duration::from_secs(5)),
+        "the TCP server is not up"
+    );
+    assert!(
+        ns.until("fd77::2", true, Duration::from_secs(5)),
+        "the TCP server is not up on IPv6"
+    );
+    // Refused: a reset came back (a dropped SYN is `Dropped` after the probe's second). The
+    // server's first reply to an IPv6 address waits for neighbour discovery, which on a busy
+    // machine can outlast one probe: a few are allowed.
+    assert!(ns.until_probe("10.77.0.3", Probe::Refused, Duration::from_secs(5)));
+    assert!(ns.until_probe("fd77::3", Probe::Refused, Duration::from_secs(5)));
+    assert!(
+        ns.rules().contains("reject with tcp reset"),
+        "{}",
+        ns.rules()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kernel_caps_connections_per_client_and_frees_the_slots_they_release() {
+    let ns = Netns::new("cap");
+    let _server = ns.tcp_server();
+    let extra = format!(
+        "{FIREWALL}connection_cap = true\n[limits]\nmax_connections_per_client = 3\n\
+         [lists.office]\naction = \"allow\"\nentries = [\"10.77.0.4\"]\n"
+    );
+    let files = GatewayBuilder::new()
+        .gateway_keys("trusted_proxies = [\"10.77.0.3\"]\n")
+        .extra(&extra)
+        .files()
+        .await;
+    let _gw = files.start_in(&ns.srv, "info");
+    ns.exec(&ns.cli, "ip")
+        .args(["addr", "add", "10.77.0.4/24", "dev", "veth-c"])
+        .status()
+        .unwrap();
+    assert!(
+        ns.until("10.77.0.2", true, Duration::from_secs(5)),
+        "the TCP server is not up"
+    );
+    let two = ["10.77.0.2"; 4];
+    // The fourth connection's SYN is dropped while three are held.
+    assert_eq!(ns.hold(&two), "ooo.");
+    // They were closed at the end of that run: the slots are free again.
+    assert_eq!(ns.hold(&two), "ooo.");
+    // A trusted proxy and an allow-listed client are not capped.
+    assert_eq!(ns.hold(&["10.77.0.3"; 5]), "ooooo");
+    assert_eq!(ns.hold(&["10.77.0.4"; 5]), "ooooo");
+    // IPv6 clients count per /64: two addresses share one cap.
+    assert_eq!(
+        ns.hold(&["fd77::2", "fd77::3", "fd77::2", "fd77::3"]),
+        "ooo."
+    );
+    // The drops are counted on the rule.
+    let rules = ns.rules();
+    assert!(rules.contains("ct count over 3"), "{rules}");
+    assert!(!rules.contains("counter packets 0 "), "{rules}");
 }
 
 #[test]

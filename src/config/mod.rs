@@ -61,8 +61,23 @@ pub struct Firewall {
     pub ports: Vec<u16>,
     /// Leave the table in place at stop (its timeouts still run out).
     pub keep_at_stop: bool,
+    /// What the kernel does with a blocked client's new connection.
+    pub verdict: Verdict,
+    /// `firewall.connection_cap`: a client (IPv6: per `rate_limit.ipv6_prefix`) that holds
+    /// `limits.max_connections_per_client` connections to `ports` has its new SYNs dropped by
+    /// the kernel (allow-listed clients and trusted proxies exempt, as at accept).
+    pub connection_cap: bool,
     /// The `nft` program.
     pub nft: PathBuf,
+}
+
+/// `firewall.verdict`: a blocked client's SYN is dropped (it waits and retries, as against a
+/// host that is not there) or rejected with a TCP reset (it learns at once, as from ipgate's
+/// own refusal at accept, and spends nothing waiting).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Drop,
+    Reject,
 }
 
 /// Where ACME certificates come from (SPEC 19).

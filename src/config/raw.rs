@@ -38,6 +38,11 @@ pub struct RawFirewall {
     #[serde(default)]
     pub keep_at_stop: bool,
     pub nft: Option<String>,
+    /// `drop` (default) or `reject` (a TCP reset at once).
+    pub verdict: Option<String>,
+    /// `limits.max_connections_per_client` enforced by the kernel on `ports` too.
+    #[serde(default)]
+    pub connection_cap: bool,
 }
 
 /// `[acme]`: the ACME CA certificates come from for sites with `acme = true`.

@@ -24,6 +24,17 @@ pub(super) fn firewall(r: &mut Report, raw: &RawFirewall) -> Firewall {
             format!("'{table}': 1 to 32 letters, digits, '_' or '-'"),
         );
     }
+    let verdict = match raw.verdict.as_deref() {
+        None | Some("drop") => Verdict::Drop,
+        Some("reject") => Verdict::Reject,
+        Some(other) => {
+            r.key(
+                "firewall.verdict",
+                format!("'{other}': \"drop\" or \"reject\""),
+            );
+            Verdict::Drop
+        }
+    };
     let mut ports = raw.ports.clone();
     ports.sort_unstable();
     ports.dedup();
@@ -31,6 +42,8 @@ pub(super) fn firewall(r: &mut Report, raw: &RawFirewall) -> Firewall {
         table,
         ports,
         keep_at_stop: raw.keep_at_stop,
+        verdict,
+        connection_cap: raw.connection_cap,
         nft: raw.nft.as_deref().unwrap_or("nft").into(),
     }
 }

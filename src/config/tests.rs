@@ -23,6 +23,11 @@ fn problems(text: &str) -> Vec<Problem> {
     }
 }
 
+/// The keys the problems of `text` name, in report order.
+fn problem_keys(text: &str) -> Vec<String> {
+    problems(text).into_iter().map(|p| p.key).collect()
+}
+
 #[test]
 fn every_shipped_config_passes_check() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
@@ -238,10 +243,7 @@ fn configured_hosts_lose_case_and_one_trailing_dot_like_requests() {
 
 #[test]
 fn fleet_keys_are_checked() {
-    let bad = |fleet: &str| {
-        let p = problems(&format!("{MINIMAL}\n[fleet]\n{fleet}"));
-        p.into_iter().map(|p| p.key).collect::<Vec<_>>()
-    };
+    let bad = |fleet: &str| problem_keys(&format!("{MINIMAL}\n[fleet]\n{fleet}"));
     assert_eq!(
         bad("redis = \"http://127.0.0.1:6379\"\ngateway_id = \"web1\""),
         vec!["fleet.redis"]
@@ -255,34 +257,22 @@ fn fleet_keys_are_checked() {
 
 #[test]
 fn redirect_https_and_hsts_are_checked() {
-    let keys = |text: &str| {
-        problems(text)
-            .into_iter()
-            .map(|p| p.key)
-            .collect::<Vec<_>>()
-    };
     let tls_listener = "[tls]\nself_signed = true\n[[listener]]\naddr = \"127.0.0.1:0\"\ntls = true\nredirect_https = true\n";
     assert_eq!(
-        keys(&format!("{MINIMAL}{tls_listener}")),
+        problem_keys(&format!("{MINIMAL}{tls_listener}")),
         vec!["listener[1].redirect_https"]
     );
     let plain = MINIMAL.replace("127.0.0.1:0\"", "127.0.0.1:0\"\nredirect_https = true");
-    assert!(keys(&plain).is_empty());
+    assert!(problem_keys(&plain).is_empty());
     let site =
         |hsts: &str| MINIMAL.replace("upstream =", &format!("hsts = \"{hsts}\"\nupstream ="));
-    assert!(keys(&site("1y")).is_empty());
-    assert_eq!(keys(&site("forever")), vec!["site[0].hsts"]);
-    assert_eq!(keys(&site("0s")), vec!["site[0].hsts"]);
+    assert!(problem_keys(&site("1y")).is_empty());
+    assert_eq!(problem_keys(&site("forever")), vec!["site[0].hsts"]);
+    assert_eq!(problem_keys(&site("0s")), vec!["site[0].hsts"]);
 }
 
 #[test]
 fn acme_is_checked() {
-    let keys = |text: &str| {
-        problems(text)
-            .into_iter()
-            .map(|p| p.key)
-            .collect::<Vec<_>>()
-    };
     let site = |hosts: &str, acme: &str| {
         format!(
             "[[listener]]\naddr = \"127.0.0.1:0\"\n{acme}\n[[site]]\nhosts = {hosts}\n\
@@ -290,16 +280,16 @@ fn acme_is_checked() {
         )
     };
     let good = "[acme]\ndirectory = \"https://acme.test/dir\"\ncontact = [\"mailto:a@b.nl\"]\n";
-    assert!(keys(&site("[\"a.nl\", \"www.a.nl\"]", good)).is_empty());
-    assert_eq!(keys(&site("[\"a.nl\"]", "")), vec!["site[0].acme"]);
+    assert!(problem_keys(&site("[\"a.nl\", \"www.a.nl\"]", good)).is_empty());
+    assert_eq!(problem_keys(&site("[\"a.nl\"]", "")), vec!["site[0].acme"]);
     assert_eq!(
-        keys(&site("[\"*\", \"*.a.nl\", \"192.0.2.1\"]", good)),
+        problem_keys(&site("[\"*\", \"*.a.nl\", \"192.0.2.1\"]", good)),
         vec!["site[0].hosts[0]", "site[0].hosts[1]", "site[0].hosts[2]"]
     );
     let bad = "[acme]\ndirectory = \"http://acme.test/dir\"\ncontact = [\"a@b.nl\"]\n\
                challenge = \"dns-01\"\nca_file = \"/nonexistent/ca.pem\"\n";
     assert_eq!(
-        keys(&site("[\"a.nl\"]", bad)),
+        problem_keys(&site("[\"a.nl\"]", bad)),
         vec![
             "acme.directory",
             "acme.contact[0]",
@@ -315,5 +305,22 @@ fn acme_is_checked() {
             "addr = \"127.0.0.1:0\"\ntls = true"
         )
     );
-    assert_eq!(keys(&tls_only), vec!["acme.challenge"]);
+    assert_eq!(problem_keys(&tls_only), vec!["acme.challenge"]);
+}
+
+#[test]
+fn firewall_keys_are_checked() {
+    let fw = |body: &str| problem_keys(&format!("{MINIMAL}\n[firewall]\n{body}"));
+    assert!(fw("ports = [22]\nverdict = \"reject\"").is_empty());
+    assert!(fw("ports = [22]\nverdict = \"drop\"\ntable = \"ipgate_1-a\"").is_empty());
+    assert_eq!(fw("ports = []"), vec!["firewall.ports"]);
+    assert_eq!(fw("ports = [0, 22]"), vec!["firewall.ports"]);
+    assert_eq!(
+        fw("ports = [22]\ntable = \"ip gate\""),
+        vec!["firewall.table"]
+    );
+    assert_eq!(
+        fw("ports = [22]\nverdict = \"refuse\""),
+        vec!["firewall.verdict"]
+    );
 }
