@@ -13,8 +13,17 @@ use crate::state::SiteEntry;
 /// Where ACME's HTTP-01 challenges are asked (RFC 8555 §8.3): never redirected.
 pub const ACME_CHALLENGE: &str = "/.well-known/acme-challenge/";
 
+/// Over plain HTTP, the answer to a pending HTTP-01 challenge at `path`, if it is one.
+pub fn http01_answer(tls: bool, path: &str) -> Option<Response<Body>> {
+    if tls {
+        return None;
+    }
+    let token = path.strip_prefix(ACME_CHALLENGE)?;
+    crate::acme::CHALLENGES.http01(token).map(acme_answer)
+}
+
 /// An HTTP-01 challenge's answer (RFC 8555 §8.3): the key authorization.
-pub fn acme_answer(key_authorization: String) -> Response<Body> {
+fn acme_answer(key_authorization: String) -> Response<Body> {
     let mut resp = Response::new(Either::Right(Full::new(Bytes::from(key_authorization))));
     resp.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -104,18 +104,8 @@ pub async fn accept_loop(
             reset(tcp);
             continue;
         };
-        // Admitted: a normal close again (a reset would drop a response still in the send
-        // buffer), and it joins this worker's event loop. TCP_NODELAY is inherited.
-        if let Err(e) = socket2::SockRef::from(&tcp).set_linger(None) {
-            warn!(error = %e, "cannot set up a connection");
+        let Some(tcp) = register(tcp) else {
             continue;
-        }
-        let tcp = match TcpStream::from_std(std::net::TcpStream::from(tcp)) {
-            Ok(t) => t,
-            Err(e) => {
-                warn!(error = %e, "cannot register a connection");
-                continue;
-            }
         };
         let watcher = graceful.watcher();
         let worker = worker.clone();
@@ -153,6 +143,18 @@ pub async fn accept_loop(
             state.metrics.connections_open.dec();
         });
     }
+}
+
+/// An admitted connection: a normal close again (a reset would drop a response still in the
+/// send buffer), and on this worker's event loop. TCP_NODELAY is inherited.
+fn register(tcp: mio::net::TcpStream) -> Option<TcpStream> {
+    if let Err(e) = socket2::SockRef::from(&tcp).set_linger(None) {
+        warn!(error = %e, "cannot set up a connection");
+        return None;
+    }
+    TcpStream::from_std(std::net::TcpStream::from(tcp))
+        .map_err(|e| warn!(error = %e, "cannot register a connection"))
+        .ok()
 }
 
 /// Closes a refused connection with an RST: it inherited zero linger from the listening

@@ -93,37 +93,53 @@ pub struct FleetMetrics {
 }
 
 impl FleetMetrics {
-    fn new(registry: &Registry) -> FleetMetrics {
-        let gauge = |name: &str, help: &str| {
-            let g = IntGauge::new(name, help).expect("valid metric");
-            registry
-                .register(Box::new(g.clone()))
-                .expect("metric names are unique");
-            g
-        };
-        let changes = IntCounterVec::new(
-            Opts::new(
-                "ipgate_fleet_changes_total",
-                "Changes to entries and offense history sent to the fleet, or applied from it.",
-            ),
+    fn new(reg: &Reg) -> FleetMetrics {
+        let changes = reg.counter_vec(
+            "ipgate_fleet_changes_total",
+            "Changes to entries and offense history sent to the fleet, or applied from it.",
             &["direction"],
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(changes.clone()))
-            .expect("metric names are unique");
+        );
         FleetMetrics {
-            connected: gauge(
+            connected: reg.gauge(
                 "ipgate_fleet_connected",
                 "1 while the fleet's shared store (Redis or Valkey) is reachable; 0 without.",
             ),
             sent: changes.with_label_values(&["sent"]),
             applied: changes.with_label_values(&["applied"]),
-            outbox: gauge(
+            outbox: reg.gauge(
                 "ipgate_fleet_outbox",
                 "Changes made here and not yet sent to the fleet.",
             ),
         }
+    }
+}
+
+/// Makes metrics and registers them; names are unique constants in this file, so
+/// registration cannot collide.
+struct Reg(Registry);
+
+impl Reg {
+    fn add<T: prometheus::core::Collector + Clone + 'static>(&self, m: T) -> T {
+        self.0
+            .register(Box::new(m.clone()))
+            .expect("metric names are unique");
+        m
+    }
+
+    fn counter(&self, name: &str, help: &str) -> IntCounter {
+        self.add(IntCounter::new(name, help).expect("valid metric"))
+    }
+
+    fn counter_vec(&self, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+        self.add(IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"))
+    }
+
+    fn gauge(&self, name: &str, help: &str) -> IntGauge {
+        self.add(IntGauge::new(name, help).expect("valid metric"))
+    }
+
+    fn gauge_vec(&self, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+        self.add(IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"))
     }
 }
 
@@ -135,40 +151,19 @@ const DURATION_BUCKETS: &[f64] = &[
 
 impl Metrics {
     pub fn new() -> Metrics {
-        let registry = Registry::new();
-        fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
-            // Names are unique constants below, so registration cannot collide.
-            r.register(Box::new(m.clone()))
-                .expect("metric names are unique");
-            m
-        }
-        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
-            reg(
-                &registry,
-                IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"),
-            )
-        };
-        let counter = |name: &str, help: &str| {
-            reg(
-                &registry,
-                IntCounter::new(name, help).expect("valid metric"),
-            )
-        };
-        let gauge = |name: &str, help: &str| {
-            reg(&registry, IntGauge::new(name, help).expect("valid metric"))
-        };
-        let connections_rejected = counter_vec(
+        let reg = Reg(Registry::new());
+        let connections_rejected = reg.counter_vec(
             "ipgate_connections_rejected_total",
             "Client connections closed right after accept, by reason.",
             &["reason"],
         );
-        let would_block = counter_vec(
+        let would_block = reg.counter_vec(
             "ipgate_would_block_total",
             "Requests a dry-run rule would have refused, by rule.",
             &["rule"],
         );
         Metrics {
-            timed_out: counter_vec(
+            timed_out: reg.counter_vec(
                 "ipgate_connections_timed_out_total",
                 "Connections closed for silence: no request head in time (first_request), an \
                  HTTP/2 connection without a stream (http2_idle), an idle upgrade (upgrade_idle).",
@@ -178,90 +173,81 @@ impl Metrics {
             would_block,
             rejected: Rejections::new(&connections_rejected),
             connections_rejected,
-            requests: counter_vec(
+            requests: reg.counter_vec(
                 "ipgate_requests_total",
                 "Requests answered, by site and outcome.",
                 &["site", "outcome"],
             ),
-            list_entries: reg(&registry, list_entries()),
-            bans: counter_vec(
+            list_entries: reg.gauge_vec(
+                "ipgate_list_entries",
+                "Entries in each block or allow list, static or temporary.",
+                &["list", "kind"],
+            ),
+            bans: reg.counter_vec(
                 "ipgate_bans_total",
                 "Temporary block entries created, by source (api or a jail's name).",
                 &["source"],
             ),
-            request_duration: reg(&registry, request_duration()),
-            upstream_errors: counter_vec(
+            request_duration: reg.add(request_duration()),
+            upstream_errors: reg.counter_vec(
                 "ipgate_upstream_errors_total",
                 "Failed upstream requests, by site and kind (connect, timeout, protocol).",
                 &["site", "kind"],
             ),
-            store_errors: counter(
+            store_errors: reg.counter(
                 "ipgate_store_errors_total",
                 "State store operations that failed (a write the disk refused, say).",
             ),
-            tls_handshake_errors: counter(
+            tls_handshake_errors: reg.counter(
                 "ipgate_tls_handshake_errors_total",
                 "TLS handshakes that failed or timed out.",
             ),
-            config_reloads: counter_vec(
+            config_reloads: reg.counter_vec(
                 "ipgate_config_reloads_total",
                 "Config reloads, by result (success, failure).",
                 &["result"],
             ),
-            store_pending: gauge(
+            store_pending: reg.gauge(
                 "ipgate_store_pending_writes",
                 "Temporary entries enforced but not yet written (the disk refused them).",
             ),
-            tracked_clients: gauge(
+            tracked_clients: reg.gauge(
                 "ipgate_tracked_clients",
                 "Clients (IPv6: prefixes) with rate-limit or jail state in memory.",
             ),
-            client_evictions: counter(
+            client_evictions: reg.counter(
                 "ipgate_client_evictions_total",
                 "Client states dropped to stay within the tracking cap.",
             ),
-            connections_open: gauge(
+            connections_open: reg.gauge(
                 "ipgate_connections_open",
                 "Client connections currently open.",
             ),
-            access_log_dropped: counter(
+            access_log_dropped: reg.counter(
                 "ipgate_access_log_dropped_total",
                 "Access log lines dropped because the writer fell behind.",
             ),
-            fleet: FleetMetrics::new(&registry),
-            certificate_expiry: reg(
-                &registry,
-                IntGaugeVec::new(
-                    Opts::new(
-                        "ipgate_certificate_expiry_timestamp_seconds",
-                        "When each certificate served expires (notAfter, Unix seconds), by its \
-                         first name.",
-                    ),
-                    &["name"],
-                )
-                .expect("valid metric"),
+            fleet: FleetMetrics::new(&reg),
+            certificate_expiry: reg.gauge_vec(
+                "ipgate_certificate_expiry_timestamp_seconds",
+                "When each certificate served expires (notAfter, Unix seconds), by its first name.",
+                &["name"],
             ),
-            firewall_elements: reg(
-                &registry,
-                IntGaugeVec::new(
-                    Opts::new(
-                        "ipgate_firewall_elements",
-                        "Elements in the nftables sets, by family (ipv4, ipv6) and set (block, allow).",
-                    ),
-                    &["family", "set"],
-                )
-                .expect("valid metric"),
+            firewall_elements: reg.gauge_vec(
+                "ipgate_firewall_elements",
+                "Elements in the nftables sets, by family (ipv4, ipv6) and set (block, allow).",
+                &["family", "set"],
             ),
-            firewall_errors: counter(
+            firewall_errors: reg.counter(
                 "ipgate_firewall_errors_total",
                 "nftables updates that failed (each is retried as a rebuild of the table).",
             ),
-            log_lines: counter_vec(
+            log_lines: reg.counter_vec(
                 "ipgate_log_lines_total",
                 "Lines read from the files of each log jail.",
                 &["jail"],
             ),
-            registry,
+            registry: reg.0,
         }
     }
 
@@ -272,14 +258,6 @@ impl Metrics {
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         out
     }
-}
-
-fn list_entries() -> IntGaugeVec {
-    let opts = Opts::new(
-        "ipgate_list_entries",
-        "Entries in each block or allow list, static or temporary.",
-    );
-    IntGaugeVec::new(opts, &["list", "kind"]).expect("valid metric")
 }
 
 fn request_duration() -> HistogramVec {

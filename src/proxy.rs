@@ -10,7 +10,7 @@ use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use tokio::sync::OwnedSemaphorePermit;
@@ -264,15 +264,9 @@ pub async fn handle(
         }
     };
 
-    if !conn.tls {
-        if let Some(answer) = path
-            .strip_prefix(https::ACME_CHALLENGE)
-            .and_then(|token| crate::acme::CHALLENGES.http01(token))
-        {
-            let resp = https::acme_answer(answer);
-            logged.log(state, &snap, client.ip, &resp, "none", outcome::ACME);
-            return Ok((resp, Held::default()));
-        }
+    if let Some(resp) = https::http01_answer(conn.tls, &path) {
+        logged.log(state, &snap, client.ip, &resp, "none", outcome::ACME);
+        return Ok((resp, Held::default()));
     }
     let site = snap.site_for(host);
     // The connection's client slot counts its requests in flight, unless X-Forwarded-For
@@ -312,15 +306,9 @@ pub async fn handle(
                     if conn.tls {
                         https::add_hsts(&mut resp, site);
                     }
-                    if !admitted.exempt && !site.jails.is_empty() {
-                        let seen = admission::Seen {
-                            method: &method,
-                            host,
-                            path: &path,
-                            status: resp.status().as_u16(),
-                            location: location(&resp),
-                        };
-                        admission::observe(state, &snap, site, client.ip, &seen);
+                    if !admitted.exempt {
+                        let request = (&method, host, path.as_ref());
+                        observe_response(state, &snap, site, client.ip, request, &resp);
                     }
                     (resp, site.site.name.as_str(), outcome::PROXIED)
                 }
@@ -332,6 +320,28 @@ pub async fn handle(
     };
     logged.log(state, &snap, client.ip, &resp, site_name, outcome);
     Ok((resp, held))
+}
+
+/// Shows a proxied response, with the request it answers, to the site's jails.
+fn observe_response(
+    state: &Arc<AppState>,
+    snap: &Snapshot,
+    site: &SiteEntry,
+    client: std::net::IpAddr,
+    (method, host, path): (&Method, &str, &str),
+    resp: &Response<Body>,
+) {
+    if site.jails.is_empty() {
+        return;
+    }
+    let seen = admission::Seen {
+        method,
+        host,
+        path,
+        status: resp.status().as_u16(),
+        location: location(resp),
+    };
+    admission::observe(state, snap, site, client, &seen);
 }
 
 /// Counts an upstream failure and makes its answer.

@@ -107,24 +107,7 @@ impl Snapshot {
             l
         };
         let global = limiter("global".into(), &config.rate_limit);
-        let mut jails: HashMap<String, Arc<Jail>> = HashMap::new();
-        for j in &config.jails {
-            let would_block = || metrics.would_block.with_label_values(&[&j.name]);
-            let jail = kept_or(
-                previous.map(|p| &p.jails),
-                &j.name,
-                |old| &old.config == j && old.cap() == cap,
-                || {
-                    Jail::new(
-                        j.clone(),
-                        cap,
-                        metrics.client_evictions.clone(),
-                        j.dry_run.then(would_block),
-                    )
-                },
-            );
-            jails.insert(j.name.clone(), jail);
-        }
+        let jails = build_jails(&config, metrics, previous);
         let mut hosts = HashMap::new();
         let mut default_site = None;
         let mut sites = Vec::with_capacity(config.sites.len());
@@ -154,17 +137,7 @@ impl Snapshot {
             route_limiters.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
             sites.push(SiteEntry {
                 upstream_slots: upstream_slots(previous, site),
-                scopes: std::iter::once(crate::policy::temporary::Scope::Site(
-                    site.name.as_str().into(),
-                ))
-                .chain(
-                    config
-                        .jails
-                        .iter()
-                        .filter(|j| j.site_scoped && site.jails.contains(&j.name))
-                        .map(|j| crate::policy::temporary::Scope::Jail(j.name.as_str().into())),
-                )
-                .collect(),
+                scopes: scopes(&config, site),
                 hsts: site.hsts.and_then(|d| {
                     http::HeaderValue::try_from(format!("max-age={}", d.as_secs())).ok()
                 }),
@@ -232,6 +205,49 @@ pub fn http_builder(
         .keep_alive_interval(Some(std::time::Duration::from_secs(30)))
         .keep_alive_timeout(std::time::Duration::from_secs(20));
     b
+}
+
+/// The jails of `config`, each kept from `previous` while its config and the tracking cap are
+/// unchanged (its counters with it).
+fn build_jails(
+    config: &Config,
+    metrics: &Metrics,
+    previous: Option<&Snapshot>,
+) -> HashMap<String, Arc<Jail>> {
+    let cap = config.limits.max_tracked_clients;
+    let mut jails = HashMap::new();
+    for j in &config.jails {
+        let would_block = || metrics.would_block.with_label_values(&[&j.name]);
+        let jail = kept_or(
+            previous.map(|p| &p.jails),
+            &j.name,
+            |old| &old.config == j && old.cap() == cap,
+            || {
+                Jail::new(
+                    j.clone(),
+                    cap,
+                    metrics.client_evictions.clone(),
+                    j.dry_run.then(would_block),
+                )
+            },
+        );
+        jails.insert(j.name.clone(), jail);
+    }
+    jails
+}
+
+/// The scopes whose bans hold on `site`: the site itself, and the site-scoped jails it names.
+fn scopes(config: &Config, site: &crate::config::Site) -> Vec<crate::policy::temporary::Scope> {
+    use crate::policy::temporary::Scope;
+    std::iter::once(Scope::Site(site.name.as_str().into()))
+        .chain(
+            config
+                .jails
+                .iter()
+                .filter(|j| j.site_scoped && site.jails.contains(&j.name))
+                .map(|j| Scope::Jail(j.name.as_str().into())),
+        )
+        .collect()
 }
 
 /// A site's `max_upstream_connections` permits: the previous snapshot's when the cap is the

@@ -207,48 +207,7 @@ async fn v1(state: &AppState, req: Request<Incoming>) -> Response<AdminBody> {
             };
             add_entry(state, &body).await
         }
-        (Method::DELETE, "/v1/entries") => {
-            let Some(target) = param("target") else {
-                return json_error(StatusCode::BAD_REQUEST, "target is required");
-            };
-            let target = match config::parse_target(target) {
-                Ok(t) => t,
-                Err(e) => return json_error(StatusCode::BAD_REQUEST, &e),
-            };
-            let action = match param("action").map(parse_action).transpose() {
-                Ok(a) => a,
-                Err(e) => return json_error(StatusCode::BAD_REQUEST, &e),
-            };
-            // `scope=site:NAME` (or `site=NAME`): that scoped entry only; none: the entries
-            // for the target in every scope.
-            let scope = match (param("scope"), param("site")) {
-                (Some(s), _) => s.parse::<Scope>().map(Some),
-                (None, Some(site)) => Ok(Some(Scope::Site(site.into()))),
-                (None, None) => Ok(None),
-            };
-            let scope = match scope {
-                Ok(s) => s,
-                Err(e) => return json_error(StatusCode::BAD_REQUEST, &e),
-            };
-            let targets = state
-                .temp
-                .slots()
-                .into_iter()
-                .filter(|s| action.is_none_or(|a| s.action() == a))
-                .filter(|s| scope.is_none() || s.scope() == scope.as_ref())
-                .map(|s| (s, target))
-                .collect();
-            match state.remove_entries(targets).await {
-                Ok(removed) if removed.is_empty() => {
-                    json_error(StatusCode::NOT_FOUND, "no such temporary entry")
-                }
-                Ok(_) => empty(StatusCode::NO_CONTENT),
-                Err(e) => json_error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    &format!("not removed: the disk refused the change, the entry stays: {e}"),
-                ),
-            }
-        }
+        (Method::DELETE, "/v1/entries") => delete_entries(state, &query).await,
         (Method::GET, p) if p.starts_with("/v1/ips/") => match parse_ip(&p[8..]) {
             Ok(ip) => ips::lookup(state, ip).await,
             Err(e) => json_error(StatusCode::BAD_REQUEST, &e),
@@ -280,6 +239,51 @@ async fn v1(state: &AppState, req: Request<Incoming>) -> Response<AdminBody> {
             }
         },
         _ => json_error(StatusCode::NOT_FOUND, "no such endpoint"),
+    }
+}
+
+/// `DELETE /v1/entries?target=…[&action=…][&scope=…|&site=…]`: written before it is applied.
+async fn delete_entries(state: &AppState, query: &[(String, String)]) -> Response<AdminBody> {
+    let param = |k: &str| query.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    let Some(target) = param("target") else {
+        return json_error(StatusCode::BAD_REQUEST, "target is required");
+    };
+    let target = match config::parse_target(target) {
+        Ok(t) => t,
+        Err(e) => return json_error(StatusCode::BAD_REQUEST, &e),
+    };
+    let action = match param("action").map(parse_action).transpose() {
+        Ok(a) => a,
+        Err(e) => return json_error(StatusCode::BAD_REQUEST, &e),
+    };
+    // `scope=site:NAME` (or `site=NAME`): that scoped entry only; none: the entries
+    // for the target in every scope.
+    let scope = match (param("scope"), param("site")) {
+        (Some(s), _) => s.parse::<Scope>().map(Some),
+        (None, Some(site)) => Ok(Some(Scope::Site(site.into()))),
+        (None, None) => Ok(None),
+    };
+    let scope = match scope {
+        Ok(s) => s,
+        Err(e) => return json_error(StatusCode::BAD_REQUEST, &e),
+    };
+    let targets = state
+        .temp
+        .slots()
+        .into_iter()
+        .filter(|s| action.is_none_or(|a| s.action() == a))
+        .filter(|s| scope.is_none() || s.scope() == scope.as_ref())
+        .map(|s| (s, target))
+        .collect();
+    match state.remove_entries(targets).await {
+        Ok(removed) if removed.is_empty() => {
+            json_error(StatusCode::NOT_FOUND, "no such temporary entry")
+        }
+        Ok(_) => empty(StatusCode::NO_CONTENT),
+        Err(e) => json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("not removed: the disk refused the change, the entry stays: {e}"),
+        ),
     }
 }
 
