@@ -21,6 +21,9 @@ use crate::tls;
 /// The config in force, compiled for the request path.
 pub struct Snapshot {
     pub config: Config,
+    /// Each watched file as it was just before it was read (`None`: not there): a file that
+    /// differs now has changed since, and this snapshot may not have the change.
+    pub stamps: Vec<(std::path::PathBuf, Option<FileStamp>)>,
     /// `None` when no listener needs TLS and no certificate is configured.
     pub tls: Option<TlsAcceptor>,
     /// Every certificate `tls` serves.
@@ -64,6 +67,40 @@ pub struct SiteEntry {
     pub scopes: Vec<crate::policy::temporary::Scope>,
 }
 
+/// What tells one version of a file from the next without reading it: which file a path
+/// leads to (a rename or a symlink swap changes it), its size, and its change times. A write
+/// changes the size or the times; only a same-size rewrite within one tick of the file
+/// system's clock could pass unseen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileStamp {
+    pub fn of(path: &std::path::Path) -> Option<FileStamp> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        Some(FileStamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        })
+    }
+}
+
+impl Snapshot {
+    /// Whether a file this snapshot read has changed since.
+    pub fn files_changed(&self) -> bool {
+        self.stamps.iter().any(|(f, s)| FileStamp::of(f) != *s)
+    }
+}
+
 impl SiteEntry {
     /// The rate limit for a path: the longest matching route's, else the site's.
     pub fn limiter_for(&self, path: &str) -> &Arc<Limiter> {
@@ -82,6 +119,10 @@ impl Snapshot {
         metrics: &Metrics,
         previous: Option<&Snapshot>,
     ) -> Result<Snapshot, Errors> {
+        let stamps = config
+            .watched_files()
+            .map(|f| (f.to_path_buf(), FileStamp::of(f)))
+            .collect();
         let mut report = Report::new(&config.source, "");
         let loaded = tls::server_config(
             &config.tls,
@@ -158,6 +199,7 @@ impl Snapshot {
             });
         }
         Ok(Snapshot {
+            stamps,
             http: Arc::new(http_builder(&config.limits)),
             trusted: CidrTable::new(config.gateway.trusted_proxies.clone()),
             limiters,

@@ -27,14 +27,8 @@ type Watched = HashMap<PathBuf, HashSet<OsString>>;
 /// The files the config in force names, by directory.
 fn watched_files(state: &AppState) -> Watched {
     let snap = state.snapshot.load();
-    let c = &snap.config;
-    let files = c
-        .lists
-        .iter()
-        .flat_map(|l| l.files.iter())
-        .chain(c.tls.certificates.iter().flat_map(|p| [&p.cert, &p.key]));
     let mut by_dir = Watched::new();
-    for f in files {
+    for f in snap.config.watched_files() {
         let (Some(dir), Some(name)) = (f.parent(), f.file_name()) else {
             continue;
         };
@@ -71,7 +65,10 @@ pub async fn run(state: Arc<AppState>) {
         // Keep the watches in line with the config in force (reloads change it).
         let wanted = watched_files(&state);
         let wanted_dirs: HashSet<PathBuf> = wanted.keys().cloned().collect();
-        *watched.lock().unwrap_or_else(|p| p.into_inner()) = wanted;
+        let before = std::mem::replace(
+            &mut *watched.lock().unwrap_or_else(|p| p.into_inner()),
+            wanted.clone(),
+        );
         for dir in dirs.difference(&wanted_dirs) {
             let _ = watcher.unwatch(dir);
         }
@@ -81,10 +78,14 @@ pub async fn run(state: Arc<AppState>) {
             }
         }
         dirs = wanted_dirs;
-
-        tokio::select! {
-            r = rx.recv() => if r.is_none() { return },
-            _ = tokio::time::sleep(RESYNC) => continue,
+        // A file newly watched (a reload named it up to RESYNC ago) may have changed between
+        // its read and its watch, when no event could tell: compare it with its read.
+        let missed = before != wanted && state.snapshot.load().files_changed();
+        if !missed {
+            tokio::select! {
+                r = rx.recv() => if r.is_none() { return },
+                _ = tokio::time::sleep(RESYNC) => continue,
+            }
         }
         // Debounce: wait until the watched files have been quiet for a moment.
         loop {
@@ -117,14 +118,18 @@ fn event_handler(
     }
 }
 
-/// An event for a watched file, or a rescan notice: events were lost (the kernel's queue
+/// A change to a watched file, or a rescan notice: events were lost (the kernel's queue
 /// overflowed), so any file may have changed and a re-read is due though the notice names no
-/// file. Events for other files are dropped here, on notify's thread.
+/// file. Events for other files are dropped here, on notify's thread, and so are accesses
+/// (notify reports opens and closes without a write): the re-read itself opens every file, so
+/// counting those would re-read again and again, and so would any other reader's (a backup,
+/// a second gateway on the same lists).
 fn calls_for_reread(watched: &Mutex<Watched>, event: &notify::Event) -> bool {
-    event.need_rescan() || {
-        let w = watched.lock().unwrap_or_else(|p| p.into_inner());
-        event.paths.iter().any(|p| is_watched(&w, p))
-    }
+    event.need_rescan()
+        || (!matches!(event.kind, notify::EventKind::Access(_)) && {
+            let w = watched.lock().unwrap_or_else(|p| p.into_inner());
+            event.paths.iter().any(|p| is_watched(&w, p))
+        })
 }
 
 fn is_watched(watched: &Watched, path: &Path) -> bool {
@@ -182,6 +187,22 @@ mod tests {
             "pathless, no flag"
         );
         assert!(calls_for_reread(&w, &rescan()));
+        // Reading the list (ipgate's own re-read, or anyone's) is no change.
+        use notify::event::{AccessKind, AccessMode};
+        for access in [
+            AccessKind::Open(AccessMode::Any),
+            AccessKind::Close(AccessMode::Read),
+            AccessKind::Read,
+        ] {
+            let ev = Event::new(EventKind::Access(access)).add_path("/srv/lists/drop.txt".into());
+            assert!(!calls_for_reread(&w, &ev), "{access:?}");
+        }
+        let written = EventKind::Access(AccessKind::Close(AccessMode::Write));
+        let ev = Event::new(written).add_path("/srv/lists/drop.txt".into());
+        assert!(
+            !calls_for_reread(&w, &ev),
+            "a close after writing comes with a Modify"
+        );
         // Before the first resync nothing is watched yet; a rescan still asks.
         assert!(calls_for_reread(&Mutex::new(Watched::new()), &rescan()));
     }

@@ -27,6 +27,10 @@ fn append_line(path: &std::path::Path, line: &str) {
     writeln!(f, "{line}").unwrap();
 }
 
+/// The append comes right after the reload that named the list, before the watcher has
+/// watched its directory (it resyncs every 2 s): no event can tell, so the watcher compares the
+/// file with what the reload read (regression: this was caught only by an endless loop of
+/// re-reads, set off by the re-read's own opens).
 #[tokio::test]
 async fn appending_to_a_list_file_blocks_within_5_seconds_without_a_signal() {
     let (gw, lists) = gateway_with_drop_list("127.0.0.30").await;
@@ -72,6 +76,31 @@ async fn appending_to_a_list_file_blocks_within_5_seconds_without_a_signal() {
         .await,
         "the repaired list was not applied within 5 s: the watcher stopped after the broken one"
     );
+    gw.shutdown().await;
+}
+
+/// Regression: notify reports opening a file, and the re-read opens every list, so one change
+/// (or anyone reading the list) set off a re-read about every second, forever.
+#[tokio::test]
+async fn reading_a_list_file_is_no_change_and_an_idle_gateway_reads_nothing_again() {
+    let (gw, lists) = gateway_with_drop_list("127.0.0.33").await;
+    let reloads = r#"ipgate_config_reloads_total{result="success"}"#;
+    let count = || async { metric(&gw.metrics().await, reloads).unwrap_or(0.0) };
+    // One change: re-read once.
+    let before = count().await;
+    append_line(&lists.join("drop.txt"), "127.0.0.33/32");
+    assert!(
+        eventually(Duration::from_secs(5), || async { count().await > before }).await,
+        "the change was not re-read"
+    );
+    // Then quiet: nothing more within 3 s (the debounce is 0.3 s), though others read it.
+    let settled = count().await;
+    for _ in 0..6 {
+        std::fs::read(lists.join("drop.txt")).unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(count().await, settled, "re-read without a change");
+    assert!(refused("127.0.0.33", gw.plain).await);
     gw.shutdown().await;
 }
 

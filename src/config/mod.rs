@@ -363,6 +363,14 @@ pub struct Limits {
 pub const DEFAULT_CONFIG_PATH: &str = "config/ipgate.toml";
 
 impl Config {
+    /// The files this config reads besides itself, re-read when they change: list files,
+    /// certificate chains and keys.
+    pub fn watched_files(&self) -> impl Iterator<Item = &Path> {
+        let lists = self.lists.iter().flat_map(|l| l.files.iter());
+        let certs = self.tls.certificates.iter().flat_map(|p| [&p.cert, &p.key]);
+        lists.chain(certs).map(PathBuf::as_path)
+    }
+
     /// The keys whose change needs a restart and that differ in `next`. Everything else a
     /// reload applies: sites, lists, jails, rate limits, trusted proxies, privacy, TLS
     /// certificates, timeouts and header limits. These are bound or sized once at start:
