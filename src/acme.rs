@@ -7,19 +7,18 @@
 //! renews one when a third of its lifetime is left, backing off on failure. A new certificate
 //! is swapped in like a renewed certificate file ([`AppState::refresh_files`]): connections
 //! open keep theirs, new handshakes get the new one. Until a site has its first certificate,
-//! it is served a self-signed one for its hosts ([`served`]), and the log says so.
+//! it is served a self-signed one for its hosts ([`crate::acme_dir::served`]), and the log says so.
 //!
 //! Challenges are answered by ipgate itself: HTTP-01 on a plain listener
-//! ([`Challenges::http01`], asked by [`crate::proxy`]), or TLS-ALPN-01 in the handshake of a
-//! TLS listener ([`Challenges::alpn`], asked by [`crate::tls`]'s resolver).
+//! (asked by [`crate::https`]), or TLS-ALPN-01 in the handshake of a TLS listener (asked by
+//! [`crate::tls`]'s resolver), both through [`crate::challenges`].
 
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 use std::time::Duration;
 
-use dashmap::DashMap;
 use instant_acme::{
     Account, AccountCredentials, AuthorizationStatus, ChallengeType, Identifier, NewAccount,
     NewOrder, OrderStatus, RetryPolicy,
@@ -29,12 +28,11 @@ use rustls_pki_types::PrivateKeyDer;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use crate::config::{Acme, Challenge, Config, Site};
+use crate::acme_dir::{dir, site_dir};
+use crate::challenges::Published;
+use crate::config::{Acme, Challenge, Site};
 use crate::state::AppState;
-use crate::tls::{self, Served, Source};
-
-/// The ALPN protocol of TLS-ALPN-01 (RFC 8737).
-pub const ALPN: &[u8] = b"acme-tls/1";
+use crate::tls::{self, Source};
 
 /// The first retry after a failed order; each further failure doubles it, up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_secs(60);
@@ -42,87 +40,6 @@ const MAX_BACKOFF: Duration = Duration::from_secs(6 * 3600);
 /// How often the sites are looked at when nothing is due (a reload adding a site is seen
 /// within this).
 const LOOK_AGAIN: Duration = Duration::from_secs(30);
-
-/// The challenges being answered now, for the listeners to find.
-#[derive(Default)]
-pub struct Challenges {
-    /// HTTP-01: token to key authorization.
-    http: DashMap<String, String>,
-    /// TLS-ALPN-01: name to its challenge certificate.
-    alpn: DashMap<String, Arc<CertifiedKey>>,
-}
-
-/// The process's challenges (the listeners and the ordering task share them).
-pub static CHALLENGES: LazyLock<Challenges> = LazyLock::new(Challenges::default);
-
-impl Challenges {
-    /// The key authorization for an HTTP-01 token being validated now.
-    pub fn http01(&self, token: &str) -> Option<String> {
-        self.http.get(token).map(|v| v.clone())
-    }
-
-    /// The TLS-ALPN-01 certificate for `name` while it is being validated.
-    pub fn alpn(&self, name: &str) -> Option<Arc<CertifiedKey>> {
-        self.alpn.get(&name.to_ascii_lowercase()).map(|v| v.clone())
-    }
-}
-
-/// Where the ACME state lives.
-pub fn dir(state_dir: &Path) -> PathBuf {
-    state_dir.join("acme")
-}
-
-/// A site's certificate folder: its name, with anything but letters, digits, `.`, `-` and
-/// `_` replaced.
-pub fn site_dir(state_dir: &Path, site: &str) -> PathBuf {
-    let safe: String = site
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    dir(state_dir).join(safe)
-}
-
-/// What the ACME sites serve: each one's certificate from `state_dir`, or, until it has one,
-/// a self-signed certificate for its hosts.
-pub fn served(config: &Config) -> Vec<Served> {
-    if config.acme.is_none() {
-        return Vec::new();
-    }
-    let provider = tls::crypto_provider();
-    let mut out = Vec::new();
-    for site in config.sites.iter().filter(|s| s.acme) {
-        let folder = site_dir(&config.gateway.state_dir, &site.name);
-        let cert = folder.join("cert.pem");
-        let loaded = tls::load_pair(&cert, &folder.join("key.pem"), &provider)
-            .map_err(|e| e.message)
-            .and_then(|ck| Served::new(ck, Source::Acme, Some(&cert)));
-        match loaded {
-            Ok(served) => out.push(served),
-            Err(why) => {
-                if cert.exists() {
-                    warn!(site = %site.name, file = %cert.display(), error = %why,
-                          "the site's ACME certificate cannot be used; a new one is ordered");
-                } else {
-                    warn!(site = %site.name, "the site is waiting for its first ACME \
-                          certificate; it is served a self-signed one until then");
-                }
-                match tls::self_signed(&site.hosts, &provider)
-                    .and_then(|ck| Served::new(ck, Source::SelfSigned, None))
-                {
-                    Ok(s) => out.push(s),
-                    Err(e) => warn!(site = %site.name, error = %e, "no stand-in certificate"),
-                }
-            }
-        }
-    }
-    out
-}
 
 /// Why an order failed.
 #[derive(Debug, thiserror::Error)]
@@ -297,24 +214,6 @@ fn builder(conf: &Acme) -> Result<instant_acme::AccountBuilder, Error> {
     })
 }
 
-/// Removes the challenges it was given when dropped, whatever way the order ends.
-#[derive(Default)]
-struct Published {
-    tokens: Vec<String>,
-    names: Vec<String>,
-}
-
-impl Drop for Published {
-    fn drop(&mut self) {
-        for t in &self.tokens {
-            CHALLENGES.http.remove(t);
-        }
-        for n in &self.names {
-            CHALLENGES.alpn.remove(n);
-        }
-    }
-}
-
 /// Orders a certificate for `names`: answers each authorization's challenge, waits for the
 /// order, finalizes it with a new key. Returns the PEM chain and the key.
 async fn obtain(
@@ -343,16 +242,11 @@ async fn obtain(
         let key_auth = ch.key_authorization();
         match challenge {
             Challenge::Http01 => {
-                CHALLENGES
-                    .http
-                    .insert(ch.token.clone(), key_auth.as_str().to_string());
-                published.tokens.push(ch.token.clone());
+                published.http01(&ch.token, key_auth.as_str());
             }
             Challenge::TlsAlpn01 => {
                 let name = ch.identifier().to_string().to_ascii_lowercase();
-                let cert = alpn_certificate(&name, key_auth.digest().as_ref())?;
-                CHALLENGES.alpn.insert(name.clone(), Arc::new(cert));
-                published.names.push(name);
+                published.alpn(&name, alpn_certificate(&name, key_auth.digest().as_ref())?);
             }
         }
         ch.set_ready().await?;

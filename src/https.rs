@@ -7,7 +7,7 @@ use http::header::{self, HeaderValue};
 use http::{Response, StatusCode, Uri};
 use http_body_util::{Either, Full};
 
-use crate::proxy::{plain, Body};
+use crate::answer::{plain, Body};
 use crate::state::SiteEntry;
 
 /// Where ACME's HTTP-01 challenges are asked (RFC 8555 §8.3): never redirected.
@@ -19,7 +19,7 @@ pub fn http01_answer(tls: bool, path: &str) -> Option<Response<Body>> {
         return None;
     }
     let token = path.strip_prefix(ACME_CHALLENGE)?;
-    crate::acme::CHALLENGES.http01(token).map(acme_answer)
+    crate::challenges::CHALLENGES.http01(token).map(acme_answer)
 }
 
 /// An HTTP-01 challenge's answer (RFC 8555 §8.3): the key authorization.

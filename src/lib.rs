@@ -2,40 +2,52 @@
 //! into practice on the hot path.
 //!
 //! # Layout
-//! A request flows top to bottom, each module using only the ones below it:
+//! A request flows top to bottom, each module using only the ones below it (never a cycle):
 //! - [`worker`]: one thread per CPU, each with its own event loop, listening sockets and
 //!   upstream pool; a connection never leaves the thread that accepted it.
-//! - [`listener`]: accepts client connections, enforces the connection cap, closes blocked
+//! - [`listener`]: accepts client connections, enforces the connection caps, closes blocked
 //!   clients before TLS ([`client_addr`]: the peer or the PROXY header's source), runs TLS
 //!   ([`tls`]) and serves HTTP/1.1 and HTTP/2 under the limits.
 //! - [`proxy`]: one request: checks it ([`request`]: one valid [`host`], the [`path`] in normal
 //!   form, the client behind trusted proxies), picks the site, asks [`admission`], rewrites
-//!   the headers, forwards, streams bodies and WebSocket upgrades, maps failures to statuses;
-//!   [`https`]: the redirect of `redirect_https` listeners, HTTP-01 answers and HSTS.
+//!   the headers ([`headers`]), reads small bodies ahead and times idle ones ([`body`]),
+//!   forwards, splices WebSocket upgrades ([`splice`]); [`answer`]: the gateway's own answers
+//!   (one status per refusal); [`https`]: the redirect of `redirect_https` listeners, HTTP-01
+//!   answers and HSTS.
 //! - [`admission`]: the per-request decision, in order: allow wins, block entries,
-//!   `allow_only`, the rate limit ([`ratelimit`]); then the jails ([`jail`]) see the response
-//!   and ban through the state.
+//!   `allow_only`, the rate limit ([`ratelimit`]), requests in flight; then the jails
+//!   ([`jail`]) see the response and ban through the state.
 //! - [`upstream`]: each worker's keep-alive connections to the sites' web servers.
 //!
 //! Shared by all of them:
 //! - [`state`]: the shared [`state::AppState`] (the one door every change goes through) and the
-//!   swappable compiled [`state::Snapshot`]; it compiles [`config`] into [`policy`] (static lists,
-//!   temporary entries, the allow/block decision), limiters and jails.
+//!   swappable [`snapshot::Snapshot`], which compiles [`config`] into [`policy`] (static lists,
+//!   temporary entries, the allow/block decision), limiters, jails and TLS (certificate files,
+//!   and [`acme_dir`]: the ACME sites' certificates on disk).
 //! - [`store`]: the state store interface and its embedded implementation (redb), with the
-//!   outbox of changes for the fleet; [`fleet`]: sends the outbox to the shared store (Redis
-//!   or Valkey) and applies the other gateways' changes, off the request path.
+//!   outbox of changes for the fleet.
 //! - [`clients`]: the client key (IPv6 per prefix) and the bounded per-client map;
-//!   [`clock`]: the clock every expiry is measured on.
-//! - [`admin`]: the admin listener (health, metrics, the `/v1` API); [`cli`]: the command line.
-//! - [`metrics`], [`access_log`], [`shutdown`] (signals), [`watcher`] (changed list and
-//!   certificate files), [`demo`] (the quick start's demo upstream).
+//!   [`clock`]: the clock every expiry is measured on; [`challenges`]: the ACME challenges
+//!   being answered now.
+//! - [`metrics`], [`access_log`].
+//!
+//! Beside the request path, each a task that changes things only through the state:
+//! - [`fleet`]: sends the outbox to the shared store (Redis or Valkey) and applies the other
+//!   gateways' changes; [`firewall`]: mirrors the block set into nftables; [`logjail`]: jails
+//!   fed by log files; [`acme`]: orders and renews certificates; [`watcher`]: re-reads changed
+//!   list and certificate files; [`shutdown`]: signals.
+//! - [`admin`]: the admin listener (health, metrics, the `/v1` API, [`token`]); [`cli`]: the
+//!   command line; [`api`]: the bodies both speak; [`demo`]: the quick start's demo upstream.
 
 pub mod access_log;
 pub mod acme;
+pub mod acme_dir;
 pub mod admin;
 pub mod admission;
+pub mod answer;
 pub mod api;
 pub mod body;
+pub mod challenges;
 pub mod cli;
 pub mod client_addr;
 pub mod clients;

@@ -246,7 +246,7 @@ async fn serve_tls(
     let Some(acceptor) = acceptor else { return };
     let by = head_by.min(tokio::time::Instant::now() + timeout);
     match tokio::time::timeout_at(by, acceptor.accept(tcp)).await {
-        Ok(Ok(stream)) if stream.get_ref().1.alpn_protocol() == Some(crate::acme::ALPN) => {
+        Ok(Ok(stream)) if stream.get_ref().1.alpn_protocol() == Some(crate::challenges::ALPN) => {
             // A TLS-ALPN-01 validation ends with the handshake (RFC 8737 §3).
             debug!("acme-tls/1 handshake done");
         }

@@ -127,7 +127,7 @@ impl Snapshot {
         let loaded = tls::server_config(
             &config.tls,
             config.acme.as_ref(),
-            crate::acme::served(&config),
+            crate::acme_dir::served(&config),
             &mut report,
         );
         let tls = loaded.config.map(TlsAcceptor::from);

@@ -176,10 +176,10 @@ impl ResolvesServerCert for Certificates {
         if self.alpn
             && hello
                 .alpn()
-                .is_some_and(|mut a| a.any(|p| p == crate::acme::ALPN))
+                .is_some_and(|mut a| a.any(|p| p == crate::challenges::ALPN))
         {
             // A validation (RFC 8737): the challenge certificate, or nothing.
-            return crate::acme::CHALLENGES.alpn(hello.server_name()?);
+            return crate::challenges::CHALLENGES.alpn(hello.server_name()?);
         }
         self.lookup(hello.server_name())
     }
@@ -273,7 +273,7 @@ pub fn server_config(
         .with_cert_resolver(Arc::new(certs));
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     if certs_alpn {
-        cfg.alpn_protocols.push(crate::acme::ALPN.to_vec());
+        cfg.alpn_protocols.push(crate::challenges::ALPN.to_vec());
     }
     // Our suite order (256-bit first) rather than the client's.
     cfg.ignore_client_order = true;
