@@ -6,6 +6,7 @@
 #   cargo build --release
 #   IPGATE_BASELINE_BIN=/tmp/ipgate-base/target/release/ipgate benches/harness/ab.sh
 #   python3 benches/harness/table.py target/bench-results/<run>
+#   IPGATE_AB_MORE="other=/path/to/ipgate" ...ab.sh     # more builds in the same rounds
 #
 # The rows `ipgate_base` and `ipgate` are the baseline and the build under test.
 set -euo pipefail

@@ -5,7 +5,9 @@
 # ports (`ipgate_fw`: listed addresses reset by the kernel, per-client connection cap in the
 # kernel), beside nginx, haproxy and haproxy-tcp. Needs root.
 #
-#   cargo build --release && benches/harness/attack.sh        # ROUNDS=3 (~6 min)
+#   cargo build --release && benches/harness/attack.sh        # ROUNDS=3 (~3 min)
+#   ROUNDS=7 IPGATE_BASELINE_BIN=/tmp/base/target/release/ipgate benches/harness/attack.sh
+#                                    # + a baseline build in the same rounds (~7 min)
 #
 # Results: target/bench-results/<date-time>/summary.txt, as run.sh.
 set -euo pipefail
