@@ -13,27 +13,10 @@
 #
 # With IPGATE_BASELINE_BIN set, a third row `ipgate_base` runs that build as `ipgate` runs
 # this one (no firewall): the "before" of a change, in the same rounds.
-IPGATE_HARNESS_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-[[ -x $IPGATE_BIN ]] || die "IPGATE_BIN=$IPGATE_BIN is not an executable (cargo build --release first)"
+source "$(dirname "${BASH_SOURCE[0]}")/ipgate.proxies.sh"
 command -v nft >/dev/null || die "nft missing: apt-get install -y nftables"
-token='umask 077 && printf %s "$(openssl rand -hex 32)" >@@DIR@@/admin.token'
 firewall='grep -q -- "-blocked.lst" @@CONF@@ || printf "\n[firewall]\nports = [@@PLAIN_PORT@@, @@TLS_PORT@@]\ntable = \"ipgate_@@TLS_PORT@@\"\nverdict = \"reject\"\nconnection_cap = true\n" >>@@CONF@@'
-for pair in "ipgate:$token" "ipgate_fw:$token && { $firewall; }"; do
-    register_proxy "${pair%%:*}" \
-        "$IPGATE_BIN run -c @@CONF@@" \
-        "$IPGATE_HARNESS_DIR/ipgate.toml.tmpl" 1 1 \
-        block=close \
-        scenarios="ka_tls attack_tls" \
-        health='http://@@LISTEN_ADDR@@:@@ADMIN_PORT@@/healthz' \
-        setup="${pair#*:}"
-done
+register_ipgate ipgate_fw "$IPGATE_BIN" "$IPGATE_TOKEN_SETUP && { $firewall; }"
 if [[ -n ${IPGATE_BASELINE_BIN:-} ]]; then
-    [[ -x $IPGATE_BASELINE_BIN ]] || die "IPGATE_BASELINE_BIN=$IPGATE_BASELINE_BIN is not an executable"
-    register_proxy ipgate_base \
-        "$IPGATE_BASELINE_BIN run -c @@CONF@@" \
-        "$IPGATE_HARNESS_DIR/ipgate.toml.tmpl" 1 1 \
-        block=close \
-        scenarios="ka_tls attack_tls" \
-        health='http://@@LISTEN_ADDR@@:@@ADMIN_PORT@@/healthz' \
-        setup="$token"
+    register_ipgate ipgate_base "$IPGATE_BASELINE_BIN"
 fi
