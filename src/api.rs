@@ -66,6 +66,32 @@ pub struct ApiError {
     pub error: String,
 }
 
+/// What the policy decides for an address at connection level.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Decision {
+    /// No list or entry covers it: served under the sites' own rules.
+    Pass,
+    Allow,
+    Block,
+}
+
+impl Decision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Pass => "pass",
+            Decision::Allow => "allow",
+            Decision::Block => "block",
+        }
+    }
+}
+
+impl std::fmt::Display for Decision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The rule that made a decision.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "kind", rename_all = "lowercase")]
@@ -105,8 +131,7 @@ pub struct OffenseView {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Lookup {
     pub ip: String,
-    /// `pass`, `allow` or `block`.
-    pub decision: String,
+    pub decision: Decision,
     pub rule: Option<RuleView>,
     /// Temporary entries covering the address.
     pub entries: Vec<EntryView>,

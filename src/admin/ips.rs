@@ -76,7 +76,7 @@ pub(super) async fn lookup(state: &AppState, ip: IpAddr) -> Response<AdminBody> 
     mark_fleet(state, &mut entries).await;
     let lookup = Lookup {
         ip: ip.to_string(),
-        decision: decision.into(),
+        decision,
         rule,
         entries,
         config_entries,
@@ -88,11 +88,11 @@ pub(super) async fn lookup(state: &AppState, ip: IpAddr) -> Response<AdminBody> 
 }
 
 /// The decision for `ip` and the rule that made it.
-fn decision(state: &AppState, ip: IpAddr) -> (&'static str, Option<RuleView>) {
+fn decision(state: &AppState, ip: IpAddr) -> (Decision, Option<RuleView>) {
     let snap = state.snapshot.load();
     let verdict = snap.policy.decide(&state.temp, ip);
     let (action, r) = match verdict {
-        Verdict::Pass => return ("pass", None),
+        Verdict::Pass => return (Decision::Pass, None),
         Verdict::Allow(r) => (Action::Allow, r),
         Verdict::Block(r) => (Action::Block, r),
     };
@@ -114,7 +114,11 @@ fn decision(state: &AppState, ip: IpAddr) -> (&'static str, Option<RuleView>) {
                 entry: temporary_view(&Slot::of(action), t, &e),
             }),
     };
-    (action.as_str(), rule)
+    let decision = match action {
+        Action::Allow => Decision::Allow,
+        Action::Block => Decision::Block,
+    };
+    (decision, rule)
 }
 
 /// The temporary and the config entries that cover `ip`.

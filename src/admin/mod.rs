@@ -23,8 +23,8 @@ use tokio::sync::watch;
 use tracing::debug;
 
 use crate::api::{
-    ApiError, CounterView, EntryView, Forgotten, Kept, LimitView, Lookup, NewEntry, OffenseView,
-    ProblemView, ReloadRefused, Reloaded, RuleView,
+    ApiError, CounterView, Decision, EntryView, Forgotten, Kept, LimitView, Lookup, NewEntry,
+    OffenseView, ProblemView, ReloadRefused, Reloaded, RuleView,
 };
 use crate::clock::now_ms;
 use crate::config::{self, Action};
