@@ -76,19 +76,13 @@ pub enum Decision {
     Block,
 }
 
-impl Decision {
-    pub fn as_str(self) -> &'static str {
-        match self {
+impl std::fmt::Display for Decision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
             Decision::Pass => "pass",
             Decision::Allow => "allow",
             Decision::Block => "block",
-        }
-    }
-}
-
-impl std::fmt::Display for Decision {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
+        })
     }
 }
 

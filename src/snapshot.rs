@@ -94,13 +94,6 @@ impl FileStamp {
     }
 }
 
-impl Snapshot {
-    /// Whether a file this snapshot read has changed since.
-    pub fn files_changed(&self) -> bool {
-        self.stamps.iter().any(|(f, s)| FileStamp::of(f) != *s)
-    }
-}
-
 impl SiteEntry {
     /// The rate limit for a path: the longest matching route's, else the site's.
     pub fn limiter_for(&self, path: &str) -> &Arc<Limiter> {
@@ -112,6 +105,11 @@ impl SiteEntry {
 }
 
 impl Snapshot {
+    /// Whether a file this snapshot read has changed since.
+    pub fn files_changed(&self) -> bool {
+        self.stamps.iter().any(|(f, s)| FileStamp::of(f) != *s)
+    }
+
     /// Loads what the config names (certificates) and compiles the lookup tables. Every
     /// problem is reported, so `ipgate check` and a refused reload can name them all.
     pub fn build(

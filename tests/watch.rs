@@ -76,6 +76,16 @@ async fn appending_to_a_list_file_blocks_within_5_seconds_without_a_signal() {
         .await,
         "the repaired list was not applied within 5 s: the watcher stopped after the broken one"
     );
+    // Emptied by a truncating open with no write (`: > drop.txt`): notify reports an open and
+    // a close, which are dropped, and the truncation itself, which must not be.
+    std::fs::File::create(lists.join("drop.txt")).unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            served_from("127.0.0.32", gw.plain).await
+        })
+        .await,
+        "the emptied list was not applied within 5 s"
+    );
     gw.shutdown().await;
 }
 
