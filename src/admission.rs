@@ -9,8 +9,8 @@ use std::sync::Arc;
 use http::Method;
 
 use crate::access_log::LoggedIp;
-use crate::clients::{client_key, key_target, ClientSlot, InFlight};
-use crate::jail::Jail;
+use crate::clients::{client_key, key_target, ClientSlot, Gate, InFlight};
+use crate::jail::{Jail, Watched};
 use crate::policy::Verdict;
 use crate::state::{AppState, SiteEntry, Snapshot};
 
@@ -23,7 +23,10 @@ pub enum Refusal {
     Denied,
     /// Over the rate limit; may retry after this many seconds (429).
     RateLimited(u64),
-    /// As many requests of this client in flight as `limits.max_requests_per_client` (429).
+    /// As many requests of this client in flight as `limits.max_requests_per_client` for
+    /// `limits.upstream_queue_timeout`, as many streaming uploads as
+    /// `limits.max_uploads_per_client`, or as many watched requests as a jail's
+    /// `concurrency` (429).
     Busy,
 }
 
@@ -42,6 +45,20 @@ pub struct Admitted {
     pub exempt: bool,
     /// Its place among the client's requests in flight, until its response ends.
     pub in_flight: Option<InFlight>,
+    /// All the client's places were taken: the request waits at this gate for one (up to
+    /// `limits.upstream_queue_timeout`) before it is forwarded.
+    pub queued: Option<(Arc<Gate>, Option<ClientSlot>)>,
+    /// Its places among the watched requests of the jails that watch it.
+    pub watched: Vec<Watched>,
+}
+
+/// The request as admission sees it.
+pub struct Asked<'a> {
+    pub method: &'a Method,
+    /// The host without port or trailing dot.
+    pub host: &'a str,
+    /// The normalized path.
+    pub path: &'a str,
 }
 
 /// Decides whether a request for `path` on `site` may be forwarded. `conn` is the slot of
@@ -51,18 +68,16 @@ pub fn admit(
     snap: &Snapshot,
     site: Option<&SiteEntry>,
     (client, conn): (Client, Option<&ClientSlot>),
-    path: &str,
+    asked: &Asked,
 ) -> Result<Admitted, Refusal> {
+    let path = asked.path;
     let verdict = snap.policy.decide(&state.temp, client.ip);
     if let Verdict::Block(_) = verdict {
         return Err(Refusal::Blocked);
     }
     let Some(site) = site else {
         // No site: 421, decided by the caller.
-        return Ok(Admitted {
-            exempt: true,
-            in_flight: None,
-        });
+        return Ok(Admitted::exempt());
     };
     // Scoped block entries hold on their sites only, at request level (allow still wins).
     if !matches!(verdict, Verdict::Allow(_)) && state.temp.blocked_in(&site.scopes, client.ip) {
@@ -73,25 +88,50 @@ pub fn admit(
     }
     let exempt = matches!(verdict, Verdict::Allow(_)) || client.is_proxy;
     if exempt {
-        return Ok(Admitted {
-            exempt,
-            in_flight: None,
-        });
+        return Ok(Admitted::exempt());
     }
     rate_limit(state, site, path, client.ip)?;
+    let key = client_key(client.ip, snap.config.rate_limit.ipv6_prefix);
+    // No burst outruns a jail (SPEC 21): a few watched requests per client at a time.
+    let mut watched = Vec::new();
+    for jail in &site.jails {
+        if jail.config.concurrency != u32::MAX && jail.watches(asked.method, asked.host, path) {
+            watched.push(jail.enter(key).ok_or(Refusal::Busy)?);
+        }
+    }
     // Bounds the upstream work one client holds, whatever its rate (SPEC 16).
     let cap = snap.config.limits.max_requests_per_client;
-    let in_flight = match conn {
-        Some(slot) => slot.enter(cap),
+    let (in_flight, queued) = match conn {
+        Some(slot) => match slot.enter(cap) {
+            Some(f) => (Some(f), None),
+            None => (None, Some((slot.gate().clone(), None))),
+        },
         None => {
-            let key = client_key(client.ip, snap.config.rate_limit.ipv6_prefix);
-            state.in_flight.acquire(key, cap).map(InFlight::Slot)
+            // A client named by X-Forwarded-For: its entry lives while its requests do.
+            let slot = state.in_flight.acquire(key, u32::MAX).ok_or(Refusal::Busy)?;
+            match slot.enter(cap) {
+                Some(f) => (Some(f.keeping(slot)), None),
+                None => (None, Some((slot.gate().clone(), Some(slot)))),
+            }
         }
     };
     Ok(Admitted {
         exempt,
-        in_flight: Some(in_flight.ok_or(Refusal::Busy)?),
+        in_flight,
+        queued,
+        watched,
     })
+}
+
+impl Admitted {
+    fn exempt() -> Admitted {
+        Admitted {
+            exempt: true,
+            in_flight: None,
+            queued: None,
+            watched: Vec::new(),
+        }
+    }
 }
 
 /// A forwarded request and its response, as the jails see them.
@@ -128,9 +168,14 @@ pub fn observe(
 }
 
 /// Counts one offense of `client` against `jail` (a response or a log line); at the jail's
-/// `hits` the client is banned (in a dry run, counted as what it would have done).
+/// `hits` the client is banned at once (in a dry run, counted as what it would have done).
+/// A client the jail has banned already is not counted again: the answers to requests it
+/// had in flight when the ban came are one burst, and one burst is one offense.
 pub fn count_offense(state: &Arc<AppState>, snap: &Snapshot, jail: &Arc<Jail>, client: IpAddr) {
     let prefix = snap.config.rate_limit.ipv6_prefix;
+    if state.banned_by_jail(jail, client) {
+        return;
+    }
     let key = client_key(client, prefix);
     if !jail.observe(key) {
         return;
@@ -145,6 +190,7 @@ pub fn count_offense(state: &Arc<AppState>, snap: &Snapshot, jail: &Arc<Jail>, c
         );
         return;
     }
+    state.jail_ban_now(jail, target);
     let state = state.clone();
     let jail = jail.clone();
     tokio::spawn(async move { state.jail_ban(&jail, target).await });

@@ -56,6 +56,11 @@ impl UpstreamBody {
         }
     }
 
+    /// Whether more of the body is still to come from the client.
+    pub fn is_streaming(&self) -> bool {
+        self.inner.as_ref().is_some_and(|b| !b.is_end_stream())
+    }
+
     /// A copy to send again, when the body is all here (read whole, or empty).
     pub fn replay(&self) -> Option<UpstreamBody> {
         if self.inner.as_ref().is_some_and(|b| !b.is_end_stream()) {

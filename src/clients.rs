@@ -200,8 +200,8 @@ impl std::fmt::Debug for ConnSlot {
 }
 
 /// Per client ([`ClientKey`]): open connections, for `limits.max_connections_per_client`, and
-/// requests in flight, for `limits.max_requests_per_client`. A client is in the map only
-/// while it holds a slot, so the map never holds more entries than there are slots.
+/// its [`Gate`] of requests in flight. A client is in the map only while it holds a slot, so
+/// the map never holds more entries than there are slots.
 #[derive(Default)]
 pub struct ConnCounts {
     map: DashMap<ClientKey, Held, foldhash::fast::RandomState>,
@@ -211,22 +211,111 @@ struct Held {
     slots: u32,
     /// Shared by the client's slots, so a request takes its place with one atomic add and
     /// no map lookup.
-    in_flight: Arc<AtomicU32>,
+    gate: Arc<Gate>,
+}
+
+/// A client's upstream work (SPEC 16, 21): its requests in flight, each of which holds an
+/// upstream connection, capped by `limits.max_requests_per_client` with a short queue (as a
+/// server's `maxconn` with its queue in HAProxy), and its streaming uploads, capped by
+/// `limits.max_uploads_per_client`.
+#[derive(Default)]
+pub struct Gate {
+    in_flight: AtomicU32,
+    uploads: AtomicU32,
+    /// Requests waiting for a place; a release wakes one only when there are some.
+    waiting: AtomicU32,
+    freed: tokio::sync::Notify,
+}
+
+impl Gate {
+    fn try_enter(self: &Arc<Self>, cap: u32) -> bool {
+        if self.in_flight.fetch_add(1, Ordering::Relaxed) >= cap {
+            self.in_flight.fetch_sub(1, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// A place among the client's requests in flight, waiting up to `wait` for one when
+    /// `cap` are taken; `None` when none came free in time.
+    pub async fn enter(
+        self: &Arc<Self>,
+        cap: u32,
+        wait: std::time::Duration,
+        slot: Option<ClientSlot>,
+    ) -> Option<InFlight> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let notified = self.freed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            self.waiting.fetch_add(1, Ordering::SeqCst);
+            let entered = self.try_enter(cap);
+            if !entered {
+                let _ = tokio::time::timeout_at(deadline, notified).await;
+            }
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            if entered || self.try_enter(cap) {
+                return Some(InFlight {
+                    gate: self.clone(),
+                    _slot: slot,
+                });
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+        }
+    }
+
+    /// A place among the client's streaming uploads, or `None` when `cap` are taken.
+    pub fn upload(self: &Arc<Self>, cap: u32) -> Option<Upload> {
+        if self.uploads.fetch_add(1, Ordering::Relaxed) >= cap {
+            self.uploads.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(Upload(self.clone()))
+    }
+
+    /// Requests in flight now.
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
 }
 
 /// One slot of a client; the count goes down when it is dropped.
 pub struct ClientSlot {
     counts: Arc<ConnCounts>,
     key: ClientKey,
-    in_flight: Arc<AtomicU32>,
+    gate: Arc<Gate>,
 }
 
 /// A request's place among its client's requests in flight, given back on drop.
-pub enum InFlight {
-    /// Counted on the client's connection slot.
-    Counted(Arc<AtomicU32>),
-    /// Counted in a map of its own (a client named by X-Forwarded-For: no connection is its).
-    Slot(ClientSlot),
+pub struct InFlight {
+    gate: Arc<Gate>,
+    /// For a client named by X-Forwarded-For (no connection is its): its entry in the map,
+    /// kept while the request is in flight.
+    _slot: Option<ClientSlot>,
+}
+
+impl InFlight {
+    pub fn gate(&self) -> &Arc<Gate> {
+        &self.gate
+    }
+
+    /// The same place, keeping the slot that holds the client's entry in the map.
+    pub fn keeping(mut self, slot: ClientSlot) -> InFlight {
+        self._slot = Some(slot);
+        self
+    }
+}
+
+/// A streaming upload's place among its client's, given back on drop.
+pub struct Upload(Arc<Gate>);
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        self.0.uploads.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl ConnCounts {
@@ -234,18 +323,18 @@ impl ConnCounts {
     pub fn acquire(self: &Arc<Self>, key: ClientKey, cap: u32) -> Option<ClientSlot> {
         let mut held = self.map.entry(key).or_insert_with(|| Held {
             slots: 0,
-            in_flight: Arc::default(),
+            gate: Arc::default(),
         });
         if held.slots >= cap {
             return None;
         }
         held.slots += 1;
-        let in_flight = held.in_flight.clone();
+        let gate = held.gate.clone();
         drop(held);
         Some(ClientSlot {
             counts: self.clone(),
             key,
-            in_flight,
+            gate,
         })
     }
 
@@ -263,11 +352,15 @@ impl ConnCounts {
 impl ClientSlot {
     /// A place among the client's requests in flight, or `None` when `cap` are.
     pub fn enter(&self, cap: u32) -> Option<InFlight> {
-        if self.in_flight.fetch_add(1, Ordering::Relaxed) >= cap {
-            self.in_flight.fetch_sub(1, Ordering::Relaxed);
-            return None;
-        }
-        Some(InFlight::Counted(self.in_flight.clone()))
+        self.gate.try_enter(cap).then(|| InFlight {
+            gate: self.gate.clone(),
+            _slot: None,
+        })
+    }
+
+    /// The client's gate, to wait at when [`ClientSlot::enter`] found it full.
+    pub fn gate(&self) -> &Arc<Gate> {
+        &self.gate
     }
 }
 
@@ -284,8 +377,9 @@ impl Drop for ClientSlot {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        if let InFlight::Counted(n) = self {
-            n.fetch_sub(1, Ordering::Relaxed);
+        self.gate.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if self.gate.waiting.load(Ordering::SeqCst) > 0 {
+            self.gate.freed.notify_one();
         }
     }
 }
@@ -325,5 +419,39 @@ mod tests {
         drop(first);
         assert!(two.enter(2).is_some());
         drop(second);
+    }
+
+    /// Over the cap a request waits for a place (a browser's burst is served in turn), and
+    /// gives up when none comes free in time.
+    #[tokio::test]
+    async fn a_request_over_the_cap_waits_for_a_place_then_gives_up() {
+        let counts = Arc::new(ConnCounts::default());
+        let slot = counts.acquire(7, 9).unwrap();
+        let first = slot.enter(1).unwrap();
+        let gate = slot.gate().clone();
+        let waiter = {
+            let gate = gate.clone();
+            tokio::spawn(async move { gate.enter(1, Duration::from_secs(5), None).await.is_some() })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiter.is_finished(), "waits while the place is taken");
+        drop(first);
+        assert!(waiter.await.unwrap(), "the freed place goes to the waiting request");
+        let held = slot.enter(1).unwrap();
+        let start = std::time::Instant::now();
+        assert!(gate.enter(1, Duration::from_millis(100), None).await.is_none());
+        assert!(start.elapsed() >= Duration::from_millis(100));
+        drop(held);
+        assert_eq!(gate.in_flight(), 0);
+    }
+
+    #[test]
+    fn uploads_are_capped_per_client() {
+        let gate = Arc::new(Gate::default());
+        let a = gate.upload(2).unwrap();
+        let _b = gate.upload(2).unwrap();
+        assert!(gate.upload(2).is_none());
+        drop(a);
+        assert!(gate.upload(2).is_some());
     }
 }

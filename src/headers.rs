@@ -26,14 +26,54 @@ pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-h
 pub static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
 /// Headers that name a client, which an untrusted peer may not set (SPEC 15): many PHP
-/// applications believe the first one they find.
-pub static CLIENT_HEADERS: [HeaderName; 5] = [
+/// applications believe the first one they find (the common "real IP" snippet reads
+/// `HTTP_CLIENT_IP` first), so a hosted app's own address checks and logs could be forged.
+pub static CLIENT_HEADERS: [HeaderName; 13] = [
     HeaderName::from_static("forwarded"),
     HeaderName::from_static("x-client-ip"),
     HeaderName::from_static("true-client-ip"),
     HeaderName::from_static("cf-connecting-ip"),
     HeaderName::from_static("x-cluster-client-ip"),
+    HeaderName::from_static("client-ip"),
+    HeaderName::from_static("x-forwarded"),
+    HeaderName::from_static("forwarded-for"),
+    HeaderName::from_static("x-originating-ip"),
+    HeaderName::from_static("x-remote-ip"),
+    HeaderName::from_static("x-remote-addr"),
+    HeaderName::from_static("fastly-client-ip"),
+    HeaderName::from_static("x-proxyuser-ip"),
 ];
+
+/// Headers that override the request path in some PHP frameworks (Symfony, Zend, old
+/// IIS rewrites): they could carry a request past `allow_only`, which judges the path
+/// itself, so they are removed from every peer, trusted or not.
+pub static PATH_OVERRIDE_HEADERS: [HeaderName; 2] = [
+    HeaderName::from_static("x-original-url"),
+    HeaderName::from_static("x-rewrite-url"),
+];
+
+/// Whether a header names a client or overrides the path: one match on the name, so the
+/// common request (none of them) costs a length test per header.
+fn is_untrusted_header(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "forwarded"
+            | "x-client-ip"
+            | "true-client-ip"
+            | "cf-connecting-ip"
+            | "x-cluster-client-ip"
+            | "client-ip"
+            | "x-forwarded"
+            | "forwarded-for"
+            | "x-originating-ip"
+            | "x-remote-ip"
+            | "x-remote-addr"
+            | "fastly-client-ip"
+            | "x-proxyuser-ip"
+            | "x-original-url"
+            | "x-rewrite-url"
+    )
+}
 
 /// What the forwarding headers are made from.
 pub struct Forwarding<'a> {
@@ -101,14 +141,19 @@ pub fn add_forwarding_headers(headers: &mut HeaderMap, f: &Forwarding<'_>) {
     let xff = match f.chain {
         None => {
             // One pass over the request's few names, rather than a lookup per name.
-            if headers.keys().any(|k| CLIENT_HEADERS.contains(k)) {
-                for name in &CLIENT_HEADERS {
+            if headers.keys().any(is_untrusted_header) {
+                for name in CLIENT_HEADERS.iter().chain(&PATH_OVERRIDE_HEADERS) {
                     headers.remove(name);
                 }
             }
             Ok(f.conn_client_value.clone())
         }
         Some(chain) => {
+            if headers.keys().any(is_untrusted_header) {
+                for name in &PATH_OVERRIDE_HEADERS {
+                    headers.remove(name);
+                }
+            }
             let mut text = String::with_capacity(16 * (chain.len() + 1));
             let mut buf = [0u8; 64];
             for ip in chain {
@@ -212,7 +257,7 @@ mod tests {
     fn forward_spoofed(client: &str, conn: &str, chain: Option<&[IpAddr]>) -> HeaderMap {
         let mut h = HeaderMap::new();
         h.insert(&X_FORWARDED_FOR, HeaderValue::from_static("6.6.6.6"));
-        for name in &CLIENT_HEADERS {
+        for name in CLIENT_HEADERS.iter().chain(&PATH_OVERRIDE_HEADERS) {
             h.insert(name, HeaderValue::from_static("6.6.6.6"));
         }
         let host = HeaderValue::from_static("a.test");
@@ -239,7 +284,7 @@ mod tests {
         assert_eq!(h[&X_REAL_IP], "192.0.2.7");
         assert_eq!(h[&X_FORWARDED_PROTO], "https");
         assert_eq!(h[&X_FORWARDED_HOST], "a.test");
-        for name in &CLIENT_HEADERS {
+        for name in CLIENT_HEADERS.iter().chain(&PATH_OVERRIDE_HEADERS) {
             assert!(!h.contains_key(name), "{name}");
         }
     }
@@ -252,6 +297,22 @@ mod tests {
         assert_eq!(h[&X_REAL_IP], "198.51.100.1");
         // A trusted front proxy may set these (a CDN's CF-Connecting-IP): passed on.
         assert!(h.contains_key("cf-connecting-ip"));
+        // A path override is never passed on, whoever sent it.
+        for name in &PATH_OVERRIDE_HEADERS {
+            assert!(!h.contains_key(name), "{name}");
+        }
+    }
+
+    #[test]
+    fn the_quick_name_test_knows_every_listed_header() {
+        for name in CLIENT_HEADERS.iter().chain(&PATH_OVERRIDE_HEADERS) {
+            assert!(is_untrusted_header(name), "{name}");
+        }
+        let listed = CLIENT_HEADERS.len() + PATH_OVERRIDE_HEADERS.len();
+        assert_eq!(listed, 15, "a name added to a list is added to the match too");
+        for name in ["host", "x-forwarded-for", "cookie", "x-real-ip", "accept"] {
+            assert!(!is_untrusted_header(&HeaderName::from_static(name)));
+        }
     }
 
     #[test]

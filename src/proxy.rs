@@ -20,7 +20,8 @@ use crate::access_log::{Entry, LoggedIp};
 use crate::admission::{self, Client};
 pub use crate::answer::{plain, Body, Error};
 use crate::body::UpstreamBody;
-use crate::clients::{ConnSlot, InFlight};
+use crate::clients::{ConnSlot, InFlight, Upload};
+use crate::jail::Watched;
 use crate::headers::{self, format_ip, Forwarding};
 use crate::https;
 use crate::metrics::outcome;
@@ -86,6 +87,10 @@ pub struct Held {
     pub in_flight: Option<InFlight>,
     /// One of the site's `max_upstream_connections`.
     pub upstream: Option<OwnedSemaphorePermit>,
+    /// A streaming upload's place among its client's `limits.max_uploads_per_client`.
+    pub upload: Option<Upload>,
+    /// Its places among the watched requests of the jails that watch it.
+    pub watched: Vec<Watched>,
 }
 
 /// A checked request, as forwarding needs it.
@@ -137,13 +142,13 @@ pub async fn handle(
             debug!(error = %e, "request refused");
             let (resp, site, outcome) = refuse(state, None, Error::Invalid(e));
             logged.log(state, &snap, conn.client, &resp, site, outcome);
-            return Ok((resp, Held::default()));
+            return Ok((for_method(&method, resp), Held::default()));
         }
     };
 
     if let Some(resp) = https::http01_answer(conn.tls, &path) {
         logged.log(state, &snap, client.ip, &resp, "none", outcome::ACME);
-        return Ok((resp, Held::default()));
+        return Ok((for_method(&method, resp), Held::default()));
     }
     let site = snap.site_for(host);
     // The connection's client slot counts its requests in flight, unless X-Forwarded-For
@@ -153,7 +158,17 @@ pub async fn handle(
         .client
         .as_ref()
         .filter(|_| client.ip == conn.client);
-    let admitted = admission::admit(state, &snap, site, (client, conn_slot), &path);
+    let asked = admission::Asked {
+        method: &method,
+        host,
+        path: &path,
+    };
+    let admitted = admission::admit(state, &snap, site, (client, conn_slot), &asked);
+    // Over its requests in flight, a client's request waits its turn (bounded) first.
+    let admitted = match admitted {
+        Ok(a) => take_place(a, &snap.config.limits).await,
+        refused => refused,
+    };
     let mut held = Held::default();
     let (resp, site_name, outcome) = match (site, admitted) {
         (site, Err(refusal)) => refuse(state, site, Error::from(refusal)),
@@ -165,6 +180,7 @@ pub async fn handle(
         }
         (Some(site), Ok(admitted)) => {
             held.in_flight = admitted.in_flight;
+            held.watched = admitted.watched;
             let checked = Checked {
                 client,
                 chain,
@@ -191,12 +207,60 @@ pub async fn handle(
                 }
                 // The client's fault, not the upstream's.
                 Err(e @ (Error::BodyIdle | Error::BodyFailed)) => refuse(state, None, e),
+                // Over the client's uploads: its own limit, not the upstream's failure.
+                Err(e @ Error::RateLimited(_)) => refuse(state, Some(site), e),
                 Err(e) => upstream_failed(site, e),
             }
         }
     };
     logged.log(state, &snap, client.ip, &resp, site_name, outcome);
-    Ok((resp, held))
+    Ok((for_method(&method, resp), held))
+}
+
+/// The answer as the method allows it: no body for HEAD.
+fn for_method(method: &Method, resp: Response<Body>) -> Response<Body> {
+    if method == Method::HEAD {
+        without_body(resp)
+    } else {
+        resp
+    }
+}
+
+/// A HEAD answer of the gateway's own carries no body on either protocol (an HTTP/2 client
+/// takes DATA on a HEAD stream as a protocol error); its Content-Length stays that of GET.
+fn without_body(resp: Response<Body>) -> Response<Body> {
+    use http_body_util::Full;
+    let (mut parts, body) = resp.into_parts();
+    let body = match body {
+        Either::Right(full) => {
+            let len = hyper::body::Body::size_hint(&full).exact().unwrap_or(0);
+            parts
+                .headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+            Either::Right(Full::new(Bytes::new()))
+        }
+        upstream => upstream,
+    };
+    Response::from_parts(parts, body)
+}
+
+/// Waits for the client's place among its requests in flight when admission found them all
+/// taken: up to `limits.upstream_queue_timeout`, then 429 (SPEC 16, 21).
+async fn take_place(
+    mut admitted: admission::Admitted,
+    limits: &crate::config::Limits,
+) -> Result<admission::Admitted, admission::Refusal> {
+    let Some((gate, slot)) = admitted.queued.take() else {
+        return Ok(admitted);
+    };
+    let cap = limits.max_requests_per_client;
+    match gate.enter(cap, limits.upstream_queue_timeout, slot).await {
+        Some(place) => {
+            admitted.in_flight = Some(place);
+            Ok(admitted)
+        }
+        None => Err(admission::Refusal::Busy),
+    }
 }
 
 /// Shows a proxied response, with the request it answers, to the site's jails.
@@ -414,6 +478,14 @@ async fn ready_to_send(
                 crate::body::Error::Idle(_) => Error::BodyIdle,
                 crate::body::Error::Client(_) => Error::BodyFailed,
             })?;
+    // A body too large to read ahead holds an upstream connection for as long as the
+    // client takes to send it: a few per client (exempt clients hold no place).
+    if body.is_streaming() {
+        if let Some(place) = &held.in_flight {
+            let upload = place.gate().upload(limits.max_uploads_per_client);
+            held.upload = Some(upload.ok_or(Error::RateLimited(1))?);
+        }
+    }
     if let Some(slots) = &site.upstream_slots {
         let permit = match slots.clone().try_acquire_owned() {
             Ok(permit) => permit,

@@ -119,8 +119,41 @@ impl AppState {
         Ok(removed)
     }
 
-    /// Bans a client a jail caught: records the offense, then adds a block entry for
-    /// `ban × ban_factor^(earlier offenses)`, capped by `max_ban` and `privacy.max_retention`.
+    /// The slot a jail's bans go to: the global block list, or its own scope.
+    fn jail_slot(jail: &Jail) -> Slot {
+        if jail.config.site_scoped {
+            Slot::Scoped(crate::policy::temporary::Scope::Jail(
+                jail.config.name.as_str().into(),
+            ))
+        } else {
+            Slot::Block
+        }
+    }
+
+    /// Whether a jail's ban holds `ip` now: its failures change nothing then, so one burst
+    /// is one offense, never several.
+    pub fn banned_by_jail(&self, jail: &Jail, ip: std::net::IpAddr) -> bool {
+        match Self::jail_slot(jail) {
+            Slot::Scoped(scope) => self.temp.blocked_in(std::slice::from_ref(&scope), ip),
+            slot => self.temp.table(&slot).contains(ip),
+        }
+    }
+
+    /// A jail's ban, enforced at once in memory for the first offense's length (no request
+    /// of the client is admitted after this returns); [`AppState::jail_ban`] then reads the
+    /// history, lengthens it for a repeat offender and makes it durable.
+    pub fn jail_ban_now(&self, jail: &Jail, target: ipnet::IpNet) {
+        let retention = self.snapshot.load().config.privacy.max_retention;
+        let now = now_ms();
+        let ban = jail.ban_for(0, retention);
+        let entry = Entry::new(now, now + ban.as_millis() as u64, &jail.config.name, None);
+        self.temp
+            .table(&Self::jail_slot(jail))
+            .insert(target, entry);
+    }
+
+    /// Records the offense and makes the jail's ban, escalated by the earlier offenses
+    /// (SPEC 6), durable (SPEC 8).
     pub async fn jail_ban(&self, jail: &Jail, target: ipnet::IpNet) {
         let (retention, log_ip) = {
             let snap = self.snapshot.load();
@@ -150,7 +183,7 @@ impl AppState {
         };
         let ban = jail.ban_for(earlier, retention);
         let reason = format!(
-            "jail {}: {} matching responses within {}",
+            "jail {}: {} failures within {}",
             jail.config.name,
             jail.config.hits,
             humantime::format_duration(jail.config.window)
@@ -161,14 +194,7 @@ impl AppState {
             &jail.config.name,
             Some(&reason),
         );
-        let slot = if jail.config.site_scoped {
-            Slot::Scoped(crate::policy::temporary::Scope::Jail(
-                jail.config.name.as_str().into(),
-            ))
-        } else {
-            Slot::Block
-        };
-        match self.add_entry(slot, target, entry).await {
+        match self.add_entry(Self::jail_slot(jail), target, entry).await {
             Ok(()) => tracing::info!(
                 jail = %jail.config.name,
                 client = %crate::access_log::LoggedIp(target.addr(), log_ip),

@@ -425,6 +425,7 @@ fn two_million_ipv6_clients_stay_within_the_cap() {
             max_ban: Duration::from_secs(3600),
             dry_run: false,
             site_scoped: false,
+            concurrency: u32::MAX,
             log: None,
         },
         cap,

@@ -395,7 +395,7 @@ async fn clients_that_do_not_read_over_tls_hold_little_memory() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_client_has_at_most_its_cap_of_requests_in_flight() {
     let gw = GatewayBuilder::new()
-        .extra("[limits]\nmax_requests_per_client = 2\n")
+        .extra("[limits]\nmax_requests_per_client = 2\nupstream_queue_timeout = \"300ms\"\n")
         .spawn()
         .await;
     let slow = |from: &'static str| async move {
@@ -409,10 +409,13 @@ async fn one_client_has_at_most_its_cap_of_requests_in_flight() {
     );
     let upstream = gw.origin.as_ref().unwrap();
     assert!(eventually(Duration::from_secs(1), || async { upstream.count() == 2 }).await);
-    // Both are in flight (the upstream holds them): a third from the same client is 429 at
-    // once, without reaching the upstream; another client is served.
+    // Both are in flight (the upstream holds them): a third from the same client waits its
+    // turn for the queue timeout, then gets 429 without reaching the upstream; another
+    // client is served.
     let c = connect_from("127.0.0.51", gw.plain).await;
+    let waited = Instant::now();
     assert_eq!(get_on(c, "/", "a.test", &[]).await.0, 429);
+    assert!(waited.elapsed() >= Duration::from_millis(280), "{:?}", waited.elapsed());
     assert_eq!(upstream.count(), 2);
     assert!(started.elapsed() < Duration::from_millis(1500));
     let c = connect_from("127.0.0.52", gw.plain).await;
@@ -461,7 +464,7 @@ async fn a_request_body_that_stops_coming_is_abandoned_after_its_idle_timeout() 
 async fn clients_named_by_a_trusted_proxy_have_their_own_cap_of_requests_in_flight() {
     let gw = GatewayBuilder::new()
         .gateway_keys(r#"trusted_proxies = ["127.9.0.0/16"]"#)
-        .extra("[limits]\nmax_requests_per_client = 1\n")
+        .extra("[limits]\nmax_requests_per_client = 1\nupstream_queue_timeout = \"200ms\"\n")
         .spawn()
         .await;
     let via = |path: &'static str, client: &'static str| async move {
@@ -651,4 +654,32 @@ async fn a_websocket_is_closed_at_shutdown_after_the_grace_period() {
         .await
         .expect("the gateway did not stop")
         .unwrap();
+}
+
+/// Over its cap a client's request waits for a place rather than fail: a browser's burst
+/// (here 20 requests at once against a cap of 2) is served whole, two at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_over_the_cap_of_requests_in_flight_waits_its_turn() {
+    let gw = GatewayBuilder::new()
+        .extra("[limits]\nmax_requests_per_client = 2\n")
+        .spawn()
+        .await;
+    let upstream = gw.origin.as_ref().unwrap();
+    let mut burst = Vec::new();
+    for _ in 0..20 {
+        burst.push(tokio::spawn(async move {
+            let c = connect_from("127.0.0.71", gw.plain).await;
+            get_on(c, "/slow?ms=50", "a.test", &[]).await.0
+        }));
+    }
+    let mut most = 0;
+    while !burst.iter().all(|t| t.is_finished()) {
+        most = most.max(upstream.in_flight());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for t in burst {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    assert!(most <= 2, "{most} in flight at the upstream at once");
+    gw.shutdown().await;
 }

@@ -111,7 +111,7 @@ async fn a_ban_the_disk_refuses_is_enforced_and_written_once_space_returns() {
     for target in accepted.iter().chain(&refused_by_disk) {
         assert!(refused(target, gw.plain).await, "{target}: not enforced");
     }
-    let (_, m) = plain_get(gw.admin, "/metrics", "admin").await;
+    let (_, m) = plain_get(gw.admin, "/metrics", "localhost").await;
     assert!(metric(&m, "ipgate_store_errors_total").unwrap_or(0.0) >= 1.0);
     assert_eq!(
         metric(&m, "ipgate_store_pending_writes"),
@@ -151,7 +151,7 @@ async fn a_ban_the_disk_refuses_is_enforced_and_written_once_space_returns() {
     disk.free();
     assert!(
         eventually(Duration::from_secs(10), || async {
-            let (_, m) = plain_get(gw.admin, "/metrics", "admin").await;
+            let (_, m) = plain_get(gw.admin, "/metrics", "localhost").await;
             metric(&m, "ipgate_store_pending_writes") == Some(0.0)
         })
         .await,

@@ -257,7 +257,7 @@ async fn anonymized_logging_leaves_no_full_client_address_in_any_output() {
     // ...the ban lands (written asynchronously)...
     assert!(
         eventually(Duration::from_secs(3), || async {
-            let (_, m) = plain_get(gw.admin, "/metrics", "admin").await;
+            let (_, m) = plain_get(gw.admin, "/metrics", "localhost").await;
             metric(&m, r#"ipgate_bans_total{source="probe"}"#) == Some(1.0)
         })
         .await,
@@ -266,7 +266,7 @@ async fn anonymized_logging_leaves_no_full_client_address_in_any_output() {
     // ...and a connection the ban closes.
     assert!(refused("127.0.0.77", gw.plain).await);
     // No metric carries an address.
-    let (_, metrics) = plain_get(gw.admin, "/metrics", "admin").await;
+    let (_, metrics) = plain_get(gw.admin, "/metrics", "localhost").await;
     assert!(metrics.contains("ipgate_bans_total"), "{metrics}");
     assert!(
         !metrics.contains("127.0.0."),

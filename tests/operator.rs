@@ -176,7 +176,7 @@ async fn certificate_expiry_is_a_metric_and_listed_by_ipgate_certs() {
     let gw = files.start("info");
     // 2031-05-17T00:00:00Z.
     let a_expiry = 1_936_742_400;
-    let (_, metrics) = plain_get(gw.admin, "/metrics", "admin").await;
+    let (_, metrics) = plain_get(gw.admin, "/metrics", "localhost").await;
     assert_eq!(
         metric(
             &metrics,

@@ -43,7 +43,7 @@ async fn sighup_applies_a_valid_config_and_refuses_a_broken_one() {
     gw.signal("HUP");
     assert!(
         eventually(Duration::from_secs(5), || async {
-            let (_, m) = plain_get(gw.admin, "/metrics", "admin").await;
+            let (_, m) = plain_get(gw.admin, "/metrics", "localhost").await;
             metric(&m, r#"ipgate_config_reloads_total{result="failure"}"#) == Some(1.0)
         })
         .await,
@@ -52,7 +52,7 @@ async fn sighup_applies_a_valid_config_and_refuses_a_broken_one() {
     // The old config is still in force: b.test served, c.test not.
     assert_eq!(plain_get(gw.plain, "/", "b.test").await.0, 200);
     assert_eq!(plain_get(gw.plain, "/", "c.test").await.0, 421);
-    let (_, m) = plain_get(gw.admin, "/metrics", "admin").await;
+    let (_, m) = plain_get(gw.admin, "/metrics", "localhost").await;
     assert_eq!(
         metric(&m, r#"ipgate_config_reloads_total{result="success"}"#),
         Some(1.0)

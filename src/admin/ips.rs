@@ -40,8 +40,8 @@ fn client_state(state: &AppState, ip: IpAddr, erase: bool) -> (Vec<LimitView>, V
         if let Some(c) = j.counter(key) {
             jails.push(CounterView {
                 jail: name.clone(),
-                hits: c.hits,
-                window_started: rfc3339(c.start_ms),
+                hits: c.hits(),
+                window_started: rfc3339(c.start_ms()),
             });
         }
         if erase {

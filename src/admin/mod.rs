@@ -62,8 +62,12 @@ pub(crate) async fn serve_http1<F, Fut>(
             },
         };
         let handler = handler.clone();
+        let local = tcp.local_addr().ok();
         tokio::spawn(async move {
-            let service = service_fn(move |req| {
+            let service = service_fn(move |mut req: Request<Incoming>| {
+                if let Some(local) = local {
+                    req.extensions_mut().insert(LocalAddr(local));
+                }
                 let fut = handler(req);
                 async move { Ok::<_, std::convert::Infallible>(fut.await) }
             });
@@ -80,7 +84,51 @@ pub(crate) async fn serve_http1<F, Fut>(
 
 pub(crate) type AdminBody = Full<Bytes>;
 
+/// The address a local connection was accepted on.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LocalAddr(pub std::net::SocketAddr);
+
+/// Whether the request names the admin listener itself: no Host (HTTP/1.0), `localhost`,
+/// the address it was accepted on (any loopback address when that is loopback), or a name in
+/// `admin.hosts`. A page that rebinds its own name to 127.0.0.1 sends its own name.
+fn own_host(state: &AppState, req: &Request<Incoming>) -> bool {
+    let Some(value) = req.headers().get(header::HOST) else {
+        return req.version() < http::Version::HTTP_11;
+    };
+    let Ok(text) = value.to_str() else {
+        return false;
+    };
+    let Some(host) = crate::host::Host::parse(text) else {
+        return false;
+    };
+    let name = host.name.trim_end_matches('.').to_ascii_lowercase();
+    let bare = name.trim_start_matches('[').trim_end_matches(']');
+    if name == "localhost" {
+        return true;
+    }
+    if let Ok(ip) = bare.parse::<IpAddr>() {
+        let local = req.extensions().get::<LocalAddr>().map(|l| l.0.ip());
+        return local.is_some_and(|l| {
+            let l = l.to_canonical();
+            let ip = ip.to_canonical();
+            ip == l || (l.is_loopback() && ip.is_loopback())
+        });
+    }
+    let snap = state.snapshot.load();
+    snap.config
+        .admin
+        .as_ref()
+        .is_some_and(|a| a.hosts.iter().any(|h| *h == name))
+}
+
 async fn route(state: &AppState, req: Request<Incoming>) -> Response<AdminBody> {
+    if !own_host(state, &req) {
+        return text(
+            StatusCode::MISDIRECTED_REQUEST,
+            "421 this is the admin listener: the Host must be its own address, localhost or a \
+             name in admin.hosts\n",
+        );
+    }
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => {
             if state.draining.load(Ordering::Relaxed) {

@@ -156,6 +156,7 @@ fn admin(r: &mut Report, base: &Path, raw: &RawAdmin) -> Admin {
     Admin {
         addr: socket_addr(r, "admin.addr", &raw.addr).unwrap_or(ADMIN_ADDR),
         token_file: resolve(base, raw.token_file.as_deref().unwrap_or(ADMIN_TOKEN_FILE)),
+        hosts: raw.hosts.iter().map(|h| host_key(h)).collect(),
     }
 }
 
@@ -221,9 +222,23 @@ fn jail(r: &mut Report, key: &str, j: &RawJail, privacy: &Privacy) -> Jail {
             .map_err(|_| r.key(&format!("{key}.method"), format!("'{m}' is not a method")))
             .ok()
     });
-    if j.hits == 0 {
-        r.key(&format!("{key}.hits"), "must be at least 1");
+    if j.hits == 0 || j.hits > MAX_HITS {
+        r.key(
+            &format!("{key}.hits"),
+            format!("must be between 1 and {MAX_HITS}"),
+        );
     }
+    // A login form (a method other than GET or HEAD) gets one attempt in flight per client;
+    // a jail on page views has no cap unless it asks for one.
+    let login = method
+        .as_ref()
+        .is_some_and(|m| *m != http::Method::GET && *m != http::Method::HEAD);
+    let concurrency = match j.concurrency {
+        Some(0) => u32::MAX,
+        Some(n) => n,
+        None if login => 1,
+        None => u32::MAX,
+    };
     for (k, s) in j.status.iter().enumerate() {
         if !(100..=599).contains(s) {
             r.key(
@@ -270,6 +285,7 @@ fn jail(r: &mut Report, key: &str, j: &RawJail, privacy: &Privacy) -> Jail {
                 false
             }
         },
+        concurrency,
         log: None,
     }
 }
@@ -530,6 +546,10 @@ fn limits(r: &mut Report, l: &RawLimits) -> Limits {
         max_requests_per_client: l
             .max_requests_per_client
             .unwrap_or(MAX_REQUESTS_PER_CLIENT)
+            .max(1),
+        max_uploads_per_client: l
+            .max_uploads_per_client
+            .unwrap_or(MAX_UPLOADS_PER_CLIENT)
             .max(1),
         max_header_bytes,
         http2_max_streams: l.http2_max_streams.unwrap_or(HTTP2_MAX_STREAMS),

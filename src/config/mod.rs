@@ -148,6 +148,10 @@ pub struct CertificateFiles {
 pub struct Admin {
     pub addr: SocketAddr,
     pub token_file: PathBuf,
+    /// Names (lower case, no trailing dot) the listener answers to besides its own address
+    /// and `localhost`: any other Host gets 421, so a DNS-rebinding page in the operator's
+    /// browser cannot read the listener.
+    pub hosts: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -243,6 +247,9 @@ pub struct Jail {
     pub dry_run: bool,
     /// `scope = "site"`: its bans hold only on the sites that name the jail.
     pub site_scoped: bool,
+    /// Requests it watches that one client may have in flight at once (SPEC 21); more get
+    /// 429 at once. `u32::MAX`: no cap.
+    pub concurrency: u32,
     /// `log`: the jail counts lines of these files instead of responses (SPEC 20).
     pub log: Option<LogSource>,
 }
@@ -346,9 +353,14 @@ pub struct Limits {
     /// A response the client stops reading (while the upstream has more) for this long is
     /// given up and its connection closed.
     pub write_idle_timeout: Duration,
-    /// Requests of one client in flight at once (IPv6: per prefix), across its connections;
-    /// more get 429. Allow-listed clients and trusted proxies are exempt.
+    /// Requests of one client in flight at once (IPv6: per prefix), across its connections,
+    /// each holding at most one upstream connection; more wait for a place up to
+    /// `upstream_queue_timeout`, then get 429. Allow-listed clients and trusted proxies are
+    /// exempt.
     pub max_requests_per_client: u32,
+    /// Of those, requests whose body is too large to read ahead (`request_buffer_bytes`)
+    /// and so streams to the upstream as slowly as the client sends it; more get 429.
+    pub max_uploads_per_client: u32,
     /// A request body with no data from the client for this long is abandoned (the upstream
     /// request ends with an error), so a slow body holds no upstream worker for long.
     pub body_idle_timeout: Duration,

@@ -113,6 +113,9 @@ pub struct RawCertificate {
 pub struct RawAdmin {
     pub addr: String,
     pub token_file: Option<String>,
+    /// Host names the admin listener answers to besides its own address and `localhost`.
+    #[serde(default)]
+    pub hosts: Vec<String>,
 }
 
 /// `[privacy]`: the retention cap on IP-keyed data and how logs show addresses.
@@ -171,6 +174,8 @@ pub struct RawJail {
     pub dry_run: bool,
     /// "global" (default) or "site".
     pub scope: Option<String>,
+    /// Watched requests per client in flight (0: no cap).
+    pub concurrency: Option<u32>,
     /// A jail fed by log files instead of responses.
     pub log: Option<RawLogSource>,
 }
@@ -234,6 +239,7 @@ pub struct RawLimits {
     pub upgrade_idle_timeout: Option<String>,
     pub write_idle_timeout: Option<String>,
     pub max_requests_per_client: Option<u32>,
+    pub max_uploads_per_client: Option<u32>,
     pub body_idle_timeout: Option<String>,
     pub request_buffer_bytes: Option<usize>,
     pub upstream_queue_timeout: Option<String>,

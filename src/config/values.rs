@@ -24,7 +24,13 @@ pub const MAX_CONNECTIONS_PER_CLIENT: u32 = 256;
 pub const HTTP2_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const UPGRADE_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 pub const WRITE_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-pub const MAX_REQUESTS_PER_CLIENT: u32 = 1024;
+/// A quarter of Apache's default 150 workers (37), rounded down to a power of two: one
+/// address cannot hold a hosted site's PHP pool, while a browser's burst (6 HTTP/1.1
+/// connections, or 100 HTTP/2 streams of small requests) waits its turn in the queue.
+pub const MAX_REQUESTS_PER_CLIENT: u32 = 32;
+/// Streaming uploads of one client at once (Nextcloud's desktop client sends 6 files in
+/// parallel).
+pub const MAX_UPLOADS_PER_CLIENT: u32 = 8;
 pub const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(20);
 pub const REQUEST_BUFFER_BYTES: usize = 64 * 1024;
 /// Largest `limits.request_buffer_bytes`: memory a client can hold per request in flight.
@@ -41,6 +47,8 @@ pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 pub const REQUESTS_PER_SECOND: f64 = 50.0;
 pub const BURST: u32 = 100;
 pub const IPV6_PREFIX: u8 = 64;
+/// Largest `jail.hits`: a client's counter keeps the time of each failure in the window.
+pub const MAX_HITS: u32 = 1000;
 
 /// A route or jail path prefix, in the normal form request paths are matched in (SPEC 13).
 pub(super) fn match_path(r: &mut Report, key: &str, text: &str) -> String {

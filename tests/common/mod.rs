@@ -101,6 +101,33 @@ pub struct Upstream {
     pub addr: SocketAddr,
     /// `METHOD target` of every request received, in order.
     pub seen: Arc<std::sync::Mutex<Vec<String>>>,
+    /// Requests being handled now (from the head until the answer's head), and the most
+    /// at once.
+    pub busy: Arc<Busy>,
+}
+
+/// Requests an upstream is handling now, and the most it handled at once.
+#[derive(Default)]
+pub struct Busy {
+    now: std::sync::atomic::AtomicUsize,
+    most: std::sync::atomic::AtomicUsize,
+}
+
+struct BusyGuard(Arc<Busy>);
+
+impl Busy {
+    fn enter(self: &Arc<Self>) -> BusyGuard {
+        use std::sync::atomic::Ordering::SeqCst;
+        let n = self.now.fetch_add(1, SeqCst) + 1;
+        self.most.fetch_max(n, SeqCst);
+        BusyGuard(self.clone())
+    }
+}
+
+impl Drop for BusyGuard {
+    fn drop(&mut self) {
+        self.0.now.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl Upstream {
@@ -108,19 +135,27 @@ impl Upstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let seen: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+        let busy: Arc<Busy> = Arc::default();
         let log = seen.clone();
+        let counted = busy.clone();
         tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
                     continue;
                 };
                 let log = log.clone();
+                let counted = counted.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |req: Request<Incoming>| {
                         log.lock()
                             .unwrap()
                             .push(format!("{} {}", req.method(), req.uri()));
-                        upstream_handle(req)
+                        let guard = counted.enter();
+                        async move {
+                            let resp = upstream_handle(req).await;
+                            drop(guard);
+                            resp
+                        }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(tcp), service)
@@ -129,7 +164,17 @@ impl Upstream {
                 });
             }
         });
-        Upstream { addr, seen }
+        Upstream { addr, seen, busy }
+    }
+
+    /// Requests being handled now.
+    pub fn in_flight(&self) -> usize {
+        self.busy.now.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The most requests handled at once so far.
+    pub fn most_in_flight(&self) -> usize {
+        self.busy.most.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// How many requests the upstream has received.
@@ -654,7 +699,7 @@ impl TestGateway {
     }
 
     pub async fn metrics(&self) -> String {
-        let (status, body) = plain_get(self.admin, "/metrics", "admin").await;
+        let (status, body) = plain_get(self.admin, "/metrics", "localhost").await;
         assert_eq!(status, 200);
         body
     }
@@ -1037,7 +1082,7 @@ pub async fn admin_call(
     let mut req = Request::builder()
         .method(method)
         .uri(path)
-        .header("host", "admin");
+        .header("host", admin.to_string());
     if let Some(t) = token {
         req = req.header("authorization", format!("Bearer {t}"));
     }
