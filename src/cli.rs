@@ -85,6 +85,23 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Jails: try a log jail on a log.
+    #[command(subcommand)]
+    Jail(JailCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JailCommand {
+    /// Run a log jail's parsing and patterns over a log, banning nobody: lines read,
+    /// matched and ignored, the addresses it would count, and the first lines that did not
+    /// parse (like fail2ban-regex).
+    Test {
+        /// The jail's name in the config.
+        name: String,
+        /// A log file, or - for standard input (journalctl --output=json lines are read as
+        /// journal entries); default: the jail's own files or journal, from their start.
+        input: Option<String>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -199,7 +216,7 @@ pub async fn admin_command(cli: &Cli, command: &Command) -> anyhow::Result<()> {
         Command::Forget { ip } => forget(&client, ip).await,
         Command::Reload => reload(&client).await,
         Command::Certs { json } => certs(&client, *json).await,
-        Command::Run | Command::Check => Ok(()),
+        Command::Run | Command::Check | Command::Jail(_) => Ok(()),
     }
 }
 

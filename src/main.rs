@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use ipgate::cli::{Cli, Command};
+use ipgate::cli::{Cli, Command, JailCommand};
 use ipgate::config::Config;
 use ipgate::metrics::Metrics;
 use ipgate::state::Snapshot;
@@ -22,6 +22,7 @@ fn main() -> ExitCode {
     match cli.command.as_ref().unwrap_or(&Command::Run) {
         Command::Check => check(&cli.config),
         Command::Run => run(&cli.config),
+        Command::Jail(JailCommand::Test { name, input }) => jail_test(&cli.config, name, input),
         command => admin(&cli, command),
     }
 }
@@ -41,14 +42,34 @@ fn admin(cli: &Cli, command: &Command) -> ExitCode {
     }
 }
 
+fn jail_test(path: &std::path::Path, name: &str, input: &Option<String>) -> ExitCode {
+    let result = Config::load(path)
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .and_then(|c| ipgate::logjail::dry::run(&c, name, input.as_deref()));
+    match result {
+        Ok(report) => {
+            print!("{report}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("ipgate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn check(path: &std::path::Path) -> ExitCode {
     let result = Config::load(path).and_then(|c| {
         let firewall = c.firewall.clone();
-        Snapshot::build(c, &Metrics::new(), None).map(|_| firewall)
+        let notes = c.notes();
+        Snapshot::build(c, &Metrics::new(), None).map(|_| (firewall, notes))
     });
     match result {
-        Ok(firewall) => {
+        Ok((firewall, notes)) => {
             println!("{}: ok", path.display());
+            for note in notes {
+                eprintln!("{}: note: {note}", path.display());
+            }
             if let Some(f) = firewall {
                 // Not a config error (the service may hold the right); said all the same.
                 if !ipgate::firewall::has_net_admin() {

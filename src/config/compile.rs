@@ -211,6 +211,12 @@ fn jails(r: &mut Report, base: &Path, raw: &[RawJail], privacy: &Privacy) -> Vec
         }
         let mut jail = jail(r, &key, j, privacy);
         jail.log = j.log.as_ref().map(|l| log_source(r, &key, base, j, l));
+        if j.log.is_none() && j.journal.is_some() {
+            r.key(
+                &format!("{key}.journal"),
+                "a journal is read by a log jail: give log = { match = ... } beside it",
+            );
+        }
         jails.push(jail);
     }
     jails
@@ -290,7 +296,7 @@ fn jail(r: &mut Report, key: &str, j: &RawJail, privacy: &Privacy) -> Jail {
     }
 }
 
-/// `jail.log`: its files and patterns; a log jail has no response keys.
+/// `jail.log`: its files or journal, tags and patterns; a log jail has no response keys.
 fn log_source(r: &mut Report, key: &str, base: &Path, j: &RawJail, l: &RawLogSource) -> LogSource {
     let response_keys = [
         ("method", j.method.is_some()),
@@ -299,6 +305,7 @@ fn log_source(r: &mut Report, key: &str, base: &Path, j: &RawJail, l: &RawLogSou
         ("status", !j.status.is_empty()),
         ("location", j.location.is_some()),
         ("scope", j.scope.is_some()),
+        ("concurrency", j.concurrency.is_some()),
     ];
     for (name, set) in response_keys {
         if set {
@@ -308,11 +315,56 @@ fn log_source(r: &mut Report, key: &str, base: &Path, j: &RawJail, l: &RawLogSou
             );
         }
     }
-    if l.files.is_empty() {
-        r.key(&format!("{key}.log.files"), "at least one file is needed");
+    let journal = match (&l.journal, &j.journal) {
+        (Some(_), Some(_)) => {
+            r.key(&format!("{key}.journal"), "given twice: in log and beside it");
+            None
+        }
+        (Some(raw), None) | (None, Some(raw)) => Some(journal(r, &format!("{key}.log.journal"), base, raw)),
+        (None, None) => None,
+    };
+    match (l.files.is_empty(), &journal) {
+        (true, None) => r.key(
+            &format!("{key}.log.files"),
+            "a log jail follows files or the journal: give log.files or log.journal",
+        ),
+        (false, Some(_)) => r.key(
+            &format!("{key}.log.journal"),
+            "a log jail follows files or the journal, not both",
+        ),
+        _ => {}
+    }
+    let format = match l.format.as_deref() {
+        None | Some("auto") => LogFormat::Auto,
+        Some("syslog") => LogFormat::Syslog,
+        Some("plain") => LogFormat::Plain,
+        Some(other) => {
+            r.key(
+                &format!("{key}.log.format"),
+                format!("'{other}': \"auto\", \"syslog\" or \"plain\""),
+            );
+            LogFormat::Auto
+        }
+    };
+    if format == LogFormat::Plain && !l.tags.is_empty() {
+        r.key(
+            &format!("{key}.log.tags"),
+            "a plain log's lines have no tag: leave tags out, or read it as syslog",
+        );
+    }
+    for (k, t) in l.tags.iter().enumerate() {
+        if t.is_empty() || t.chars().any(|c| c.is_whitespace() || matches!(c, '[' | ']' | ':')) {
+            r.key(
+                &format!("{key}.log.tags[{k}]"),
+                format!("'{t}' is not a syslog tag (no space, '[', ']' or ':')"),
+            );
+        }
     }
     let source = LogSource {
         files: l.files.iter().map(|f| resolve(base, f)).collect(),
+        journal,
+        tags: l.tags.clone(),
+        format,
         pattern: l.pattern.clone(),
         ignore: l.ignore.clone(),
     };
@@ -323,6 +375,37 @@ fn log_source(r: &mut Report, key: &str, base: &Path, j: &RawJail, l: &RawLogSou
         r.key(&format!("{key}.log.ignore"), e);
     }
     source
+}
+
+/// `jail.log.journal`: units or identifiers, and the folder.
+fn journal(r: &mut Report, key: &str, base: &Path, raw: &RawJournal) -> Journal {
+    if raw.units.is_empty() && raw.identifiers.is_empty() {
+        r.key(
+            key,
+            "name the units (units = [\"ssh.service\"]) or syslog identifiers to follow",
+        );
+    }
+    let plain = |s: &String| {
+        !s.is_empty() && !s.starts_with('-') && !s.chars().any(|c| c.is_whitespace() || c == '=')
+    };
+    for (k, u) in raw.units.iter().enumerate() {
+        if !plain(u) {
+            r.key(&format!("{key}.units[{k}]"), format!("'{u}' is not a unit name"));
+        }
+    }
+    for (k, i) in raw.identifiers.iter().enumerate() {
+        if !plain(i) {
+            r.key(
+                &format!("{key}.identifiers[{k}]"),
+                format!("'{i}' is not a syslog identifier"),
+            );
+        }
+    }
+    Journal {
+        units: raw.units.clone(),
+        identifiers: raw.identifiers.clone(),
+        directory: raw.directory.as_ref().map(|d| resolve(base, d)),
+    }
 }
 
 /// What a site needs to check its references against.

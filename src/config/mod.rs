@@ -254,21 +254,55 @@ pub struct Jail {
     pub log: Option<LogSource>,
 }
 
-/// What a log jail follows and counts.
+/// What a log jail follows and counts (SPEC 20, 21).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogSource {
     pub files: Vec<PathBuf>,
+    /// The systemd journal instead of files.
+    pub journal: Option<Journal>,
+    /// Syslog tags whose messages count (`*` stands for any run of characters but `/`);
+    /// empty: any tag, and any line.
+    pub tags: Vec<String>,
+    pub format: LogFormat,
     /// The `match` regex as written, `<ADDR>` and all.
     pub pattern: String,
     pub ignore: Option<String>,
 }
 
+/// How the lines of a followed file are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// A syslog line's prefix (traditional or RFC 3339 time stamp, host, tag, PID) is parsed
+    /// and `match` sees the message; a line without one is seen whole, unless `tags` are set.
+    Auto,
+    /// Only syslog lines count; `match` sees their message.
+    Syslog,
+    /// The whole line is the message (an application's own log, like Roundcube's).
+    Plain,
+}
+
+/// `jail.log.journal`: the systemd journal entries a log jail follows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Journal {
+    /// Units (`ssh.service`): entries of their processes (the journal's trusted
+    /// `_SYSTEMD_UNIT`).
+    pub units: Vec<String>,
+    /// Syslog identifiers (`sshd`, `postfix/smtpd`).
+    pub identifiers: Vec<String>,
+    /// A journal folder other than the system's (`journalctl --directory`).
+    pub directory: Option<PathBuf>,
+}
+
 /// What stands for the client address in a log jail's `match` pattern.
 pub const ADDR: &str = "<ADDR>";
+/// What stands for the address a line says the client came through (Roundcube's direct
+/// peer): it must be this host, or a trusted proxy, or the line does not count.
+pub const PROXY: &str = "<PROXY>";
 
 impl LogSource {
     /// The `match` pattern as a regex: `<ADDR>` becomes a group named `addr` that takes an
-    /// IPv4 or IPv6 address (checked again when parsed). Linear time (the regex crate).
+    /// IPv4 or IPv6 address (checked again when parsed), `<PROXY>` one named `proxy`.
+    /// Linear time (the regex crate).
     pub fn regex(&self) -> Result<regex::Regex, String> {
         let n = self.pattern.matches(ADDR).count();
         if n != 1 {
@@ -276,11 +310,38 @@ impl LogSource {
                 "needs exactly one {ADDR} where the client address is (found {n})"
             ));
         }
-        let source = self.pattern.replace(ADDR, r"(?P<addr>[0-9A-Fa-f:.]{2,45})");
+        if self.pattern.matches(PROXY).count() > 1 {
+            return Err(format!("{PROXY} may stand once at most"));
+        }
+        let source = self
+            .pattern
+            .replace(ADDR, r"(?P<addr>[0-9A-Fa-f:.]{2,45})")
+            .replace(PROXY, r"(?P<proxy>[0-9A-Fa-f:.]{2,45})");
         regex::RegexBuilder::new(&source)
             .size_limit(1 << 20)
             .build()
             .map_err(|e| format!("not a valid pattern: {e}"))
+    }
+
+    /// Whether the pattern is anchored at both ends of the message (`^...$`): a pattern
+    /// that is not can find a failure line quoted inside another message.
+    pub fn anchored(&self) -> bool {
+        let p = self.pattern.trim();
+        (p.starts_with('^') || p.starts_with(r"\A"))
+            && (p.ends_with('$') && !p.ends_with(r"\$") || p.ends_with(r"\z"))
+    }
+
+    /// The tags as one anchored regex, or `None` when any tag counts.
+    pub fn tags_regex(&self) -> Option<regex::Regex> {
+        if self.tags.is_empty() {
+            return None;
+        }
+        let alts: Vec<String> = self
+            .tags
+            .iter()
+            .map(|t| regex::escape(t).replace(r"\*", "[^/]*"))
+            .collect();
+        regex::Regex::new(&format!("^(?:{})$", alts.join("|"))).ok()
     }
 
     pub fn ignore_regex(&self) -> Result<Option<regex::Regex>, String> {
@@ -375,6 +436,32 @@ pub struct Limits {
 pub const DEFAULT_CONFIG_PATH: &str = "config/ipgate.toml";
 
 impl Config {
+    /// What `ipgate check` says of a config that loads but may not do what its author
+    /// meant: log patterns not anchored at both ends, syslog jails that take any program's
+    /// messages. Each names the jail's key.
+    pub fn notes(&self) -> Vec<String> {
+        let mut notes = Vec::new();
+        for (i, j) in self.jails.iter().enumerate() {
+            let Some(log) = &j.log else { continue };
+            if !log.anchored() {
+                notes.push(format!(
+                    "jail[{i}].log.match ('{}'): not anchored at both ends of the message \
+                     (^...$), so it also finds a failure line quoted inside another message \
+                     (a user name, a HELO, a file name)",
+                    j.name
+                ));
+            }
+            if log.tags.is_empty() && log.format != LogFormat::Plain && log.journal.is_none() {
+                notes.push(format!(
+                    "jail[{i}].log.tags ('{}'): none, so the messages of every program in the \
+                     file count; name the daemon's tags (tags = [\"sshd\", \"sshd-session\"])",
+                    j.name
+                ));
+            }
+        }
+        notes
+    }
+
     /// The files this config reads besides itself, re-read when they change: list files,
     /// certificate chains and keys.
     pub fn watched_files(&self) -> impl Iterator<Item = &Path> {

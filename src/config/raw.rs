@@ -178,18 +178,39 @@ pub struct RawJail {
     pub concurrency: Option<u32>,
     /// A jail fed by log files instead of responses.
     pub log: Option<RawLogSource>,
+    /// `journal` beside `log` (rather than inside it) means the same.
+    pub journal: Option<RawJournal>,
 }
 
 /// `jail.log`: the files a log jail follows and the line that counts.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawLogSource {
+    #[serde(default)]
     pub files: Vec<String>,
+    /// The systemd journal instead of files.
+    pub journal: Option<RawJournal>,
+    /// The syslog tags (program names) whose messages count; empty: any.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// "auto" (default), "syslog" or "plain".
+    pub format: Option<String>,
     /// A regex with one `<ADDR>` where the client address is.
     #[serde(rename = "match")]
     pub pattern: String,
     /// A regex: matching lines that also match this one do not count.
     pub ignore: Option<String>,
+}
+
+/// `jail.log.journal`: which journal entries a log jail follows.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawJournal {
+    #[serde(default)]
+    pub units: Vec<String>,
+    #[serde(default)]
+    pub identifiers: Vec<String>,
+    pub directory: Option<String>,
 }
 
 /// One `[[site]]`: its hosts, upstream and policy.
