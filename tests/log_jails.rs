@@ -531,3 +531,196 @@ async fn the_ready_log_jails_match_their_daemons_lines_and_cannot_be_aimed() {
         }
     }
 }
+
+/// The journal's export format for one entry of `unit` with `identifier`, written now.
+fn journal_entry(unit: &str, identifier: &str, message: &str) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros();
+    format!(
+        "__REALTIME_TIMESTAMP={now}\n__MONOTONIC_TIMESTAMP={now}\n\
+         _BOOT_ID=0123456789abcdef0123456789abcdef\n_HOSTNAME=web1\n_PID=812\n\
+         _COMM={identifier}\n_SYSTEMD_UNIT={unit}\nSYSLOG_IDENTIFIER={identifier}\n\
+         MESSAGE={message}\n\n"
+    )
+}
+
+/// Writes entries into `file` with systemd-journal-remote (Debian package
+/// systemd-journal-remote), as journald would have.
+fn write_journal(file: &Path, entries: &str) {
+    let tool = ["/lib/systemd/systemd-journal-remote", "/usr/lib/systemd/systemd-journal-remote"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("systemd-journal-remote is missing: apt install systemd-journal-remote (scripts/test does)");
+    let mut child = std::process::Command::new(tool)
+        .arg(format!("--output={}", file.display()))
+        .arg("-")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(entries.as_bytes()).unwrap();
+    assert!(child.wait().unwrap().success());
+}
+
+/// The ready sshd jail on a real journal folder, written by systemd-journal-remote: it
+/// follows new entries of its unit (not another unit's, whatever their identifier says),
+/// through a rotation, and after a restart resumes where it stopped, so entries written
+/// while it was down still count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_jail_follows_the_journal_through_rotation_and_resumes_after_a_restart() {
+    let ready = ready_jail("sshd", "x");
+    let jail = ready.replace(
+        r#"files = ["x"]"#,
+        r#"journal = { units = ["ssh.service"], directory = "journal" }"#,
+    );
+    let files = GatewayBuilder::new()
+        .file("journal/.keep", "")
+        .extra(&jail)
+        .files()
+        .await;
+    let dir = files.dir.path().join("journal");
+    let active = dir.join("system.journal");
+    let failed = |ip: &str| {
+        journal_entry(
+            "ssh.service",
+            "sshd-session",
+            &format!("Failed password for root from {ip} port 22 ssh2"),
+        )
+    };
+    // One entry before the gateway starts: it follows from the end, so this never counts.
+    write_journal(&active, &failed("127.0.0.80").repeat(4));
+    let gw = files.start("info");
+    let token = std::fs::read_to_string(files.token_file()).unwrap();
+    let lookup = |ip: &'static str| {
+        let token = token.trim().to_string();
+        let admin = gw.admin;
+        async move {
+            admin_call(admin, "GET", &format!("/v1/ips/{ip}"), None, Some(&token))
+                .await
+                .1
+        }
+    };
+    let banned = |ip: &'static str| {
+        let lookup = &lookup;
+        async move { banned_by(&lookup(ip).await, "sshd") }
+    };
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Five failures of ssh.service from .77; the same message from another unit names .78.
+    let mut entries = failed("127.0.0.77").repeat(5);
+    entries.push_str(&journal_entry(
+        "cron.service",
+        "sshd-session",
+        "Failed password for root from 127.0.0.78 port 22 ssh2",
+    ).repeat(6));
+    write_journal(&active, &entries);
+    assert!(eventually(Duration::from_secs(5), || banned("127.0.0.77")).await);
+    assert!(!banned("127.0.0.78").await, "another unit's entry counted");
+    // Journald's rotation: the active file archived, a new one started.
+    std::fs::rename(&active, dir.join("system@0000000000000001-0000000000000001.journal~")).unwrap();
+    write_journal(&active, &failed("127.0.0.79").repeat(5));
+    assert!(eventually(Duration::from_secs(5), || banned("127.0.0.79")).await);
+    // Down, three failures of .81 are written; after the restart two more ban it: the three
+    // were read from the saved cursor. (.80's four entries from before the first start were
+    // skipped and stay so.)
+    gw.signal("TERM");
+    gw.wait().await;
+    write_journal(&active, &failed("127.0.0.81").repeat(3));
+    let gw = files.start("info");
+    let lookup2 = |ip: &'static str| {
+        let token = token.trim().to_string();
+        let admin = gw.admin;
+        async move {
+            admin_call(admin, "GET", &format!("/v1/ips/{ip}"), None, Some(&token))
+                .await
+                .1
+        }
+    };
+    let counted = eventually(Duration::from_secs(5), || async {
+        lookup2("127.0.0.81").await["jail_counters"][0]["hits"] == 3
+    })
+    .await;
+    assert!(counted, "{}", lookup2("127.0.0.81").await);
+    write_journal(&active, &failed("127.0.0.81").repeat(2));
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            banned_by(&lookup2("127.0.0.81").await, "sshd")
+        })
+        .await
+    );
+    assert!(!banned_by(&lookup2("127.0.0.80").await, "sshd"));
+    gw.signal("TERM");
+    gw.wait().await;
+}
+
+/// `ipgate jail test` reads a log as the jail would, bans nobody, and says what it found,
+/// line by line of its report.
+#[test]
+fn jail_test_reports_what_a_log_jail_would_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("ipgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[gateway]\nstate_dir = \"state\"\n[[listener]]\naddr = \"127.0.0.1:0\"\ntls = false\n\
+             [[site]]\nhosts = [\"*\"]\nupstream = \"http://127.0.0.1:9\"\n{}",
+            ready_jail("sshd", "auth.log")
+        ),
+    )
+    .unwrap();
+    let log = [
+        "Dec  1 10:00:00 web1 sshd[812]: Failed password for root from 192.0.2.7 port 1 ssh2",
+        "2026-12-01T10:00:01.5+01:00 web1 sshd-session[813]: Failed password for root from 192.0.2.7 port 2 ssh2",
+        "Dec  1 10:00:02 web1 sshd[814]: Invalid user x from 2001:db8::5 port 3",
+        "Dec  1 10:00:02 web1 sshd[814]: Failed password for invalid user x from 2001:db8::5 port 3 ssh2",
+        "Dec  1 10:00:03 web1 CRON[9]: Failed password for root from 192.0.2.99 port 4 ssh2",
+        "Dec  1 10:00:04 web1 sshd[815]: Accepted password for ops from 192.0.2.8 port 5 ssh2",
+        "garbage without a prefix",
+        r#"{"MESSAGE":"Failed password for root from 192.0.2.7 port 6 ssh2","SYSLOG_IDENTIFIER":"sshd-session","__CURSOR":"c"}"#,
+    ]
+    .join("\n");
+    std::fs::write(dir.path().join("auth.log"), &log).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ipgate"))
+        .args(["jail", "test", "sshd", "-c"])
+        .arg(&config)
+        .arg(dir.path().join("auth.log"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let want = [
+        "jail sshd",
+        "lines read: 8",
+        "lines matched: 4",
+        "lines ignored: 1",
+        "lines of other tags: 1",
+        "lines not through a proxy: 0",
+        "lines not parsed: 1",
+        "addresses it would count: 2 (a ban at 5 within 10m)",
+        "  192.0.2.7 3",
+        "  2001:db8::5 1",
+        "first lines not parsed:",
+        "  7: garbage without a prefix",
+    ];
+    assert_eq!(text.lines().collect::<Vec<_>>(), want, "{text}");
+    // Standard input, and a jail that reads responses.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ipgate"))
+        .args(["jail", "test", "sshd", "-", "-c"])
+        .arg(&config)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(log.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("lines matched: 4"));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ipgate"))
+        .args(["jail", "test", "nosuch", "-c"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no jail named 'nosuch'"));
+}
