@@ -359,6 +359,7 @@ pub const PROXY_LISTENER: &str = "\n[[listener]]\naddr = \"127.0.0.1:0\"\nproxy_
 #[derive(Clone, Default)]
 pub struct GatewayBuilder {
     gateway_keys: String,
+    admin_keys: String,
     sites: Option<String>,
     extra: String,
     upstream: Option<SocketAddr>,
@@ -389,6 +390,13 @@ impl GatewayBuilder {
     }
 
     /// More `[gateway]` keys (`trusted_proxies = [...]`, `default_ban = ...`), appended.
+    /// More keys in `[admin]`.
+    pub fn admin_keys(mut self, keys: &str) -> Self {
+        self.admin_keys.push_str(keys);
+        self.admin_keys.push('\n');
+        self
+    }
+
     pub fn gateway_keys(mut self, keys: &str) -> Self {
         self.gateway_keys.push_str(keys);
         self.gateway_keys.push('\n');
@@ -473,7 +481,7 @@ certificates = [{{ cert = "a.crt", key = "a.key" }}, {{ cert = "b.crt", key = "b
 [admin]
 addr = "127.0.0.1:0"
 token_file = "admin.token"
-
+{admin_keys}
 [log]
 access = "{access}"
 
@@ -481,6 +489,7 @@ access = "{access}"
 {sites}
 "#,
             keys = self.gateway_keys,
+            admin_keys = self.admin_keys,
             extra = self.extra,
             redirect = self.redirect_https,
             plain_port = self.ports.map_or(0, |p| p.0),
