@@ -108,7 +108,10 @@ pub fn admit(
         },
         None => {
             // A client named by X-Forwarded-For: its entry lives while its requests do.
-            let slot = state.in_flight.acquire(key, u32::MAX).ok_or(Refusal::Busy)?;
+            let slot = state
+                .in_flight
+                .acquire(key, u32::MAX)
+                .ok_or(Refusal::Busy)?;
             match slot.enter(cap) {
                 Some(f) => (Some(f.keeping(slot)), None),
                 None => (None, Some((slot.gate().clone(), Some(slot)))),

@@ -436,10 +436,16 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!waiter.is_finished(), "waits while the place is taken");
         drop(first);
-        assert!(waiter.await.unwrap(), "the freed place goes to the waiting request");
+        assert!(
+            waiter.await.unwrap(),
+            "the freed place goes to the waiting request"
+        );
         let held = slot.enter(1).unwrap();
         let start = std::time::Instant::now();
-        assert!(gate.enter(1, Duration::from_millis(100), None).await.is_none());
+        assert!(gate
+            .enter(1, Duration::from_millis(100), None)
+            .await
+            .is_none());
         assert!(start.elapsed() >= Duration::from_millis(100));
         drop(held);
         assert_eq!(gate.in_flight(), 0);

@@ -309,7 +309,10 @@ mod tests {
             assert!(is_untrusted_header(name), "{name}");
         }
         let listed = CLIENT_HEADERS.len() + PATH_OVERRIDE_HEADERS.len();
-        assert_eq!(listed, 15, "a name added to a list is added to the match too");
+        assert_eq!(
+            listed, 15,
+            "a name added to a list is added to the match too"
+        );
         for name in ["host", "x-forwarded-for", "cookie", "x-real-ip", "accept"] {
             assert!(!is_untrusted_header(&HeaderName::from_static(name)));
         }

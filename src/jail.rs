@@ -223,7 +223,10 @@ mod tests {
         assert!(!j.observe_at(7, t0));
         assert!(!j.observe_at(7, t0 + 2_750));
         assert!(!j.observe_at(7, t0 + 3_150), "0 s has left the window");
-        assert!(j.observe_at(7, t0 + 3_150), "2.75, 3.15, 3.15 are within 3 s");
+        assert!(
+            j.observe_at(7, t0 + 3_150),
+            "2.75, 3.15, 3.15 are within 3 s"
+        );
         // Spread out, no three fall within 3 s: no ban.
         for k in 0..10 {
             assert!(!j.observe_at(8, t0 + k * 1_600), "failure {k}");
@@ -234,14 +237,20 @@ mod tests {
     fn watched_requests_are_capped_per_client_and_given_back() {
         let j = jail(3);
         let first = j.enter(7).expect("one in flight");
-        assert!(j.enter(7).is_none(), "concurrency 1: a second waits its turn");
+        assert!(
+            j.enter(7).is_none(),
+            "concurrency 1: a second waits its turn"
+        );
         let other = j.enter(8);
         assert!(other.is_some(), "another client is not affected");
         drop(first);
         let again = j.enter(7);
         assert!(again.is_some());
         drop((again, other));
-        assert!(j.in_flight.is_empty(), "no client is kept without a request");
+        assert!(
+            j.in_flight.is_empty(),
+            "no client is kept without a request"
+        );
     }
 
     #[test]

@@ -87,7 +87,14 @@ async fn forty_streams_at_once_reach_the_upstream_at_most_hits_plus_concurrency_
     assert!(reached <= 3 + 1, "{reached} guesses reached the upstream");
     assert!(reached >= 3, "the jail needs its 3 failures: {reached}");
     assert!(statuses.contains(&403), "never banned: {statuses:?}");
-    let (_, l) = admin_call(gw.admin, "GET", "/v1/ips/127.0.0.1", None, Some(&gw.token())).await;
+    let (_, l) = admin_call(
+        gw.admin,
+        "GET",
+        "/v1/ips/127.0.0.1",
+        None,
+        Some(&gw.token()),
+    )
+    .await;
     let offenses = l["offenses"][0]["at"].as_array().map_or(0, Vec::len);
     assert_eq!(offenses, 1, "one burst, one offense: {l}");
     let expires = l["entries"][0]["expires_at"].as_str().unwrap().to_string();
@@ -95,7 +102,10 @@ async fn forty_streams_at_once_reach_the_upstream_at_most_hits_plus_concurrency_
         .unwrap()
         .duration_since(std::time::SystemTime::now())
         .unwrap();
-    assert!(left <= Duration::from_secs(3600), "escalated: {left:?} ({l})");
+    assert!(
+        left <= Duration::from_secs(3600),
+        "escalated: {left:?} ({l})"
+    );
     gw.shutdown().await;
 }
 
@@ -103,7 +113,10 @@ async fn forty_streams_at_once_reach_the_upstream_at_most_hits_plus_concurrency_
 fn trickle() -> TestBody {
     let stream = futures_util::stream::unfold((), |()| async {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        Some((Ok::<_, std::io::Error>(Frame::data(Bytes::from_static(b"x"))), ()))
+        Some((
+            Ok::<_, std::io::Error>(Frame::data(Bytes::from_static(b"x"))),
+            (),
+        ))
     });
     BodyExt::boxed(StreamBody::new(stream))
 }
@@ -133,7 +146,10 @@ async fn slow_uploads_hold_at_most_their_cap_of_upstream_connections() {
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
     let most = upstream.most_in_flight();
-    assert!(most <= 8, "{most} slow uploads held upstream connections at once");
+    assert!(
+        most <= 8,
+        "{most} slow uploads held upstream connections at once"
+    );
     assert!(most >= 1, "no upload reached the upstream");
     let c = connect_from("127.0.0.2", gw.plain).await;
     let start = Instant::now();
@@ -196,17 +212,27 @@ async fn forged_client_address_and_path_override_headers_never_reach_the_upstrea
     tcp.write_all(head.as_bytes()).await.unwrap();
     let mut answer = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut answer)).await;
-    assert!(answer.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer));
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
     let seen = received.await.unwrap().to_ascii_lowercase();
     for name in forged
         .iter()
         .map(|n| n.to_ascii_lowercase())
         .chain(["x-original-url".into(), "x-rewrite-url".into()])
     {
-        assert!(!seen.contains(&format!("\r\n{name}:")), "{name} reached the upstream:\n{seen}");
+        assert!(
+            !seen.contains(&format!("\r\n{name}:")),
+            "{name} reached the upstream:\n{seen}"
+        );
     }
     assert!(!seen.contains("192.0.2.6"), "{seen}");
-    assert!(!seen.contains("/wp-admin/") && !seen.contains("/phpmyadmin/"), "{seen}");
+    assert!(
+        !seen.contains("/wp-admin/") && !seen.contains("/phpmyadmin/"),
+        "{seen}"
+    );
     assert!(seen.contains("\r\nx-real-ip: 127.0.0.3\r\n"), "{seen}");
     gw.shutdown().await;
 }
@@ -214,7 +240,11 @@ async fn forged_client_address_and_path_override_headers_never_reach_the_upstrea
 async fn admin_status(gw: &TestGateway, host: &str) -> String {
     let req = format!("GET /healthz HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
     let out = raw_exchange(gw.admin, req.as_bytes(), Duration::from_secs(3)).await;
-    String::from_utf8_lossy(&out).lines().next().unwrap_or("").to_string()
+    String::from_utf8_lossy(&out)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string()
 }
 
 /// A page in the operator's browser whose name was rebound to 127.0.0.1 sends its own name
@@ -269,7 +299,9 @@ async fn a_head_answered_by_the_gateway_has_no_body_on_either_protocol() {
         Request::builder()
             .method("HEAD")
             .uri("https://a.test/")
-            .body(BodyExt::boxed(http_body_util::Empty::new().map_err(|never| match never {})))
+            .body(BodyExt::boxed(
+                http_body_util::Empty::new().map_err(|never| match never {}),
+            ))
             .unwrap()
     };
     let first = sender.send_request(head()).await.unwrap();
@@ -285,6 +317,9 @@ async fn a_head_answered_by_the_gateway_has_no_body_on_either_protocol() {
     let out = raw_exchange(gw.plain, req.as_bytes(), Duration::from_secs(3)).await;
     let text = String::from_utf8_lossy(&out);
     assert!(text.starts_with("HTTP/1.1 429"), "{text}");
-    assert!(text.ends_with("\r\n\r\n"), "a body after the head: {text:?}");
+    assert!(
+        text.ends_with("\r\n\r\n"),
+        "a body after the head: {text:?}"
+    );
     gw.shutdown().await;
 }

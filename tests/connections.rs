@@ -415,7 +415,11 @@ async fn one_client_has_at_most_its_cap_of_requests_in_flight() {
     let c = connect_from("127.0.0.51", gw.plain).await;
     let waited = Instant::now();
     assert_eq!(get_on(c, "/", "a.test", &[]).await.0, 429);
-    assert!(waited.elapsed() >= Duration::from_millis(280), "{:?}", waited.elapsed());
+    assert!(
+        waited.elapsed() >= Duration::from_millis(280),
+        "{:?}",
+        waited.elapsed()
+    );
     assert_eq!(upstream.count(), 2);
     assert!(started.elapsed() < Duration::from_millis(1500));
     let c = connect_from("127.0.0.52", gw.plain).await;

@@ -549,10 +549,15 @@ fn journal_entry(unit: &str, identifier: &str, message: &str) -> String {
 /// Writes entries into `file` with systemd-journal-remote (Debian package
 /// systemd-journal-remote), as journald would have.
 fn write_journal(file: &Path, entries: &str) {
-    let tool = ["/lib/systemd/systemd-journal-remote", "/usr/lib/systemd/systemd-journal-remote"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .expect("systemd-journal-remote is missing: apt install systemd-journal-remote (scripts/test does)");
+    let tool = [
+        "/lib/systemd/systemd-journal-remote",
+        "/usr/lib/systemd/systemd-journal-remote",
+    ]
+    .into_iter()
+    .find(|p| Path::new(p).exists())
+    .expect(
+        "systemd-journal-remote is missing: apt install systemd-journal-remote (scripts/test does)",
+    );
     let mut child = std::process::Command::new(tool)
         .arg(format!("--output={}", file.display()))
         .arg("-")
@@ -561,7 +566,12 @@ fn write_journal(file: &Path, entries: &str) {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(entries.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(entries.as_bytes())
+        .unwrap();
     assert!(child.wait().unwrap().success());
 }
 
@@ -610,16 +620,23 @@ async fn a_log_jail_follows_the_journal_through_rotation_and_resumes_after_a_res
     tokio::time::sleep(Duration::from_millis(800)).await;
     // Five failures of ssh.service from .77; the same message from another unit names .78.
     let mut entries = failed("127.0.0.77").repeat(5);
-    entries.push_str(&journal_entry(
-        "cron.service",
-        "sshd-session",
-        "Failed password for root from 127.0.0.78 port 22 ssh2",
-    ).repeat(6));
+    entries.push_str(
+        &journal_entry(
+            "cron.service",
+            "sshd-session",
+            "Failed password for root from 127.0.0.78 port 22 ssh2",
+        )
+        .repeat(6),
+    );
     write_journal(&active, &entries);
     assert!(eventually(Duration::from_secs(5), || banned("127.0.0.77")).await);
     assert!(!banned("127.0.0.78").await, "another unit's entry counted");
     // Journald's rotation: the active file archived, a new one started.
-    std::fs::rename(&active, dir.join("system@0000000000000001-0000000000000001.journal~")).unwrap();
+    std::fs::rename(
+        &active,
+        dir.join("system@0000000000000001-0000000000000001.journal~"),
+    )
+    .unwrap();
     write_journal(&active, &failed("127.0.0.79").repeat(5));
     assert!(eventually(Duration::from_secs(5), || banned("127.0.0.79")).await);
     // Down, three failures of .81 are written; after the restart two more ban it: the three
@@ -688,7 +705,11 @@ fn jail_test_reports_what_a_log_jail_would_count() {
         .arg(dir.path().join("auth.log"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap();
     let want = [
         "jail sshd",
@@ -713,7 +734,12 @@ fn jail_test_reports_what_a_log_jail_would_count() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(log.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(log.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("lines matched: 4"));
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_ipgate"))

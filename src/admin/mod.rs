@@ -118,7 +118,7 @@ fn own_host(state: &AppState, req: &Request<Incoming>) -> bool {
     snap.config
         .admin
         .as_ref()
-        .is_some_and(|a| a.hosts.iter().any(|h| *h == name))
+        .is_some_and(|a| a.hosts.contains(&name))
 }
 
 async fn route(state: &AppState, req: Request<Incoming>) -> Response<AdminBody> {

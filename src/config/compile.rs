@@ -317,10 +317,15 @@ fn log_source(r: &mut Report, key: &str, base: &Path, j: &RawJail, l: &RawLogSou
     }
     let journal = match (&l.journal, &j.journal) {
         (Some(_), Some(_)) => {
-            r.key(&format!("{key}.journal"), "given twice: in log and beside it");
+            r.key(
+                &format!("{key}.journal"),
+                "given twice: in log and beside it",
+            );
             None
         }
-        (Some(raw), None) | (None, Some(raw)) => Some(journal(r, &format!("{key}.log.journal"), base, raw)),
+        (Some(raw), None) | (None, Some(raw)) => {
+            Some(journal(r, &format!("{key}.log.journal"), base, raw))
+        }
         (None, None) => None,
     };
     match (l.files.is_empty(), &journal) {
@@ -353,7 +358,10 @@ fn log_source(r: &mut Report, key: &str, base: &Path, j: &RawJail, l: &RawLogSou
         );
     }
     for (k, t) in l.tags.iter().enumerate() {
-        if t.is_empty() || t.chars().any(|c| c.is_whitespace() || matches!(c, '[' | ']' | ':')) {
+        if t.is_empty()
+            || t.chars()
+                .any(|c| c.is_whitespace() || matches!(c, '[' | ']' | ':'))
+        {
             r.key(
                 &format!("{key}.log.tags[{k}]"),
                 format!("'{t}' is not a syslog tag (no space, '[', ']' or ':')"),
@@ -390,7 +398,10 @@ fn journal(r: &mut Report, key: &str, base: &Path, raw: &RawJournal) -> Journal 
     };
     for (k, u) in raw.units.iter().enumerate() {
         if !plain(u) {
-            r.key(&format!("{key}.units[{k}]"), format!("'{u}' is not a unit name"));
+            r.key(
+                &format!("{key}.units[{k}]"),
+                format!("'{u}' is not a unit name"),
+            );
         }
     }
     for (k, i) in raw.identifiers.iter().enumerate() {

@@ -15,7 +15,6 @@ const HEAD: usize = 256;
 
 /// One followed file.
 pub(super) struct Follower {
-
     pub(super) path: PathBuf,
     file: Option<File>,
     /// (device, inode) of the open file.

@@ -130,10 +130,18 @@ pub async fn follow(state: Arc<AppState>, jail: String, journal: Journal, matche
         }
         if read == 0 && cursor.is_some() && status.is_some_and(|s| !s.success()) {
             // The journal no longer has that entry (vacuumed): from the end again.
-            warn!(jail, error = stderr.trim(), "the saved journal cursor was refused; following from now");
+            warn!(
+                jail,
+                error = stderr.trim(),
+                "the saved journal cursor was refused; following from now"
+            );
             let _ = std::fs::remove_file(&cursor_path);
         } else {
-            warn!(jail, error = stderr.trim(), "journalctl ended; starting it again");
+            warn!(
+                jail,
+                error = stderr.trim(),
+                "journalctl ended; starting it again"
+            );
         }
         if read > 0 {
             pause = Duration::from_secs(1);
@@ -219,7 +227,10 @@ mod tests {
         assert_eq!(e.cursor.as_deref(), Some("s=1;i=2"));
         assert!(e.message.starts_with("Failed password"));
         let bytes = parse(r#"{"MESSAGE":[104,105,255],"_COMM":"x"}"#).unwrap();
-        assert_eq!((bytes.message.as_str(), bytes.tag.as_deref()), ("hi\u{fffd}", Some("x")));
+        assert_eq!(
+            (bytes.message.as_str(), bytes.tag.as_deref()),
+            ("hi\u{fffd}", Some("x"))
+        );
         assert!(parse("not json").is_none());
         assert!(parse(r#"{"_COMM":"x"}"#).is_none());
     }

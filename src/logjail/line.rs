@@ -157,16 +157,31 @@ mod tests {
 
     #[test]
     fn traditional_rfc3339_and_journal_short_prefixes_are_parsed() {
-        let t = syslog("Dec  1 08:00:05 web1 sshd[812]: Failed password for root from 192.0.2.1 port 22 ssh2").unwrap();
+        let t = syslog(
+            "Dec  1 08:00:05 web1 sshd[812]: Failed password for root from 192.0.2.1 port 22 ssh2",
+        )
+        .unwrap();
         assert_eq!((t.host, t.tag, t.pid), ("web1", "sshd", Some(812)));
-        assert_eq!(t.message, "Failed password for root from 192.0.2.1 port 22 ssh2");
+        assert_eq!(
+            t.message,
+            "Failed password for root from 192.0.2.1 port 22 ssh2"
+        );
         let r = syslog("2026-12-01T08:00:05.123456+01:00 mx postfix/submission/smtpd[2211]: warning: unknown[192.0.2.1]: SASL LOGIN authentication failed: UGFzc3dvcmQ6").unwrap();
-        assert_eq!((r.host, r.tag, r.pid), ("mx", "postfix/submission/smtpd", Some(2211)));
+        assert_eq!(
+            (r.host, r.tag, r.pid),
+            ("mx", "postfix/submission/smtpd", Some(2211))
+        );
         assert!(r.message.starts_with("warning: unknown["));
-        let j = syslog("Dec 01 08:00:05 web1 sshd-session[9]: Invalid user x from 2001:db8::1 port 2").unwrap();
+        let j =
+            syslog("Dec 01 08:00:05 web1 sshd-session[9]: Invalid user x from 2001:db8::1 port 2")
+                .unwrap();
         assert_eq!((j.tag, j.pid), ("sshd-session", Some(9)));
-        let iso = syslog("2026-12-01T08:00:05+0100 mx dovecot: imap-login: Login: user=<a>").unwrap();
-        assert_eq!((iso.tag, iso.pid, iso.message), ("dovecot", None, "imap-login: Login: user=<a>"));
+        let iso =
+            syslog("2026-12-01T08:00:05+0100 mx dovecot: imap-login: Login: user=<a>").unwrap();
+        assert_eq!(
+            (iso.tag, iso.pid, iso.message),
+            ("dovecot", None, "imap-login: Login: user=<a>")
+        );
         for not in [
             "sshd[812]: Failed password for root from 192.0.2.1 port 22 ssh2",
             "[01-Dec-2026 14:03:11 +0100]: <k3v1s0> Failed login for a from 192.0.2.1",
@@ -200,7 +215,10 @@ mod tests {
         .unwrap();
         let none = |_: IpAddr| false;
         let real = "Dec  1 08:00:05 mx postfix/submission/smtpd[1]: warning: unknown[192.0.2.5]: SASL LOGIN authentication failed: UGFzc3dvcmQ6";
-        assert_eq!(m.line(real, &none), Seen::Counted("192.0.2.5".parse().unwrap()));
+        assert_eq!(
+            m.line(real, &none),
+            Seen::Counted("192.0.2.5".parse().unwrap())
+        );
         let forged = "postfix/smtpd[1]: warning: x[192.0.2.77]: SASL LOGIN authentication failed";
         let helo = format!("Dec  1 08:00:05 mx postfix/smtpd[1]: NOQUEUE: reject: RCPT from unknown[198.51.100.9]: 554 5.7.1 <a@b>: Relay access denied; from=<a@b> to=<c@d> proto=ESMTP helo=<{forged}>");
         assert_eq!(m.line(&helo, &none), Seen::NotMatched);
@@ -219,7 +237,10 @@ mod tests {
         .unwrap();
         let local = |p: IpAddr| p.is_loopback();
         let line = "Failed login for a from 127.0.0.1 (X-Real-IP: 192.0.2.9)";
-        assert_eq!(m.line(line, &local), Seen::Counted("192.0.2.9".parse().unwrap()));
+        assert_eq!(
+            m.line(line, &local),
+            Seen::Counted("192.0.2.9".parse().unwrap())
+        );
         let direct = "Failed login for a from 198.51.100.1 (X-Real-IP: 192.0.2.9)";
         assert_eq!(m.line(direct, &local), Seen::NotThroughProxy);
     }

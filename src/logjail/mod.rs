@@ -181,9 +181,10 @@ fn sync(state: &Arc<AppState>, following: &mut Following) {
             })
             .collect();
         info!(jail = name, files = ?source.files, "following log files");
-        following
-            .files
-            .insert(name.to_string(), (source.clone(), Followed { matcher, files }));
+        following.files.insert(
+            name.to_string(),
+            (source.clone(), Followed { matcher, files }),
+        );
     }
 }
 
@@ -267,8 +268,14 @@ mod tests {
         assert_eq!(address(&m, v6), Some("2001:db8::17".parse().unwrap()));
         let mapped = "sshd[9]: Failed password for x from ::ffff:198.51.100.4 port 2 ssh2";
         assert_eq!(address(&m, mapped), Some("198.51.100.4".parse().unwrap()));
-        assert_eq!(address(&m, "sshd[9]: Failed password for x from 999.1.1.1 port 2"), None);
-        assert_eq!(address(&m, "sshd[9]: Accepted password for x from 10.0.0.1 port 2"), None);
+        assert_eq!(
+            address(&m, "sshd[9]: Failed password for x from 999.1.1.1 port 2"),
+            None
+        );
+        assert_eq!(
+            address(&m, "sshd[9]: Accepted password for x from 10.0.0.1 port 2"),
+            None
+        );
         let mut s = source(r"Failed password for .* from <ADDR> port \d+");
         s.ignore = Some("for invalid user".into());
         let m = Matcher::new(&s).unwrap();
