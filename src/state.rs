@@ -146,7 +146,13 @@ impl AppState {
         let retention = self.snapshot.load().config.privacy.max_retention;
         let now = now_ms();
         let ban = jail.ban_for(0, retention);
-        let entry = Entry::new(now, now + ban.as_millis() as u64, &jail.config.name, None);
+        let reason = jail_reason(jail);
+        let entry = Entry::new(
+            now,
+            now + ban.as_millis() as u64,
+            &jail.config.name,
+            Some(&reason),
+        );
         self.temp
             .table(&Self::jail_slot(jail))
             .insert(target, entry);
@@ -182,12 +188,7 @@ impl AppState {
             }
         };
         let ban = jail.ban_for(earlier, retention);
-        let reason = format!(
-            "jail {}: {} failures within {}",
-            jail.config.name,
-            jail.config.hits,
-            humantime::format_duration(jail.config.window)
-        );
+        let reason = jail_reason(jail);
         let entry = Entry::new(
             now,
             now + ban.as_millis() as u64,
@@ -386,4 +387,14 @@ impl AppState {
             .inc();
         result
     }
+}
+
+/// Why a jail banned: its name, hits and window.
+fn jail_reason(jail: &Jail) -> String {
+    format!(
+        "jail {}: {} failures within {}",
+        jail.config.name,
+        jail.config.hits,
+        humantime::format_duration(jail.config.window)
+    )
 }

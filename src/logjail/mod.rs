@@ -46,7 +46,9 @@ struct Followed {
 /// What one turn found for one jail.
 struct Found {
     jail: String,
-    lines: Vec<String>,
+    lines: u64,
+    /// What the jail made of each line that names a client.
+    seen: Vec<Seen>,
     more: bool,
 }
 
@@ -58,16 +60,24 @@ impl Followed {
         }
     }
 
-    fn poll(&mut self, jail: &str) -> Found {
-        let mut found = Found {
-            jail: jail.to_string(),
-            lines: Vec::new(),
-            more: false,
-        };
+    /// Reads what the files gained and matches it, on the blocking pool.
+    fn poll(&mut self, jail: &str, through: &dyn Fn(IpAddr) -> bool) -> Found {
+        let mut lines = Vec::new();
+        let mut more = false;
         for f in &mut self.files {
-            found.more |= f.poll(&mut found.lines);
+            more |= f.poll(&mut lines);
         }
-        found
+        let seen = lines
+            .iter()
+            .map(|line| self.matcher.line(line, through))
+            .filter(|s| matches!(s, Seen::Counted(_)))
+            .collect();
+        Found {
+            jail: jail.to_string(),
+            lines: lines.len() as u64,
+            seen,
+            more,
+        }
     }
 }
 
@@ -97,9 +107,14 @@ pub async fn run(state: Arc<AppState>) {
             continue;
         }
         let work = std::mem::take(&mut following.files);
+        let snap = state.snapshot.load_full();
         let (back, found) = match tokio::task::spawn_blocking(move || {
             let mut work = work;
-            let found: Vec<Found> = work.iter_mut().map(|(name, (_, f))| f.poll(name)).collect();
+            let through = |ip: IpAddr| through_us(&snap, ip);
+            let found: Vec<Found> = work
+                .iter_mut()
+                .map(|(name, (_, f))| f.poll(name, &through))
+                .collect();
             (work, found)
         })
         .await
@@ -114,15 +129,7 @@ pub async fn run(state: Arc<AppState>) {
         following.files = back;
         let more = found.iter().any(|f| f.more);
         for f in found {
-            let Some((_, jail)) = following.files.get(&f.jail) else {
-                continue;
-            };
-            let seen = f
-                .lines
-                .iter()
-                .map(|line| judge(&state, |through| jail.matcher.line(line, through)))
-                .collect();
-            count_all(&state, &f.jail, f.lines.len() as u64, seen);
+            count_all(&state, &f.jail, f.lines, f.seen);
         }
         if !more {
             tokio::time::sleep(TICK).await;
