@@ -15,7 +15,8 @@
 //!   (one status per refusal); [`https`]: the redirect of `redirect_https` listeners, HTTP-01
 //!   answers and HSTS.
 //! - [`admission`]: the per-request decision, in order: allow wins, block entries,
-//!   `allow_only`, the rate limit ([`ratelimit`]), requests in flight; then the jails
+//!   `allow_only`, the rate limit ([`ratelimit`]), the jails' watched requests and the
+//!   client's requests in flight (a short queue); then the jails
 //!   ([`jail`]) see the response and ban through the state.
 //! - [`upstream`]: each worker's keep-alive connections to the sites' web servers.
 //!
@@ -34,8 +35,9 @@
 //! Beside the request path, each a task that changes things only through the state:
 //! - [`fleet`]: sends the outbox to the shared store (Redis or Valkey) and applies the other
 //!   gateways' changes; [`firewall`]: mirrors the block set into nftables; [`logjail`]: jails
-//!   fed by log files; [`acme`]: orders and renews certificates; [`watcher`]: re-reads changed
-//!   list and certificate files; [`shutdown`]: signals.
+//!   fed by log files or the journal, read as their daemons wrote them; [`acme`]: orders and
+//!   renews certificates; [`watcher`]: re-reads changed list and certificate files;
+//!   [`shutdown`]: signals.
 //! - [`admin`]: the admin listener (health, metrics, the `/v1` API, [`token`]); [`cli`]: the
 //!   command line; [`api`]: the bodies both speak; [`demo`]: the quick start's demo upstream.
 
