@@ -14,7 +14,7 @@ fn main() -> std::io::Result<()> {
             .unwrap_or_else(|| "target/assets".into()),
     );
     std::fs::create_dir_all(&dir)?;
-    let cmd = ipgate::cli::Cli::command();
+    let cmd = ipgate::admin::cli::Cli::command();
     let mut man = Vec::new();
     clap_mangen::Man::new(cmd.clone()).render(&mut man)?;
     std::fs::write(dir.join("ipgate.1"), man)?;

@@ -2,84 +2,39 @@
 //! into practice on the hot path.
 //!
 //! # Layout
-//! A request flows top to bottom, each module using only the ones below it (never a cycle):
-//! - [`worker`]: one thread per CPU, each with its own event loop, listening sockets and
-//!   upstream pool; a connection never leaves the thread that accepted it.
-//! - [`listener`]: accepts client connections, enforces the connection caps, closes blocked
-//!   clients before TLS ([`client_addr`]: the peer or the PROXY header's source), runs TLS
-//!   ([`tls`]) and serves HTTP/1.1 and HTTP/2 under the limits.
-//! - [`proxy`]: one request: checks it ([`request`]: one valid [`host`], the [`path`] in normal
-//!   form, the client behind trusted proxies), picks the site, asks [`admission`], rewrites
-//!   the headers ([`headers`]), reads small bodies ahead and times idle ones ([`body`]),
-//!   forwards, splices WebSocket upgrades ([`splice`]); [`answer`]: the gateway's own answers
-//!   (one status per refusal); [`https`]: the redirect of `redirect_https` listeners, HTTP-01
-//!   answers and HSTS.
-//! - [`admission`]: the per-request decision, in order: allow wins, block entries,
-//!   `allow_only`, the rate limit ([`ratelimit`]), the jails' watched requests and the
-//!   client's requests in flight (a short queue); then the jails
-//!   ([`jail`]) see the response and ban through the state.
-//! - [`upstream`]: each worker's keep-alive connections to the sites' web servers.
+//! One folder per layer. Each layer uses only the layers below it, never one above (no
+//! cycle); each layer's `mod.rs` says what it owns and what it uses.
 //!
-//! Shared by all of them:
-//! - [`state`]: the shared [`state::AppState`] (the one door every change goes through) and the
-//!   swappable [`snapshot::Snapshot`], which compiles [`config`] into [`policy`] (static lists,
-//!   temporary entries, the allow/block decision), limiters, jails and TLS (certificate files,
-//!   and [`acme_dir`]: the ACME sites' certificates on disk).
-//! - [`store`]: the state store interface and its embedded implementation (redb), with the
-//!   outbox of changes for the fleet.
-//! - [`clients`]: the client key (IPv6 per prefix) and the bounded per-client map;
-//!   [`clock`]: the clock every expiry is measured on; [`challenges`]: the ACME challenges
-//!   being answered now.
-//! - [`metrics`], [`access_log`].
+//! ```text
+//!   admin       the admin listener, the /v1 API's bodies, the CLI, the token, the demo page
+//!   background  fleet, firewall, log jails, ACME, file watcher, signals
+//!   serve       worker -> listener -> client address -> request checks -> admission
+//!               -> proxy -> upstream
+//!   state       AppState (the one door every change goes through), the snapshot of the
+//!               config in force, the store, TLS certificates
+//!   decide      policy lists and entries, rate limits, jails, client keys, the clock
+//!   observe     metrics, access log
+//!   config      the config file, checked and compiled
+//!   normalize   the host and the path in normal form
+//! ```
 //!
-//! Beside the request path, each a task that changes things only through the state:
-//! - [`fleet`]: sends the outbox to the shared store (Redis or Valkey) and applies the other
-//!   gateways' changes; [`firewall`]: mirrors the block set into nftables; [`logjail`]: jails
-//!   fed by log files or the journal, read as their daemons wrote them; [`acme`]: orders and
-//!   renews certificates; [`watcher`]: re-reads changed list and certificate files;
-//!   [`shutdown`]: signals.
-//! - [`admin`]: the admin listener (health, metrics, the `/v1` API, [`token`]); [`cli`]: the
-//!   command line; [`api`]: the bodies both speak; [`demo`]: the quick start's demo upstream.
+//! A request flows down [`serve`]: a [`serve::worker`] thread's [`serve::listener`] accepts a
+//! connection, decides who the client is ([`serve::client_addr`]), closes a blocked client
+//! before TLS, and serves HTTP/1.1 or HTTP/2; [`serve::proxy`] checks each request
+//! ([`serve::request`]), asks [`serve::admission`] (allow wins, block entries,
+//! `allow_only`, rate limits, the jails' watched requests, the client's requests in flight)
+//! and forwards it to the upstream ([`serve::upstream`]). The response goes back through the
+//! jails ([`decide::jail`]), whose bans are made through [`state::AppState`] and kept in the
+//! store ([`state::store`]), local or shared by the fleet ([`background::fleet`]).
 
-pub mod access_log;
-pub mod acme;
-pub mod acme_dir;
 pub mod admin;
-pub mod admission;
-pub mod answer;
-pub mod api;
-pub mod body;
-pub mod challenges;
-pub mod cli;
-pub mod client_addr;
-pub mod clients;
-pub mod clock;
+pub mod background;
 pub mod config;
-pub mod demo;
-pub mod firewall;
-pub mod fleet;
-pub mod headers;
-pub mod host;
-pub mod https;
-pub mod jail;
-pub mod listener;
-pub mod logjail;
-pub mod metrics;
-pub mod path;
-pub mod policy;
-pub mod proxy;
-pub mod ratelimit;
-pub mod request;
-pub mod shutdown;
-pub mod snapshot;
-pub mod splice;
+pub mod decide;
+pub mod normalize;
+pub mod observe;
+pub mod serve;
 pub mod state;
-pub mod store;
-pub mod tls;
-pub mod token;
-pub mod upstream;
-pub mod watcher;
-pub mod worker;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -91,7 +46,7 @@ use tokio::sync::watch;
 use tracing::{error, info};
 
 use crate::config::Config;
-use crate::metrics::Metrics;
+use crate::observe::metrics::Metrics;
 use crate::state::{AppState, Snapshot};
 
 /// Why the gateway could not start.
@@ -105,24 +60,24 @@ pub enum StartError {
         source: std::io::Error,
     },
     #[error("{0}")]
-    Admin(#[from] token::TokenError),
+    Admin(#[from] admin::token::TokenError),
     #[error("{0}")]
-    Store(#[from] store::Error),
+    Store(#[from] state::store::Error),
     #[error("{0}")]
-    Fleet(#[from] fleet::Error),
+    Fleet(#[from] background::fleet::Error),
     #[error("{0}")]
-    Firewall(#[from] firewall::Error),
+    Firewall(#[from] background::firewall::Error),
 }
 
 /// A gateway with its sockets bound, ready to [`Gateway::run`].
 pub struct Gateway {
     state: Arc<AppState>,
     /// Per worker: its socket on every client listener.
-    workers: Vec<worker::Sockets>,
+    workers: Vec<serve::worker::Sockets>,
     admin: Option<TcpListener>,
     demo: Option<TcpListener>,
-    fleet: Option<Arc<fleet::Fleet>>,
-    firewall: Option<firewall::Firewall>,
+    fleet: Option<Arc<background::fleet::Fleet>>,
+    firewall: Option<background::firewall::Firewall>,
 }
 
 impl Gateway {
@@ -130,7 +85,7 @@ impl Gateway {
     pub async fn bind(config: Config) -> Result<Gateway, StartError> {
         let metrics = Arc::new(Metrics::new());
         let admin_token = match &config.admin {
-            Some(a) => Some(token::load_or_create_token(&a.token_file)?),
+            Some(a) => Some(admin::token::load_or_create_token(&a.token_file)?),
             None => None,
         };
         let demo = match config.demo_upstream {
@@ -142,9 +97,9 @@ impl Gateway {
             None => None,
         };
         let n = config.gateway.workers;
-        let mut workers: Vec<worker::Sockets> = (0..n).map(|_| Vec::new()).collect();
+        let mut workers: Vec<serve::worker::Sockets> = (0..n).map(|_| Vec::new()).collect();
         for l in &config.listeners {
-            let sockets = worker::bind(l.addr, n).map_err(|source| StartError::Bind {
+            let sockets = serve::worker::bind(l.addr, n).map_err(|source| StartError::Bind {
                 addr: l.addr,
                 source,
             })?;
@@ -155,8 +110,8 @@ impl Gateway {
         let state_dir = config.gateway.state_dir.clone();
         let fleet_conf = config.fleet.clone();
         let snapshot = Snapshot::build(config, &metrics, None)?;
-        let (store, opened) = store::Store::open(&state_dir, fleet_conf.is_some())?;
-        if let store::Opened::MovedAside(aside, e) = &opened {
+        let (store, opened) = state::store::Store::open(&state_dir, fleet_conf.is_some())?;
+        if let state::store::Opened::MovedAside(aside, e) = &opened {
             error!(
                 file = %aside.display(),
                 error = %e,
@@ -165,7 +120,7 @@ impl Gateway {
                  the file; to recover, stop ipgate and move it back to state.redb"
             );
         }
-        let loaded = store.load(clock::now_ms()).await?;
+        let loaded = store.load(decide::clock::now_ms()).await?;
         let mut state = AppState::new(snapshot, metrics, admin_token, store);
         state.https_port = https_port(&workers);
         let n = loaded.len();
@@ -176,11 +131,11 @@ impl Gateway {
         info!(entries = n, dir = %state_dir.display(), "temporary entries loaded");
         let state = Arc::new(state);
         let firewall = match state.snapshot.load().config.firewall.clone() {
-            Some(conf) => Some(firewall::Firewall::start(&state, conf).await?),
+            Some(conf) => Some(background::firewall::Firewall::start(&state, conf).await?),
             None => None,
         };
         let fleet = match &fleet_conf {
-            Some(f) => Some(fleet::Fleet::new(state.clone(), f)?),
+            Some(f) => Some(background::fleet::Fleet::new(state.clone(), f)?),
             None => None,
         };
         Ok(Gateway {
@@ -241,11 +196,11 @@ impl Gateway {
             }
         };
         let mut side_tasks = vec![
-            tokio::spawn(shutdown::reload_on_hangup(state.clone())),
+            tokio::spawn(background::shutdown::reload_on_hangup(state.clone())),
             tokio::spawn(sweeper),
-            tokio::spawn(watcher::run(state.clone())),
-            tokio::spawn(acme::run(state.clone())),
-            tokio::spawn(logjail::run(state.clone())),
+            tokio::spawn(background::watcher::run(state.clone())),
+            tokio::spawn(background::acme::run(state.clone())),
+            tokio::spawn(background::logjail::run(state.clone())),
         ];
         if let Some(fleet) = self.fleet {
             side_tasks.push(tokio::spawn(fleet.run(stop_rx.clone())));
@@ -269,7 +224,7 @@ impl Gateway {
             if let Ok(addr) = demo.local_addr() {
                 info!(%addr, "demo upstream listening");
             }
-            side_tasks.push(tokio::spawn(demo::serve(demo, stop_rx.clone())));
+            side_tasks.push(tokio::spawn(admin::demo::serve(demo, stop_rx.clone())));
         }
 
         let mut finished = Vec::with_capacity(self.workers.len());
@@ -279,7 +234,7 @@ impl Gateway {
             let spawned = std::thread::Builder::new()
                 .name(format!("ipgate-worker-{i}"))
                 .spawn(move || {
-                    worker::run(state, sockets, stop);
+                    serve::worker::run(state, sockets, stop);
                     let _ = done_tx.send(());
                 });
             match spawned {
@@ -307,7 +262,7 @@ impl Gateway {
             t.abort();
         }
         if let Some(conf) = &firewall {
-            firewall::Firewall::stop(conf).await;
+            background::firewall::Firewall::stop(conf).await;
         }
         state.access_log.flush();
         info!("stopped");
@@ -316,7 +271,7 @@ impl Gateway {
 
 /// The bound port of the first TLS listener, which `redirect_https` sends clients to; 443
 /// when there is none (TLS ends in front of ipgate).
-fn https_port(workers: &[worker::Sockets]) -> u16 {
+fn https_port(workers: &[serve::worker::Sockets]) -> u16 {
     workers
         .first()
         .and_then(|sockets| sockets.iter().find(|(_, conf)| conf.tls))

@@ -3,9 +3,9 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use ipgate::cli::{Cli, Command, JailCommand};
+use ipgate::admin::cli::{Cli, Command, JailCommand};
 use ipgate::config::Config;
-use ipgate::metrics::Metrics;
+use ipgate::observe::metrics::Metrics;
 use ipgate::state::Snapshot;
 use ipgate::Gateway;
 use tracing_subscriber::EnvFilter;
@@ -21,6 +21,10 @@ fn main() -> ExitCode {
         .init();
     match cli.command.as_ref().unwrap_or(&Command::Run) {
         Command::Check => check(&cli.config),
+        Command::Schema => {
+            println!("{}", ipgate::config::schema());
+            ExitCode::SUCCESS
+        }
         Command::Run => run(&cli.config),
         Command::Jail(JailCommand::Test { name, input }) => jail_test(&cli.config, name, input),
         command => admin(&cli, command),
@@ -32,7 +36,7 @@ fn admin(cli: &Cli, command: &Command) -> ExitCode {
         .enable_all()
         .build()
         .map_err(anyhow::Error::from)
-        .and_then(|rt| rt.block_on(ipgate::cli::admin_command(cli, command)));
+        .and_then(|rt| rt.block_on(ipgate::admin::cli::admin_command(cli, command)));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -45,7 +49,7 @@ fn admin(cli: &Cli, command: &Command) -> ExitCode {
 fn jail_test(path: &std::path::Path, name: &str, input: &Option<String>) -> ExitCode {
     let result = Config::load(path)
         .map_err(|e| anyhow::anyhow!("{e}"))
-        .and_then(|c| ipgate::logjail::dry::run(&c, name, input.as_deref()));
+        .and_then(|c| ipgate::background::logjail::dry::run(&c, name, input.as_deref()));
     match result {
         Ok(report) => {
             print!("{report}");
@@ -72,14 +76,14 @@ fn check(path: &std::path::Path) -> ExitCode {
             }
             if let Some(f) = firewall {
                 // Not a config error (the service may hold the right); said all the same.
-                if !ipgate::firewall::has_net_admin() {
+                if !ipgate::background::firewall::has_net_admin() {
                     eprintln!(
                         "{}: note: [firewall] needs CAP_NET_ADMIN, which this process lacks: \
                          `ipgate run` as this user would refuse to start",
                         path.display()
                     );
                 }
-                if !ipgate::firewall::nft_found(&f.nft) {
+                if !ipgate::background::firewall::nft_found(&f.nft) {
                     eprintln!(
                         "{}: note: firewall.nft: '{}' is not found (apt install nftables)",
                         path.display(),
@@ -97,7 +101,7 @@ fn check(path: &std::path::Path) -> ExitCode {
 }
 
 fn run(path: &std::path::Path) -> ExitCode {
-    // Client connections run on the worker threads (`ipgate::worker`), each with its own
+    // Client connections run on the worker threads (`ipgate::serve::worker`), each with its own
     // runtime; this one serves the admin API, signals, the sweeper and the file watcher.
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -124,7 +128,7 @@ fn run(path: &std::path::Path) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        gateway.run(ipgate::shutdown::terminate()).await;
+        gateway.run(ipgate::background::shutdown::terminate()).await;
         ExitCode::SUCCESS
     })
 }

@@ -396,8 +396,8 @@ fn rss_bytes() -> u64 {
 /// sockets): the state stays at the cap, evictions are counted, and memory stays bounded.
 #[test]
 fn two_million_ipv6_clients_stay_within_the_cap() {
-    use ipgate::jail::Jail;
-    use ipgate::ratelimit::Limiter;
+    use ipgate::decide::jail::Jail;
+    use ipgate::decide::ratelimit::Limiter;
     let cap = 100_000;
     let evictions = prometheus::IntCounter::new("e", "e").unwrap();
     let limiter = Limiter::new(

@@ -298,7 +298,7 @@ async fn a_site_gets_a_certificate_from_pebble_over_http01_and_keeps_it_across_a
         leaf,
     } = start(None, "http-01").await;
     // One certificate for both hosts, issued by Pebble.
-    let mut names = ipgate::tls::dns_names(&CertificateDer::from(leaf.clone())).unwrap();
+    let mut names = ipgate::state::tls::dns_names(&CertificateDer::from(leaf.clone())).unwrap();
     names.sort();
     assert_eq!(names, vec!["acme.test", "www.acme.test"]);
     assert_eq!(
@@ -398,14 +398,14 @@ async fn a_short_lived_certificate_is_renewed_over_tls_alpn01_under_a_keepalive_
         resp.into_body().collect().await.unwrap();
     }
     // Renewed with a third of the lifetime left (16 s of 24), not at expiry.
-    let (_, first_expiry) = ipgate::tls::validity(&CertificateDer::from(first.clone())).unwrap();
+    let (_, first_expiry) = ipgate::state::tls::validity(&CertificateDer::from(first.clone())).unwrap();
     let renewed = CertificateDer::from(renewed);
-    let (renewed_at, _) = ipgate::tls::validity(&renewed).unwrap();
+    let (renewed_at, _) = ipgate::state::tls::validity(&renewed).unwrap();
     assert!(
         renewed_at <= first_expiry - 5,
         "renewed at {renewed_at}, the first expired at {first_expiry}"
     );
-    let mut names = ipgate::tls::dns_names(&renewed).unwrap();
+    let mut names = ipgate::state::tls::dns_names(&renewed).unwrap();
     names.sort();
     assert_eq!(names, vec!["acme.test", "www.acme.test"]);
     gw.signal("TERM");

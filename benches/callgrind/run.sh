@@ -80,7 +80,7 @@ CONF
     if [[ -n $keep ]]; then mkdir -p "$keep"; cp "$out/callgrind.out" "$keep/$(basename "$bin").$mode.$n.out"; fi
     local handle
     handle=$(callgrind_annotate --inclusive=yes "$out/callgrind.out" 2>/dev/null |
-        awk '/proxy\.rs:ipgate::proxy::handle::\{\{closure\}\}/ && !v {gsub(",", "", $1); v = $1}
+        awk '/proxy\.rs:ipgate::(serve::)?proxy::handle::\{\{closure\}\}/ && !v {gsub(",", "", $1); v = $1}
              END {print v + 0}')
     echo "$(awk '/^summary:/ {print $2}' "$out/callgrind.out") ${handle:-0}"
 }

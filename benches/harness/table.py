@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Markdown tables of one shared-harness run, for the README's Performance section.
+"""Markdown tables of one shared-harness run, for docs/benchmarks.md.
 
     python3 benches/harness/table.py target/bench-results/<run> [BASELINE]
 

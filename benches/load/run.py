@@ -12,7 +12,7 @@ and the limiter. Any status but 200 stops the run. Needs wrk and nginx (the back
 adds an HTTP/2 row. Debian: apt-get install -y wrk nginx nghttp2-client.
 Every process started is stopped at the end; every load run stops by itself (wrk -d).
 Traffic goes to 127.0.0.1 only. For the side-by-side run against nginx and HAProxy as
-proxies, see ../shared/bench (README "Performance").
+proxies, see the shared load harness (docs/benchmarks.md).
 """
 
 import os

@@ -12,8 +12,8 @@ fuzz_target!(|body: &[u8]| {
         assert!(ttl <= day && !ttl.is_zero());
         assert!(reason.is_none_or(|r| !r.is_empty() && r.len() <= 512));
     }
-    let _ = serde_json::from_slice::<ipgate::api::EntryView>(body);
-    let _ = serde_json::from_slice::<ipgate::api::Lookup>(body);
-    let _ = serde_json::from_slice::<ipgate::api::Forgotten>(body);
-    let _ = serde_json::from_slice::<ipgate::api::ReloadRefused>(body);
+    let _ = serde_json::from_slice::<ipgate::admin::api::EntryView>(body);
+    let _ = serde_json::from_slice::<ipgate::admin::api::Lookup>(body);
+    let _ = serde_json::from_slice::<ipgate::admin::api::Forgotten>(body);
+    let _ = serde_json::from_slice::<ipgate::admin::api::ReloadRefused>(body);
 });

@@ -4,7 +4,7 @@
 #![no_main]
 use std::net::IpAddr;
 
-use ipgate::policy::table::CidrTable;
+use ipgate::decide::policy::table::CidrTable;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|bytes: &[u8]| {
@@ -24,19 +24,19 @@ fuzz_target!(|bytes: &[u8]| {
             req.headers_mut().append("x-forwarded-for", v);
         }
     }
-    if let Ok(Some(h)) = ipgate::request::host(&req) {
+    if let Ok(Some(h)) = ipgate::serve::request::host(&req) {
         // The name sites match: the start of the value forwarded, without port or trailing
         // dot, and itself a valid host (case is left to the matcher).
         let key = h.key();
         assert!(h.value.to_str().unwrap().starts_with(key));
         assert!(!key.ends_with('.'), "{key}");
-        let again = ipgate::host::Host::parse(key).expect("a key is a host");
+        let again = ipgate::normalize::host::Host::parse(key).expect("a key is a host");
         assert_eq!(again.port, None);
         assert_eq!(again.key(), key);
     }
     let trusted = CidrTable::new(vec!["10.0.0.0/8".parse().unwrap()]);
     let peer: IpAddr = "10.1.2.3".parse().unwrap();
-    if let Ok((client, chain)) = ipgate::request::client(&trusted, peer, req.headers()) {
+    if let Ok((client, chain)) = ipgate::serve::request::client(&trusted, peer, req.headers()) {
         let chain = chain.expect("a trusted peer's chain");
         // The client is untrusted, or it is the proxy itself; the chain after it is trusted.
         if !client.is_proxy {

@@ -4,14 +4,14 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|path: &str| {
-    if let Ok(normal) = ipgate::path::normalize(path) {
+    if let Ok(normal) = ipgate::normalize::path::normalize(path) {
         assert!(normal.starts_with('/'), "{normal:?}");
         assert!(!normal.contains("//"), "{normal:?}");
         assert!(
             !normal.split('/').any(|s| s == "." || s == ".."),
             "{normal:?}"
         );
-        let again = ipgate::path::normalize(&normal).expect("a normal path is accepted");
+        let again = ipgate::normalize::path::normalize(&normal).expect("a normal path is accepted");
         assert_eq!(again, normal);
     }
 });

@@ -1,6 +1,6 @@
 //! The first bytes of a connection on a `proxy_protocol` listener.
 #![no_main]
-use ipgate::client_addr::{parse_proxy_header, ProxyHeader};
+use ipgate::serve::client_addr::{parse_proxy_header, ProxyHeader};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|bytes: &[u8]| {

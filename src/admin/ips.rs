@@ -26,7 +26,7 @@ fn client_state(state: &AppState, ip: IpAddr, erase: bool) -> (Vec<LimitView>, V
     let snap = state.snapshot.load();
     let mut limits = Vec::new();
     for (rule, l) in &snap.limiters {
-        let key = crate::clients::client_key(ip, l.settings.ipv6_prefix);
+        let key = crate::decide::clients::client_key(ip, l.settings.ipv6_prefix);
         if l.is_tracked(key) {
             limits.push(LimitView { rule: rule.clone() });
             if erase {
@@ -34,7 +34,7 @@ fn client_state(state: &AppState, ip: IpAddr, erase: bool) -> (Vec<LimitView>, V
             }
         }
     }
-    let key = crate::clients::client_key(ip, snap.config.rate_limit.ipv6_prefix);
+    let key = crate::decide::clients::client_key(ip, snap.config.rate_limit.ipv6_prefix);
     let mut jails = Vec::new();
     for (name, j) in &snap.jails {
         if let Some(c) = j.counter(key) {
@@ -52,7 +52,7 @@ fn client_state(state: &AppState, ip: IpAddr, erase: bool) -> (Vec<LimitView>, V
 }
 
 /// Offense history held for `ip` (its address or IPv6 prefix).
-async fn offenses(state: &AppState, ip: IpAddr) -> Result<Vec<OffenseView>, crate::store::Error> {
+async fn offenses(state: &AppState, ip: IpAddr) -> Result<Vec<OffenseView>, crate::state::store::Error> {
     let held = state.offenses(ip, own_targets(state, ip)).await?;
     Ok(held
         .into_iter()

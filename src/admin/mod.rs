@@ -1,8 +1,16 @@
-//! The admin listener: `GET /healthz` and `GET /metrics` without a token; everything under
-//! `/v1/` needs `Authorization: Bearer TOKEN` with the token from `admin.token_file`:
-//! temporary entries, per-address lookup and erasure, reload. JSON everywhere.
+//! The admin side: this module is the admin listener. `GET /healthz` and `GET /metrics`
+//! answer without a token; everything under `/v1/` needs `Authorization: Bearer TOKEN` with
+//! the token from `admin.token_file` ([`token`]): temporary entries, per-address lookup and
+//! erasure, reload. JSON everywhere. [`api`]: the bodies the server and the command line
+//! ([`cli`]) both speak; [`demo`]: the quick start's demo upstream.
+//!
+//! Uses: every layer below it ([`crate::background`] for nothing but the types it reports).
 
+pub mod api;
+pub mod cli;
+pub(crate) mod demo;
 mod ips;
+pub(crate) mod token;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -22,15 +30,15 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::debug;
 
-use crate::api::{
+use crate::admin::api::{
     ApiError, CounterView, Decision, EntryView, Forgotten, Kept, LimitView, Lookup, NewEntry,
     OffenseView, ProblemView, ReloadRefused, Reloaded, RuleView,
 };
-use crate::clock::now_ms;
+use crate::decide::clock::now_ms;
 use crate::config::{self, Action};
-use crate::policy::temporary::Entry;
-use crate::policy::temporary::{Scope, Slot};
-use crate::policy::{Rule, Verdict};
+use crate::decide::policy::temporary::Entry;
+use crate::decide::policy::temporary::{Scope, Slot};
+use crate::decide::policy::{Rule, Verdict};
 use crate::state::AppState;
 
 /// Serves the admin API until `stop` turns true.
@@ -98,7 +106,7 @@ fn own_host(state: &AppState, req: &Request<Incoming>) -> bool {
     let Ok(text) = value.to_str() else {
         return false;
     };
-    let Some(host) = crate::host::Host::parse(text) else {
+    let Some(host) = crate::normalize::host::Host::parse(text) else {
         return false;
     };
     let name = host.name.trim_end_matches('.').to_ascii_lowercase();
@@ -203,13 +211,13 @@ pub(super) fn config_view(action: Action, list: &str, target: IpNet) -> EntryVie
 }
 
 /// Every certificate the TLS listeners serve, soonest expiry first.
-fn certificates(state: &AppState) -> Vec<crate::api::CertificateView> {
+fn certificates(state: &AppState) -> Vec<crate::admin::api::CertificateView> {
     let secs = |s: i64| rfc3339(u64::try_from(s).unwrap_or(0).saturating_mul(1000));
     let mut certs = state.snapshot.load().certificates.clone();
     certs.sort_by_key(|c| c.not_after);
     certs
         .into_iter()
-        .map(|c| crate::api::CertificateView {
+        .map(|c| crate::admin::api::CertificateView {
             file: c.file.map(|f| f.display().to_string()),
             not_before: secs(c.not_before),
             not_after: secs(c.not_after),
@@ -346,7 +354,7 @@ fn parse_ip(text: &str) -> Result<IpAddr, String> {
         .unwrap_or_default();
     decoded
         .parse::<IpAddr>()
-        .map(crate::client_addr::normalize)
+        .map(crate::serve::client_addr::normalize)
         .map_err(|_| format!("'{decoded}' is not an IP address"))
 }
 

@@ -435,6 +435,14 @@ pub struct Limits {
 
 pub const DEFAULT_CONFIG_PATH: &str = "config/ipgate.toml";
 
+/// The JSON Schema of the config file, generated from the types serde reads it into (so it
+/// cannot drift from what `ipgate check` accepts): for editors such as taplo.
+pub fn schema() -> String {
+    let mut schema = schemars::schema_for!(raw::RawConfig);
+    schema.insert("title".into(), "ipgate config".into());
+    serde_json::to_string_pretty(&schema).unwrap_or_default()
+}
+
 impl Config {
     /// What `ipgate check` says of a config that loads but may not do what its author
     /// meant: log patterns not anchored at both ends, syslog jails that take any program's

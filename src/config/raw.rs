@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 
 /// The whole file.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawConfig {
     pub gateway: RawGateway,
@@ -30,7 +30,7 @@ pub struct RawConfig {
 }
 
 /// `[firewall]`: the nftables table that mirrors the block and allow entries.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawFirewall {
     pub ports: Vec<u16>,
@@ -46,7 +46,7 @@ pub struct RawFirewall {
 }
 
 /// `[acme]`: the ACME CA certificates come from for sites with `acme = true`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawAcme {
     pub directory: String,
@@ -58,7 +58,7 @@ pub struct RawAcme {
 }
 
 /// `[fleet]`: the shared store (Redis or Valkey) and this gateway's name in it.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawFleet {
     pub redis: String,
@@ -68,7 +68,7 @@ pub struct RawFleet {
 }
 
 /// `[gateway]`: state directory, trusted proxies, default ban, workers.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawGateway {
     pub state_dir: Option<String>,
@@ -79,7 +79,7 @@ pub struct RawGateway {
 }
 
 /// One `[[listener]]`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawListener {
     pub addr: String,
@@ -92,7 +92,7 @@ pub struct RawListener {
 }
 
 /// `[tls]`: certificate files, or a self-signed fallback for testing.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawTls {
     pub certificates: Vec<RawCertificate>,
@@ -100,7 +100,7 @@ pub struct RawTls {
 }
 
 /// One `[[tls.certificate]]` (PEM chain and key).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawCertificate {
     pub cert: String,
@@ -108,7 +108,7 @@ pub struct RawCertificate {
 }
 
 /// `[admin]`: the API address (loopback) and its token file.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawAdmin {
     pub addr: String,
@@ -119,7 +119,7 @@ pub struct RawAdmin {
 }
 
 /// `[privacy]`: the retention cap on IP-keyed data and how logs show addresses.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawPrivacy {
     pub max_retention: Option<String>,
@@ -127,7 +127,7 @@ pub struct RawPrivacy {
 }
 
 /// `[rate_limit]`, or a site's or route's own `rate_limit` table.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawRateLimit {
     pub requests_per_second: Option<f64>,
@@ -138,7 +138,7 @@ pub struct RawRateLimit {
 }
 
 /// One `[[list]]`: static CIDRs, inline or from files.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawList {
     /// "block" or "allow".
@@ -154,7 +154,7 @@ pub struct RawList {
 }
 
 /// One `[[jail]]`: what counts as an offense and how long it bans.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawJail {
     pub name: String,
@@ -183,7 +183,7 @@ pub struct RawJail {
 }
 
 /// `jail.log`: the files a log jail follows and the line that counts.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawLogSource {
     #[serde(default)]
@@ -203,7 +203,7 @@ pub struct RawLogSource {
 }
 
 /// `jail.log.journal`: which journal entries a log jail follows.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawJournal {
     #[serde(default)]
@@ -214,7 +214,7 @@ pub struct RawJournal {
 }
 
 /// One `[[site]]`: its hosts, upstream and policy.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawSite {
     pub name: Option<String>,
@@ -235,7 +235,7 @@ pub struct RawSite {
 }
 
 /// One `[[site.route]]`: a path prefix with a stricter policy.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawRoute {
     pub path: String,
@@ -245,7 +245,7 @@ pub struct RawRoute {
 }
 
 /// `[limits]`: every cap and timeout that bounds a client.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawLimits {
     pub max_connections: Option<usize>,
@@ -267,14 +267,14 @@ pub struct RawLimits {
 }
 
 /// `[log]`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawLog {
     pub access: Option<String>,
 }
 
 /// `[demo_upstream]`: the built-in page for the quick start.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawDemoUpstream {
     pub addr: String,

@@ -1,5 +1,5 @@
 use super::*;
-use crate::metrics::Metrics;
+use crate::observe::metrics::Metrics;
 use crate::state::Snapshot;
 
 const MINIMAL: &str = r#"

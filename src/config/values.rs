@@ -52,9 +52,9 @@ pub const MAX_HITS: u32 = 1000;
 
 /// A route or jail path prefix, in the normal form request paths are matched in (SPEC 13).
 pub(super) fn match_path(r: &mut Report, key: &str, text: &str) -> String {
-    match crate::path::normalize(text) {
+    match crate::normalize::path::normalize(text) {
         Ok(p) => p.into_owned(),
-        Err(crate::path::Error::NotAbsolute) => {
+        Err(crate::normalize::path::Error::NotAbsolute) => {
             r.key(key, "must start with '/'");
             text.to_string()
         }

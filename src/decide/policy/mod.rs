@@ -1,0 +1,274 @@
+//! Who may pass. Static lists from the config (entries and list files, compiled into
+//! [`table::CidrTable`]s and swapped with the config snapshot), temporary entries
+//! ([`temporary::TempEntries`], expiring, persisted by the store), and the decision that
+//! combines them: allow wins over block (SPEC 2).
+
+pub mod table;
+pub mod temporary;
+
+use std::net::IpAddr;
+use std::path::Path;
+
+use ipnet::IpNet;
+use prometheus::IntCounter;
+
+use crate::config::{self, Action, Report};
+use crate::observe::metrics::Metrics;
+use table::CidrTable;
+use temporary::TempEntries;
+
+/// One `[lists.NAME]`, compiled.
+pub struct StaticList {
+    pub name: String,
+    pub action: Action,
+    pub dry_run: bool,
+    pub table: CidrTable,
+    /// `ipgate_would_block_total{rule=NAME}` for a dry-run block list.
+    would_block: Option<IntCounter>,
+}
+
+/// The static lists of one config.
+#[derive(Default)]
+pub struct Policy {
+    pub allow: Vec<StaticList>,
+    pub block: Vec<StaticList>,
+}
+
+/// What decided a verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rule {
+    /// Index into `Policy::allow` or `Policy::block`.
+    Static(usize),
+    Temporary,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Allow(Rule),
+    Block(Rule),
+    Pass,
+}
+
+impl Policy {
+    /// Compiles the lists, reading their files. A bad line is reported with its file and line.
+    pub fn build(lists: &[config::List], report: &mut Report, metrics: &Metrics) -> Policy {
+        let mut policy = Policy::default();
+        for list in lists {
+            let mut cidrs = list.entries.clone();
+            for (i, file) in list.files.iter().enumerate() {
+                let key = format!("lists.{}.files[{i}]", list.name);
+                load_list_file(file, &key, &mut cidrs, report);
+            }
+            let compiled = StaticList {
+                name: list.name.clone(),
+                action: list.action,
+                dry_run: list.dry_run,
+                table: CidrTable::new(cidrs),
+                would_block: list
+                    .dry_run
+                    .then(|| metrics.would_block.with_label_values(&[&list.name])),
+            };
+            match list.action {
+                Action::Allow => policy.allow.push(compiled),
+                Action::Block => policy.block.push(compiled),
+            }
+        }
+        policy
+    }
+
+    /// The allow list named `name`.
+    pub fn allow_list(&self, name: &str) -> Option<&StaticList> {
+        self.allow.iter().find(|l| l.name == name)
+    }
+
+    /// The list a static rule points at.
+    pub fn list(&self, verdict: Verdict) -> Option<&StaticList> {
+        match verdict {
+            Verdict::Allow(Rule::Static(i)) => self.allow.get(i),
+            Verdict::Block(Rule::Static(i)) => self.block.get(i),
+            _ => None,
+        }
+    }
+
+    /// The decision for a client (SPEC 2): any allow entry, static or temporary, wins; then
+    /// any block entry; dry-run block lists are counted and passed over.
+    #[inline]
+    pub fn decide(&self, temp: &TempEntries, ip: IpAddr) -> Verdict {
+        for (i, l) in self.allow.iter().enumerate() {
+            if l.table.contains(ip) {
+                return Verdict::Allow(Rule::Static(i));
+            }
+        }
+        if !temp.allow.is_empty() && temp.allow.contains(ip) {
+            return Verdict::Allow(Rule::Temporary);
+        }
+        for (i, l) in self.block.iter().enumerate() {
+            if l.table.contains(ip) {
+                if let Some(c) = &l.would_block {
+                    c.inc();
+                    continue;
+                }
+                return Verdict::Block(Rule::Static(i));
+            }
+        }
+        if temp.block.contains(ip) {
+            return Verdict::Block(Rule::Temporary);
+        }
+        Verdict::Pass
+    }
+
+    /// The lists (name, action) holding `ip`, with the matching CIDRs (admin path).
+    pub fn matching(&self, ip: IpAddr) -> Vec<(&StaticList, Vec<IpNet>)> {
+        self.allow
+            .iter()
+            .chain(&self.block)
+            .filter_map(|l| {
+                let m: Vec<IpNet> = l.table.matching(ip).copied().collect();
+                (!m.is_empty()).then_some((l, m))
+            })
+            .collect()
+    }
+}
+
+/// Reads a list file: one address or CIDR per line; `#` and `;` start a comment anywhere on
+/// a line; blank lines are skipped. Spamhaus DROP and FireHOL netsets load as they are.
+pub fn load_list_file(path: &Path, key: &str, out: &mut Vec<IpNet>, report: &mut Report) {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            report.other(path, None, key, format!("cannot read list file: {e}"));
+            return;
+        }
+    };
+    parse_list(&text, path, key, out, report);
+}
+
+/// The lines of a list file (see [`load_list_file`]); problems are reported against `path`.
+pub fn parse_list(text: &str, path: &Path, key: &str, out: &mut Vec<IpNet>, report: &mut Report) {
+    let mut bad = 0;
+    for (n, line) in text.lines().enumerate() {
+        let line = match line.find(['#', ';']) {
+            Some(p) => &line[..p],
+            None => line,
+        }
+        .trim();
+        if line.is_empty() {
+            continue;
+        }
+        match config::parse_target(line) {
+            Ok(net) => out.push(net),
+            Err(e) => {
+                bad += 1;
+                // Name the first few; a wrong file format would otherwise flood the report.
+                if bad <= 10 {
+                    report.other(path, Some(n + 1), key, e);
+                }
+            }
+        }
+    }
+    if bad > 10 {
+        report.other(
+            path,
+            None,
+            key,
+            format!("{} more bad lines not shown", bad - 10),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decide::clock::now_ms;
+    use crate::decide::policy::temporary::Entry;
+
+    fn policy(lists: &str) -> Policy {
+        let text = format!("[[listener]]\naddr = \"127.0.0.1:0\"\n[[site]]\nhosts = [\"*\"]\nupstream = \"http://127.0.0.1:9\"\n{lists}");
+        let path = Path::new("/tmp/ipgate-policy-test.toml");
+        let config = config::Config::parse(path, &text).unwrap();
+        let mut report = Report::new(path, "");
+        let p = Policy::build(&config.lists, &mut report, &Metrics::new());
+        assert!(report.is_empty());
+        p
+    }
+
+    #[test]
+    fn allow_wins_over_block() {
+        let p = policy(
+            r#"
+[lists.office]
+action = "allow"
+entries = ["203.0.113.0/24"]
+[lists.deny]
+action = "block"
+entries = ["203.0.0.0/16", "198.51.100.0/24"]
+"#,
+        );
+        let temp = TempEntries::default();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            p.decide(&temp, ip("203.0.113.9")),
+            Verdict::Allow(Rule::Static(0))
+        );
+        assert_eq!(
+            p.decide(&temp, ip("203.0.1.1")),
+            Verdict::Block(Rule::Static(0))
+        );
+        assert_eq!(p.decide(&temp, ip("192.0.2.1")), Verdict::Pass);
+        let e = Entry::new(0, now_ms() + 60_000, "api", None);
+        temp.block
+            .insert("192.0.2.1/32".parse().unwrap(), e.clone());
+        assert_eq!(
+            p.decide(&temp, ip("192.0.2.1")),
+            Verdict::Block(Rule::Temporary)
+        );
+        temp.allow.insert("198.51.100.7/32".parse().unwrap(), e);
+        assert_eq!(
+            p.decide(&temp, ip("198.51.100.7")),
+            Verdict::Allow(Rule::Temporary)
+        );
+    }
+
+    #[test]
+    fn dry_run_lists_count_and_pass() {
+        let trial =
+            "[lists.trial]\naction = \"block\"\ndry_run = true\nentries = [\"192.0.2.0/24\"]\n";
+        let p = policy(trial);
+        let temp = TempEntries::default();
+        assert_eq!(p.decide(&temp, "192.0.2.1".parse().unwrap()), Verdict::Pass);
+        assert_eq!(p.block[0].would_block.as_ref().unwrap().get(), 1);
+    }
+
+    #[test]
+    fn list_files_take_drop_and_netset_formats() {
+        let dir = tempfile::tempdir().unwrap();
+        let drop_file = dir.path().join("drop.txt");
+        std::fs::write(
+            &drop_file,
+            "; Spamhaus DROP List 2026/11/23\n; Expires: ...\n1.10.16.0/20 ; SBL256894\n2.56.192.0/22 ; SBL459831\n",
+        )
+        .unwrap();
+        let netset = dir.path().join("firehol.netset");
+        std::fs::write(
+            &netset,
+            "#\n# firehol_level1\n#\n0.0.0.0/8\n5.134.128.0/19\n\n192.0.2.1   # single\n2001:db8::/32\n",
+        )
+        .unwrap();
+        let bad = dir.path().join("bad.txt");
+        std::fs::write(&bad, "10.0.0.0/8\nnot-an-ip\n10.0.0.0/40 ; nope\n").unwrap();
+        let path = dir.path().join("x.toml");
+        let mut report = Report::new(&path, "");
+        let mut out = Vec::new();
+        load_list_file(&drop_file, "lists.drop.files[0]", &mut out, &mut report);
+        load_list_file(&netset, "lists.fh.files[0]", &mut out, &mut report);
+        assert!(report.is_empty());
+        assert_eq!(out.len(), 6);
+        load_list_file(&bad, "lists.b.files[0]", &mut out, &mut report);
+        let errors = report.into_errors().0;
+        assert_eq!(errors.len(), 2);
+        assert_eq!(errors[0].file, bad);
+        assert_eq!(errors[0].line, Some(2));
+        assert_eq!(errors[0].key, "lists.b.files[0]");
+        assert_eq!(errors[1].line, Some(3));
+    }
+}

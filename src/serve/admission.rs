@@ -1,0 +1,240 @@
+//! The per-request decision, in one place and in this order: allow wins (SPEC 2), then
+//! block entries (3), `allow_only` (5), the rate limit (4); and once the response is known,
+//! the jails (6). It sees the request as [`crate::serve::request`] checked it: the normalized path
+//! and the client behind trusted proxies.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use http::Method;
+
+use crate::observe::access_log::LoggedIp;
+use crate::decide::clients::{client_key, key_target, ClientSlot, Gate, InFlight};
+use crate::decide::jail::{Jail, Watched};
+use crate::decide::policy::Verdict;
+use crate::state::{AppState, SiteEntry, Snapshot};
+
+/// Why a request is refused by the policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// A block entry holds the client (403).
+    Blocked,
+    /// Not in the `allow_only` lists of the site or route (403).
+    Denied,
+    /// Over the rate limit; may retry after this many seconds (429).
+    RateLimited(u64),
+    /// As many requests of this client in flight as `limits.max_requests_per_client` for
+    /// `limits.upstream_queue_timeout`, as many streaming uploads as
+    /// `limits.max_uploads_per_client`, or as many watched requests as a jail's
+    /// `concurrency` (429).
+    Busy,
+}
+
+/// The client a decision is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Client {
+    pub ip: IpAddr,
+    /// A trusted proxy standing for itself (no X-Forwarded-For, or only trusted addresses
+    /// in it): never rate-limited or jailed on behalf of the clients behind it (SPEC 15).
+    pub is_proxy: bool,
+}
+
+/// What an admitted request is spared, and what it holds.
+pub struct Admitted {
+    /// Allow-listed, or a trusted proxy: jails do not count its responses.
+    pub exempt: bool,
+    /// Its place among the client's requests in flight, until its response ends.
+    pub in_flight: Option<InFlight>,
+    /// All the client's places were taken: the request waits at this gate for one (up to
+    /// `limits.upstream_queue_timeout`) before it is forwarded.
+    pub queued: Option<(Arc<Gate>, Option<ClientSlot>)>,
+    /// Its places among the watched requests of the jails that watch it.
+    pub watched: Vec<Watched>,
+}
+
+/// The request as admission sees it.
+pub struct Asked<'a> {
+    pub method: &'a Method,
+    /// The host without port or trailing dot.
+    pub host: &'a str,
+    /// The normalized path.
+    pub path: &'a str,
+}
+
+/// Decides whether a request for `path` on `site` may be forwarded. `conn` is the slot of
+/// the connection's client, when that is the request's client too.
+pub fn admit(
+    state: &AppState,
+    snap: &Snapshot,
+    site: Option<&SiteEntry>,
+    (client, conn): (Client, Option<&ClientSlot>),
+    asked: &Asked,
+) -> Result<Admitted, Refusal> {
+    let path = asked.path;
+    let verdict = snap.policy.decide(&state.temp, client.ip);
+    if let Verdict::Block(_) = verdict {
+        return Err(Refusal::Blocked);
+    }
+    let Some(site) = site else {
+        // No site: 421, decided by the caller.
+        return Ok(Admitted::exempt());
+    };
+    // Scoped block entries hold on their sites only, at request level (allow still wins).
+    if !matches!(verdict, Verdict::Allow(_)) && state.temp.blocked_in(&site.scopes, client.ip) {
+        return Err(Refusal::Blocked);
+    }
+    if !allowed_only(snap, site, path, client.ip) {
+        return Err(Refusal::Denied);
+    }
+    let exempt = matches!(verdict, Verdict::Allow(_)) || client.is_proxy;
+    if exempt {
+        return Ok(Admitted::exempt());
+    }
+    rate_limit(state, site, path, client.ip)?;
+    let key = client_key(client.ip, snap.config.rate_limit.ipv6_prefix);
+    // No burst outruns a jail (SPEC 21): a few watched requests per client at a time.
+    let mut watched = Vec::new();
+    for jail in &site.jails {
+        if jail.config.concurrency != u32::MAX && jail.watches(asked.method, asked.host, path) {
+            watched.push(jail.enter(key).ok_or(Refusal::Busy)?);
+        }
+    }
+    // Bounds the upstream work one client holds, whatever its rate (SPEC 16).
+    let cap = snap.config.limits.max_requests_per_client;
+    let (in_flight, queued) = match conn {
+        Some(slot) => match slot.enter(cap) {
+            Some(f) => (Some(f), None),
+            None => (None, Some((slot.gate().clone(), None))),
+        },
+        None => {
+            // A client named by X-Forwarded-For: its entry lives while its requests do.
+            let slot = state
+                .in_flight
+                .acquire(key, u32::MAX)
+                .ok_or(Refusal::Busy)?;
+            match slot.enter(cap) {
+                Some(f) => (Some(f.keeping(slot)), None),
+                None => (None, Some((slot.gate().clone(), Some(slot)))),
+            }
+        }
+    };
+    Ok(Admitted {
+        exempt,
+        in_flight,
+        queued,
+        watched,
+    })
+}
+
+impl Admitted {
+    fn exempt() -> Admitted {
+        Admitted {
+            exempt: true,
+            in_flight: None,
+            queued: None,
+            watched: Vec::new(),
+        }
+    }
+}
+
+/// A forwarded request and its response, as the jails see them.
+pub struct Seen<'a> {
+    pub method: &'a Method,
+    /// The host without port or trailing dot.
+    pub host: &'a str,
+    /// The normalized path.
+    pub path: &'a str,
+    pub status: u16,
+    pub location: Option<&'a str>,
+}
+
+/// Counts a response against the site's jails; a jail that reaches its `hits` bans the
+/// client (in a dry run, counts what it would have done). Exempt clients are not counted.
+pub fn observe(
+    state: &Arc<AppState>,
+    snap: &Snapshot,
+    site: &SiteEntry,
+    client: IpAddr,
+    seen: &Seen,
+) {
+    for jail in &site.jails {
+        if jail.matches(
+            seen.method,
+            seen.host,
+            seen.path,
+            seen.status,
+            seen.location,
+        ) {
+            count_offense(state, snap, jail, client);
+        }
+    }
+}
+
+/// Counts one offense of `client` against `jail` (a response or a log line); at the jail's
+/// `hits` the client is banned at once (in a dry run, counted as what it would have done).
+/// A client the jail has banned already is not counted again: the answers to requests it
+/// had in flight when the ban came are one burst, and one burst is one offense.
+pub fn count_offense(state: &Arc<AppState>, snap: &Snapshot, jail: &Arc<Jail>, client: IpAddr) {
+    let prefix = snap.config.rate_limit.ipv6_prefix;
+    if state.banned_by_jail(jail, client) {
+        return;
+    }
+    let key = client_key(client, prefix);
+    if !jail.observe(key) {
+        return;
+    }
+    let target = key_target(key, prefix);
+    if let Some(counter) = &jail.would_block {
+        counter.inc();
+        tracing::info!(
+            jail = %jail.config.name,
+            client = %LoggedIp(client, snap.config.privacy.log_ip),
+            "dry run: a jail would ban this client"
+        );
+        return;
+    }
+    state.jail_ban_now(jail, target);
+    let state = state.clone();
+    let jail = jail.clone();
+    tokio::spawn(async move { state.jail_ban(&jail, target).await });
+}
+
+/// Whether `allow_only` admits the client: the longest matching route's list if it has one,
+/// else the site's; no list means everyone (SPEC 5). Membership is in the named static allow
+/// lists only.
+fn allowed_only(snap: &Snapshot, site: &SiteEntry, path: &str, client: IpAddr) -> bool {
+    let route = site
+        .site
+        .routes
+        .iter()
+        .filter(|r| path.starts_with(r.path.as_str()) && !r.allow_only.is_empty())
+        .max_by_key(|r| r.path.len());
+    let names = route.map_or(&site.site.allow_only, |r| &r.allow_only);
+    names.is_empty()
+        || names.iter().any(|n| {
+            snap.policy
+                .allow_list(n)
+                .is_some_and(|l| l.table.contains(client))
+        })
+}
+
+/// Checks the rate limit for the path (SPEC 4); refused when over it and not a dry run.
+fn rate_limit(
+    state: &AppState,
+    site: &SiteEntry,
+    path: &str,
+    client: IpAddr,
+) -> Result<(), Refusal> {
+    let limiter = site.limiter_for(path);
+    let key = client_key(client, limiter.settings.ipv6_prefix);
+    let Err(wait) = limiter.check(key) else {
+        return Ok(());
+    };
+    if limiter.settings.dry_run {
+        state.metrics.would_block_rate_limit.inc();
+        return Ok(());
+    }
+    // Whole seconds, rounded up: retrying earlier would be refused again.
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    Err(Refusal::RateLimited(secs.max(1)))
+}

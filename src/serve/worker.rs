@@ -1,0 +1,129 @@
+//! Worker threads, one per CPU by default (`gateway.workers`). Each runs its own
+//! single-threaded Tokio runtime with its own socket on every client listener (SO_REUSEPORT:
+//! the kernel spreads new connections over the workers) and its own upstream connection pool.
+//! A client connection, its requests and their upstream connections therefore live on one
+//! thread: no task migrates, no wake-up crosses threads and no pool lock is shared on the
+//! request path. What the workers share is read-mostly: the [`AppState`] (snapshot behind an
+//! `ArcSwap`, sharded temporary entries, atomic metrics).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::server::graceful::GracefulShutdown;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::sync::watch;
+use tracing::{error, warn};
+
+use crate::config;
+use crate::serve::listener;
+use crate::serve::proxy::Context;
+use crate::state::AppState;
+
+/// The client listeners of one worker: its own socket for each configured listener.
+pub type Sockets = Vec<(std::net::TcpListener, config::Listener)>;
+
+/// Binds `count` listening sockets on `addr` (port 0: a free port, the same for all). More
+/// than one share the port through SO_REUSEPORT; a single one is bound without it, so a port
+/// another process holds is always an error.
+pub fn bind(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let mut sockets: Vec<std::net::TcpListener> = Vec::with_capacity(count);
+    let mut at = addr;
+    for _ in 0..count.max(1) {
+        let socket = Socket::new(Domain::for_address(at), Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_reuse_address(true)?;
+        if count > 1 {
+            socket.set_reuse_port(true)?;
+        }
+        socket.set_nonblocking(true)?;
+        // Accepted sockets inherit both (Linux; `tests::accepted_sockets_inherit_...`):
+        // a refused client is reset by a bare close, with no setsockopt per attempt, and an
+        // admitted one turns lingering back off (`listener::accept_loop`).
+        socket.set_linger(Some(std::time::Duration::ZERO))?;
+        socket.set_tcp_nodelay(true)?;
+        socket.bind(&at.into())?;
+        socket.listen(4096)?;
+        let listener: std::net::TcpListener = socket.into();
+        if at.port() == 0 {
+            at = listener.local_addr()?;
+        }
+        sockets.push(listener);
+    }
+    Ok(sockets)
+}
+
+/// Runs one worker thread until `stop` turns true and its connections have finished (or
+/// `limits.shutdown_grace` is over). Blocks the calling thread.
+pub fn run(state: Arc<AppState>, sockets: Sockets, stop: watch::Receiver<bool>) {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            error!(error = %e, "cannot start a worker runtime; its sockets are closed");
+            return;
+        }
+    };
+    runtime.block_on(async move {
+        let worker = Arc::new(Context {
+            state,
+            upstream: Arc::default(),
+            stop: stop.clone(),
+            upgrades: tokio_util::task::TaskTracker::new(),
+        });
+        let graceful = GracefulShutdown::new();
+        let loops = sockets.into_iter().map(|(socket, conf)| {
+            listener::accept_loop(worker.clone(), socket, conf, &graceful, stop.clone())
+        });
+        futures_util::future::join_all(loops).await;
+        let grace = worker.state.snapshot.load().config.limits.shutdown_grace;
+        // Requests in flight, then upgraded connections (which close themselves when the
+        // grace period is over), get the grace period.
+        let finished = async {
+            graceful.shutdown().await;
+            worker.upgrades.close();
+            worker.upgrades.wait().await;
+        };
+        if tokio::time::timeout(grace, finished).await.is_err() {
+            warn!(
+                ?grace,
+                "grace period over, closing the connections still open"
+            );
+        }
+    });
+    // Tasks still running (a jail ban being written) get a moment to finish.
+    runtime.shutdown_timeout(Duration::from_secs(5));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workers_share_one_port_and_a_taken_port_is_an_error() {
+        let sockets = bind("127.0.0.1:0".parse().unwrap(), 3).unwrap();
+        let port = sockets[0].local_addr().unwrap().port();
+        assert_ne!(port, 0);
+        assert!(sockets
+            .iter()
+            .all(|s| s.local_addr().unwrap().port() == port));
+        // A single socket is bound without SO_REUSEPORT: the port is exclusive both ways.
+        let single = bind("127.0.0.1:0".parse().unwrap(), 1).unwrap();
+        let taken = single[0].local_addr().unwrap();
+        assert!(bind(taken, 1).is_err());
+        assert!(bind(taken, 2).is_err());
+    }
+
+    /// The listener relies on this: a refused connection is reset by a bare close.
+    #[test]
+    fn accepted_sockets_inherit_zero_linger_and_nodelay() {
+        let listener = bind("127.0.0.1:0".parse().unwrap(), 1).unwrap().remove(0);
+        listener.set_nonblocking(false).unwrap();
+        let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        let sock = socket2::SockRef::from(&accepted);
+        assert_eq!(sock.linger().unwrap(), Some(std::time::Duration::ZERO));
+        assert!(sock.tcp_nodelay().unwrap());
+    }
+}

@@ -1,0 +1,414 @@
+//! The state and its store. [`AppState`], shared by every task, is the one door every change
+//! goes through: the compiled config in force ([`snapshot::Snapshot`], swapped atomically on
+//! reload so readers never lock), the metrics, the temporary entries and the access log.
+//! (Each worker thread owns its upstream pool: see [`crate::serve::worker`].)
+//! - [`snapshot`]: compiles the config into policy tables, limiters, jails and TLS;
+//! - [`store`]: the state store interface and its embedded implementation (redb), with the
+//!   outbox of changes for the fleet;
+//! - [`tls`]: the certificates served and the TLS settings; [`acme_dir`]: the ACME sites'
+//!   certificates on disk; [`challenges`]: the ACME challenges being answered now.
+//!
+//! Uses: [`crate::decide`], [`crate::observe`], [`crate::config`], [`crate::normalize`].
+
+pub(crate) mod acme_dir;
+pub(crate) mod challenges;
+pub(crate) mod snapshot;
+pub(crate) mod store;
+pub mod tls;
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::sync::Semaphore;
+
+use crate::observe::access_log::AccessLog;
+use crate::decide::clock::now_ms;
+use crate::config::{Action, Config, Errors};
+use crate::decide::jail::Jail;
+use crate::observe::metrics::Metrics;
+use crate::decide::policy::temporary::{Entry, Slot, TempEntries};
+use crate::state::store::{self, Store};
+
+pub use crate::state::snapshot::{http_builder, SiteEntry, Snapshot};
+
+/// What every task shares: the snapshot in force, metrics, connection counts, the temporary
+/// entries and their store.
+pub struct AppState {
+    pub snapshot: ArcSwap<Snapshot>,
+    pub metrics: Arc<Metrics>,
+    pub access_log: AccessLog,
+    /// One permit per open client connection (`limits.max_connections`).
+    pub connections: Arc<Semaphore>,
+    /// Open connections per client (`limits.max_connections_per_client`).
+    pub conn_counts: Arc<crate::decide::clients::ConnCounts>,
+    /// Requests in flight per client (`limits.max_requests_per_client`).
+    pub in_flight: Arc<crate::decide::clients::ConnCounts>,
+    /// Set once shutdown starts: `/healthz` answers 503 so balancers stop sending.
+    pub draining: AtomicBool,
+    pub admin_token: Option<String>,
+    pub temp: TempEntries,
+    /// Durable home of the temporary entries and the offense history.
+    pub store: Store,
+    /// `fleet.gateway_id` when a fleet is configured.
+    pub fleet_id: Option<String>,
+    /// The port `redirect_https` listeners send clients to: the first TLS listener's (as
+    /// bound), else 443. Set once at start.
+    pub https_port: u16,
+}
+
+impl AppState {
+    pub fn new(
+        snapshot: Snapshot,
+        metrics: Arc<Metrics>,
+        admin_token: Option<String>,
+        store: Store,
+    ) -> Self {
+        let fleet_id = snapshot.config.fleet.as_ref().map(|f| f.gateway_id.clone());
+        let access_log = AccessLog::stdout(
+            snapshot.config.access_log,
+            metrics.access_log_dropped.clone(),
+        );
+        let connections = Arc::new(Semaphore::new(snapshot.config.limits.max_connections));
+        AppState {
+            snapshot: ArcSwap::from_pointee(snapshot),
+            metrics,
+            access_log,
+            connections,
+            conn_counts: Arc::default(),
+            in_flight: Arc::default(),
+            draining: AtomicBool::new(false),
+            admin_token,
+            temp: TempEntries::default(),
+            fleet_id,
+            store,
+            https_port: 443,
+        }
+    }
+
+    /// Adds or replaces a temporary entry (SPEC 17): enforced at once, then written to the
+    /// store, so an entry acknowledged with `Ok` survives a crash. `Err` means enforced but
+    /// not durable yet: the store writes it as soon as the disk takes it ([`Self::sweep`]).
+    pub async fn add_entry(
+        &self,
+        action: Slot,
+        target: ipnet::IpNet,
+        entry: Entry,
+    ) -> Result<(), store::Error> {
+        if action.action() == Action::Block {
+            self.metrics.bans.with_label_values(&[entry.source()]).inc();
+        }
+        self.temp.table(&action).insert(target, entry.clone());
+        self.publish_temporary_gauges();
+        let written = self.store.put(action, target, entry).await;
+        if written.is_err() {
+            self.metrics.store_errors.inc();
+        }
+        self.metrics.store_pending.set(self.store.pending() as i64);
+        written
+    }
+
+    /// Removes temporary entries from memory and the store; returns those that existed.
+    pub async fn remove_entries(
+        &self,
+        targets: Vec<(Slot, ipnet::IpNet)>,
+    ) -> Result<Vec<(Slot, ipnet::IpNet, Entry)>, store::Error> {
+        // Written before it is applied (SPEC 17): a removal the disk refuses changes nothing,
+        // so no entry comes back at restart after it was reported gone.
+        if let Err(e) = self.store.delete(targets.clone()).await {
+            self.metrics.store_errors.inc();
+            return Err(e);
+        }
+        let now = now_ms();
+        let mut removed = Vec::new();
+        for (action, target) in targets {
+            if let Some(e) = self.temp.table(&action).remove(target) {
+                if e.expires_at > now {
+                    removed.push((action, target, e));
+                }
+            }
+        }
+        self.publish_temporary_gauges();
+        self.metrics.store_pending.set(self.store.pending() as i64);
+        Ok(removed)
+    }
+
+    /// The slot a jail's bans go to: the global block list, or its own scope.
+    fn jail_slot(jail: &Jail) -> Slot {
+        if jail.config.site_scoped {
+            Slot::Scoped(crate::decide::policy::temporary::Scope::Jail(
+                jail.config.name.as_str().into(),
+            ))
+        } else {
+            Slot::Block
+        }
+    }
+
+    /// Whether a jail's ban holds `ip` now: its failures change nothing then, so one burst
+    /// is one offense, never several.
+    pub fn banned_by_jail(&self, jail: &Jail, ip: std::net::IpAddr) -> bool {
+        match Self::jail_slot(jail) {
+            Slot::Scoped(scope) => self.temp.blocked_in(std::slice::from_ref(&scope), ip),
+            slot => self.temp.table(&slot).contains(ip),
+        }
+    }
+
+    /// A jail's ban, enforced at once in memory for the first offense's length (no request
+    /// of the client is admitted after this returns); [`AppState::jail_ban`] then reads the
+    /// history, lengthens it for a repeat offender and makes it durable.
+    pub fn jail_ban_now(&self, jail: &Jail, target: ipnet::IpNet) {
+        let retention = self.snapshot.load().config.privacy.max_retention;
+        let now = now_ms();
+        let ban = jail.ban_for(0, retention);
+        let reason = jail_reason(jail);
+        let entry = Entry::new(
+            now,
+            now + ban.as_millis() as u64,
+            &jail.config.name,
+            Some(&reason),
+        );
+        self.temp
+            .table(&Self::jail_slot(jail))
+            .insert(target, entry);
+    }
+
+    /// Records the offense and makes the jail's ban, escalated by the earlier offenses
+    /// (SPEC 6), durable (SPEC 8).
+    pub async fn jail_ban(&self, jail: &Jail, target: ipnet::IpNet) {
+        let (retention, log_ip) = {
+            let snap = self.snapshot.load();
+            (
+                snap.config.privacy.max_retention,
+                snap.config.privacy.log_ip,
+            )
+        };
+        let now = now_ms();
+        let ms = retention.as_millis() as u64;
+        let earlier = match self
+            .store
+            .record_offense(jail.config.name.clone(), target, now, ms)
+            .await
+        {
+            Ok(n) => n,
+            Err(e) => {
+                // The ban still holds; only its length may be too short. Said, not hidden.
+                self.metrics.store_errors.inc();
+                tracing::error!(
+                    jail = %jail.config.name,
+                    error = %e,
+                    "cannot read or record the offense history: banning as a first offense"
+                );
+                0
+            }
+        };
+        let ban = jail.ban_for(earlier, retention);
+        let reason = jail_reason(jail);
+        let entry = Entry::new(
+            now,
+            now + ban.as_millis() as u64,
+            &jail.config.name,
+            Some(&reason),
+        );
+        match self.add_entry(Self::jail_slot(jail), target, entry).await {
+            Ok(()) => tracing::info!(
+                jail = %jail.config.name,
+                client = %crate::observe::access_log::LoggedIp(target.addr(), log_ip),
+                ban_secs = ban.as_secs(),
+                earlier_offenses = earlier,
+                "banned"
+            ),
+            Err(e) => tracing::error!(
+                jail = %jail.config.name,
+                error = %e,
+                "ban enforced but not durable yet: written as soon as the disk takes it"
+            ),
+        }
+    }
+
+    /// The offense history held under exactly these targets (an address, its IPv6 prefix).
+    pub async fn offenses(
+        &self,
+        ip: std::net::IpAddr,
+        targets: Vec<ipnet::IpNet>,
+    ) -> Result<Vec<store::Offenses>, store::Error> {
+        self.store.offenses(ip, targets).await
+    }
+
+    /// Erases the offense history under these targets; returns how many records went.
+    pub async fn forget_offenses(&self, targets: Vec<ipnet::IpNet>) -> Result<usize, store::Error> {
+        self.store
+            .forget(targets)
+            .await
+            .inspect_err(|_| self.metrics.store_errors.inc())
+    }
+
+    /// Forgets offense times older than `privacy.max_retention`.
+    pub async fn prune_offenses(&self) {
+        let retention = self
+            .snapshot
+            .load()
+            .config
+            .privacy
+            .max_retention
+            .as_millis() as u64;
+        if let Err(e) = self.store.prune(now_ms(), retention).await {
+            self.metrics.store_errors.inc();
+            tracing::warn!(error = %e, "could not prune the offense history");
+        }
+    }
+
+    /// Erases the rate-limit and jail state kept for `ip` (a fleet's `forget`).
+    pub fn erase_counters(&self, ip: std::net::IpAddr) {
+        let snap = self.snapshot.load();
+        for l in snap.limiters.values() {
+            l.forget(crate::decide::clients::client_key(ip, l.settings.ipv6_prefix));
+        }
+        let key = crate::decide::clients::client_key(ip, snap.config.rate_limit.ipv6_prefix);
+        for j in snap.jails.values() {
+            j.forget(key);
+        }
+    }
+
+    /// Drops idle rate-limit and jail state and publishes `ipgate_tracked_clients`.
+    pub fn sweep_clients(&self) {
+        let snap = self.snapshot.load();
+        let now = now_ms();
+        let mut tracked = 0;
+        for l in snap.limiters.values() {
+            l.sweep(now);
+            tracked += l.tracked();
+        }
+        for j in snap.jails.values() {
+            j.sweep(now);
+            tracked += j.tracked();
+        }
+        self.metrics.tracked_clients.set(tracked as i64);
+    }
+
+    /// Frees expired entries, in memory and on disk (SPEC 7), and writes the entries the
+    /// disk refused before (SPEC 17).
+    pub async fn sweep(&self) {
+        let now = now_ms();
+        match self.store.retry(now).await {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(entries = n, "entries still not durable"),
+            Err(e) => {
+                self.metrics.store_errors.inc();
+                tracing::warn!(error = %e, "entries still not durable; the disk refuses them")
+            }
+        }
+        self.metrics.store_pending.set(self.store.pending() as i64);
+        let mut gone: Vec<(Slot, ipnet::IpNet)> = Vec::new();
+        for slot in self.temp.slots() {
+            let swept = self.temp.table(&slot).sweep(now);
+            gone.extend(swept.into_iter().map(|t| (slot.clone(), t)));
+        }
+        if gone.is_empty() {
+            return;
+        }
+        self.publish_temporary_gauges();
+        let n = gone.len();
+        match self.store.delete(gone).await {
+            Ok(_) => tracing::debug!(entries = n, "expired entries removed"),
+            Err(e) => {
+                self.metrics.store_errors.inc();
+                tracing::warn!(error = %e, "could not delete expired entries")
+            }
+        }
+    }
+
+    /// Sets `ipgate_list_entries` for the static lists of the config in force and for the
+    /// temporary entries.
+    pub fn publish_list_gauges(&self) {
+        let snap = self.snapshot.load();
+        self.metrics.list_entries.reset();
+        for l in snap.policy.allow.iter().chain(&snap.policy.block) {
+            self.metrics
+                .list_entries
+                .with_label_values(&[&l.name, "static"])
+                .set(l.table.len() as i64);
+        }
+        self.publish_temporary_gauges();
+        self.metrics.certificate_expiry.reset();
+        for c in &snap.certificates {
+            self.metrics
+                .certificate_expiry
+                .with_label_values(&[&c.label()])
+                .set(c.not_after);
+        }
+    }
+
+    pub fn publish_temporary_gauges(&self) {
+        for action in [Action::Block, Action::Allow] {
+            self.metrics
+                .list_entries
+                .with_label_values(&[action.as_str(), "temporary"])
+                .set(self.temp.table(&Slot::of(action)).len() as i64);
+        }
+        self.metrics
+            .list_entries
+            .with_label_values(&["block_scoped", "temporary"])
+            .set(self.temp.scoped_len() as i64);
+    }
+}
+
+impl AppState {
+    /// Re-reads the config file the running one came from, with the certificates it names,
+    /// and swaps it in atomically. A config that does not validate is refused whole and the
+    /// old one stays in force. What needs a restart ([`Config::restart_changes`]) is not
+    /// applied: each such key is logged and returned by name.
+    pub fn reload(&self) -> Result<Vec<&'static str>, Errors> {
+        let current = self.snapshot.load();
+        let next = Config::load(&current.config.source)
+            .and_then(|config| Snapshot::build(config, &self.metrics, Some(&current)));
+        let restart = next
+            .as_ref()
+            .map(|n| current.config.restart_changes(&n.config))
+            .unwrap_or_default();
+        for key in &restart {
+            tracing::warn!(key, "changed, but takes effect only at restart");
+        }
+        self.swap_in(next).map(|()| restart)
+    }
+}
+
+impl AppState {
+    /// Re-reads the list files and certificates of the config in force (not the config
+    /// file) and swaps them in; on any problem the current ones stay.
+    pub fn refresh_files(&self) -> Result<(), Errors> {
+        let current = self.snapshot.load();
+        self.swap_in(Snapshot::build(
+            current.config.clone(),
+            &self.metrics,
+            Some(&current),
+        ))
+    }
+
+    /// Puts a newly built snapshot in force, or keeps the current one; counts either.
+    fn swap_in(&self, next: Result<Snapshot, Errors>) -> Result<(), Errors> {
+        let result = match next {
+            Ok(next) => {
+                self.snapshot.store(Arc::new(next));
+                self.publish_list_gauges();
+                Ok(())
+            }
+            Err(e) => Err(e),
+        };
+        let label = if result.is_ok() { "success" } else { "failure" };
+        self.metrics
+            .config_reloads
+            .with_label_values(&[label])
+            .inc();
+        result
+    }
+}
+
+/// Why a jail banned: its name, hits and window.
+fn jail_reason(jail: &Jail) -> String {
+    format!(
+        "jail {}: {} failures within {}",
+        jail.config.name,
+        jail.config.hits,
+        humantime::format_duration(jail.config.window)
+    )
+}
