@@ -16,11 +16,11 @@ use std::path::Path;
 use std::time::Instant;
 
 use criterion::{criterion_group, Criterion, Throughput};
-use ipgate::decide::clock::now_ms;
 use ipgate::config::{Config, Report};
-use ipgate::observe::metrics::Metrics;
+use ipgate::decide::clock::now_ms;
 use ipgate::decide::policy::temporary::{Entry, TempEntries};
 use ipgate::decide::policy::{Policy, Verdict};
+use ipgate::observe::metrics::Metrics;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 /// Deterministic xorshift64*.

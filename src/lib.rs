@@ -18,14 +18,14 @@
 //!   normalize   the host and the path in normal form
 //! ```
 //!
-//! A request flows down [`serve`]: a [`serve::worker`] thread's [`serve::listener`] accepts a
+//! A request flows down [`serve`]: a [`serve::worker`] thread's `serve::listener` accepts a
 //! connection, decides who the client is ([`serve::client_addr`]), closes a blocked client
-//! before TLS, and serves HTTP/1.1 or HTTP/2; [`serve::proxy`] checks each request
-//! ([`serve::request`]), asks [`serve::admission`] (allow wins, block entries,
+//! before TLS, and serves HTTP/1.1 or HTTP/2; `serve::proxy` checks each request
+//! ([`serve::request`]), asks `serve::admission` (allow wins, block entries,
 //! `allow_only`, rate limits, the jails' watched requests, the client's requests in flight)
-//! and forwards it to the upstream ([`serve::upstream`]). The response goes back through the
+//! and forwards it to the upstream (`serve::upstream`). The response goes back through the
 //! jails ([`decide::jail`]), whose bans are made through [`state::AppState`] and kept in the
-//! store ([`state::store`]), local or shared by the fleet ([`background::fleet`]).
+//! store (`state::store`), local or shared by the fleet (`background::fleet`).
 
 pub mod admin;
 pub mod background;

@@ -398,7 +398,8 @@ async fn a_short_lived_certificate_is_renewed_over_tls_alpn01_under_a_keepalive_
         resp.into_body().collect().await.unwrap();
     }
     // Renewed with a third of the lifetime left (16 s of 24), not at expiry.
-    let (_, first_expiry) = ipgate::state::tls::validity(&CertificateDer::from(first.clone())).unwrap();
+    let (_, first_expiry) =
+        ipgate::state::tls::validity(&CertificateDer::from(first.clone())).unwrap();
     let renewed = CertificateDer::from(renewed);
     let (renewed_at, _) = ipgate::state::tls::validity(&renewed).unwrap();
     assert!(

@@ -28,7 +28,10 @@ fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
 
 fn all_sources() -> Vec<PathBuf> {
     let mut files = Vec::new();
-    sources(&Path::new(env!("CARGO_MANIFEST_DIR")).join("src"), &mut files);
+    sources(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+        &mut files,
+    );
     files.sort();
     files
 }
@@ -72,7 +75,11 @@ fn each_layer_uses_only_the_layers_below_it() {
             }
         }
     }
-    assert!(wrong.is_empty(), "a layer uses one above it:\n{}", wrong.join("\n"));
+    assert!(
+        wrong.is_empty(),
+        "a layer uses one above it:\n{}",
+        wrong.join("\n")
+    );
 }
 
 #[test]
@@ -81,7 +88,11 @@ fn every_layer_is_a_folder_that_says_what_it_owns() {
     for layer in LAYERS {
         let m = src.join(layer).join("mod.rs");
         let text = std::fs::read_to_string(&m).unwrap_or_else(|_| panic!("no {}", m.display()));
-        assert!(text.starts_with("//!"), "{} does not say what it owns", m.display());
+        assert!(
+            text.starts_with("//!"),
+            "{} does not say what it owns",
+            m.display()
+        );
         assert!(
             text.contains("Uses:") || layer == "normalize" || layer == "config",
             "{} does not say which layers it uses",
@@ -111,10 +122,18 @@ fn no_file_over_600_lines_and_no_function_over_100() {
         // `fn`'s own indentation.
         for (i, line) in lines.iter().enumerate() {
             let trimmed = line.trim_start();
-            let is_fn = ["fn ", "pub fn ", "pub(crate) fn ", "pub(super) fn ", "async fn ",
-                "pub async fn ", "pub(crate) async fn ", "pub(super) async fn "]
-                .iter()
-                .any(|p| trimmed.starts_with(p));
+            let is_fn = [
+                "fn ",
+                "pub fn ",
+                "pub(crate) fn ",
+                "pub(super) fn ",
+                "async fn ",
+                "pub async fn ",
+                "pub(crate) async fn ",
+                "pub(super) async fn ",
+            ]
+            .iter()
+            .any(|p| trimmed.starts_with(p));
             if !is_fn || line.ends_with(';') {
                 continue;
             }
@@ -122,7 +141,12 @@ fn no_file_over_600_lines_and_no_function_over_100() {
             let close = format!("{}}}", " ".repeat(indent));
             if let Some(len) = lines[i + 1..].iter().position(|l| l.starts_with(&close)) {
                 if len + 2 > 100 {
-                    long.push(format!("{}:{}: a function of {} lines", file.display(), i + 1, len + 2));
+                    long.push(format!(
+                        "{}:{}: a function of {} lines",
+                        file.display(),
+                        i + 1,
+                        len + 2
+                    ));
                 }
             }
         }

@@ -52,7 +52,10 @@ fn client_state(state: &AppState, ip: IpAddr, erase: bool) -> (Vec<LimitView>, V
 }
 
 /// Offense history held for `ip` (its address or IPv6 prefix).
-async fn offenses(state: &AppState, ip: IpAddr) -> Result<Vec<OffenseView>, crate::state::store::Error> {
+async fn offenses(
+    state: &AppState,
+    ip: IpAddr,
+) -> Result<Vec<OffenseView>, crate::state::store::Error> {
     let held = state.offenses(ip, own_targets(state, ip)).await?;
     Ok(held
         .into_iter()

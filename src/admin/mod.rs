@@ -1,8 +1,8 @@
 //! The admin side: this module is the admin listener. `GET /healthz` and `GET /metrics`
 //! answer without a token; everything under `/v1/` needs `Authorization: Bearer TOKEN` with
-//! the token from `admin.token_file` ([`token`]): temporary entries, per-address lookup and
+//! the token from `admin.token_file` (`token`): temporary entries, per-address lookup and
 //! erasure, reload. JSON everywhere. [`api`]: the bodies the server and the command line
-//! ([`cli`]) both speak; [`demo`]: the quick start's demo upstream.
+//! ([`cli`]) both speak; `demo`: the quick start's demo upstream.
 //!
 //! Uses: every layer below it ([`crate::background`] for nothing but the types it reports).
 
@@ -34,8 +34,8 @@ use crate::admin::api::{
     ApiError, CounterView, Decision, EntryView, Forgotten, Kept, LimitView, Lookup, NewEntry,
     OffenseView, ProblemView, ReloadRefused, Reloaded, RuleView,
 };
-use crate::decide::clock::now_ms;
 use crate::config::{self, Action};
+use crate::decide::clock::now_ms;
 use crate::decide::policy::temporary::Entry;
 use crate::decide::policy::temporary::{Scope, Slot};
 use crate::decide::policy::{Rule, Verdict};

@@ -28,11 +28,11 @@ use rustls_pki_types::PrivateKeyDer;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
+use crate::config::{Acme, Challenge, Site};
 use crate::state::acme_dir::{dir, site_dir};
 use crate::state::challenges::Published;
-use crate::config::{Acme, Challenge, Site};
-use crate::state::AppState;
 use crate::state::tls::{self, Source};
+use crate::state::AppState;
 
 /// The first retry after a failed order; each further failure doubles it, up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_secs(60);

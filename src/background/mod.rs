@@ -1,11 +1,11 @@
 //! Tasks beside the request path, each changing things only through the state:
-//! - [`fleet`]: sends the outbox to the shared store (Redis or Valkey) and applies the other
+//! - `fleet`: sends the outbox to the shared store (Redis or Valkey) and applies the other
 //!   gateways' changes;
 //! - [`firewall`]: mirrors the block set into nftables;
 //! - [`logjail`]: jails fed by log files or the journal, read as their daemons wrote them;
-//! - [`acme`]: orders and renews certificates;
-//! - [`watcher`]: re-reads changed list and certificate files;
-//! - [`shutdown`]: signals.
+//! - `acme`: orders and renews certificates;
+//! - `watcher`: re-reads changed list and certificate files;
+//! - [`shutdown`]: the signals (SIGHUP reloads, SIGTERM stops).
 //!
 //! Uses: [`crate::serve`] (a log jail counts offenses as the request path does),
 //! [`crate::state`], [`crate::decide`], [`crate::observe`], [`crate::config`].

@@ -4,6 +4,7 @@
 //! the key path and the line.
 
 mod compile;
+mod jails;
 mod raw;
 mod report;
 mod services;

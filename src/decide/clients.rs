@@ -180,10 +180,6 @@ impl<V: Touched + Default> BoundedMap<V> {
         let gens = self.gens.load();
         gens.young.len() + gens.old.len()
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// What an open client connection holds, released when the connection (and any upgrade

@@ -1,7 +1,7 @@
 //! Jails (SPEC 6): count matching responses per client (IPv6 per prefix) within a window; at
 //! `hits` the client earns a temporary block entry named after the jail, for
 //! `ban × ban_factor^(earlier offenses)`, capped by `max_ban` and `privacy.max_retention`.
-//! Counters live in a [`BoundedMap`], so rotating addresses cannot exhaust memory; the
+//! Counters live in a `BoundedMap`, so rotating addresses cannot exhaust memory; the
 //! offense history lives in the state store.
 
 use std::sync::Arc;
@@ -11,9 +11,9 @@ use dashmap::DashMap;
 use http::Method;
 use prometheus::IntCounter;
 
+use crate::config;
 use crate::decide::clients::{BoundedMap, ClientKey, Touched};
 use crate::decide::clock::now_ms;
-use crate::config;
 
 /// A client's failures within the last `window`: their times (ms since the epoch), oldest
 /// first, at most `hits` of them, so the window slides: `hits` failures within any

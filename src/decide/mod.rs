@@ -3,12 +3,12 @@
 //!   allow-wins verdict for an address;
 //! - [`ratelimit`]: token buckets per client and route;
 //! - [`jail`]: failures per client in a sliding window, and the watched requests in flight;
-//! - [`clients`]: the client key (an IPv4 address or an IPv6 prefix), the bounded per-client
+//! - `clients`: the client key (an IPv4 address or an IPv6 prefix), the bounded per-client
 //!   map, and a client's connections, requests in flight and uploads;
 //! - [`clock`]: the clock every expiry is measured on.
 //!
 //! Lock-free for reads; nothing here waits on disk or network. The request path's admission
-//! ([`crate::serve::admission`]) puts them together, through the state.
+//! (`crate::serve::admission`) puts them together, through the state.
 //!
 //! Uses: [`crate::config`], [`crate::observe`].
 

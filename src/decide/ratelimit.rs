@@ -1,5 +1,5 @@
 //! Per-client rate limits (SPEC 4): governor's GCRA over a bounded state store of our own
-//! ([`BoundedMap`]), because governor's keyed stores grow without bound under rotating source
+//! (`BoundedMap`), because governor's keyed stores grow without bound under rotating source
 //! addresses (boinkor-net/governor#171).
 
 use std::num::NonZeroU32;
@@ -12,9 +12,9 @@ use governor::state::StateStore;
 use governor::{Quota, RateLimiter};
 use prometheus::IntCounter;
 
+use crate::config;
 use crate::decide::clients::{BoundedMap, ClientKey, Touched};
 use crate::decide::clock::now_ms;
-use crate::config;
 
 /// One client's bucket: governor's theoretical arrival time, and when it was last used.
 #[derive(Debug, Default, Clone)]
@@ -29,7 +29,7 @@ impl Touched for Bucket {
     }
 }
 
-/// governor's state store on a [`BoundedMap`] (shared: the limiter keeps a second handle,
+/// governor's state store on a `BoundedMap` (shared: the limiter keeps a second handle,
 /// since governor lends no access to its store).
 pub struct BucketStore(Arc<BoundedMap<Bucket>>);
 

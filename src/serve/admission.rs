@@ -8,10 +8,10 @@ use std::sync::Arc;
 
 use http::Method;
 
-use crate::observe::access_log::LoggedIp;
 use crate::decide::clients::{client_key, key_target, ClientSlot, Gate, InFlight};
 use crate::decide::jail::{Jail, Watched};
 use crate::decide::policy::Verdict;
+use crate::observe::access_log::LoggedIp;
 use crate::state::{AppState, SiteEntry, Snapshot};
 
 /// Why a request is refused by the policy.

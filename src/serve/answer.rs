@@ -7,8 +7,8 @@ use http::{Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
-use crate::serve::admission::Refusal;
 use crate::observe::metrics::outcome;
+use crate::serve::admission::Refusal;
 use crate::serve::request::Invalid;
 
 /// Response bodies: the upstream's, streamed, or a short one of ipgate's own.

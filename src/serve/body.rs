@@ -47,6 +47,7 @@ impl UpstreamBody {
     }
 
     /// A body that is all here already.
+    #[cfg(test)]
     pub fn whole(data: Bytes) -> UpstreamBody {
         UpstreamBody {
             read: VecDeque::from([Frame::data(data)]),

@@ -19,7 +19,9 @@ pub fn http01_answer(tls: bool, path: &str) -> Option<Response<Body>> {
         return None;
     }
     let token = path.strip_prefix(ACME_CHALLENGE)?;
-    crate::state::challenges::CHALLENGES.http01(token).map(acme_answer)
+    crate::state::challenges::CHALLENGES
+        .http01(token)
+        .map(acme_answer)
 }
 
 /// An HTTP-01 challenge's answer (RFC 8555 §8.3): the key authorization.

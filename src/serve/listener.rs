@@ -16,11 +16,11 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tracing::{debug, error, warn};
 
+use crate::config;
+use crate::decide::clients::{client_key, ClientSlot, ConnSlot};
+use crate::decide::policy::Verdict;
 use crate::observe::access_log::LoggedIp;
 use crate::serve::client_addr;
-use crate::decide::clients::{client_key, ClientSlot, ConnSlot};
-use crate::config;
-use crate::decide::policy::Verdict;
 use crate::serve::proxy::{self, ConnInfo, Context};
 use crate::state::AppState;
 
@@ -134,7 +134,7 @@ pub async fn accept_loop(
                 client: client_slot,
             });
             state.metrics.connections_open.inc();
-            let info = ConnInfo::new(peer, client, tls, redirect, slot);
+            let info = ConnInfo::new(client, tls, redirect, slot);
             if tls {
                 serve_tls(&worker, &builder, tcp, info, watcher, head_by).await;
             } else {
@@ -246,7 +246,9 @@ async fn serve_tls(
     let Some(acceptor) = acceptor else { return };
     let by = head_by.min(tokio::time::Instant::now() + timeout);
     match tokio::time::timeout_at(by, acceptor.accept(tcp)).await {
-        Ok(Ok(stream)) if stream.get_ref().1.alpn_protocol() == Some(crate::state::challenges::ALPN) => {
+        Ok(Ok(stream))
+            if stream.get_ref().1.alpn_protocol() == Some(crate::state::challenges::ALPN) =>
+        {
             // A TLS-ALPN-01 validation ends with the handshake (RFC 8737 §3).
             debug!("acme-tls/1 handshake done");
         }

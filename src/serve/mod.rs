@@ -1,16 +1,16 @@
 //! The request path, top to bottom:
 //! - [`worker`]: one thread per CPU, each with its own event loop, listening sockets and
 //!   upstream pool; a connection never leaves the thread that accepted it.
-//! - [`listener`]: accepts, enforces the connection caps, closes blocked clients before TLS
+//! - `listener`: accepts, enforces the connection caps, closes blocked clients before TLS
 //!   ([`client_addr`]: the peer or the PROXY header's source), runs the TLS handshake and
 //!   serves HTTP/1.1 and HTTP/2 under the limits.
-//! - [`proxy`]: one request: checks it ([`request`]: one valid host, the path in normal form,
-//!   the client behind trusted proxies), picks the site, asks [`admission`], rewrites the
-//!   headers ([`headers`]), reads small bodies ahead and times idle ones ([`body`]), forwards
-//!   through [`upstream`], splices WebSocket upgrades ([`splice`]); [`answer`]: the
-//!   gateway's own answers; [`https`]: the redirect of `redirect_https` listeners, HTTP-01
+//! - `proxy`: one request: checks it ([`request`]: one valid host, the path in normal form,
+//!   the client behind trusted proxies), picks the site, asks `admission`, rewrites the
+//!   headers (`headers`), reads small bodies ahead and times idle ones (`body`), forwards
+//!   through `upstream`, splices WebSocket upgrades (`splice`); `answer`: the
+//!   gateway's own answers; `https`: the redirect of `redirect_https` listeners, HTTP-01
 //!   answers and HSTS.
-//! - [`admission`]: the per-request decision, in order: allow wins, block entries,
+//! - `admission`: the per-request decision, in order: allow wins, block entries,
 //!   `allow_only`, the rate limit, the jails' watched requests and the client's requests in
 //!   flight (a short queue); then the jails see the response and ban through the state.
 //!

@@ -4,7 +4,7 @@
 
 use std::borrow::Cow;
 use std::convert::Infallible;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
@@ -16,18 +16,18 @@ use hyper::body::Incoming;
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::debug;
 
-use crate::observe::access_log::{Entry, LoggedIp};
-use crate::serve::admission::{self, Client};
-pub use crate::serve::answer::{plain, Body, Error};
-use crate::serve::body::UpstreamBody;
 use crate::decide::clients::{ConnSlot, InFlight, Upload};
+use crate::decide::jail::Watched;
+use crate::observe::access_log::{Entry, LoggedIp};
+use crate::observe::metrics::outcome;
+use crate::serve::admission::{self, Client};
+pub use crate::serve::answer::{Body, Error};
+use crate::serve::body::UpstreamBody;
 use crate::serve::headers::{self, format_ip, Forwarding};
 use crate::serve::https;
-use crate::decide::jail::Watched;
-use crate::observe::metrics::outcome;
 use crate::serve::request::{self, Invalid};
-use crate::state::{AppState, SiteEntry, Snapshot};
 use crate::serve::upstream;
+use crate::state::{AppState, SiteEntry, Snapshot};
 
 /// What one worker thread's requests share: the gateway state and the thread's own upstream
 /// pool (see [`crate::serve::worker`]).
@@ -43,8 +43,6 @@ pub struct Context {
 /// What the request path knows about the connection a request came on.
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
-    /// The TCP peer.
-    pub peer: SocketAddr,
     /// The client at connection level: the peer, or the PROXY header's source.
     pub client: IpAddr,
     pub tls: bool,
@@ -58,18 +56,11 @@ pub struct ConnInfo {
 }
 
 impl ConnInfo {
-    pub fn new(
-        peer: SocketAddr,
-        client: IpAddr,
-        tls: bool,
-        redirect: bool,
-        slot: Arc<ConnSlot>,
-    ) -> ConnInfo {
+    pub fn new(client: IpAddr, tls: bool, redirect: bool, slot: Arc<ConnSlot>) -> ConnInfo {
         let mut buf = [0u8; 64];
         let client_value = HeaderValue::from_str(format_ip(client, &mut buf))
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
         ConnInfo {
-            peer,
             client,
             tls,
             redirect,
@@ -151,24 +142,12 @@ pub async fn handle(
         return Ok((for_method(&method, resp), Held::default()));
     }
     let site = snap.site_for(host);
-    // The connection's client slot counts its requests in flight, unless X-Forwarded-For
-    // named someone else.
-    let conn_slot = conn
-        .slot
-        .client
-        .as_ref()
-        .filter(|_| client.ip == conn.client);
     let asked = admission::Asked {
         method: &method,
         host,
         path: &path,
     };
-    let admitted = admission::admit(state, &snap, site, (client, conn_slot), &asked);
-    // Over its requests in flight, a client's request waits its turn (bounded) first.
-    let admitted = match admitted {
-        Ok(a) => take_place(a, &snap.config.limits).await,
-        refused => refused,
-    };
+    let admitted = admit(state, &snap, site, &conn, client, &asked).await;
     let mut held = Held::default();
     let (resp, site_name, outcome) = match (site, admitted) {
         (site, Err(refusal)) => refuse(state, site, Error::from(refusal)),
@@ -242,6 +221,26 @@ fn without_body(resp: Response<Body>) -> Response<Body> {
         upstream => upstream,
     };
     Response::from_parts(parts, body)
+}
+
+/// Asks admission, then, over the client's requests in flight, waits its turn (bounded).
+async fn admit(
+    state: &AppState,
+    snap: &Snapshot,
+    site: Option<&SiteEntry>,
+    conn: &ConnInfo,
+    client: Client,
+    asked: &admission::Asked<'_>,
+) -> Result<admission::Admitted, admission::Refusal> {
+    // The connection's client slot counts its requests in flight, unless X-Forwarded-For
+    // named someone else.
+    let conn_slot = conn
+        .slot
+        .client
+        .as_ref()
+        .filter(|_| client.ip == conn.client);
+    let admitted = admission::admit(state, snap, site, (client, conn_slot), asked)?;
+    take_place(admitted, &snap.config.limits).await
 }
 
 /// Waits for the client's place among its requests in flight when admission found them all

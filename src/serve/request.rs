@@ -9,11 +9,11 @@ use std::net::IpAddr;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Uri, Version};
 
-use crate::serve::admission::Client;
-use crate::serve::client_addr;
+use crate::decide::policy::table::CidrTable;
 use crate::normalize::host::Host;
 use crate::normalize::path;
-use crate::decide::policy::table::CidrTable;
+use crate::serve::admission::Client;
+use crate::serve::client_addr;
 
 /// Why a request is refused before the policy sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

@@ -2,11 +2,11 @@
 //! goes through: the compiled config in force ([`snapshot::Snapshot`], swapped atomically on
 //! reload so readers never lock), the metrics, the temporary entries and the access log.
 //! (Each worker thread owns its upstream pool: see [`crate::serve::worker`].)
-//! - [`snapshot`]: compiles the config into policy tables, limiters, jails and TLS;
-//! - [`store`]: the state store interface and its embedded implementation (redb), with the
+//! - `snapshot`: compiles the config into policy tables, limiters, jails and TLS;
+//! - `store`: the state store interface and its embedded implementation (redb), with the
 //!   outbox of changes for the fleet;
-//! - [`tls`]: the certificates served and the TLS settings; [`acme_dir`]: the ACME sites'
-//!   certificates on disk; [`challenges`]: the ACME challenges being answered now.
+//! - [`tls`]: the certificates served and the TLS settings; `acme_dir`: the ACME sites'
+//!   certificates on disk; `challenges`: the ACME challenges being answered now.
 //!
 //! Uses: [`crate::decide`], [`crate::observe`], [`crate::config`], [`crate::normalize`].
 
@@ -22,13 +22,13 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use tokio::sync::Semaphore;
 
-use crate::observe::access_log::AccessLog;
-use crate::decide::clock::now_ms;
 use crate::config::{Action, Config, Errors};
+use crate::decide::clock::now_ms;
 use crate::decide::jail::Jail;
-use crate::observe::metrics::Metrics;
 use crate::decide::policy::temporary::{Entry, Slot, TempEntries};
-use crate::state::store::{self, Store};
+use crate::observe::access_log::AccessLog;
+use crate::observe::metrics::Metrics;
+use crate::state::store::Store;
 
 pub use crate::state::snapshot::{http_builder, SiteEntry, Snapshot};
 
@@ -261,7 +261,10 @@ impl AppState {
     pub fn erase_counters(&self, ip: std::net::IpAddr) {
         let snap = self.snapshot.load();
         for l in snap.limiters.values() {
-            l.forget(crate::decide::clients::client_key(ip, l.settings.ipv6_prefix));
+            l.forget(crate::decide::clients::client_key(
+                ip,
+                l.settings.ipv6_prefix,
+            ));
         }
         let key = crate::decide::clients::client_key(ip, snap.config.rate_limit.ipv6_prefix);
         for j in snap.jails.values() {

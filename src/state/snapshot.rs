@@ -12,10 +12,10 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::config::{Config, Errors, Report, Site};
 use crate::decide::jail::Jail;
-use crate::observe::metrics::{Metrics, SiteMetrics};
 use crate::decide::policy::table::CidrTable;
 use crate::decide::policy::Policy;
 use crate::decide::ratelimit::Limiter;
+use crate::observe::metrics::{Metrics, SiteMetrics};
 use crate::state::tls;
 
 /// The config in force, compiled for the request path.
@@ -277,7 +277,10 @@ fn build_jails(
 }
 
 /// The scopes whose bans hold on `site`: the site itself, and the site-scoped jails it names.
-fn scopes(config: &Config, site: &crate::config::Site) -> Vec<crate::decide::policy::temporary::Scope> {
+fn scopes(
+    config: &Config,
+    site: &crate::config::Site,
+) -> Vec<crate::decide::policy::temporary::Scope> {
     use crate::decide::policy::temporary::Scope;
     std::iter::once(Scope::Site(site.name.as_str().into()))
         .chain(

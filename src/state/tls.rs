@@ -273,7 +273,8 @@ pub fn server_config(
         .with_cert_resolver(Arc::new(certs));
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     if certs_alpn {
-        cfg.alpn_protocols.push(crate::state::challenges::ALPN.to_vec());
+        cfg.alpn_protocols
+            .push(crate::state::challenges::ALPN.to_vec());
     }
     // Our suite order (256-bit first) rather than the client's.
     cfg.ignore_client_order = true;

@@ -29,8 +29,8 @@ use nftables::schema::{NfListObject, Nftables};
 use tokio::io::AsyncWriteExt;
 use tracing::{info, warn};
 
-use crate::decide::clock::now_ms;
 use crate::config;
+use crate::decide::clock::now_ms;
 use crate::state::AppState;
 use rules::{desired, rebuild, table, update, Cap, Sets, SETS};
 

@@ -30,11 +30,11 @@ use redis::AsyncCommands;
 use tokio::sync::{watch, Mutex};
 use tracing::{info, warn};
 
-use crate::decide::clock::now_ms;
 use crate::config;
+use crate::decide::clock::now_ms;
 use crate::decide::policy::temporary::Slot;
-use crate::state::AppState;
 use crate::state::store::{self, Change};
+use crate::state::AppState;
 
 const STREAM: &str = "ipgate:changes";
 const EPOCH: &str = "ipgate:epoch";

@@ -13,8 +13,8 @@ use tracing::{info, warn};
 
 use super::{parse_entry_key, parse_offense_key, rand_u64, scan, stream_id, Error, Fleet};
 use super::{BATCH, BLOCK, EPOCH, RESPONSE_TIMEOUT, STREAM};
-use crate::decide::clock::now_ms;
 use crate::config::Action;
+use crate::decide::clock::now_ms;
 use crate::decide::policy::temporary::Slot;
 use crate::state::store::{Change, Stored};
 

@@ -106,8 +106,12 @@ pub fn run(config: &Config, name: &str, input: Option<&str>) -> anyhow::Result<S
         anyhow::anyhow!("jail '{name}' counts responses, not log lines: nothing to test")
     })?;
     let matcher = Matcher::new(source).map_err(|e| anyhow::anyhow!("jail '{name}': {e}"))?;
-    let snap = crate::state::Snapshot::build(config.clone(), &crate::observe::metrics::Metrics::new(), None)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let snap = crate::state::Snapshot::build(
+        config.clone(),
+        &crate::observe::metrics::Metrics::new(),
+        None,
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
     let through = |ip: IpAddr| super::through_us(&snap, ip);
     let mut report = Report::default();
     let mut take = |line: &str| report.take(&matcher, &through, line);

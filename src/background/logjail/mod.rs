@@ -1,9 +1,9 @@
-//! Log jails (SPEC 20, 21): a `[[jail]]` with `log` follows its files ([`follow`]) or the
+//! Log jails (SPEC 20, 21): a `[[jail]]` with `log` follows its files (`follow`) or the
 //! systemd journal ([`journal`]) and counts the messages its `match` pattern finds, per
 //! client (IPv6 per prefix), like a response jail counts responses; its bans are ordinary
 //! temporary entries (durable, shared with the fleet, in `lookup`, erased by `forget`).
 //!
-//! Lines are read as the daemon wrote them ([`line`]): the syslog prefix is parsed, `tags`
+//! Lines are read as the daemon wrote them ([`mod@line`]): the syslog prefix is parsed, `tags`
 //! names the daemons whose messages count, and `match` sees the message alone. [`dry`] runs a
 //! jail over a log without banning (`ipgate jail test`).
 //!
