@@ -323,3 +323,35 @@ async fn a_head_answered_by_the_gateway_has_no_body_on_either_protocol() {
     );
     gw.shutdown().await;
 }
+
+/// A browser's normal use is never refused with the default limits: one HTTP/2 connection
+/// with 100 streams of small requests at once (from one address), and 6 HTTP/1.1 connections
+/// at once (from another), all get 200; the upstream never holds more than 32 of one
+/// client's requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browsers_burst_is_served_whole_with_the_default_limits() {
+    let gw = GatewayBuilder::new().spawn().await;
+    let sender = h2_sender(&gw).await;
+    let mut streams = Vec::new();
+    for k in 0..100 {
+        let mut s = sender.clone();
+        streams.push(tokio::spawn(async move {
+            s.ready().await.unwrap();
+            let req = get(&format!("/slow?ms=20&asset={k}"), "a.test");
+            s.send_request(req).await.unwrap().status().as_u16()
+        }));
+    }
+    let mut pages = Vec::new();
+    for _ in 0..6 {
+        pages.push(tokio::spawn(async move {
+            let c = connect_from("127.0.0.2", gw.plain).await;
+            get_on(c, "/slow?ms=20", "a.test", &[]).await.0
+        }));
+    }
+    for s in streams.into_iter().chain(pages) {
+        assert_eq!(s.await.unwrap(), 200);
+    }
+    let upstream = gw.origin.as_ref().unwrap();
+    assert!(upstream.most_in_flight() <= 32, "{}", upstream.most_in_flight());
+    gw.shutdown().await;
+}
