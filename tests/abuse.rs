@@ -1,4 +1,4 @@
-//! Rate limits and jails end to end (SPEC 2, 4, 6), and bounded state under 2M clients.
+//! Rate limits and jails end to end, and bounded state under 2M clients.
 
 mod common;
 

@@ -1,5 +1,5 @@
 //! Certificates from a real ACME CA: Debian's Pebble, with pebble-challtestsrv as its DNS,
-//! validating through ipgate's own listeners (SPEC 19, issue 15).
+//! validating through ipgate's own listeners.
 
 mod common;
 

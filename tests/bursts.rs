@@ -1,6 +1,5 @@
-//! No burst outruns a jail, and one client holds a bounded share of the upstream (SPEC 16,
-//! 21), tried as an attacker would: many HTTP/2 streams at once on one connection, slow
-//! uploads, forged client-address and path-override headers, a DNS-rebinding Host on the
+//! No burst outruns a jail, and one client holds a bounded share of the upstream, tried as
+//! an attacker would: many HTTP/2 streams at once on one connection, slow uploads, forged client-address and path-override headers, a DNS-rebinding Host on the
 //! admin listener, and a HEAD answered by the gateway itself.
 
 mod common;

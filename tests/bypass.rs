@@ -1,4 +1,4 @@
-//! Hostile requests cannot get past the policy (SPEC 13, 14, 15). Every way of writing a
+//! Hostile requests cannot get past the policy. Every way of writing a
 //! protected path that the upstream (Apache, PHP) reads as that path is matched as it, by
 //! `allow_only`, a jail and a route rate limit, over HTTP/1.1 and HTTP/2; the upstream
 //! receives the normalized path; what cannot be normalized safely is 400 and never reaches

@@ -1,4 +1,4 @@
-//! A silent or hoarding client holds nothing for long (SPEC 16): connections that send no
+//! A silent or hoarding client holds nothing for long: connections that send no
 //! request head, HTTP/2 connections without a stream, and idle upgrades are closed on time;
 //! one client holds at most `limits.max_connections_per_client` connections, upgraded ones
 //! included. Every test asserts when the close comes, not only that it came.
@@ -209,7 +209,7 @@ async fn one_client_holds_at_most_its_cap_and_a_closed_connection_frees_its_slot
         .await,
         "the released slot was not given back"
     );
-    // An allow-listed client is exempt (SPEC 2).
+    // An allow-listed client is exempt.
     let mut office = Vec::new();
     for _ in 0..5 {
         office.push(connect_from("127.0.0.23", gw.plain).await);

@@ -1,4 +1,4 @@
-//! Disk faults lose no ban (SPEC 17): an entry is enforced the moment it is made, even when
+//! Disk faults lose no ban: an entry is enforced the moment it is made, even when
 //! the disk refuses it (503, counted), and is written as soon as the disk takes it again,
 //! without being made again; an unban the disk refuses changes nothing; a state file that
 //! cannot be opened is moved aside and the gateway starts.

@@ -1,4 +1,4 @@
-//! The block set in the kernel (SPEC 20, `[firewall]`): ipgate runs inside a network
+//! The block set in the kernel (`[firewall]`): ipgate runs inside a network
 //! namespace this test makes (never the host's firewall), beside a small TCP server on a
 //! non-HTTP port; a client namespace connects from a banned and an unbanned address.
 

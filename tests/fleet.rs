@@ -1,4 +1,4 @@
-//! Fleet mode (SPEC 18) against a real `redis-server` (Debian package; `scripts/test` installs
+//! Fleet mode against a real `redis-server` (Debian package; `scripts/test` installs
 //! it): each test starts its own server on a free port and three gateway processes.
 //! `IPGATE_TEST_REDIS_SERVER=/path/to/valkey-server` runs them against Valkey instead.
 

@@ -1,4 +1,4 @@
-//! Log jails (SPEC 20): real-format log lines written to files the gateway follows, through
+//! Log jails: real-format log lines written to files the gateway follows, through
 //! rotation and truncation; the ready jails in config/jails/ against their daemons' lines.
 
 mod common;

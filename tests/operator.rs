@@ -1,4 +1,4 @@
-//! An operator's everyday needs: the HTTPS redirect and HSTS (issue 15).
+//! An operator's everyday needs: the HTTPS redirect and HSTS.
 
 mod common;
 

@@ -1,5 +1,5 @@
 //! The policy engine end to end: static lists, allow wins, allow_only, temporary entries by
-//! CLI and API, X-Forwarded-For and PROXY headers, durability (SPEC 1-3, 5, 7, 8).
+//! CLI and API, X-Forwarded-For and PROXY headers, durability.
 
 mod common;
 
@@ -179,7 +179,7 @@ async fn forwarded_for_is_ignored_from_untrusted_peers_and_honoured_from_trusted
         .extra(DENY_198)
         .spawn()
         .await;
-    // Untrusted peer: its X-Forwarded-For decides nothing and is replaced (SPEC 15).
+    // Untrusted peer: its X-Forwarded-For decides nothing and is replaced.
     let c = connect_from("127.0.0.6", gw.plain).await;
     let (status, body) = get_on(c, "/", "a.test", &[("x-forwarded-for", "198.51.100.7")]).await;
     assert_eq!(status, 200);

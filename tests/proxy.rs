@@ -1,4 +1,4 @@
-//! The data path end to end: real gateway, real upstream, real TLS (SPEC 9, 10).
+//! The data path end to end: real gateway, real upstream, real TLS.
 
 mod common;
 
@@ -27,7 +27,7 @@ async fn https_get_reaches_upstream_with_forwarding_headers() {
     let echo = json(std::str::from_utf8(&body).unwrap());
     assert_eq!(echo["uri"], "/hello?x=1");
     assert_eq!(echo["version"], "HTTP/1.1");
-    // An untrusted client's X-Forwarded-For, X-Real-IP and proto are replaced (SPEC 15).
+    // An untrusted client's X-Forwarded-For, X-Real-IP and proto are replaced.
     assert_eq!(echoed(&echo, "x-forwarded-for"), Some("127.0.0.1"));
     assert_eq!(echoed(&echo, "x-real-ip"), Some("127.0.0.1"));
     assert_eq!(echoed(&echo, "x-forwarded-proto"), Some("https"));

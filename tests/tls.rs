@@ -1,4 +1,4 @@
-//! TLS termination: SNI certificate choice, protocol versions and suites (SPEC 11).
+//! TLS termination: SNI certificate choice, protocol versions and suites.
 
 mod common;
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Fleet benchmark (SPEC 18): three ipgate processes sharing bans through one redis-server,
+"""Fleet benchmark: three ipgate processes sharing bans through one redis-server,
 all on loopback, every process started and stopped here, bounded in time (~1 minute).
 
     cargo build --release

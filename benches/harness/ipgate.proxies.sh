@@ -1,6 +1,6 @@
 # Registers ipgate with the shared harness (sourced by bench.sh; see run.sh). As the
 # harness's own examples/gateway.proxies.sh, with this directory's config template.
-# block=close: a blocked client is closed right after accept, before TLS (SPEC decision 3).
+# block=close: a blocked client is closed right after accept, before TLS.
 # ab.proxies.sh and attack.proxies.sh source this file and add builds with register_ipgate.
 IPGATE_HARNESS_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # Each instance gets a random admin token in its own directory.

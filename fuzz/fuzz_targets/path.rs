@@ -1,4 +1,4 @@
-//! The path normalizer (SPEC 13): a path it accepts is absolute, normal and stays as it is
+//! The path normalizer: a path it accepts is absolute, normal and stays as it is
 //! when normalized again.
 #![no_main]
 use libfuzzer_sys::fuzz_target;

@@ -1,4 +1,4 @@
-//! The admin API's request and response bodies (SPEC "Admin API"), one set of types for the
+//! The admin API's request and response bodies, one set of types for the
 //! server ([`crate::admin`]) and the CLI ([`crate::admin::cli`]), so the two cannot drift apart.
 
 use std::collections::BTreeMap;

@@ -449,7 +449,7 @@ async fn add_entry(state: &AppState, body: &[u8]) -> Response<AdminBody> {
     let entry = Entry::new(now, now + ttl.as_millis() as u64, "api", reason.as_deref());
     match state.add_entry(action.clone(), target, entry.clone()).await {
         Ok(()) => json(StatusCode::CREATED, &temporary_view(&action, target, &entry)),
-        // SPEC 17: enforced now, written as soon as the disk takes it.
+        // Enforced now, written as soon as the disk takes it.
         Err(e) => json_error(
             StatusCode::SERVICE_UNAVAILABLE,
             &format!("the entry is enforced but not durable yet (it is written as soon as the disk takes it): {e}"),

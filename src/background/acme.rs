@@ -1,4 +1,4 @@
-//! Certificates from an ACME CA (RFC 8555, SPEC 19), through the `instant-acme` crate.
+//! Certificates from an ACME CA (RFC 8555), through the `instant-acme` crate.
 //!
 //! A site with `acme = true` gets one certificate for all its hosts. The account and each
 //! site's certificate live under `state_dir/acme` (mode 0700: `account.json`, then

@@ -437,7 +437,7 @@ fn access_log(r: &mut Report, raw: &RawLog) -> bool {
     }
 }
 
-/// A configured host as requests are matched with it (SPEC 14): lower case, without one
+/// A configured host as requests are matched with it: lower case, without one
 /// trailing dot. Sites and jails both use it.
 pub(super) fn host_key(h: &str) -> String {
     let h = h.to_ascii_lowercase();

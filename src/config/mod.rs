@@ -53,7 +53,7 @@ pub struct Config {
     pub firewall: Option<Firewall>,
 }
 
-/// The nftables mirror of the entries (SPEC 20).
+/// The nftables mirror of the entries.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Firewall {
     /// The one table (family inet) ipgate owns.
@@ -81,7 +81,7 @@ pub enum Verdict {
     Reject,
 }
 
-/// Where ACME certificates come from (SPEC 19).
+/// Where ACME certificates come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Acme {
     /// The directory URL (https).
@@ -102,7 +102,7 @@ pub enum Challenge {
     TlsAlpn01,
 }
 
-/// The fleet's shared store (SPEC 18). Restart-only.
+/// The fleet's shared store. Restart-only.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fleet {
     /// `redis://` or `rediss://` URL (Redis or Valkey).
@@ -248,14 +248,14 @@ pub struct Jail {
     pub dry_run: bool,
     /// `scope = "site"`: its bans hold only on the sites that name the jail.
     pub site_scoped: bool,
-    /// Requests it watches that one client may have in flight at once (SPEC 21); more get
+    /// Requests it watches that one client may have in flight at once; more get
     /// 429 at once. `u32::MAX`: no cap.
     pub concurrency: u32,
-    /// `log`: the jail counts lines of these files instead of responses (SPEC 20).
+    /// `log`: the jail counts lines of these files instead of responses.
     pub log: Option<LogSource>,
 }
 
-/// What a log jail follows and counts (SPEC 20, 21).
+/// What a log jail follows and counts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogSource {
     pub files: Vec<PathBuf>,
@@ -406,7 +406,7 @@ pub struct Limits {
     pub shutdown_grace: Duration,
     /// Open connections of one client (IPv6: per `rate_limit.ipv6_prefix`), upgraded ones
     /// included; more are reset at accept. Allow-listed clients and trusted proxies are
-    /// exempt (SPEC 2, 16).
+    /// exempt.
     pub max_connections_per_client: u32,
     /// An HTTP/2 connection with no stream open for this long is closed.
     pub http2_idle_timeout: Duration,

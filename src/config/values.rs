@@ -50,7 +50,7 @@ pub const IPV6_PREFIX: u8 = 64;
 /// Largest `jail.hits`: a client's counter keeps the time of each failure in the window.
 pub const MAX_HITS: u32 = 1000;
 
-/// A route or jail path prefix, in the normal form request paths are matched in (SPEC 13).
+/// A route or jail path prefix, in the normal form request paths are matched in.
 pub(super) fn match_path(r: &mut Report, key: &str, text: &str) -> String {
     match crate::normalize::path::normalize(text) {
         Ok(p) => p.into_owned(),
@@ -78,7 +78,7 @@ pub(super) fn required_dur(r: &mut Report, key: &str, text: &str) -> Duration {
     })
 }
 
-/// Parses the SPEC's DUR strings (`90s`, `10m`, `1h`, `7d`, or combinations like `1h30m`).
+/// Parses durations (`90s`, `10m`, `1h`, `7d`, or combinations like `1h30m`).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(text.trim())
         .map_err(|e| format!("'{text}' is not a duration like 90s, 10m, 1h or 7d ({e})"))?;

@@ -1,5 +1,5 @@
 //! Who a client is for the per-client state (rate limits, jails, connection slots): an IPv4
-//! address or an IPv6 prefix ([`ClientKey`], SPEC 6), and [`BoundedMap`], the per-client map
+//! address or an IPv6 prefix ([`ClientKey`]), and [`BoundedMap`], the per-client map
 //! with a hard cap that rotating addresses cannot grow.
 
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
@@ -12,7 +12,7 @@ use prometheus::IntCounter;
 
 use crate::decide::clock::now_ms;
 
-/// A client as limits and jails count it: an IPv4 address, or an IPv6 prefix (SPEC 6).
+/// A client as limits and jails count it: an IPv4 address, or an IPv6 prefix.
 pub type ClientKey = u128;
 
 /// The key for `ip`: IPv4 as `::ffff:a.b.c.d`, IPv6 masked to `v6_prefix` bits.
@@ -210,7 +210,7 @@ struct Held {
     gate: Arc<Gate>,
 }
 
-/// A client's upstream work (SPEC 16, 21): its requests in flight, each of which holds an
+/// A client's upstream work: its requests in flight, each of which holds an
 /// upstream connection, capped by `limits.max_requests_per_client` with a short queue (as a
 /// server's `maxconn` with its queue in HAProxy), and its streaming uploads, capped by
 /// `limits.max_uploads_per_client`.

@@ -1,4 +1,4 @@
-//! Jails (SPEC 6): count matching responses per client (IPv6 per prefix) within a window; at
+//! Jails: count matching responses per client (IPv6 per prefix) within a window; at
 //! `hits` the client earns a temporary block entry named after the jail, for
 //! `ban × ban_factor^(earlier offenses)`, capped by `max_ban` and `privacy.max_retention`.
 //! Counters live in a `BoundedMap`, so rotating addresses cannot exhaust memory; the
@@ -17,7 +17,7 @@ use crate::decide::clock::now_ms;
 
 /// A client's failures within the last `window`: their times (ms since the epoch), oldest
 /// first, at most `hits` of them, so the window slides: `hits` failures within any
-/// `window`-long span ban (SPEC 6, 21).
+/// `window`-long span ban.
 #[derive(Debug, Default, Clone)]
 pub struct Counter {
     pub times: Vec<u64>,
@@ -212,7 +212,7 @@ mod tests {
         Jail::new(c, 1000, IntCounter::new("e", "e").unwrap(), None)
     }
 
-    /// SPEC 6's "hits within window" slides: with hits = 3 and a 3 s window, failures at
+    /// "hits within window" slides: with hits = 3 and a 3 s window, failures at
     /// 0, 2.75, 3.15 and 3.15 s hold three within 0.4 s, which bans; a window fixed at the
     /// first failure restarted at 3 s and banned nobody.
     #[test]

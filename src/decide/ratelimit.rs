@@ -1,4 +1,4 @@
-//! Per-client rate limits (SPEC 4): governor's GCRA over a bounded state store of our own
+//! Per-client rate limits: governor's GCRA over a bounded state store of our own
 //! (`BoundedMap`), because governor's keyed stores grow without bound under rotating source
 //! addresses (boinkor-net/governor#171).
 

@@ -1,4 +1,4 @@
-//! The host a request is for (SPEC 9, 14): a Host header or `:authority` is a valid
+//! The host a request is for: a Host header or `:authority` is a valid
 //! `host[:port]` or the request is refused; sites match the name without its port, in any
 //! case and with one trailing dot ignored, so `B.test.` is the site `b.test`.
 

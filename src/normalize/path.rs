@@ -1,4 +1,4 @@
-//! Request paths as the upstream will understand them (SPEC 13): percent-encoded unreserved
+//! Request paths as the upstream will understand them: percent-encoded unreserved
 //! characters decoded, hex digits in upper case, repeated slashes merged and dot segments
 //! removed (RFC 3986 6.2.2, 5.2.4), so that routes, `allow_only`, jails and rate limits match
 //! what Apache or PHP will serve, and the path matched is the path forwarded. A path that
@@ -249,7 +249,7 @@ mod tests {
 
     /// RFC 3986 5.4: each reference merged with the base path `/b/c/d;p`, then normalized,
     /// gives the path of the RFC's result. Its "abnormal" ones that climb above the root
-    /// (`../../../g`) are refused here, by decision (SPEC 13).
+    /// (`../../../g`) are refused here, by decision.
     #[test]
     fn rfc3986_section_5_4_examples() {
         let merge = |r: &str| format!("/b/c/{r}");

@@ -1,4 +1,4 @@
-//! The per-request decision, in one place and in this order: allow wins (SPEC 2), then
+//! The per-request decision, in one place and in this order: allow wins, then
 //! block entries (3), `allow_only` (5), the rate limit (4); and once the response is known,
 //! the jails (6). It sees the request as [`crate::serve::request`] checked it: the normalized path
 //! and the client behind trusted proxies.
@@ -35,7 +35,7 @@ pub enum Refusal {
 pub struct Client {
     pub ip: IpAddr,
     /// A trusted proxy standing for itself (no X-Forwarded-For, or only trusted addresses
-    /// in it): never rate-limited or jailed on behalf of the clients behind it (SPEC 15).
+    /// in it): never rate-limited or jailed on behalf of the clients behind it.
     pub is_proxy: bool,
 }
 
@@ -92,14 +92,14 @@ pub fn admit(
     }
     rate_limit(state, site, path, client.ip)?;
     let key = client_key(client.ip, snap.config.rate_limit.ipv6_prefix);
-    // No burst outruns a jail (SPEC 21): a few watched requests per client at a time.
+    // No burst outruns a jail: a few watched requests per client at a time.
     let mut watched = Vec::new();
     for jail in &site.jails {
         if jail.config.concurrency != u32::MAX && jail.watches(asked.method, asked.host, path) {
             watched.push(jail.enter(key).ok_or(Refusal::Busy)?);
         }
     }
-    // Bounds the upstream work one client holds, whatever its rate (SPEC 16).
+    // Bounds the upstream work one client holds, whatever its rate.
     let cap = snap.config.limits.max_requests_per_client;
     let (in_flight, queued) = match conn {
         Some(slot) => match slot.enter(cap) {
@@ -200,7 +200,7 @@ pub fn count_offense(state: &Arc<AppState>, snap: &Snapshot, jail: &Arc<Jail>, c
 }
 
 /// Whether `allow_only` admits the client: the longest matching route's list if it has one,
-/// else the site's; no list means everyone (SPEC 5). Membership is in the named static allow
+/// else the site's; no list means everyone. Membership is in the named static allow
 /// lists only.
 fn allowed_only(snap: &Snapshot, site: &SiteEntry, path: &str, client: IpAddr) -> bool {
     let route = site
@@ -218,7 +218,7 @@ fn allowed_only(snap: &Snapshot, site: &SiteEntry, path: &str, client: IpAddr) -
         })
 }
 
-/// Checks the rate limit for the path (SPEC 4); refused when over it and not a dry run.
+/// Checks the rate limit for the path; refused when over it and not a dry run.
 fn rate_limit(
     state: &AppState,
     site: &SiteEntry,

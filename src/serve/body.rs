@@ -1,4 +1,4 @@
-//! The request body sent upstream (SPEC 16). A small body is read whole before an upstream
+//! The request body sent upstream. A small body is read whole before an upstream
 //! connection is taken (`limits.request_buffer_bytes`), so a slow client holds no Apache
 //! worker while it types; a larger one streams, and a client that stops sending it mid-way
 //! holds its upstream connection for no longer than `limits.body_idle_timeout`. The timer is
@@ -81,7 +81,7 @@ impl UpstreamBody {
 
     /// Reads the client's body ahead while it stays within `limit` bytes, so a small body
     /// (a login form) is whole before an upstream connection is taken for it, however
-    /// slowly it comes (SPEC 16, as nginx's request buffering). A body declared larger is
+    /// slowly it comes (as nginx's request buffering). A body declared larger is
     /// not read ahead; one that turns out larger is sent on as it comes, after what was
     /// read. Each wait for data is bounded by `idle`.
     pub async fn read_small(

@@ -1,4 +1,4 @@
-//! The client address (SPEC 1): the TCP peer; on a `proxy_protocol` listener, the source in
+//! The client address: the TCP peer; on a `proxy_protocol` listener, the source in
 //! the PROXY header (v1 or v2, parsed by `ppp`) sent by a trusted peer; at request level, from
 //! a trusted peer, the rightmost X-Forwarded-For address that is not itself trusted.
 //! IPv4-mapped IPv6 is IPv4 everywhere.
@@ -143,7 +143,7 @@ pub fn parse_proxy_header(bytes: &[u8]) -> ProxyHeader {
     ProxyHeader::Complete { len, source }
 }
 
-/// An X-Forwarded-For element that is neither an address nor `address:port` (SPEC 15):
+/// An X-Forwarded-For element that is neither an address nor `address:port`:
 /// the request is refused rather than blamed on the proxy that sent it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("malformed X-Forwarded-For element")]

@@ -1,4 +1,4 @@
-//! What the upstream is told about a request (SPEC 10, 15): forwarding headers set from what
+//! What the upstream is told about a request: forwarding headers set from what
 //! the gateway decided, client-address headers an untrusted peer may not set removed,
 //! hop-by-hop headers stripped both ways, and HTTP/2 cookies joined for HTTP/1.1.
 
@@ -25,7 +25,7 @@ pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 pub static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
-/// Headers that name a client, which an untrusted peer may not set (SPEC 15): many PHP
+/// Headers that name a client, which an untrusted peer may not set: many PHP
 /// applications believe the first one they find (the common "real IP" snippet reads
 /// `HTTP_CLIENT_IP` first), so a hosted app's own address checks and logs could be forged.
 pub static CLIENT_HEADERS: [HeaderName; 13] = [
@@ -133,7 +133,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::UPGRADE);
 }
 
-/// Sets X-Forwarded-For (SPEC 10, 15): from an untrusted peer, the peer alone, and the other
+/// Sets X-Forwarded-For: from an untrusted peer, the peer alone, and the other
 /// client-address headers removed; from a trusted one, the believable chain (the client and
 /// the trusted proxies after it) with the peer appended. Sets X-Real-IP to the client as
 /// decided, X-Forwarded-Proto and X-Forwarded-Host, and Host to what the client asked for.

@@ -85,8 +85,8 @@ pub async fn accept_loop(
         };
         let client = client_addr::peer(peer);
         // The address is known now (unless a PROXY header will name it): a blocked client is
-        // closed before a byte is read (SPEC 3), and a client over its connection cap too
-        // (SPEC 16), before either can take a connection slot.
+        // closed before a byte is read, and a client over its connection cap too
+        //, before either can take a connection slot.
         let client_slot = if conf.proxy_protocol {
             None
         } else {
@@ -275,7 +275,7 @@ async fn serve_tls(
 }
 
 /// Serves one connection. Whatever the protocol, its first request head must arrive by
-/// `head_by`, `limits.header_read_timeout` after accept (SPEC 16): hyper's own timer covers
+/// `head_by`, `limits.header_read_timeout` after accept: hyper's own timer covers
 /// HTTP/1.1 heads once it knows the protocol, but not a connection that sends nothing, or
 /// part of the HTTP/2 preface.
 /// An HTTP/2 connection without an open stream for `limits.http2_idle_timeout` is closed.
@@ -322,7 +322,7 @@ async fn serve<I>(
     // Checked a few times per timeout, with no clock read per request: the first request
     // head by `head_by`; then an HTTP/2 connection with no stream open and none started or
     // ended; a response with a body open that is neither read by the client nor waiting on
-    // the upstream (SPEC 16).
+    // the upstream.
     let tick = h2_idle.min(write_idle) / 4;
     let (mut idle, mut stalled) = (Quiet::default(), Quiet::default());
     loop {

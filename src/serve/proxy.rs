@@ -1,6 +1,6 @@
 //! Forwarding one request: pick the site by Host, rewrite the headers (forwarding headers
 //! added, hop-by-hop ones stripped), stream the bodies both ways, splice upgraded
-//! connections (WebSocket), and turn upstream failures into 502 or 504 (SPEC 9, 10).
+//! connections (WebSocket), and turn upstream failures into 502 or 504.
 
 use std::borrow::Cow;
 use std::convert::Infallible;
@@ -51,7 +51,7 @@ pub struct ConnInfo {
     /// `client` as a header value, formatted once per connection (cloning it per request
     /// is a reference count, not an allocation).
     pub client_value: HeaderValue,
-    /// The connection's slots; an upgrade spliced from it holds them too (SPEC 16).
+    /// The connection's slots; an upgrade spliced from it holds them too.
     pub slot: Arc<ConnSlot>,
 }
 
@@ -244,7 +244,7 @@ async fn admit(
 }
 
 /// Waits for the client's place among its requests in flight when admission found them all
-/// taken: up to `limits.upstream_queue_timeout`, then 429 (SPEC 16, 21).
+/// taken: up to `limits.upstream_queue_timeout`, then 429.
 async fn take_place(
     mut admitted: admission::Admitted,
     limits: &crate::config::Limits,
@@ -410,7 +410,7 @@ async fn forward(
         headers::join_cookies(&mut parts.headers);
     }
 
-    // Origin-form to the upstream, with the path that was matched (SPEC 13).
+    // Origin-form to the upstream, with the path that was matched.
     if checked.path_changed || parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
         parts.uri = origin_form(checked.path, parts.uri.query());
     }
@@ -462,7 +462,7 @@ async fn forward(
     Ok(resp.map(Either::Left))
 }
 
-/// What comes before a request takes an upstream connection (SPEC 16): a small body is read
+/// What comes before a request takes an upstream connection: a small body is read
 /// whole, then one of the site's `max_upstream_connections` is waited for (bounded).
 async fn ready_to_send(
     body: Incoming,

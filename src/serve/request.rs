@@ -1,4 +1,4 @@
-//! A request checked before any decision is made about it (SPEC 13, 14, 15): one valid
+//! A request checked before any decision is made about it: one valid
 //! host, a path in normal form, the client behind trusted proxies, and no method or upgrade
 //! the gateway does not forward. Whatever could mean one thing to the policy and another to
 //! the upstream is refused here with 400 (or 405), so both see the same request.
@@ -97,7 +97,7 @@ pub fn host<B>(req: &Request<B>) -> Result<Option<HostValue>, Invalid> {
     }
 }
 
-/// The path decisions are made on and the upstream receives, normalized (SPEC 13). CONNECT
+/// The path decisions are made on and the upstream receives, normalized. CONNECT
 /// is 405; `*` is only for OPTIONS.
 pub fn path<'a>(method: &Method, uri: &'a Uri) -> Result<Cow<'a, str>, Invalid> {
     if method == Method::CONNECT {
@@ -110,7 +110,7 @@ pub fn path<'a>(method: &Method, uri: &'a Uri) -> Result<Cow<'a, str>, Invalid> 
     Ok(path::normalize(p)?)
 }
 
-/// Who the client is at request level (SPEC 1, 15): from a trusted peer, the rightmost
+/// Who the client is at request level: from a trusted peer, the rightmost
 /// untrusted X-Forwarded-For address, with the chain that can be believed; from anyone
 /// else, the connection's client, and X-Forwarded-For is not read at all.
 pub fn client(

@@ -1,5 +1,5 @@
 //! Upgraded connections (WebSocket) spliced to their upstream, under the limits an upgrade
-//! keeps (SPEC 16): the client's connection slots, an idle timeout, and shutdown's grace.
+//! keeps: the client's connection slots, an idle timeout, and shutdown's grace.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,7 +14,7 @@ use crate::decide::clock::now_ms;
 
 /// An upgraded connection (WebSocket) spliced to its upstream: it keeps the client's
 /// connection slots, is closed after `limits.upgrade_idle_timeout` without a byte either
-/// way, and at shutdown once the grace period is over (SPEC 16).
+/// way, and at shutdown once the grace period is over.
 pub struct Splice {
     pub slot: Arc<ConnSlot>,
     /// One of the site's `max_upstream_connections`, held while the splice lasts.

@@ -1,4 +1,4 @@
-//! The ACME challenges being answered now (SPEC 19): HTTP-01 key authorizations, answered on
+//! The ACME challenges being answered now: HTTP-01 key authorizations, answered on
 //! plain listeners by [`crate::serve::https`], and TLS-ALPN-01 certificates, answered in the handshake
 //! by [`crate::state::tls`]'s resolver. [`crate::background::acme`] publishes them while an order waits for its
 //! validation ([`Published`]).

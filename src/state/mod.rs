@@ -86,7 +86,7 @@ impl AppState {
         }
     }
 
-    /// Adds or replaces a temporary entry (SPEC 17): enforced at once, then written to the
+    /// Adds or replaces a temporary entry: enforced at once, then written to the
     /// store, so an entry acknowledged with `Ok` survives a crash. `Err` means enforced but
     /// not durable yet: the store writes it as soon as the disk takes it ([`Self::sweep`]).
     pub async fn add_entry(
@@ -113,7 +113,7 @@ impl AppState {
         &self,
         targets: Vec<(Slot, ipnet::IpNet)>,
     ) -> Result<Vec<(Slot, ipnet::IpNet, Entry)>, store::Error> {
-        // Written before it is applied (SPEC 17): a removal the disk refuses changes nothing,
+        // Written before it is applied: a removal the disk refuses changes nothing,
         // so no entry comes back at restart after it was reported gone.
         if let Err(e) = self.store.delete(targets.clone()).await {
             self.metrics.store_errors.inc();
@@ -173,7 +173,7 @@ impl AppState {
     }
 
     /// Records the offense and makes the jail's ban, escalated by the earlier offenses
-    /// (SPEC 6), durable (SPEC 8).
+    ///, durable.
     pub async fn jail_ban(&self, jail: &Jail, target: ipnet::IpNet) {
         let (retention, log_ip) = {
             let snap = self.snapshot.load();
@@ -288,8 +288,8 @@ impl AppState {
         self.metrics.tracked_clients.set(tracked as i64);
     }
 
-    /// Frees expired entries, in memory and on disk (SPEC 7), and writes the entries the
-    /// disk refused before (SPEC 17).
+    /// Frees expired entries, in memory and on disk, and writes the entries the
+    /// disk refused before.
     pub async fn sweep(&self) {
         let now = now_ms();
         match self.store.retry(now).await {

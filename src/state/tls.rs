@@ -1,5 +1,5 @@
 //! TLS termination settings: TLS 1.2 and 1.3 only, forward-secret AEAD suites with 256-bit
-//! ones first (SPEC 11), ALPN `h2` and `http/1.1`, and an SNI resolver over many
+//! ones first, ALPN `h2` and `http/1.1`, and an SNI resolver over many
 //! certificates (exact name, then wildcard, then the first certificate as default).
 
 use std::collections::HashMap;
@@ -63,7 +63,7 @@ pub fn validity(der: &CertificateDer<'_>) -> Result<(i64, i64), String> {
     Ok((v.not_before.timestamp(), v.not_after.timestamp()))
 }
 
-/// When an ACME certificate is renewed: once a third of its lifetime is left (SPEC 19).
+/// When an ACME certificate is renewed: once a third of its lifetime is left.
 pub fn renew_at(not_before: i64, not_after: i64) -> i64 {
     not_after - (not_after - not_before).max(0) / 3
 }
@@ -185,7 +185,7 @@ impl ResolvesServerCert for Certificates {
     }
 }
 
-/// The crypto provider with only the suites SPEC 11 allows, 256-bit first.
+/// The crypto provider with only forward-secret AEAD suites, 256-bit first.
 pub fn crypto_provider() -> CryptoProvider {
     let mut p = provider::default_provider();
     p.cipher_suites = vec![

@@ -1,4 +1,4 @@
-//! The block set in the kernel too (SPEC 20, `[firewall]`): every block and allow entry,
+//! The block set in the kernel too (`[firewall]`): every block and allow entry,
 //! static or temporary, mirrored into one nftables table that ipgate owns (family inet,
 //! `firewall.table`), so new TCP connections from blocked, non-allowed clients to
 //! `firewall.ports` (SSH, mail, FTP) are dropped by the kernel.

@@ -1,4 +1,4 @@
-//! Fleet mode (SPEC 18): temporary entries, their removal, offense history and `forget`
+//! Fleet mode: temporary entries, their removal, offense history and `forget`
 //! shared by every gateway through Redis or Valkey.
 //!
 //! Local first: a change is acknowledged once it is durable here (redb), where it is written

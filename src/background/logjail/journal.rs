@@ -1,4 +1,4 @@
-//! A log jail on the systemd journal (SPEC 21): Debian 12 and 13 keep their daemons' logs
+//! A log jail on the systemd journal: Debian 12 and 13 keep their daemons' logs
 //! there alone unless rsyslog is installed. The journal is read by `journalctl --follow
 //! --output=json` (its own reader, not one of ours), filtered by unit (the journal's trusted
 //! `_SYSTEMD_UNIT`) or syslog identifier. The jail's `match` sees `MESSAGE`, its `tags` the

@@ -1,4 +1,4 @@
-//! A log line read as the daemon wrote it (SPEC 21): the syslog prefix (a traditional or
+//! A log line read as the daemon wrote it: the syslog prefix (a traditional or
 //! RFC 3339 time stamp, the host, the tag and PID) is parsed, and a jail's `match` sees only
 //! the message, of the tags it names. A failure line quoted inside another message (a HELO,
 //! a Message-ID, a file name) is then text in the middle of a message, which an anchored

@@ -1,4 +1,4 @@
-//! Log jails (SPEC 20, 21): a `[[jail]]` with `log` follows its files (`follow`) or the
+//! Log jails: a `[[jail]]` with `log` follows its files (`follow`) or the
 //! systemd journal ([`journal`]) and counts the messages its `match` pattern finds, per
 //! client (IPv6 per prefix), like a response jail counts responses; its bans are ordinary
 //! temporary entries (durable, shared with the fleet, in `lookup`, erased by `forget`).

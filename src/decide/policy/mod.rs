@@ -1,7 +1,7 @@
 //! Who may pass. Static lists from the config (entries and list files, compiled into
 //! [`table::CidrTable`]s and swapped with the config snapshot), temporary entries
 //! ([`temporary::TempEntries`], expiring, persisted by the store), and the decision that
-//! combines them: allow wins over block (SPEC 2).
+//! combines them: allow wins over block.
 
 pub mod table;
 pub mod temporary;
@@ -90,7 +90,7 @@ impl Policy {
         }
     }
 
-    /// The decision for a client (SPEC 2): any allow entry, static or temporary, wins; then
+    /// The decision for a client: any allow entry, static or temporary, wins; then
     /// any block entry; dry-run block lists are counted and passed over.
     #[inline]
     pub fn decide(&self, temp: &TempEntries, ip: IpAddr) -> Verdict {

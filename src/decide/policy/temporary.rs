@@ -314,7 +314,7 @@ impl TempTable {
     }
 }
 
-/// Where a scoped block entry holds (SPEC `jail.scope`): on one site, or on the sites that
+/// Where a scoped block entry holds (`jail.scope`): on one site, or on the sites that
 /// name a jail.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Scope {

@@ -1,4 +1,4 @@
-//! One change to the state, as the outbox keeps it and the fleet carries it (SPEC 18).
+//! One change to the state, as the outbox keeps it and the fleet carries it.
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};

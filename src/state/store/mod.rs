@@ -59,7 +59,7 @@ pub enum Store {
     Local(Arc<Local>),
 }
 
-/// The embedded store with what keeps it going through disk faults (SPEC 17): the database is
+/// The embedded store with what keeps it going through disk faults: the database is
 /// reopened after any failed call (redb refuses every write after an I/O error until then),
 /// and an entry the disk refused is kept here and written as soon as the disk takes it.
 pub struct Local {
