@@ -94,7 +94,7 @@ fn every_layer_is_a_folder_that_says_what_it_owns() {
             m.display()
         );
         assert!(
-            text.contains("Uses:") || layer == "normalize" || layer == "config",
+            text.contains("Uses:"),
             "{} does not say which layers it uses",
             m.display()
         );
@@ -152,4 +152,91 @@ fn no_file_over_600_lines_and_no_function_over_100() {
         }
     }
     assert!(long.is_empty(), "{}", long.join("\n"));
+}
+
+/// `layer::module` for a source file (`src/serve/proxy.rs` -> `serve::proxy`); lib.rs and
+/// main.rs are not modules of a layer.
+fn module_of(src: &Path, file: &Path) -> Option<String> {
+    let rel = file.strip_prefix(src).ok()?.with_extension("");
+    let parts: Vec<&str> = rel.iter().filter_map(|p| p.to_str()).collect();
+    if parts.len() < 2 {
+        return None;
+    }
+    let second = if parts[1] == "mod" { "" } else { parts[1] };
+    Some(
+        format!("{}::{}", parts[0], second)
+            .trim_end_matches("::")
+            .to_string(),
+    )
+}
+
+#[test]
+fn no_module_cycle() {
+    use std::collections::{BTreeMap, BTreeSet};
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let files = all_sources();
+    let modules: BTreeSet<String> = files.iter().filter_map(|f| module_of(&src, f)).collect();
+    let mut uses: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for file in &files {
+        let Some(me) = module_of(&src, file) else {
+            continue;
+        };
+        if file.ends_with("tests.rs") {
+            continue;
+        }
+        let text = code(&std::fs::read_to_string(file).unwrap());
+        for (at, _) in text.match_indices("crate::") {
+            let path: String = text[at + 7..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == ':')
+                .collect();
+            let parts: Vec<&str> = path.split("::").filter(|p| !p.is_empty()).collect();
+            let used = match parts.as_slice() {
+                [layer, module, ..] if modules.contains(&format!("{layer}::{module}")) => {
+                    format!("{layer}::{module}")
+                }
+                [layer, ..] => layer.to_string(),
+                [] => continue,
+            };
+            let same_layer_root = me.split("::").next() == Some(used.as_str());
+            if used != me && modules.contains(&used) && !same_layer_root {
+                uses.entry(me.clone()).or_default().insert(used);
+            }
+        }
+    }
+    // Depth-first search for a path back to where it started.
+    fn visit(
+        m: &str,
+        uses: &BTreeMap<String, BTreeSet<String>>,
+        path: &mut Vec<String>,
+        done: &mut BTreeSet<String>,
+    ) -> Option<Vec<String>> {
+        if let Some(i) = path.iter().position(|p| p == m) {
+            let mut cycle = path[i..].to_vec();
+            cycle.push(m.to_string());
+            return Some(cycle);
+        }
+        if done.contains(m) {
+            return None;
+        }
+        path.push(m.to_string());
+        for next in uses.get(m).into_iter().flatten() {
+            if let Some(c) = visit(next, uses, path, done) {
+                return Some(c);
+            }
+        }
+        path.pop();
+        done.insert(m.to_string());
+        None
+    }
+    let mut done = BTreeSet::new();
+    for m in uses.keys() {
+        let cycle = visit(m, &uses, &mut Vec::new(), &mut done);
+        assert!(
+            cycle.is_none(),
+            "a module cycle: {}",
+            cycle.unwrap().join(" -> ")
+        );
+    }
+    assert!(uses.len() > 20, "only {} modules use others", uses.len());
 }

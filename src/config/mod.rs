@@ -1,7 +1,12 @@
 //! The configuration file: raw serde types (`RawConfig`, unknown keys rejected) compiled into
 //! a validated [`Config`] where durations, addresses and CIDRs are parsed, names resolved and
 //! every check lives. Every problem is collected, not just the first, and each names the file,
-//! the key path and the line.
+//! the key path and the line. `compile` turns each section into its compiled form (`jails`:
+//! response and log jails; `services`: fleet, ACME, firewall), `values` holds the defaults,
+//! `report` the problems, and [`schema`] the JSON Schema generated from the raw types.
+//!
+//! Uses: [`crate::normalize`] (route and jail paths are kept in the form requests are
+//! matched in).
 
 mod compile;
 mod jails;
