@@ -361,3 +361,40 @@ async fn a_browsers_burst_is_served_whole_with_the_default_limits() {
     }
     gw.shutdown().await;
 }
+
+/// 120 HTTP/2 streams on one connection, each asking for a large response the client never
+/// reads: the upstream never has more of this client's connections open than
+/// `limits.max_requests_per_client` (32), and another client is served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_readers_hold_at_most_their_cap_of_upstream_connections() {
+    let gw = GatewayBuilder::new().spawn().await;
+    let upstream = gw.origin.as_ref().unwrap();
+    let sender = h2_sender(&gw).await;
+    let mut streams = Vec::new();
+    for _ in 0..120 {
+        let mut s = sender.clone();
+        streams.push(tokio::spawn(async move {
+            s.ready().await.ok()?;
+            let resp = s.send_request(get("/big?n=8000000", "a.test")).await.ok()?;
+            // The head is read, the body never: hold it unread.
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            Some(resp.status().as_u16())
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let most = upstream.most_connections();
+    assert!(
+        most <= 32,
+        "{most} upstream connections held by one slow reader"
+    );
+    assert!(most >= 8, "the responses did not get under way: {most}");
+    let c = connect_from("127.0.0.2", gw.plain).await;
+    let start = Instant::now();
+    assert_eq!(get_on(c, "/", "a.test", &[]).await.0, 200);
+    assert!(start.elapsed() < Duration::from_secs(1));
+    for s in streams {
+        s.abort();
+    }
+    drop(sender);
+    gw.shutdown().await;
+}

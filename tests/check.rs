@@ -160,3 +160,51 @@ fn the_deploy_configs_pass_ipgate_check() {
         assert!(ok, "{file}: {stderr}");
     }
 }
+
+/// `ipgate check` accepts a log pattern that is not anchored at both ends, or a syslog jail
+/// with no tags, but says what that risks, naming the key.
+#[test]
+fn check_notes_unanchored_log_patterns_and_untagged_syslog_jails() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("loose.toml");
+    std::fs::write(
+        &file,
+        r#"
+[[listener]]
+addr = "127.0.0.1:0"
+
+[[jail]]
+name = "sshd"
+hits = 5
+window = "10m"
+ban = "1h"
+log = { files = ["auth.log"], match = 'Failed password for .* from <ADDR> port \d+' }
+
+[[jail]]
+name = "tight"
+hits = 5
+window = "10m"
+ban = "1h"
+log = { files = ["auth.log"], tags = ["sshd"], match = '^Failed password for .* from <ADDR> port \d+ ssh2$' }
+
+[[site]]
+hosts = ["*"]
+upstream = "http://127.0.0.1:8080"
+"#,
+    )
+    .unwrap();
+    let (ok, _, stderr) = check(&file);
+    assert!(ok, "{stderr}");
+    assert!(
+        stderr.contains("note: jail[0].log.match ('sshd'): not anchored"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("note: jail[0].log.tags ('sshd')"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("jail[1]"),
+        "the anchored, tagged jail is fine: {stderr}"
+    );
+}

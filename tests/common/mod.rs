@@ -106,9 +106,17 @@ pub struct Upstream {
     pub busy: Arc<Busy>,
 }
 
-/// Requests an upstream is handling now, and the most it handled at once.
+/// Requests an upstream is handling now, and the most it handled at once; the same for its
+/// open connections.
 #[derive(Default)]
 pub struct Busy {
+    now: std::sync::atomic::AtomicUsize,
+    most: std::sync::atomic::AtomicUsize,
+    conns: Arc<Busy2>,
+}
+
+#[derive(Default)]
+struct Busy2 {
     now: std::sync::atomic::AtomicUsize,
     most: std::sync::atomic::AtomicUsize,
 }
@@ -145,6 +153,12 @@ impl Upstream {
                 };
                 let log = log.clone();
                 let counted = counted.clone();
+                let conns = counted.conns.clone();
+                {
+                    use std::sync::atomic::Ordering::SeqCst;
+                    let n = conns.now.fetch_add(1, SeqCst) + 1;
+                    conns.most.fetch_max(n, SeqCst);
+                }
                 tokio::spawn(async move {
                     let service = service_fn(move |req: Request<Incoming>| {
                         log.lock()
@@ -161,6 +175,7 @@ impl Upstream {
                         .serve_connection(TokioIo::new(tcp), service)
                         .with_upgrades()
                         .await;
+                    conns.now.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
                 });
             }
         });
@@ -175,6 +190,14 @@ impl Upstream {
     /// The most requests handled at once so far.
     pub fn most_in_flight(&self) -> usize {
         self.busy.most.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The most connections open to it at once so far.
+    pub fn most_connections(&self) -> usize {
+        self.busy
+            .conns
+            .most
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// How many requests the upstream has received.
