@@ -41,12 +41,19 @@ impl Touched for Counter {
     }
 }
 
+/// Longest a client is marked as being banned, should the ban's write never end.
+pub const BANNING_AT_MOST: Duration = Duration::from_secs(10);
+
 pub struct Jail {
     pub config: config::Jail,
     counters: BoundedMap<Counter>,
     /// Watched requests of each client in flight now (`jail.concurrency`); a client is in
     /// the map only while it has one, so it holds no more entries than requests in flight.
     in_flight: Arc<DashMap<ClientKey, u32, foldhash::fast::RandomState>>,
+    /// Clients whose ban is being made (the offense history read, the entry written): their
+    /// watched requests are refused meanwhile, and their failures are not counted again.
+    /// Each mark ends when the ban is in force, or after [`BANNING_AT_MOST`].
+    banning: DashMap<ClientKey, u64, foldhash::fast::RandomState>,
     /// `ipgate_would_block_total{rule=NAME}` when the jail is a dry run.
     pub would_block: Option<IntCounter>,
 }
@@ -81,6 +88,7 @@ impl Jail {
             config,
             counters,
             in_flight: Arc::default(),
+            banning: DashMap::default(),
             would_block,
         }
     }
@@ -126,6 +134,34 @@ impl Jail {
             map: self.in_flight.clone(),
             key,
         })
+    }
+
+    /// Marks `key` as being banned, from the failure that earned the ban until the ban is in
+    /// force ([`Jail::banned`]).
+    pub fn banning(&self, key: ClientKey) {
+        self.banning
+            .insert(key, now_ms() + BANNING_AT_MOST.as_millis() as u64);
+    }
+
+    /// The ban of `key` is in force (or could not be made): the mark is lifted.
+    pub fn banned(&self, key: ClientKey) {
+        self.banning.remove(&key);
+    }
+
+    /// Whether `key`'s ban is being made now.
+    pub fn is_banning(&self, key: ClientKey) -> bool {
+        if self.banning.is_empty() {
+            return false;
+        }
+        let now = now_ms();
+        match self.banning.get(&key).map(|until| *until) {
+            Some(until) if until > now => true,
+            Some(_) => {
+                self.banning.remove(&key);
+                false
+            }
+            None => false,
+        }
     }
 
     /// Counts a failure; true when it makes `hits` within the last `window` (the count
@@ -251,6 +287,20 @@ mod tests {
             j.in_flight.is_empty(),
             "no client is kept without a request"
         );
+    }
+
+    #[test]
+    fn a_client_being_banned_is_marked_until_the_ban_is_in_force() {
+        let j = jail(3);
+        assert!(!j.is_banning(7));
+        j.banning(7);
+        assert!(j.is_banning(7) && !j.is_banning(8));
+        j.banned(7);
+        assert!(!j.is_banning(7));
+        // A mark whose ban never came ends by itself.
+        j.banning.insert(9, now_ms().saturating_sub(1));
+        assert!(!j.is_banning(9));
+        assert!(j.banning.is_empty(), "an ended mark is not kept");
     }
 
     #[test]

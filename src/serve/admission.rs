@@ -92,10 +92,17 @@ pub fn admit(
     }
     rate_limit(state, site, path, client.ip)?;
     let key = client_key(client.ip, snap.config.rate_limit.ipv6_prefix);
-    // No burst outruns a jail: a few watched requests per client at a time.
+    // No burst outruns a jail: a few watched requests per client at a time, and none while
+    // the client's ban is being made.
     let mut watched = Vec::new();
     for jail in &site.jails {
-        if jail.config.concurrency != u32::MAX && jail.watches(asked.method, asked.host, path) {
+        if !jail.watches(asked.method, asked.host, path) {
+            continue;
+        }
+        if jail.is_banning(key) {
+            return Err(Refusal::Blocked);
+        }
+        if jail.config.concurrency != u32::MAX {
             watched.push(jail.enter(key).ok_or(Refusal::Busy)?);
         }
     }
@@ -176,10 +183,10 @@ pub fn observe(
 /// had in flight when the ban came are one burst, and one burst is one offense.
 pub fn count_offense(state: &Arc<AppState>, snap: &Snapshot, jail: &Arc<Jail>, client: IpAddr) {
     let prefix = snap.config.rate_limit.ipv6_prefix;
-    if state.banned_by_jail(jail, client) {
+    let key = client_key(client, prefix);
+    if jail.is_banning(key) || state.banned_by_jail(jail, client) {
         return;
     }
-    let key = client_key(client, prefix);
     if !jail.observe(key) {
         return;
     }
@@ -193,10 +200,14 @@ pub fn count_offense(state: &Arc<AppState>, snap: &Snapshot, jail: &Arc<Jail>, c
         );
         return;
     }
-    state.jail_ban_now(jail, target);
+    // From now until the ban is in force, the client's watched requests are refused.
+    jail.banning(key);
     let state = state.clone();
     let jail = jail.clone();
-    tokio::spawn(async move { state.jail_ban(&jail, target).await });
+    tokio::spawn(async move {
+        state.jail_ban(&jail, target).await;
+        jail.banned(key);
+    });
 }
 
 /// Whether `allow_only` admits the client: the longest matching route's list if it has one,

@@ -147,7 +147,11 @@ pub async fn handle(
         host,
         path: &path,
     };
-    let admitted = admit(state, &snap, site, &conn, client, &asked).await;
+    let admitted = match admit(state, &snap, site, &conn, client, &asked) {
+        // Boxed: the wait is rare, and its timer would grow every request's future.
+        Ok(a) if a.queued.is_some() => Box::pin(take_place(a, &snap.config.limits)).await,
+        other => other,
+    };
     let mut held = Held::default();
     let (resp, site_name, outcome) = match (site, admitted) {
         (site, Err(refusal)) => refuse(state, site, Error::from(refusal)),
@@ -223,8 +227,9 @@ fn without_body(resp: Response<Body>) -> Response<Body> {
     Response::from_parts(parts, body)
 }
 
-/// Asks admission, then, over the client's requests in flight, waits its turn (bounded).
-async fn admit(
+/// Asks admission for the request's client, counting its requests in flight on the
+/// connection's slot when the connection is that client's.
+fn admit(
     state: &AppState,
     snap: &Snapshot,
     site: Option<&SiteEntry>,
@@ -239,8 +244,7 @@ async fn admit(
         .client
         .as_ref()
         .filter(|_| client.ip == conn.client);
-    let admitted = admission::admit(state, snap, site, (client, conn_slot), asked)?;
-    take_place(admitted, &snap.config.limits).await
+    admission::admit(state, snap, site, (client, conn_slot), asked)
 }
 
 /// Waits for the client's place among its requests in flight when admission found them all

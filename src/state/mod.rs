@@ -153,25 +153,6 @@ impl AppState {
         }
     }
 
-    /// A jail's ban, enforced at once in memory for the first offense's length (no request
-    /// of the client is admitted after this returns); [`AppState::jail_ban`] then reads the
-    /// history, lengthens it for a repeat offender and makes it durable.
-    pub fn jail_ban_now(&self, jail: &Jail, target: ipnet::IpNet) {
-        let retention = self.snapshot.load().config.privacy.max_retention;
-        let now = now_ms();
-        let ban = jail.ban_for(0, retention);
-        let reason = jail_reason(jail);
-        let entry = Entry::new(
-            now,
-            now + ban.as_millis() as u64,
-            &jail.config.name,
-            Some(&reason),
-        );
-        self.temp
-            .table(&Self::jail_slot(jail))
-            .insert(target, entry);
-    }
-
     /// Records the offense and makes the jail's ban, escalated by the earlier offenses
     ///, durable.
     pub async fn jail_ban(&self, jail: &Jail, target: ipnet::IpNet) {
