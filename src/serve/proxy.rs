@@ -142,12 +142,8 @@ pub async fn handle(
         return Ok((for_method(&method, resp), Held::default()));
     }
     let site = snap.site_for(host);
-    let asked = admission::Asked {
-        method: &method,
-        host,
-        path: &path,
-    };
-    let admitted = match admit(state, &snap, site, &conn, client, &asked) {
+    let asked = (&method, host, path.as_ref());
+    let admitted = match admit(state, &snap, site, &conn, client, asked) {
         // Boxed: the wait is rare, and its timer would grow every request's future.
         Ok(a) if a.queued.is_some() => Box::pin(take_place(a, &snap.config.limits)).await,
         other => other,
@@ -235,7 +231,7 @@ fn admit(
     site: Option<&SiteEntry>,
     conn: &ConnInfo,
     client: Client,
-    asked: &admission::Asked<'_>,
+    (method, host, path): (&Method, &str, &str),
 ) -> Result<admission::Admitted, admission::Refusal> {
     // The connection's client slot counts its requests in flight, unless X-Forwarded-For
     // named someone else.
@@ -244,7 +240,8 @@ fn admit(
         .client
         .as_ref()
         .filter(|_| client.ip == conn.client);
-    admission::admit(state, snap, site, (client, conn_slot), asked)
+    let asked = admission::Asked { method, host, path };
+    admission::admit(state, snap, site, (client, conn_slot), &asked)
 }
 
 /// Waits for the client's place among its requests in flight when admission found them all
