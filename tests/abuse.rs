@@ -21,26 +21,6 @@ async fn get_from(gw: &TestGateway, local: &str, path: &str, host: &str) -> (u16
     (resp.status().as_u16(), retry)
 }
 
-const WP_JAIL: &str = r#"
-[[jail]]
-name = "wp-login"
-method = "POST"
-path = "/wp-login.php"
-status = [200]
-hits = 3
-window = "10m"
-ban = "2s"
-ban_factor = 5.0
-max_ban = "1h"
-"#;
-
-const WP_SITE: &str = r#"
-[[site]]
-hosts = ["*"]
-upstream = "http://{upstream}"
-jails = ["wp-login"]
-"#;
-
 #[tokio::test]
 async fn a_burst_gets_429_with_retry_after_while_another_client_passes() {
     let sites = r#"

@@ -47,9 +47,14 @@ async fn wait_lines(gw: &TestGateway, jail: &str, n: f64) {
 }
 
 async fn lookup(gw: &TestGateway, ip: &str) -> serde_json::Value {
-    let token = std::fs::read_to_string(gw.dir.path().join("admin.token")).unwrap();
+    lookup_at(gw.admin, gw.dir.path(), ip).await
+}
+
+/// `GET /v1/ips/IP` on the admin listener at `admin`, with the token in `dir`.
+async fn lookup_at(admin: std::net::SocketAddr, dir: &Path, ip: &str) -> serde_json::Value {
+    let token = std::fs::read_to_string(dir.join("admin.token")).unwrap();
     admin_call(
-        gw.admin,
+        admin,
         "GET",
         &format!("/v1/ips/{ip}"),
         None,
@@ -603,19 +608,10 @@ async fn a_log_jail_follows_the_journal_through_rotation_and_resumes_after_a_res
     // One entry before the gateway starts: it follows from the end, so this never counts.
     write_journal(&active, &failed("127.0.0.80").repeat(4));
     let gw = files.start("info");
-    let token = std::fs::read_to_string(files.token_file()).unwrap();
-    let lookup = |ip: &'static str| {
-        let token = token.trim().to_string();
-        let admin = gw.admin;
-        async move {
-            admin_call(admin, "GET", &format!("/v1/ips/{ip}"), None, Some(&token))
-                .await
-                .1
-        }
-    };
+    let home = files.dir.path();
     let banned = |ip: &'static str| {
-        let lookup = &lookup;
-        async move { banned_by(&lookup(ip).await, "sshd") }
+        let admin = gw.admin;
+        async move { banned_by(&lookup_at(admin, home, ip).await, "sshd") }
     };
     tokio::time::sleep(Duration::from_millis(800)).await;
     // Five failures of ssh.service from .77; the same message from another unit names .78.
@@ -646,15 +642,7 @@ async fn a_log_jail_follows_the_journal_through_rotation_and_resumes_after_a_res
     gw.wait().await;
     write_journal(&active, &failed("127.0.0.81").repeat(3));
     let gw = files.start("info");
-    let lookup2 = |ip: &'static str| {
-        let token = token.trim().to_string();
-        let admin = gw.admin;
-        async move {
-            admin_call(admin, "GET", &format!("/v1/ips/{ip}"), None, Some(&token))
-                .await
-                .1
-        }
-    };
+    let lookup2 = |ip: &'static str| lookup_at(gw.admin, home, ip);
     let counted = eventually(Duration::from_secs(5), || async {
         lookup2("127.0.0.81").await["jail_counters"][0]["hits"] == 3
     })

@@ -98,7 +98,9 @@ impl Jail {
     pub fn watches(&self, method: &Method, host: &str, path: &str) -> bool {
         let c = &self.config;
         c.log.is_none()
-            && c.method.as_ref().is_none_or(|m| m == method)
+            && c.method
+                .as_ref()
+                .is_none_or(|m| m.as_str().eq_ignore_ascii_case(method.as_str()))
             && path.starts_with(c.path.as_str())
             && (c.hosts.is_empty() || c.hosts.iter().any(|h| h.eq_ignore_ascii_case(host)))
     }
@@ -150,12 +152,9 @@ impl Jail {
 
     /// Whether `key`'s ban is being made now.
     pub fn is_banning(&self, key: ClientKey) -> bool {
-        if self.banning.is_empty() {
-            return false;
-        }
-        let now = now_ms();
+        // One shard's read lock; the clock is read only for a marked client.
         match self.banning.get(&key).map(|until| *until) {
-            Some(until) if until > now => true,
+            Some(until) if until > now_ms() => true,
             Some(_) => {
                 self.banning.remove(&key);
                 false

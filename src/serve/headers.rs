@@ -52,11 +52,16 @@ pub static PATH_OVERRIDE_HEADERS: [HeaderName; 2] = [
     HeaderName::from_static("x-rewrite-url"),
 ];
 
-/// Whether a header names a client or overrides the path: one match on the name, so the
-/// common request (none of them) costs a length test per header.
+/// Whether a header names a client or overrides the path, or has an `_` in its name (see
+/// [`remove_underscore_twins`]): one match on the name, so the common request (none of
+/// them) costs a length test and a byte search per header.
 fn is_untrusted_header(name: &HeaderName) -> bool {
+    is_untrusted_name(name.as_str()) || name.as_str().contains('_')
+}
+
+fn is_untrusted_name(name: &str) -> bool {
     matches!(
-        name.as_str(),
+        name,
         "forwarded"
             | "x-client-ip"
             | "true-client-ip"
@@ -73,6 +78,33 @@ fn is_untrusted_header(name: &HeaderName) -> bool {
             | "x-original-url"
             | "x-rewrite-url"
     )
+}
+
+/// Removes the headers whose name, with `_` read as `-`, is a client-address or path-override
+/// header or one the gateway sets: CGI gateways such as PHP's read `Client_IP` and
+/// `X_Forwarded_For` as `HTTP_CLIENT_IP` and `HTTP_X_FORWARDED_FOR`, the names of the real
+/// ones. (Apache 2.4 drops such headers itself; other web servers do not.)
+fn remove_underscore_twins(headers: &mut HeaderMap) {
+    let twins: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().contains('_'))
+        .filter(|k| {
+            let dashed = k.as_str().replace('_', "-");
+            is_untrusted_name(&dashed)
+                || [
+                    &X_FORWARDED_FOR,
+                    &X_REAL_IP,
+                    &X_FORWARDED_PROTO,
+                    &X_FORWARDED_HOST,
+                ]
+                .iter()
+                .any(|n| n.as_str() == dashed)
+        })
+        .cloned()
+        .collect();
+    for name in twins {
+        headers.remove(name);
+    }
 }
 
 /// What the forwarding headers are made from.
@@ -145,6 +177,7 @@ pub fn add_forwarding_headers(headers: &mut HeaderMap, f: &Forwarding<'_>) {
                 for name in CLIENT_HEADERS.iter().chain(&PATH_OVERRIDE_HEADERS) {
                     headers.remove(name);
                 }
+                remove_underscore_twins(headers);
             }
             Ok(f.conn_client_value.clone())
         }
@@ -153,6 +186,7 @@ pub fn add_forwarding_headers(headers: &mut HeaderMap, f: &Forwarding<'_>) {
                 for name in &PATH_OVERRIDE_HEADERS {
                     headers.remove(name);
                 }
+                remove_underscore_twins(headers);
             }
             let mut text = String::with_capacity(16 * (chain.len() + 1));
             let mut buf = [0u8; 64];
@@ -316,6 +350,31 @@ mod tests {
         for name in ["host", "x-forwarded-for", "cookie", "x-real-ip", "accept"] {
             assert!(!is_untrusted_header(&HeaderName::from_static(name)));
         }
+        assert!(is_untrusted_header(&HeaderName::from_static("client_ip")));
+    }
+
+    #[test]
+    fn underscore_twins_of_the_headers_that_name_a_client_are_removed() {
+        let mut h = HeaderMap::new();
+        for name in [
+            "client_ip",
+            "x_forwarded_for",
+            "x_real_ip",
+            "x_original_url",
+            "my_app",
+        ] {
+            h.insert(
+                HeaderName::from_static(name),
+                HeaderValue::from_static("6.6.6.6"),
+            );
+        }
+        remove_underscore_twins(&mut h);
+        let left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        assert_eq!(
+            left,
+            ["my_app"],
+            "an app's own header with an underscore stays"
+        );
     }
 
     #[test]

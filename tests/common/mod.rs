@@ -363,6 +363,28 @@ pub struct TestGateway {
 }
 
 /// The default sites: everything to the upstream.
+/// WordPress's login jail with a short ban, escalating fast (2 s, then 10 s).
+pub const WP_JAIL: &str = r#"
+[[jail]]
+name = "wp-login"
+method = "POST"
+path = "/wp-login.php"
+status = [200]
+hits = 3
+window = "10m"
+ban = "2s"
+ban_factor = 5.0
+max_ban = "1h"
+"#;
+
+/// One site for every host, watched by `WP_JAIL`.
+pub const WP_SITE: &str = r#"
+[[site]]
+hosts = ["*"]
+upstream = "http://{upstream}"
+jails = ["wp-login"]
+"#;
+
 pub const DEFAULT_SITES: &str = r#"
 [[site]]
 hosts = ["*"]

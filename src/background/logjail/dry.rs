@@ -5,13 +5,14 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::io::BufRead;
+use std::io::Read;
 use std::net::IpAddr;
 
+use super::follow::Lines;
 use super::journal;
 use super::line::{Matcher, Seen};
-use super::MAX_LINE;
 use crate::config::{Config, Jail};
+use crate::decide::policy::table::CidrTable;
 
 /// How many lines that did not parse are shown.
 const SHOWN: usize = 10;
@@ -106,13 +107,9 @@ pub fn run(config: &Config, name: &str, input: Option<&str>) -> anyhow::Result<S
         anyhow::anyhow!("jail '{name}' counts responses, not log lines: nothing to test")
     })?;
     let matcher = Matcher::new(source).map_err(|e| anyhow::anyhow!("jail '{name}': {e}"))?;
-    let snap = crate::state::Snapshot::build(
-        config.clone(),
-        &crate::observe::metrics::Metrics::new(),
-        None,
-    )
-    .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let through = |ip: IpAddr| super::through_us(&snap, ip);
+    // Only the config's own addresses: no list, certificate or store is read.
+    let trusted = CidrTable::new(config.gateway.trusted_proxies.clone());
+    let through = |ip: IpAddr| super::through_us(&trusted, &config.listeners, ip);
     let mut report = Report::default();
     let mut take = |line: &str| report.take(&matcher, &through, line);
     match input {
@@ -142,31 +139,28 @@ pub fn run(config: &Config, name: &str, input: Option<&str>) -> anyhow::Result<S
     Ok(report.render(jail))
 }
 
-fn open(path: &str) -> anyhow::Result<std::io::BufReader<std::fs::File>> {
-    let f = std::fs::File::open(path).map_err(|e| anyhow::anyhow!("cannot read {path}: {e}"))?;
-    Ok(std::io::BufReader::new(f))
+fn open(path: &str) -> anyhow::Result<std::fs::File> {
+    std::fs::File::open(path).map_err(|e| anyhow::anyhow!("cannot read {path}: {e}"))
 }
 
-/// Feeds every line to `take`; a line longer than [`MAX_LINE`] is skipped, as the follower
-/// skips it.
-fn read_lines(mut input: impl BufRead, take: &mut dyn FnMut(&str)) -> anyhow::Result<()> {
-    let mut buf = Vec::new();
+/// Feeds every line to `take`, cut as a followed file is ([`Lines`]: a line longer than
+/// `MAX_LINE` is skipped).
+fn read_lines(mut input: impl Read, take: &mut dyn FnMut(&str)) -> anyhow::Result<()> {
+    let mut buf = vec![0u8; 64 << 10];
+    let mut split = Lines::default();
+    let mut lines = Vec::new();
     loop {
-        buf.clear();
-        let n = (&mut input)
-            .take(MAX_LINE as u64 + 1)
-            .read_until(b'\n', &mut buf)?;
+        let n = input.read(&mut buf)?;
+        if n == 0 {
+            split.flush(&mut lines);
+        } else {
+            split.split(&buf[..n], &mut lines);
+        }
+        for line in lines.drain(..) {
+            take(&line);
+        }
         if n == 0 {
             return Ok(());
         }
-        if !buf.ends_with(b"\n") && n > MAX_LINE {
-            let mut rest = Vec::new();
-            input.read_until(b'\n', &mut rest)?;
-            continue;
-        }
-        let line = String::from_utf8_lossy(&buf);
-        take(line.trim_end_matches(['\n', '\r']));
     }
 }
-
-use std::io::Read as _;

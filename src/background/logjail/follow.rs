@@ -21,10 +21,8 @@ pub(super) struct Follower {
     id: (u64, u64),
     offset: u64,
     head: Vec<u8>,
-    /// An incomplete last line, waiting for its end.
-    partial: Vec<u8>,
-    /// Inside a line longer than `MAX_LINE`: dropped up to its newline.
-    skipping: bool,
+    /// What was read, cut into lines.
+    lines: Lines,
     /// Whether the file was looked at once: a file there at the first look is followed from
     /// its end; one that appears later, from its start.
     seen: bool,
@@ -38,8 +36,7 @@ impl Follower {
             id: (0, 0),
             offset: 0,
             head: Vec::new(),
-            partial: Vec::new(),
-            skipping: false,
+            lines: Lines::default(),
             seen: false,
         }
     }
@@ -57,14 +54,13 @@ impl Follower {
                 if more {
                     return true;
                 }
-                self.flush_partial(lines);
+                self.lines.flush(lines);
                 self.file = None;
             } else if meta.len() < self.offset || !self.same_head() {
                 // Truncated (copytruncate) or rewritten: from the start again.
                 self.offset = 0;
                 self.head.clear();
-                self.partial.clear();
-                self.skipping = false;
+                self.lines = Lines::default();
             }
         }
         if self.file.is_none() {
@@ -87,8 +83,7 @@ impl Follower {
                 self.head.clear();
             }
             self.file = Some(file);
-            self.partial.clear();
-            self.skipping = false;
+            self.lines = Lines::default();
         }
         self.read(lines)
     }
@@ -135,11 +130,24 @@ impl Follower {
             }
             self.offset += n as u64;
             total += n;
-            self.split(&buf[..n], lines);
+            self.lines.split(&buf[..n], lines);
         }
         true
     }
+}
 
+/// Bytes cut into lines of at most [`MAX_LINE`] bytes: an unfinished last line is kept for
+/// the next bytes, and a longer line is skipped whole. The followed files, the journal's
+/// output and `ipgate jail test` all read through one.
+#[derive(Default)]
+pub(super) struct Lines {
+    /// An incomplete last line, waiting for its end.
+    partial: Vec<u8>,
+    /// Inside a line longer than `MAX_LINE`: dropped up to its newline.
+    skipping: bool,
+}
+
+impl Lines {
     /// Splits bytes into lines, keeping an unfinished one and skipping overlong ones.
     pub(super) fn split(&mut self, mut bytes: &[u8], lines: &mut Vec<String>) {
         while let Some(nl) = bytes.iter().position(|&b| b == b'\n') {
@@ -168,13 +176,12 @@ impl Follower {
         }
     }
 
-    /// A rotated file's last line without a newline still counts.
-    fn flush_partial(&mut self, lines: &mut Vec<String>) {
+    /// The last line without a newline (a rotated file's, the end of an input) still counts.
+    pub(super) fn flush(&mut self, lines: &mut Vec<String>) {
         if !self.partial.is_empty() && !self.skipping {
             lines.push(String::from_utf8_lossy(&self.partial).into_owned());
         }
-        self.partial.clear();
-        self.skipping = false;
+        *self = Lines::default();
     }
 }
 
@@ -184,7 +191,7 @@ mod tests {
 
     #[test]
     fn lines_are_split_with_overlong_ones_skipped() {
-        let mut f = Follower::new(PathBuf::new());
+        let mut f = Lines::default();
         let mut lines = Vec::new();
         f.split(b"one\ntw", &mut lines);
         f.split(b"o\n", &mut lines);

@@ -10,18 +10,18 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::AsyncReadExt;
 use tokio::process::Command;
 use tracing::{info, warn};
 
+use super::follow::Lines;
 use super::line::Matcher;
 use crate::config::Journal;
 use crate::state::AppState;
 
-/// How often the cursor is written while entries come in.
+/// How often the cursor is written while entries come in. An entry longer than
+/// [`super::MAX_LINE`] (as JSON) is skipped, as a line of a file is.
 const SAVE_EVERY: Duration = Duration::from_secs(1);
-/// Longest journal entry read (as JSON); a longer one is skipped.
-const MAX_ENTRY: usize = 64 << 10;
 
 /// One journal entry as a jail sees it.
 pub struct Entry {
@@ -151,7 +151,9 @@ pub async fn follow(state: Arc<AppState>, jail: String, journal: Journal, matche
     }
 }
 
-/// Reads entries until journalctl's output ends; returns how many were read.
+/// Reads entries until journalctl's output ends; returns how many were read. Each read's
+/// entries are counted together, and the cursor of the last one is saved when a burst ends
+/// (a read that did not fill the buffer) or at most every [`SAVE_EVERY`] during one.
 async fn read_entries(
     state: &Arc<AppState>,
     jail: &str,
@@ -159,53 +161,35 @@ async fn read_entries(
     child: &mut tokio::process::Child,
     cursor_path: &Path,
 ) -> u64 {
-    let Some(stdout) = child.stdout.take() else {
+    let Some(mut stdout) = child.stdout.take() else {
         return 0;
     };
-    let mut reader = BufReader::new(stdout);
-    let mut buf = Vec::new();
+    let mut buf = vec![0u8; 64 << 10];
+    let mut split = Lines::default();
     let mut read = 0u64;
     let mut last: Option<String> = None;
     let mut saved_at = tokio::time::Instant::now();
     loop {
-        buf.clear();
-        let n = match (&mut reader)
-            .take(MAX_ENTRY as u64 + 1)
-            .read_until(b'\n', &mut buf)
-            .await
-        {
+        let n = match stdout.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        if n > MAX_ENTRY && !buf.ends_with(b"\n") {
-            // Skips the rest of an overlong entry.
-            let mut sink = Vec::new();
-            let _ = reader.read_until(b'\n', &mut sink).await;
-            continue;
+        let mut lines = Vec::new();
+        split.split(&buf[..n], &mut lines);
+        read += lines.len() as u64;
+        let snap = state.snapshot.load();
+        let through = |ip| super::through_us(&snap.trusted, &snap.config.listeners, ip);
+        let mut seen = Vec::new();
+        for entry in lines.iter().filter_map(|l| parse(l)) {
+            seen.push(matcher.message(entry.tag.as_deref(), &entry.message, &through));
+            last = entry.cursor.or(last);
         }
-        read += 1;
-        let Some(entry) = parse(&String::from_utf8_lossy(&buf)) else {
-            continue;
-        };
-        let seen = super::judge(state, |through| {
-            matcher.message(entry.tag.as_deref(), &entry.message, through)
-        });
-        super::count(state, jail, 1, seen);
-        if entry.cursor.is_some() {
-            last = entry.cursor;
-        }
-        if saved_at.elapsed() >= SAVE_EVERY {
+        super::count_all(state, jail, lines.len() as u64, seen);
+        if n < buf.len() || saved_at.elapsed() >= SAVE_EVERY {
             if let Some(c) = last.take() {
                 save_cursor(cursor_path, &c);
             }
             saved_at = tokio::time::Instant::now();
-        }
-        // Entries come in bursts; the cursor of a burst's last one is saved when it ends.
-        if reader.buffer().is_empty() {
-            if let Some(c) = last.take() {
-                save_cursor(cursor_path, &c);
-                saved_at = tokio::time::Instant::now();
-            }
         }
     }
     if let Some(c) = last {
@@ -213,8 +197,6 @@ async fn read_entries(
     }
     read
 }
-
-use tokio::io::AsyncReadExt as _;
 
 #[cfg(test)]
 mod tests {

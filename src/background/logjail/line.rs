@@ -73,16 +73,6 @@ pub struct Matcher {
 }
 
 impl Matcher {
-    /// A matcher that finds nothing (a placeholder while a jail's files are handed over).
-    pub(super) fn empty() -> Matcher {
-        Matcher {
-            pattern: Regex::new("$^").expect("a valid pattern"),
-            ignore: None,
-            tags: None,
-            format: LogFormat::Plain,
-        }
-    }
-
     pub fn new(source: &LogSource) -> Result<Matcher, String> {
         Ok(Matcher {
             pattern: source.regex()?,
@@ -95,6 +85,8 @@ impl Matcher {
     /// A line of a followed file. `through` tells whether a `<PROXY>` address is this host
     /// or a trusted proxy.
     pub fn line(&self, line: &str, through: &dyn Fn(IpAddr) -> bool) -> Seen {
+        // A log written with CRLF line ends (a Windows-made or network-written file).
+        let line = line.strip_suffix('\r').unwrap_or(line);
         let legacy = self.format == LogFormat::Auto && self.tags.is_none();
         let (tag, message) = match self.format {
             LogFormat::Plain => (None, line),

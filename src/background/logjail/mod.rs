@@ -24,7 +24,8 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
-use crate::config::LogSource;
+use crate::config::{Listener, LogSource};
+use crate::decide::policy::table::CidrTable;
 use crate::decide::policy::Verdict;
 use crate::state::AppState;
 use follow::Follower;
@@ -53,13 +54,6 @@ struct Found {
 }
 
 impl Followed {
-    fn empty() -> Followed {
-        Followed {
-            matcher: Matcher::empty(),
-            files: Vec::new(),
-        }
-    }
-
     /// Reads what the files gained and matches it, on the blocking pool.
     fn poll(&mut self, jail: &str, through: &dyn Fn(IpAddr) -> bool) -> Found {
         let mut lines = Vec::new();
@@ -110,7 +104,7 @@ pub async fn run(state: Arc<AppState>) {
         let snap = state.snapshot.load_full();
         let (back, found) = match tokio::task::spawn_blocking(move || {
             let mut work = work;
-            let through = |ip: IpAddr| through_us(&snap, ip);
+            let through = |ip: IpAddr| through_us(&snap.trusted, &snap.config.listeners, ip);
             let found: Vec<Found> = work
                 .iter_mut()
                 .map(|(name, (_, f))| f.poll(name, &through))
@@ -150,14 +144,17 @@ fn sync(state: &Arc<AppState>, following: &mut Following) {
         .collect();
     let same = |name: &String, s: &LogSource| wanted.get(name.as_str()).is_some_and(|w| *w == s);
     following.journals.retain(|name, (s, _)| same(name, s));
-    let mut old: HashMap<String, Followed> = HashMap::new();
-    following.files.retain(|name, (s, f)| {
-        if same(name, s) {
-            return true;
-        }
-        old.insert(name.clone(), std::mem::replace(f, Followed::empty()));
-        false
-    });
+    // A jail whose source changed keeps the files it still follows, where they were.
+    let changed: Vec<String> = following
+        .files
+        .iter()
+        .filter(|(name, (s, _))| !same(name, s))
+        .map(|(name, _)| name.clone())
+        .collect();
+    let mut old: HashMap<String, Followed> = changed
+        .into_iter()
+        .filter_map(|name| following.files.remove(&name).map(|(_, f)| (name, f)))
+        .collect();
     for (name, source) in wanted {
         if following.files.contains_key(name) || following.journals.contains_key(name) {
             continue;
@@ -197,16 +194,8 @@ fn sync(state: &Arc<AppState>, following: &mut Following) {
 
 /// Whether an address a line names as the client's way in (`<PROXY>`) is this host or a
 /// trusted proxy: loopback, a listener's own address, or `gateway.trusted_proxies`.
-pub fn through_us(snap: &crate::state::Snapshot, ip: IpAddr) -> bool {
-    ip.is_loopback()
-        || snap.trusted.contains(ip)
-        || snap.config.listeners.iter().any(|l| l.addr.ip() == ip)
-}
-
-/// What a jail makes of a line, with `<PROXY>` judged against the config in force.
-fn judge(state: &AppState, see: impl FnOnce(&dyn Fn(IpAddr) -> bool) -> Seen) -> Seen {
-    let snap = state.snapshot.load();
-    see(&|ip| through_us(&snap, ip))
+pub fn through_us(trusted: &CidrTable, listeners: &[Listener], ip: IpAddr) -> bool {
+    ip.is_loopback() || trusted.contains(ip) || listeners.iter().any(|l| l.addr.ip() == ip)
 }
 
 fn count_all(state: &Arc<AppState>, jail: &str, lines: u64, seen: Vec<Seen>) {
@@ -218,11 +207,6 @@ fn count_all(state: &Arc<AppState>, jail: &str, lines: u64, seen: Vec<Seen>) {
     for s in seen {
         count_one(state, jail, s);
     }
-}
-
-/// Counts `lines` read and what one of them was.
-fn count(state: &Arc<AppState>, jail: &str, lines: u64, seen: Seen) {
-    count_all(state, jail, lines, vec![seen]);
 }
 
 /// Counts one failure against the jail (allow wins, an already-blocked client changes
