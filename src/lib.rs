@@ -54,6 +54,11 @@ use crate::state::{AppState, Snapshot};
 pub enum StartError {
     #[error("{0}")]
     Config(#[from] config::Errors),
+    #[error("cannot create the state directory {}: {source}", path.display())]
+    StateDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -67,6 +72,16 @@ pub enum StartError {
     Fleet(#[from] background::fleet::Error),
     #[error("{0}")]
     Firewall(#[from] background::firewall::Error),
+}
+
+/// Looks at every site's challenge mode twice a second (auto mode's load).
+async fn challenge_ticker(state: Arc<AppState>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        state.tick_challenge();
+    }
 }
 
 /// A gateway with its sockets bound, ready to [`Gateway::run`].
@@ -109,6 +124,15 @@ impl Gateway {
         }
         let state_dir = config.gateway.state_dir.clone();
         let fleet_conf = config.fleet.clone();
+        if config.challenge.secret_file.is_none() {
+            // The key that signs challenge puzzles, made once, so puzzles outlive a restart.
+            let key = state_dir.join(state::snapshot::CHALLENGE_KEY);
+            std::fs::create_dir_all(&state_dir).map_err(|source| StartError::StateDir {
+                path: state_dir.clone(),
+                source,
+            })?;
+            admin::token::load_or_create_token(&key)?;
+        }
         let snapshot = Snapshot::build(config, &metrics, None)?;
         let (store, opened) = state::store::Store::open(&state_dir, fleet_conf.is_some())?;
         if let state::store::Opened::MovedAside(aside, e) = &opened {
@@ -201,6 +225,7 @@ impl Gateway {
             tokio::spawn(background::watcher::run(state.clone())),
             tokio::spawn(background::acme::run(state.clone())),
             tokio::spawn(background::logjail::run(state.clone())),
+            tokio::spawn(challenge_ticker(state.clone())),
         ];
         if let Some(fleet) = self.fleet {
             side_tasks.push(tokio::spawn(fleet.run(stop_rx.clone())));

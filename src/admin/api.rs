@@ -183,3 +183,23 @@ pub struct ReloadRefused {
     pub result: String,
     pub errors: Vec<ProblemView>,
 }
+
+/// `GET`/`PUT /v1/sites/{name}/challenge`: a site's challenge mode.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ChallengeView {
+    pub site: String,
+    /// The mode in force: the forced one, else the configured one.
+    pub mode: crate::config::ChallengeMode,
+    /// `site.challenge` in the config.
+    pub configured: crate::config::ChallengeMode,
+    /// What the operator forced (`ipgate challenge`), if anything.
+    pub forced: Option<crate::config::ChallengeMode>,
+    /// Whether the site challenges every client without a pass now.
+    pub challenging: bool,
+}
+
+/// `PUT /v1/sites/{name}/challenge` body: `on`, `off`, `auto` or `config`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SetChallenge {
+    pub mode: String,
+}

@@ -61,11 +61,14 @@ pub enum Command {
     /// Every entry, static and temporary.
     List {
         /// Only block entries.
-        #[arg(long, conflicts_with = "allow")]
+        #[arg(long, conflicts_with_all = ["allow", "pass"])]
         block: bool,
         /// Only allow entries.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "pass")]
         allow: bool,
+        /// Only passes (solved challenges).
+        #[arg(long)]
+        pass: bool,
         /// Print the API's JSON.
         #[arg(long)]
         json: bool,
@@ -90,6 +93,14 @@ pub enum Command {
     Jail(JailCommand),
     /// Print the JSON Schema of the config file (for editors: taplo, Even Better TOML).
     Schema,
+    /// Force a site's challenge: on (every client without a pass), off, auto (while its
+    /// upstream is saturated), or config (back to the config's mode). Holds until changed,
+    /// across reloads, not restarts.
+    Challenge {
+        site: String,
+        #[arg(value_parser = ["on", "off", "auto", "config"])]
+        mode: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -213,7 +224,13 @@ pub async fn admin_command(cli: &Cli, command: &Command) -> anyhow::Result<()> {
         Command::Ban(a) | Command::Allow(a) => ban_or_allow(&client, command, a).await,
         Command::Unban { target, site } => remove(&client, command, target, site.as_deref()).await,
         Command::Disallow { target } => remove(&client, command, target, None).await,
-        Command::List { block, allow, json } => list(&client, *block, *allow, *json).await,
+        Command::List {
+            block,
+            allow,
+            pass,
+            json,
+        } => list(&client, (*block, *allow, *pass), *json).await,
+        Command::Challenge { site, mode } => challenge(&client, site, mode).await,
         Command::Lookup { ip, json } => lookup(&client, ip, *json).await,
         Command::Forget { ip } => forget(&client, ip).await,
         Command::Reload => reload(&client).await,
@@ -283,10 +300,15 @@ async fn remove(
     Ok(())
 }
 
-async fn list(client: &AdminClient, block: bool, allow: bool, json: bool) -> anyhow::Result<()> {
-    let path = match (block, allow) {
-        (true, _) => "/v1/entries?list=block",
-        (_, true) => "/v1/entries?list=allow",
+async fn list(
+    client: &AdminClient,
+    (block, allow, pass): (bool, bool, bool),
+    json: bool,
+) -> anyhow::Result<()> {
+    let path = match (block, allow, pass) {
+        (true, _, _) => "/v1/entries?list=block",
+        (_, true, _) => "/v1/entries?list=allow",
+        (_, _, true) => "/v1/entries?list=pass",
         _ => "/v1/entries",
     };
     let (status, bytes) = client.call(Method::GET, path, None).await?;
@@ -299,6 +321,31 @@ async fn list(client: &AdminClient, block: bool, allow: bool, json: bool) -> any
         let entries: Vec<EntryView> = serde_json::from_slice(&bytes)?;
         print_entries(&entries);
     }
+    Ok(())
+}
+
+async fn challenge(client: &AdminClient, site: &str, mode: &str) -> anyhow::Result<()> {
+    let path = format!("/v1/sites/{}/challenge", encode(site));
+    let body = serde_json::json!({ "mode": mode });
+    let (status, bytes) = client.call(Method::PUT, &path, Some(body)).await?;
+    if status != StatusCode::OK {
+        return Err(api_error(status, &bytes));
+    }
+    let v: crate::admin::api::ChallengeView = serde_json::from_slice(&bytes)?;
+    let how = match v.forced {
+        Some(_) => format!("forced; the config says {}", v.configured.as_str()),
+        None => "as configured".to_string(),
+    };
+    println!(
+        "{}: challenge {} ({how}); {}",
+        v.site,
+        v.mode.as_str(),
+        if v.challenging {
+            "challenging every client without a pass now"
+        } else {
+            "not challenging now"
+        }
+    );
     Ok(())
 }
 

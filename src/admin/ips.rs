@@ -119,7 +119,7 @@ fn decision(state: &AppState, ip: IpAddr) -> (Decision, Option<RuleView>) {
     };
     let decision = match action {
         Action::Allow => Decision::Allow,
-        Action::Block => Decision::Block,
+        _ => Decision::Block,
     };
     (decision, rule)
 }

@@ -10,6 +10,7 @@ pub mod api;
 pub mod cli;
 pub(crate) mod demo;
 mod ips;
+mod sites;
 pub(crate) mod token;
 
 use std::sync::atomic::Ordering;
@@ -186,10 +187,8 @@ pub(super) async fn mark_fleet(state: &AppState, views: &mut [EntryView]) {
     for v in views.iter_mut().filter(|v| v.expires_at.is_some()) {
         let own = v.origin.is_none();
         v.origin.get_or_insert_with(|| me.clone());
-        let slot = match v.scope.as_deref().map(str::parse::<Scope>) {
-            Some(Ok(scope)) => Slot::Scoped(scope),
-            _ => Slot::of(v.action),
-        };
+        let scope = v.scope.as_deref().and_then(|s| s.parse::<Scope>().ok());
+        let slot = Slot::from_parts(v.action, scope).unwrap_or(Slot::of(v.action));
         let key = v.target.parse().ok().map(|t| (slot, t));
         v.shared = Some(!own || key.is_none_or(|k| !waiting.contains(&k)));
     }
@@ -273,6 +272,15 @@ async fn v1(state: &AppState, req: Request<Incoming>) -> Response<AdminBody> {
             Err(e) => json_error(StatusCode::BAD_REQUEST, &e),
         },
         (Method::GET, "/v1/certificates") => json(StatusCode::OK, &certificates(state)),
+        (m @ (Method::GET | Method::PUT), p) if p.starts_with("/v1/sites/") => {
+            let body = match Limited::new(req.into_body(), 4 * 1024).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(_) => {
+                    return json_error(StatusCode::BAD_REQUEST, "body unreadable or over 4 KiB")
+                }
+            };
+            sites::challenge(state, &m, &p["/v1/sites/".len()..], body).await
+        }
         (Method::POST, "/v1/reload") => match state.reload() {
             Ok(restart) => json(StatusCode::OK, &reloaded(state, &restart)),
             Err(errors) => {
@@ -362,7 +370,7 @@ fn list_entries(state: &AppState, action: Option<Action>, kind: Option<&str>) ->
     let snap = state.snapshot.load();
     let mut out = Vec::new();
     if kind != Some("temporary") {
-        for l in snap.policy.allow.iter().chain(&snap.policy.block) {
+        for l in snap.policy.all() {
             if action.is_none_or(|a| a == l.action) {
                 out.extend(
                     l.table
@@ -400,6 +408,12 @@ pub fn parse_new_entry(
 ) -> Result<(Slot, IpNet, Duration, Option<String>), String> {
     let new: NewEntry = serde_json::from_slice(body).map_err(|e| format!("malformed body: {e}"))?;
     let slot = match (&new.site, new.action) {
+        (_, Action::Pass) => {
+            return Err("action: a pass is made by solving the challenge, not by the API".into())
+        }
+        (_, Action::Challenge) => {
+            return Err("action: \"block\" or \"allow\" (\"challenge\" is for lists)".into())
+        }
         (None, action) => Slot::of(action),
         (Some(site), Action::Block) if !site.is_empty() && site.len() <= 253 => {
             Slot::Scoped(Scope::Site(site.as_str().into()))
@@ -464,9 +478,7 @@ fn reloaded(state: &AppState, restart: &[&str]) -> Reloaded {
         sites: snap.sites.len(),
         lists: snap
             .policy
-            .allow
-            .iter()
-            .chain(&snap.policy.block)
+            .all()
             .map(|l| (l.name.clone(), l.table.len()))
             .collect(),
         restart_required: restart.iter().map(|k| k.to_string()).collect(),

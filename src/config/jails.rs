@@ -29,6 +29,9 @@ pub(super) fn jails(r: &mut Report, base: &Path, raw: &[RawJail], privacy: &Priv
         }
         let mut jail = jail(r, &key, j, privacy);
         jail.log = j.log.as_ref().map(|l| log_source(r, &key, base, j, l));
+        if j.challenge {
+            challenge_keys(r, &key, j);
+        }
         if j.log.is_none() && j.journal.is_some() {
             r.key(
                 &format!("{key}.journal"),
@@ -111,6 +114,28 @@ fn jail(r: &mut Report, key: &str, j: &RawJail, privacy: &Privacy) -> Jail {
         },
         concurrency,
         log: None,
+        challenge: j.challenge,
+    }
+}
+
+/// A challenge jail counts challenges, not responses or lines: it has no keys of either.
+fn challenge_keys(r: &mut Report, key: &str, j: &RawJail) {
+    let other_keys = [
+        ("method", j.method.is_some()),
+        ("path", j.path.is_some()),
+        ("hosts", !j.hosts.is_empty()),
+        ("status", !j.status.is_empty()),
+        ("location", j.location.is_some()),
+        ("concurrency", j.concurrency.is_some()),
+        ("log", j.log.is_some()),
+    ];
+    for (name, set) in other_keys {
+        if set {
+            r.key(
+                &format!("{key}.{name}"),
+                "a jail with challenge = true counts unsolved challenges: leave this out",
+            );
+        }
     }
 }
 

@@ -56,6 +56,60 @@ pub struct Config {
     pub acme: Option<Acme>,
     /// `[firewall]`; absent: ipgate touches no firewall. Restart-only.
     pub firewall: Option<Firewall>,
+    /// `[challenge]`: the proof-of-work page and its passes.
+    pub challenge: ChallengeSettings,
+}
+
+/// `[challenge]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChallengeSettings {
+    /// Leading zero bits of SHA-256 a solution must have.
+    pub difficulty: u8,
+    /// How long a pass lasts (already capped by `privacy.max_retention`).
+    pub pass_ttl: Duration,
+    /// How long a puzzle may be solved after its page was served.
+    pub puzzle_ttl: Duration,
+    /// The key file; `None`: `state_dir/challenge.key`, made at first start.
+    pub secret_file: Option<PathBuf>,
+    /// Auto mode: saturated when this many requests wait for the upstream's answer head.
+    pub auto_in_flight: u32,
+    /// Auto mode: saturated when the upstream's answer time (moving average) reaches this.
+    pub auto_response_time: Duration,
+    /// Auto mode: challenging stops after this long without saturation.
+    pub auto_calm: Duration,
+}
+
+/// When a site or route challenges clients without a pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChallengeMode {
+    Off,
+    Always,
+    /// While the site's upstream is saturated.
+    Auto,
+}
+
+impl ChallengeMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChallengeMode::Off => "off",
+            ChallengeMode::Always => "always",
+            ChallengeMode::Auto => "auto",
+        }
+    }
+}
+
+impl std::str::FromStr for ChallengeMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<ChallengeMode, String> {
+        match s {
+            "off" => Ok(ChallengeMode::Off),
+            "always" | "on" => Ok(ChallengeMode::Always),
+            "auto" => Ok(ChallengeMode::Auto),
+            other => Err(format!("'{other}': \"off\", \"always\" or \"auto\"")),
+        }
+    }
 }
 
 /// The nftables mirror of the entries.
@@ -189,15 +243,19 @@ pub struct RateLimit {
 pub enum Action {
     Allow,
     Block,
+    /// A list's members are challenged (lists only).
+    Challenge,
+    /// A solved challenge: spares the client the challenge on one site (entries only).
+    Pass,
 }
 
 impl Action {
-    pub const ALL: [Action; 2] = [Action::Block, Action::Allow];
-
     pub fn as_str(self) -> &'static str {
         match self {
             Action::Block => "block",
             Action::Allow => "allow",
+            Action::Challenge => "challenge",
+            Action::Pass => "pass",
         }
     }
 }
@@ -215,7 +273,11 @@ impl std::str::FromStr for Action {
         match s {
             "block" => Ok(Action::Block),
             "allow" => Ok(Action::Allow),
-            other => Err(format!("'{other}': action is \"block\" or \"allow\"")),
+            "challenge" => Ok(Action::Challenge),
+            "pass" => Ok(Action::Pass),
+            other => Err(format!(
+                "'{other}': action is \"block\", \"allow\", \"challenge\" or \"pass\""
+            )),
         }
     }
 }
@@ -258,6 +320,9 @@ pub struct Jail {
     pub concurrency: u32,
     /// `log`: the jail counts lines of these files instead of responses.
     pub log: Option<LogSource>,
+    /// `challenge = true`: counts challenge pages served to a client without a pass, and
+    /// bad solutions, instead of responses.
+    pub challenge: bool,
 }
 
 /// What a log jail follows and counts.
@@ -382,6 +447,8 @@ pub struct Site {
     pub jails: Vec<String>,
     pub allow_only: Vec<String>,
     pub routes: Vec<Route>,
+    /// `site.challenge`.
+    pub challenge: ChallengeMode,
 }
 
 #[derive(Debug, Clone)]
@@ -389,6 +456,8 @@ pub struct Route {
     pub path: String,
     pub allow_only: Vec<String>,
     pub rate_limit: Option<RateLimit>,
+    /// `route.challenge`: overrides the site's under this prefix.
+    pub challenge: Option<ChallengeMode>,
 }
 
 /// Self-protection limits.

@@ -27,6 +27,27 @@ pub struct RawConfig {
     pub fleet: Option<RawFleet>,
     pub acme: Option<RawAcme>,
     pub firewall: Option<RawFirewall>,
+    pub challenge: Option<RawChallenge>,
+}
+
+/// `[challenge]`: the proof-of-work page and the passes it makes.
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawChallenge {
+    /// Leading zero bits of SHA-256 the page must find.
+    pub difficulty: Option<u8>,
+    /// How long a solved challenge spares the client.
+    pub pass_ttl: Option<String>,
+    /// How long one page's puzzle may be solved.
+    pub puzzle_ttl: Option<String>,
+    /// The key that signs puzzles (64 hex digits); default: `state_dir/challenge.key`.
+    pub secret_file: Option<String>,
+    /// Auto mode: requests waiting for the upstream's answer that make it saturated.
+    pub auto_in_flight: Option<u32>,
+    /// Auto mode: the upstream's answer time (moving average) that makes it saturated.
+    pub auto_response_time: Option<String>,
+    /// Auto mode: how long the upstream must stay unsaturated before challenging stops.
+    pub auto_calm: Option<String>,
 }
 
 /// `[firewall]`: the nftables table that mirrors the block and allow entries.
@@ -141,7 +162,7 @@ pub struct RawRateLimit {
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawList {
-    /// "block" or "allow".
+    /// "block", "allow" or "challenge".
     pub action: String,
     #[serde(default)]
     pub dry_run: bool,
@@ -158,6 +179,9 @@ pub struct RawList {
 #[serde(deny_unknown_fields)]
 pub struct RawJail {
     pub name: String,
+    /// Counts challenge pages served to a client and bad solutions, not responses.
+    #[serde(default)]
+    pub challenge: bool,
     pub method: Option<String>,
     pub path: Option<String>,
     #[serde(default)]
@@ -230,6 +254,8 @@ pub struct RawSite {
     pub jails: Vec<String>,
     #[serde(default)]
     pub allow_only: Vec<String>,
+    /// "off", "always" or "auto".
+    pub challenge: Option<String>,
     #[serde(default, rename = "route")]
     pub routes: Vec<RawRoute>,
 }
@@ -242,6 +268,8 @@ pub struct RawRoute {
     #[serde(default)]
     pub allow_only: Vec<String>,
     pub rate_limit: Option<RawRateLimit>,
+    /// "off", "always" or "auto": overrides the site's for this path prefix.
+    pub challenge: Option<String>,
 }
 
 /// `[limits]`: every cap and timeout that bounds a client.

@@ -49,6 +49,14 @@ pub const BURST: u32 = 100;
 pub const IPV6_PREFIX: u8 = 64;
 /// Largest `jail.hits`: a client's counter keeps the time of each failure in the window.
 pub const MAX_HITS: u32 = 1000;
+/// 2^18 SHA-256 hashes on average: about a second on a mid-range phone (docs/challenge.md).
+pub const CHALLENGE_DIFFICULTY: u8 = 18;
+pub const MAX_CHALLENGE_DIFFICULTY: u8 = 28;
+pub const PASS_TTL: Duration = Duration::from_secs(DAY);
+pub const PUZZLE_TTL: Duration = Duration::from_secs(300);
+pub const AUTO_IN_FLIGHT: u32 = 64;
+pub const AUTO_RESPONSE_TIME: Duration = Duration::from_secs(2);
+pub const AUTO_CALM: Duration = Duration::from_secs(30);
 
 /// A route or jail path prefix, in the normal form request paths are matched in.
 pub(super) fn match_path(r: &mut Report, key: &str, text: &str) -> String {

@@ -98,6 +98,7 @@ impl Jail {
     pub fn watches(&self, method: &Method, host: &str, path: &str) -> bool {
         let c = &self.config;
         c.log.is_none()
+            && !c.challenge
             && c.method
                 .as_ref()
                 .is_none_or(|m| m.as_str().eq_ignore_ascii_case(method.as_str()))
@@ -243,6 +244,7 @@ mod tests {
             site_scoped: false,
             concurrency: 1,
             log: None,
+            challenge: false,
         };
         Jail::new(c, 1000, IntCounter::new("e", "e").unwrap(), None)
     }

@@ -22,6 +22,9 @@ pub mod outcome {
     pub const REDIRECTED: &str = "redirected";
     /// An ACME HTTP-01 challenge answered by ipgate itself.
     pub const ACME: &str = "acme";
+    /// Answered with the challenge page (or, for a request that cannot show a page, refused
+    /// until the client passes it).
+    pub const CHALLENGED: &str = "challenged";
 }
 
 /// `ipgate_connections_rejected_total` children, resolved once: floods hit these.
@@ -80,6 +83,12 @@ pub struct Metrics {
     pub firewall_elements: IntGaugeVec,
     /// `ipgate_firewall_errors_total`: updates nft refused (each retried as a rebuild).
     pub firewall_errors: IntCounter,
+    pub challenges: IntCounterVec,
+    /// Pass entries held.
+    pub passes: IntGauge,
+    /// 1 while a site challenges every client without a pass.
+    pub challenge_mode: IntGaugeVec,
+    pub challenge_solve: HistogramVec,
 }
 
 pub struct FleetMetrics {
@@ -247,6 +256,33 @@ impl Metrics {
                 "Lines read from the files of each log jail.",
                 &["jail"],
             ),
+            challenges: reg.counter_vec(
+                "ipgate_challenges_total",
+                "Challenges by site and result: issued (a page served), passed (solved, a pass \
+                 made), failed (a solution refused).",
+                &["site", "result"],
+            ),
+            passes: reg.gauge(
+                "ipgate_passes",
+                "Pass entries held (solved challenges, per client and site).",
+            ),
+            challenge_mode: reg.gauge_vec(
+                "ipgate_challenge_mode",
+                "1 while the site challenges every client without a pass (always, forced on, or \
+                 auto mode under load), else 0.",
+                &["site"],
+            ),
+            challenge_solve: reg.add(
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "ipgate_challenge_solve_seconds",
+                        "Time from a challenge page being served to its solution arriving, by site.",
+                    )
+                    .buckets(vec![0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 300.0]),
+                    &["site"],
+                )
+                .expect("valid metric"),
+            ),
             registry: reg.0,
         }
     }
@@ -291,6 +327,12 @@ pub struct SiteMetrics {
     pub protocol_errors: IntCounter,
     /// Requests answered 503 after waiting for one of `site.max_upstream_connections`.
     pub busy: IntCounter,
+    pub challenged: IntCounter,
+    pub challenges_issued: IntCounter,
+    pub challenges_passed: IntCounter,
+    pub challenges_failed: IntCounter,
+    pub challenge_mode: IntGauge,
+    pub challenge_solve: Histogram,
 }
 
 impl SiteMetrics {
@@ -309,6 +351,12 @@ impl SiteMetrics {
             timeouts: m.upstream_errors.with_label_values(&[site, "timeout"]),
             protocol_errors: m.upstream_errors.with_label_values(&[site, "protocol"]),
             busy: m.upstream_errors.with_label_values(&[site, "busy"]),
+            challenged: m.requests.with_label_values(&[site, outcome::CHALLENGED]),
+            challenges_issued: m.challenges.with_label_values(&[site, "issued"]),
+            challenges_passed: m.challenges.with_label_values(&[site, "passed"]),
+            challenges_failed: m.challenges.with_label_values(&[site, "failed"]),
+            challenge_mode: m.challenge_mode.with_label_values(&[site]),
+            challenge_solve: m.challenge_solve.with_label_values(&[site]),
         }
     }
 }

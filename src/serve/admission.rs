@@ -28,6 +28,9 @@ pub enum Refusal {
     /// `limits.max_uploads_per_client`, or as many watched requests as a jail's
     /// `concurrency` (429).
     Busy,
+    /// Challenged: the client has no pass for this site (`auto`: because the site is under
+    /// load).
+    Challenge { auto: bool },
 }
 
 /// The client a decision is about.
@@ -91,6 +94,7 @@ pub fn admit(
         return Ok(Admitted::exempt());
     }
     rate_limit(state, site, path, client.ip)?;
+    challenge(state, snap, site, path, client.ip)?;
     let key = client_key(client.ip, snap.config.rate_limit.ipv6_prefix);
     // No burst outruns a jail: a few watched requests per client at a time, and none while
     // the client's ban is being made.
@@ -227,6 +231,61 @@ fn allowed_only(snap: &Snapshot, site: &SiteEntry, path: &str, client: IpAddr) -
                 .allow_list(n)
                 .is_some_and(|l| l.table.contains(client))
         })
+}
+
+/// Paths never challenged: robots.txt, ACME's HTTP-01 answers, and the challenge's own.
+fn never_challenged(path: &str) -> bool {
+    path == "/robots.txt"
+        || path.starts_with(crate::serve::https::ACME_CHALLENGE)
+        || path.starts_with(crate::serve::challenge::PREFIX)
+}
+
+/// Challenges a client without a pass when the site or route asks for it (always, or auto
+/// under load) or a challenge list holds it. Costs one atomic read on a site that never
+/// challenges and has no challenge list.
+fn challenge(
+    state: &AppState,
+    snap: &Snapshot,
+    site: &SiteEntry,
+    path: &str,
+    client: IpAddr,
+) -> Result<(), Refusal> {
+    let forced = site.load.forced().is_some();
+    if !site.may_challenge && !forced && snap.policy.challenge.is_empty() {
+        return Ok(());
+    }
+    let mode = site.challenge_mode(path);
+    let by_mode = site.load.challenging(mode);
+    // A route or the operator saying off holds for challenge lists too.
+    let by_list =
+        !by_mode && mode_allows_lists(site, path, mode) && snap.policy.challenged(client).is_some();
+    if !(by_mode || by_list) || never_challenged(path) {
+        return Ok(());
+    }
+    if state.temp.passed(&site.pass_scope, client) {
+        return Ok(());
+    }
+    Err(Refusal::Challenge {
+        auto: by_mode && mode == crate::config::ChallengeMode::Auto,
+    })
+}
+
+/// Whether challenge lists apply under this mode: not where a route or the operator turned
+/// the challenge off.
+fn mode_allows_lists(site: &SiteEntry, path: &str, mode: crate::config::ChallengeMode) -> bool {
+    use crate::config::ChallengeMode;
+    if mode != ChallengeMode::Off {
+        return true;
+    }
+    // Off by the config's site mode only: lists still apply. Off by a route or forced: not.
+    site.load.forced().is_none()
+        && !site
+            .site
+            .routes
+            .iter()
+            .filter(|r| r.challenge.is_some() && path.starts_with(r.path.as_str()))
+            .max_by_key(|r| r.path.len())
+            .is_some_and(|r| r.challenge == Some(ChallengeMode::Off))
 }
 
 /// Checks the rate limit for the path; refused when over it and not a dry run.

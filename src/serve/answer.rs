@@ -54,6 +54,8 @@ impl From<Refusal> for Error {
             Refusal::Denied => Error::Denied,
             Refusal::RateLimited(secs) => Error::RateLimited(secs),
             Refusal::Busy => Error::RateLimited(1),
+            // Answered by the challenge's page before it comes to this; 403 otherwise.
+            Refusal::Challenge { .. } => Error::Denied,
         }
     }
 }

@@ -20,6 +20,7 @@
 pub(crate) mod admission;
 pub(crate) mod answer;
 pub(crate) mod body;
+pub(crate) mod challenge;
 pub mod client_addr;
 pub(crate) mod headers;
 pub(crate) mod https;

@@ -23,6 +23,7 @@ use crate::observe::metrics::outcome;
 use crate::serve::admission::{self, Client};
 pub use crate::serve::answer::{Body, Error};
 use crate::serve::body::UpstreamBody;
+use crate::serve::challenge;
 use crate::serve::headers::{self, format_ip, Forwarding};
 use crate::serve::https;
 use crate::serve::request::{self, Invalid};
@@ -150,8 +151,18 @@ pub async fn handle(
     };
     let mut held = Held::default();
     let (resp, site_name, outcome) = match (site, admitted) {
+        (Some(site), Err(admission::Refusal::Challenge { auto })) => {
+            let asked = (&method, req.headers(), &uri);
+            let resp = challenge::answer(state, &snap, site, asked, client.ip, auto);
+            (resp, site.site.name.as_str(), outcome::CHALLENGED)
+        }
         (site, Err(refusal)) => refuse(state, site, Error::from(refusal)),
         (None, Ok(_)) => refuse(state, None, Error::NoSite),
+        (Some(site), Ok(_)) if path == challenge::VERIFY => {
+            site.metrics.challenged.inc();
+            let resp = challenge::verify(state, &snap, site, &uri, client.ip).await;
+            (resp, site.site.name.as_str(), outcome::CHALLENGED)
+        }
         (Some(site), Ok(_)) if conn.redirect && !path.starts_with(https::ACME_CHALLENGE) => {
             site.metrics.redirected.inc();
             let resp = https::redirect(&method, host, state.https_port, &uri);
@@ -420,12 +431,20 @@ async fn forward(
     let body = ready_to_send(body, limits, site, held).await?;
     let upstream_req = Request::from_parts(parts, body);
 
-    let mut resp = match tokio::time::timeout(
+    // Auto mode measures the upstream: answers awaited at once, and how long they take.
+    let measured = site.tracks_load().then(|| {
+        site.load.sent();
+        Instant::now()
+    });
+    let sent = tokio::time::timeout(
         site.site.upstream_timeout,
         worker.upstream.send(&site.upstream, upstream_req),
     )
-    .await
-    {
+    .await;
+    if let Some(at) = measured {
+        site.load.answered(at.elapsed().as_micros() as u64);
+    }
+    let mut resp = match sent {
         Err(_) => return Err(Error::UpstreamTimeout),
         Ok(Err(upstream::Error::Connect(e))) => return Err(Error::UpstreamConnect(e)),
         Ok(Err(upstream::Error::Protocol(e))) if crate::serve::body::went_idle(&e) => {
@@ -490,6 +509,7 @@ async fn ready_to_send(
         let permit = match slots.clone().try_acquire_owned() {
             Ok(permit) => permit,
             Err(_) => {
+                site.load.waited();
                 tokio::time::timeout(limits.upstream_queue_timeout, slots.clone().acquire_owned())
                     .await
                     .map_err(|_| Error::UpstreamBusy)?

@@ -55,6 +55,8 @@ pub struct AppState {
     /// The port `redirect_https` listeners send clients to: the first TLS listener's (as
     /// bound), else 443. Set once at start.
     pub https_port: u16,
+    /// Challenge puzzles solved already, until they expire.
+    pub used: crate::decide::challenge::Used,
 }
 
 impl AppState {
@@ -83,6 +85,7 @@ impl AppState {
             fleet_id,
             store,
             https_port: 443,
+            used: crate::decide::challenge::Used::new(USED_PUZZLES),
         }
     }
 
@@ -282,6 +285,7 @@ impl AppState {
             }
         }
         self.metrics.store_pending.set(self.store.pending() as i64);
+        self.used.sweep(now);
         let mut gone: Vec<(Slot, ipnet::IpNet)> = Vec::new();
         for slot in self.temp.slots() {
             let swept = self.temp.table(&slot).sweep(now);
@@ -306,7 +310,7 @@ impl AppState {
     pub fn publish_list_gauges(&self) {
         let snap = self.snapshot.load();
         self.metrics.list_entries.reset();
-        for l in snap.policy.allow.iter().chain(&snap.policy.block) {
+        for l in snap.policy.all() {
             self.metrics
                 .list_entries
                 .with_label_values(&[&l.name, "static"])
@@ -333,6 +337,12 @@ impl AppState {
             .list_entries
             .with_label_values(&["block_scoped", "temporary"])
             .set(self.temp.scoped_len() as i64);
+        let passes = self.temp.passes_len() as i64;
+        self.metrics
+            .list_entries
+            .with_label_values(&["pass", "temporary"])
+            .set(passes);
+        self.metrics.passes.set(passes);
     }
 }
 
@@ -384,6 +394,85 @@ impl AppState {
             .with_label_values(&[label])
             .inc();
         result
+    }
+}
+
+impl AppState {
+    /// One look at every site's challenge mode (twice a second): auto mode enters and leaves
+    /// by the upstream's load, each logged once; `ipgate_challenge_mode` follows.
+    pub fn tick_challenge(&self) {
+        use crate::decide::challenge::Change;
+        let snap = self.snapshot.load();
+        let c = &snap.config.challenge;
+        let now = now_ms();
+        for site in &snap.sites {
+            let mode = site.load.mode(site.site.challenge);
+            if site.tracks_load() {
+                let calm = c.auto_calm.as_millis() as u64;
+                match site
+                    .load
+                    .tick(now, c.auto_in_flight, c.auto_response_time, calm)
+                {
+                    Change::Entered => tracing::warn!(
+                        site = %site.site.name,
+                        answer_ms = site.load.answer_us() / 1000,
+                        "upstream saturated: auto mode challenges every client without a pass"
+                    ),
+                    Change::Left => tracing::info!(
+                        site = %site.site.name,
+                        calm_secs = c.auto_calm.as_secs(),
+                        "upstream calm again: auto mode stops challenging"
+                    ),
+                    Change::None => {}
+                }
+            }
+            site.metrics
+                .challenge_mode
+                .set(i64::from(site.load.challenging(mode)));
+        }
+    }
+}
+
+/// Solved puzzles remembered at most (until each expires).
+const USED_PUZZLES: usize = 100_000;
+
+/// What a pass says of the puzzle that made it: a replay of the same puzzle on another
+/// gateway of the fleet finds it.
+fn pass_reason(puzzle: &str) -> String {
+    format!("solved a challenge (puzzle {puzzle})")
+}
+
+impl AppState {
+    /// Makes a pass for `target` on `site`, durable and shared like any temporary entry.
+    pub async fn make_pass(
+        &self,
+        site: &str,
+        target: ipnet::IpNet,
+        puzzle: &str,
+        ttl: std::time::Duration,
+    ) -> Result<(), store::Error> {
+        let now = now_ms();
+        let entry = Entry::new(
+            now,
+            now + ttl.as_millis() as u64,
+            "challenge",
+            Some(&pass_reason(puzzle)),
+        );
+        self.add_entry(Slot::pass(site), target, entry).await
+    }
+
+    /// Whether a live pass of `target` on the site was made by this puzzle.
+    pub fn pass_made_by(
+        &self,
+        scope: &crate::decide::policy::temporary::Scope,
+        target: ipnet::IpNet,
+        puzzle: &str,
+    ) -> bool {
+        let reason = pass_reason(puzzle);
+        self.temp
+            .table(&Slot::Pass(scope.clone()))
+            .find(target.addr(), None)
+            .is_some_and(|(_, e)| e.reason() == Some(reason.as_str()))
     }
 }
 

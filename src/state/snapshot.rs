@@ -40,6 +40,8 @@ pub struct Snapshot {
     pub jails: HashMap<String, Arc<Jail>>,
     /// HTTP server settings from `limits` for new client connections.
     pub http: Arc<hyper_util::server::conn::auto::Builder<TokioExecutor>>,
+    /// Signs and checks the challenge's puzzles.
+    pub puzzles: Arc<crate::decide::challenge::Puzzles>,
     /// Exact host (lower case) to index in `sites`.
     hosts: HashMap<String, usize>,
     /// The `"*"` site.
@@ -65,6 +67,14 @@ pub struct SiteEntry {
     /// The scopes whose block entries hold here: the site's own, and each of its jails with
     /// `scope = "site"`.
     pub scopes: Vec<crate::decide::policy::temporary::Scope>,
+    /// The site's load for auto mode and the operator's forced mode: kept across reloads.
+    pub load: Arc<crate::decide::challenge::Load>,
+    /// The scope of the site's passes.
+    pub pass_scope: crate::decide::policy::temporary::Scope,
+    /// The config challenges somewhere on this site (its own mode, or a route's).
+    pub may_challenge: bool,
+    /// The config has auto mode somewhere on this site: its upstream's load is measured.
+    pub may_auto: bool,
 }
 
 /// What tells one version of a file from the next without reading it: which file a path
@@ -94,7 +104,76 @@ impl FileStamp {
     }
 }
 
+/// The file the challenge key is kept in when `challenge.secret_file` is not set.
+pub const CHALLENGE_KEY: &str = "challenge.key";
+
+/// The key that signs puzzles: `challenge.secret_file`, else `state_dir/challenge.key` (made
+/// at the first start). Before that (`ipgate check` on a new install) a throwaway key.
+fn puzzles(config: &Config, report: &mut Report) -> crate::decide::challenge::Puzzles {
+    let c = &config.challenge;
+    let path = c
+        .secret_file
+        .clone()
+        .unwrap_or_else(|| config.gateway.state_dir.join(CHALLENGE_KEY));
+    let secret = match std::fs::read_to_string(&path) {
+        Ok(text) if text.trim().len() >= 32 => text.trim().as_bytes().to_vec(),
+        Ok(_) => {
+            report.other(
+                &path,
+                None,
+                "challenge.secret_file",
+                "the challenge key must be at least 32 characters (openssl rand -hex 32)".into(),
+            );
+            Vec::new()
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && c.secret_file.is_none() => {
+            crate::decide::challenge::new_secret()
+                .unwrap_or_default()
+                .into_bytes()
+        }
+        Err(e) => {
+            report.other(
+                &path,
+                None,
+                "challenge.secret_file",
+                format!("cannot read the challenge key: {e}"),
+            );
+            Vec::new()
+        }
+    };
+    crate::decide::challenge::Puzzles::new(&secret, c.difficulty, c.puzzle_ttl.as_millis() as u64)
+}
+
 impl SiteEntry {
+    /// Whether the upstream's load is measured now (auto mode by config or forced).
+    #[inline]
+    pub fn tracks_load(&self) -> bool {
+        self.may_auto || self.load.forced() == Some(crate::config::ChallengeMode::Auto)
+    }
+
+    /// The challenge mode for a path: a route's `challenge` (the longest matching route that
+    /// has one) or the site's; the operator's forced mode over the site's; a route's "off"
+    /// holds whatever the operator forced, and a forced "off" holds everywhere.
+    pub fn challenge_mode(&self, path: &str) -> crate::config::ChallengeMode {
+        use crate::config::ChallengeMode;
+        let site = self.load.mode(self.site.challenge);
+        if site == ChallengeMode::Off && self.load.forced().is_some() {
+            return ChallengeMode::Off;
+        }
+        let route = self
+            .site
+            .routes
+            .iter()
+            .filter(|r| r.challenge.is_some() && path.starts_with(r.path.as_str()))
+            .max_by_key(|r| r.path.len())
+            .and_then(|r| r.challenge);
+        match route {
+            Some(ChallengeMode::Off) => ChallengeMode::Off,
+            Some(mode) if self.load.forced().is_none() => mode,
+            _ => site,
+        }
+    }
+
     /// The rate limit for a path: the longest matching route's, else the site's.
     pub fn limiter_for(&self, path: &str) -> &Arc<Limiter> {
         self.route_limiters
@@ -130,6 +209,7 @@ impl Snapshot {
         );
         let tls = loaded.config.map(TlsAcceptor::from);
         let policy = Policy::build(&config.lists, &mut report, metrics);
+        let puzzles = puzzles(&config, &mut report);
         if !report.is_empty() {
             return Err(report.into_errors());
         }
@@ -175,6 +255,23 @@ impl Snapshot {
                 .collect();
             route_limiters.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
             sites.push(SiteEntry {
+                load: previous
+                    .and_then(|p| p.sites.iter().find(|s| s.site.name == site.name))
+                    .map(|s| s.load.clone())
+                    .unwrap_or_default(),
+                pass_scope: crate::decide::policy::temporary::Scope::Site(
+                    site.name.as_str().into(),
+                ),
+                may_auto: site.challenge == crate::config::ChallengeMode::Auto
+                    || site
+                        .routes
+                        .iter()
+                        .any(|r| r.challenge == Some(crate::config::ChallengeMode::Auto)),
+                may_challenge: site.challenge != crate::config::ChallengeMode::Off
+                    || site.routes.iter().any(|r| {
+                        r.challenge
+                            .is_some_and(|m| m != crate::config::ChallengeMode::Off)
+                    }),
                 upstream_slots: upstream_slots(previous, site),
                 scopes: scopes(&config, site),
                 hsts: site.hsts.and_then(|d| {
@@ -197,6 +294,7 @@ impl Snapshot {
             });
         }
         Ok(Snapshot {
+            puzzles: Arc::new(puzzles),
             stamps,
             http: Arc::new(http_builder(&config.limits)),
             trusted: CidrTable::new(config.gateway.trusted_proxies.clone()),

@@ -32,6 +32,8 @@ pub struct StaticList {
 pub struct Policy {
     pub allow: Vec<StaticList>,
     pub block: Vec<StaticList>,
+    /// Lists whose members are challenged.
+    pub challenge: Vec<StaticList>,
 }
 
 /// What decided a verdict.
@@ -71,6 +73,9 @@ impl Policy {
             match list.action {
                 Action::Allow => policy.allow.push(compiled),
                 Action::Block => policy.block.push(compiled),
+                Action::Challenge => policy.challenge.push(compiled),
+                // Refused by the config check.
+                Action::Pass => {}
             }
         }
         policy
@@ -117,11 +122,20 @@ impl Policy {
         Verdict::Pass
     }
 
+    /// The first challenge list holding `ip`: no challenge list at all costs nothing.
+    #[inline]
+    pub fn challenged(&self, ip: IpAddr) -> Option<&StaticList> {
+        self.challenge.iter().find(|l| l.table.contains(ip))
+    }
+
+    /// Every static list: allow, block, challenge.
+    pub fn all(&self) -> impl Iterator<Item = &StaticList> {
+        self.allow.iter().chain(&self.block).chain(&self.challenge)
+    }
+
     /// The lists (name, action) holding `ip`, with the matching CIDRs (admin path).
     pub fn matching(&self, ip: IpAddr) -> Vec<(&StaticList, Vec<IpNet>)> {
-        self.allow
-            .iter()
-            .chain(&self.block)
+        self.all()
             .filter_map(|l| {
                 let m: Vec<IpNet> = l.table.matching(ip).copied().collect();
                 (!m.is_empty()).then_some((l, m))

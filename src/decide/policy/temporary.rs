@@ -343,12 +343,15 @@ impl std::str::FromStr for Scope {
     }
 }
 
-/// Which temporary list an entry is in: allow, block (everywhere), or block on some sites.
+/// Which temporary list an entry is in: allow, block (everywhere), block on some sites, or
+/// a site's passes (solved challenges).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Slot {
     Allow,
     Block,
     Scoped(Scope),
+    /// Passes on one site (always a `Scope::Site`).
+    Pass(Scope),
 }
 
 impl Slot {
@@ -356,22 +359,39 @@ impl Slot {
         match self {
             Slot::Allow => Action::Allow,
             Slot::Block | Slot::Scoped(_) => Action::Block,
+            Slot::Pass(_) => Action::Pass,
         }
     }
 
     pub fn scope(&self) -> Option<&Scope> {
         match self {
-            Slot::Scoped(s) => Some(s),
+            Slot::Scoped(s) | Slot::Pass(s) => Some(s),
             _ => None,
         }
     }
 
-    /// The unscoped slot of an action.
+    /// The unscoped slot of an action (block for the actions that have none).
     pub fn of(action: Action) -> Slot {
         match action {
             Action::Allow => Slot::Allow,
-            Action::Block => Slot::Block,
+            Action::Block | Action::Challenge | Action::Pass => Slot::Block,
         }
+    }
+
+    /// The slot an entry shown with this action and scope is in.
+    pub fn from_parts(action: Action, scope: Option<Scope>) -> Option<Slot> {
+        match (action, scope) {
+            (Action::Allow, None) => Some(Slot::Allow),
+            (Action::Block, None) => Some(Slot::Block),
+            (Action::Block, Some(s)) => Some(Slot::Scoped(s)),
+            (Action::Pass, Some(s @ Scope::Site(_))) => Some(Slot::Pass(s)),
+            _ => None,
+        }
+    }
+
+    /// The pass slot of a site.
+    pub fn pass(site: &str) -> Slot {
+        Slot::Pass(Scope::Site(site.into()))
     }
 }
 
@@ -381,12 +401,13 @@ impl From<Action> for Slot {
     }
 }
 
-/// `allow`, `block`, or `block@site:NAME` / `block@jail:NAME`: how the store, the outbox and
-/// the fleet name a slot.
+/// `allow`, `block`, `block@site:NAME` / `block@jail:NAME`, or `pass@site:NAME`: how the
+/// store, the outbox and the fleet name a slot.
 impl std::fmt::Display for Slot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Slot::Scoped(s) => write!(f, "block@{s}"),
+            Slot::Pass(s) => write!(f, "pass@{s}"),
             other => f.write_str(other.action().as_str()),
         }
     }
@@ -398,8 +419,15 @@ impl std::str::FromStr for Slot {
     fn from_str(s: &str) -> Result<Slot, String> {
         match s.split_once('@') {
             Some(("block", scope)) => Ok(Slot::Scoped(scope.parse()?)),
-            Some(_) => Err(format!("'{s}': only block entries have a scope")),
-            None => s.parse::<Action>().map(Slot::of),
+            Some(("pass", scope)) => match scope.parse()? {
+                site @ Scope::Site(_) => Ok(Slot::Pass(site)),
+                Scope::Jail(_) => Err(format!("'{s}': a pass holds on a site")),
+            },
+            Some(_) => Err(format!("'{s}': only block and pass entries have a scope")),
+            None => match s.parse::<Action>()? {
+                a @ (Action::Allow | Action::Block) => Ok(Slot::of(a)),
+                _ => Err(format!("'{s}': this entry needs a scope")),
+            },
         }
     }
 }
@@ -427,6 +455,8 @@ pub struct TempEntries {
     scoped: DashMap<Scope, Arc<TempTable>, Hasher>,
     /// Whether any scoped table exists (read on every request of a site with scopes).
     any_scoped: std::sync::atomic::AtomicBool,
+    /// Passes, a table per site (made when a pass is first made there).
+    passes: DashMap<Scope, Arc<TempTable>, Hasher>,
 }
 
 /// A table of [`TempEntries`], borrowed or shared.
@@ -460,7 +490,26 @@ impl TempEntries {
                 self.any_scoped.store(true, Ordering::Release);
                 TableRef::Scoped(t)
             }
+            Slot::Pass(scope) => {
+                if let Some(t) = self.passes.get(scope) {
+                    return TableRef::Scoped(t.clone());
+                }
+                TableRef::Scoped(self.passes.entry(scope.clone()).or_default().clone())
+            }
         }
+    }
+
+    /// Whether a live pass of the site `scope` covers `ip` (asked only of a request that
+    /// would be challenged).
+    pub fn passed(&self, scope: &Scope, ip: IpAddr) -> bool {
+        self.passes
+            .get(scope)
+            .is_some_and(|t| !t.is_empty() && t.contains(ip))
+    }
+
+    /// Passes in all.
+    pub fn passes_len(&self) -> usize {
+        self.passes.iter().map(|t| t.len()).sum()
     }
 
     /// Every slot with a table: block, allow, then the scopes in use.
@@ -471,6 +520,7 @@ impl TempEntries {
             .iter()
             .map(|r| Slot::Scoped(r.key().clone()))
             .collect();
+        scoped.extend(self.passes.iter().map(|r| Slot::Pass(r.key().clone())));
         scoped.sort();
         slots.extend(scoped);
         slots
