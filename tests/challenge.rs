@@ -53,26 +53,6 @@ async fn page(gw: &TestGateway, local: &str, path: &str) -> (u16, http::HeaderMa
         .expect("answered")
 }
 
-/// The puzzle a challenge page carries: (verify URL without the nonce, signature, bits).
-fn puzzle(html: &str) -> (String, String, u8) {
-    let open = r#"<script type="application/json" id="ipgate-puzzle">"#;
-    let start = html.find(open).expect("a challenge page") + open.len();
-    let end = start + html[start..].find("</script>").unwrap();
-    let p: serde_json::Value = serde_json::from_str(&html[start..end]).unwrap();
-    let url = format!("{}?{}", p["v"].as_str().unwrap(), p["c"].as_str().unwrap());
-    (
-        url,
-        p["h"].as_str().unwrap().into(),
-        p["d"].as_u64().unwrap() as u8,
-    )
-}
-
-/// What the page's script computes: the verify URL with the nonce that solves the puzzle.
-fn solution(html: &str) -> String {
-    let (url, sig, bits) = puzzle(html);
-    format!("{url}&n={}", ipgate::decide::challenge::solve(&sig, bits))
-}
-
 /// Solves the challenge `html` as `local` on `host`; the status and Location of the answer.
 async fn solve(gw: &TestGateway, local: &str, host: &str, html: &str) -> (u16, String) {
     let (status, headers, _) = visit(gw, local, ("GET", &solution(html), host), &[])

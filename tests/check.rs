@@ -114,7 +114,7 @@ fn every_jail_snippet_passes_ipgate_check_in_a_config() {
         );
         n += 1;
     }
-    assert_eq!(n, 11);
+    assert_eq!(n, 12);
 }
 
 /// The ISPConfig example and the packaged default pass `ipgate check` once the certificate

@@ -203,8 +203,10 @@ fn every_toml_example_passes_ipgate_check() {
         }
     }
     let mut configs = vec![root().join("config/ipgate.toml")];
-    for entry in std::fs::read_dir(root().join("config/jails")).unwrap() {
-        configs.push(entry.unwrap().path());
+    for folder in ["config/jails", "config/sites"] {
+        for entry in std::fs::read_dir(root().join(folder)).unwrap() {
+            configs.push(entry.unwrap().path());
+        }
     }
     for file in configs {
         let text = std::fs::read_to_string(&file).unwrap();

@@ -657,3 +657,55 @@ async fn a_gateway_whose_unread_changes_were_trimmed_resyncs() {
     );
     assert!(g3.gw.output.text().contains("resyncing"));
 }
+
+#[tokio::test]
+async fn a_challenge_made_on_one_gateway_is_solved_on_another_and_its_pass_holds_on_both() {
+    let redis = Redis::start();
+    let upstream = Upstream::start().await;
+    let keys = tempfile::tempdir().unwrap();
+    let secret = keys.path().join("challenge.key");
+    std::fs::write(&secret, "0123456789abcdef0123456789abcdef0123456789abcdef\n").unwrap();
+    let sites = "[[site]]\nhosts = [\"a.test\"]\nupstream = \"http://{upstream}\"\nchallenge = \"always\"\n";
+    let mut members = Vec::new();
+    for i in 1..=2 {
+        let extra = format!(
+            "[fleet]\n{}gateway_id = \"c{i}\"\n[challenge]\ndifficulty = 8\nsecret_file = \"{}\"\n",
+            redis.fleet_keys(),
+            secret.display()
+        );
+        let files = GatewayBuilder::new()
+            .upstream(upstream.addr)
+            .sites(sites)
+            .extra(&extra)
+            .files()
+            .await;
+        let gw = files.start("info");
+        members.push(Member { files, gw });
+    }
+    let html_get = |addr: SocketAddr, path: String| async move {
+        let tcp = connect_from("127.0.5.1", addr).await;
+        get_on(tcp, &path, "a.test", &[("accept", "text/html")]).await
+    };
+    let (g1, g2) = (members[0].gw.plain, members[1].gw.plain);
+    let (status, html) = html_get(g1, "/".into()).await;
+    assert_eq!(status, 403);
+    // Gateway 2 verifies gateway 1's puzzle (one key for the fleet) and makes the pass.
+    assert_eq!(html_get(g2, solution(&html)).await.0, 303);
+    assert_eq!(html_get(g2, "/".into()).await.0, 200);
+    // The pass reaches gateway 1 through the store.
+    let shared = eventually(Duration::from_secs(2), || async {
+        html_get(g1, "/".into()).await.0 == 200
+    })
+    .await;
+    assert!(shared, "gateway 1 does not honour the pass made on gateway 2");
+    // A replay of the same solution on gateway 1 is refused: its pass names the puzzle.
+    assert_eq!(html_get(g1, solution(&html)).await.0, 403);
+    // Forget on gateway 1 erases it on both.
+    let (status, _) = members[0].api("DELETE", "/v1/ips/127.0.5.1", None).await;
+    assert_eq!(status, 200);
+    let gone = eventually(Duration::from_secs(2), || async {
+        html_get(g2, "/".into()).await.0 == 403
+    })
+    .await;
+    assert!(gone, "gateway 2 still honours a forgotten pass");
+}

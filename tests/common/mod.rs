@@ -1290,3 +1290,26 @@ pub async fn through_proxy(from: &str, addr: SocketAddr, header: &[u8]) -> Strin
 pub fn status_of(answer: &str) -> Option<u16> {
     answer.get(9..12)?.parse().ok()
 }
+
+// ------------------------------------------------------------------ the challenge
+
+/// The puzzle a challenge page carries: (verify URL without the nonce, signature, bits).
+pub fn puzzle(html: &str) -> (String, String, u8) {
+    let open = r#"<script type="application/json" id="ipgate-puzzle">"#;
+    let start = html.find(open).expect("a challenge page") + open.len();
+    let end = start + html[start..].find("</script>").unwrap();
+    let p: serde_json::Value = serde_json::from_str(&html[start..end]).unwrap();
+    let url = format!("{}?{}", p["v"].as_str().unwrap(), p["c"].as_str().unwrap());
+    (
+        url,
+        p["h"].as_str().unwrap().into(),
+        p["d"].as_u64().unwrap() as u8,
+    )
+}
+
+/// What the page's script computes: the verify URL with the nonce that solves the puzzle.
+pub fn solution(html: &str) -> String {
+    let (url, sig, bits) = puzzle(html);
+    format!("{url}&n={}", ipgate::decide::challenge::solve(&sig, bits))
+}
+
