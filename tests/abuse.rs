@@ -407,6 +407,7 @@ fn two_million_ipv6_clients_stay_within_the_cap() {
             site_scoped: false,
             concurrency: u32::MAX,
             log: None,
+            challenge: false,
         },
         cap,
         evictions.clone(),

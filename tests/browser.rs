@@ -23,7 +23,9 @@ fn chromium(profile: &std::path::Path, port: u16) -> tokio::process::Command {
         "--ignore-certificate-errors",
     ])
     .arg(format!("--user-data-dir={}", profile.display()))
-    .arg(format!("--host-resolver-rules=MAP a.test:{port} 127.0.0.1:{port}"))
+    .arg(format!(
+        "--host-resolver-rules=MAP a.test:{port} 127.0.0.1:{port}"
+    ))
     .kill_on_drop(true);
     c
 }
@@ -63,7 +65,8 @@ challenge = "always"
     // For the note and docs/challenge.md: the default difficulty on this machine.
     eprintln!("chromium solved the default challenge in {secs:.2} s (page served to solution)");
     let token = gw.token();
-    let (_, passes) = admin_call(gw.admin, "GET", "/v1/entries?list=pass", None, Some(&token)).await;
+    let (_, passes) =
+        admin_call(gw.admin, "GET", "/v1/entries?list=pass", None, Some(&token)).await;
     assert_eq!(passes[0]["target"], "127.0.0.1/32");
     gw.shutdown().await;
 }

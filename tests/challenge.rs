@@ -660,3 +660,58 @@ impl BinaryTarget {
         )
     }
 }
+
+#[tokio::test]
+async fn a_pass_and_the_puzzle_key_survive_a_crash_and_the_pass_is_capped_by_retention() {
+    let sites = r#"
+[privacy]
+max_retention = "1h"
+
+[challenge]
+difficulty = 8
+pass_ttl = "30d"
+
+[[site]]
+hosts = ["a.test"]
+upstream = "http://{upstream}"
+challenge = "always"
+"#;
+    let files = GatewayBuilder::new().sites(sites).files().await;
+    let bin = files.start("info");
+    let gw = BinaryTarget(bin.plain);
+    let (_, _, html) = gw.get("127.0.6.1", "/").await;
+    assert_eq!(gw.get("127.0.6.1", &solution(&html)).await.0, 303);
+    // A page served before the crash, solved after it.
+    let (_, _, pending) = gw.get("127.0.6.2", "/").await;
+    bin.signal("KILL");
+    let _ = bin.wait().await;
+    let bin = files.start("info");
+    let gw = BinaryTarget(bin.plain);
+    assert_eq!(
+        gw.get("127.0.6.1", "/").await.0,
+        200,
+        "the pass survived kill -9"
+    );
+    assert_eq!(gw.get("127.0.6.2", &solution(&pending)).await.0, 303);
+    assert_eq!(gw.get("127.0.6.2", "/").await.0, 200);
+    let token = std::fs::read_to_string(files.token_file()).unwrap();
+    let (_, list) = admin_call(
+        bin.admin,
+        "GET",
+        "/v1/entries?list=pass",
+        None,
+        Some(token.trim()),
+    )
+    .await;
+    assert_eq!(list.as_array().unwrap().len(), 2);
+    for e in list.as_array().unwrap() {
+        let expires = humantime::parse_rfc3339(e["expires_at"].as_str().unwrap()).unwrap();
+        let left = expires
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default();
+        assert!(
+            left <= Duration::from_secs(3600),
+            "pass_ttl capped by max_retention: {e}"
+        );
+    }
+}

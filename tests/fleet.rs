@@ -664,7 +664,11 @@ async fn a_challenge_made_on_one_gateway_is_solved_on_another_and_its_pass_holds
     let upstream = Upstream::start().await;
     let keys = tempfile::tempdir().unwrap();
     let secret = keys.path().join("challenge.key");
-    std::fs::write(&secret, "0123456789abcdef0123456789abcdef0123456789abcdef\n").unwrap();
+    std::fs::write(
+        &secret,
+        "0123456789abcdef0123456789abcdef0123456789abcdef\n",
+    )
+    .unwrap();
     let sites = "[[site]]\nhosts = [\"a.test\"]\nupstream = \"http://{upstream}\"\nchallenge = \"always\"\n";
     let mut members = Vec::new();
     for i in 1..=2 {
@@ -697,7 +701,10 @@ async fn a_challenge_made_on_one_gateway_is_solved_on_another_and_its_pass_holds
         html_get(g1, "/".into()).await.0 == 200
     })
     .await;
-    assert!(shared, "gateway 1 does not honour the pass made on gateway 2");
+    assert!(
+        shared,
+        "gateway 1 does not honour the pass made on gateway 2"
+    );
     // A replay of the same solution on gateway 1 is refused: its pass names the puzzle.
     assert_eq!(html_get(g1, solution(&html)).await.0, 403);
     // Forget on gateway 1 erases it on both.

@@ -1312,4 +1312,3 @@ pub fn solution(html: &str) -> String {
     let (url, sig, bits) = puzzle(html);
     format!("{url}&n={}", ipgate::decide::challenge::solve(&sig, bits))
 }
-
