@@ -74,6 +74,24 @@ pub enum StartError {
     Firewall(#[from] background::firewall::Error),
 }
 
+/// Once a second: frees expired entries; every 5 s idle client state; every minute the
+/// offense history past retention.
+async fn sweeper(state: Arc<AppState>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    let mut n: u64 = 0;
+    loop {
+        tick.tick().await;
+        state.sweep().await;
+        n += 1;
+        if n % 5 == 0 {
+            state.sweep_clients();
+        }
+        if n % 60 == 0 {
+            state.prune_offenses().await;
+        }
+    }
+}
+
 /// Looks at every site's challenge mode twice a second (auto mode's load).
 async fn challenge_ticker(state: Arc<AppState>) {
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
@@ -201,27 +219,9 @@ impl Gateway {
                 }
             }
         }
-        let sweeper = {
-            let state = state.clone();
-            async move {
-                let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
-                let mut n: u64 = 0;
-                loop {
-                    tick.tick().await;
-                    state.sweep().await;
-                    n += 1;
-                    if n % 5 == 0 {
-                        state.sweep_clients();
-                    }
-                    if n % 60 == 0 {
-                        state.prune_offenses().await;
-                    }
-                }
-            }
-        };
         let mut side_tasks = vec![
             tokio::spawn(background::shutdown::reload_on_hangup(state.clone())),
-            tokio::spawn(sweeper),
+            tokio::spawn(sweeper(state.clone())),
             tokio::spawn(background::watcher::run(state.clone())),
             tokio::spawn(background::acme::run(state.clone())),
             tokio::spawn(background::logjail::run(state.clone())),

@@ -588,6 +588,11 @@ auto_calm = "2s"
 hosts = ["a.test"]
 upstream = "http://{upstream}"
 challenge = "auto"
+# The load comes through an opted-out route (every route's requests are measured), so the
+# slow requests are never challenged themselves, however late they arrive.
+[[site.route]]
+path = "/slow"
+challenge = "off"
 "#;
     let files = GatewayBuilder::new().sites(sites).files().await;
     let bin = files.start("info");
@@ -714,4 +719,120 @@ challenge = "always"
             "pass_ttl capped by max_retention: {e}"
         );
     }
+}
+
+#[tokio::test]
+async fn the_challenges_own_paths_are_never_proxied_and_exemptions_are_exact() {
+    let gw = GatewayBuilder::new().sites(TWO_SITES).spawn().await;
+    let origin = gw.origin.as_ref().unwrap();
+    async fn status(gw: &TestGateway, method: &str, path: &str) -> u16 {
+        let asked = (method, path, "a.test");
+        visit(gw, "127.0.3.101", asked, &[]).await.unwrap().0
+    }
+    assert_eq!(status(&gw, "GET", "/.well-known/ipgate/other").await, 404);
+    assert_eq!(
+        status(&gw, "POST", "/.well-known/ipgate/challenge/x").await,
+        404
+    );
+    // Only the exact forms are exempt: an upstream may route anything else to PHP.
+    assert_eq!(
+        status(&gw, "GET", "/.well-known/acme-challenge/a/b").await,
+        403
+    );
+    assert_eq!(
+        status(&gw, "POST", "/.well-known/acme-challenge/tok").await,
+        403
+    );
+    assert_eq!(status(&gw, "GET", "/robots.txt?x=1").await, 403);
+    assert_eq!(status(&gw, "POST", "/robots.txt").await, 403);
+    assert_eq!(status(&gw, "GET", "/robots.txt.php").await, 403);
+    assert_eq!(origin.count(), 0, "nothing reached the upstream");
+    assert_eq!(
+        status(&gw, "GET", "/.well-known/acme-challenge/tok_en-1").await,
+        200
+    );
+    assert_eq!(status(&gw, "HEAD", "/robots.txt").await, 200);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_redirecting_listener_redirects_before_it_would_challenge() {
+    let gw = GatewayBuilder::new()
+        .redirect_https()
+        .sites(TWO_SITES)
+        .spawn()
+        .await;
+    let (status, headers, _) = page(&gw, "127.0.3.111", "/shop").await;
+    assert_eq!(status, 301);
+    assert!(headers["location"]
+        .to_str()
+        .unwrap()
+        .starts_with("https://a.test"));
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn requests_whose_clients_went_away_do_not_hold_auto_mode() {
+    let sites = r#"
+[challenge]
+difficulty = 8
+auto_in_flight = 4
+auto_response_time = "1h"
+auto_calm = "1s"
+
+[[site]]
+hosts = ["a.test"]
+upstream = "http://{upstream}"
+challenge = "auto"
+"#;
+    let gw = GatewayBuilder::new().sites(sites).spawn().await;
+    // Five clients ask for a slow page and go away before it comes.
+    for i in 0..5 {
+        let mut tcp = connect_from(&format!("127.0.3.{}", 120 + i), gw.plain).await;
+        use tokio::io::AsyncWriteExt;
+        let head = "GET /slow?ms=20000 HTTP/1.1\r\nHost: a.test\r\nAccept: text/html\r\n\r\n";
+        tcp.write_all(head.as_bytes()).await.unwrap();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            drop(tcp);
+        });
+    }
+    let mode = r#"ipgate_challenge_mode{site="a.test"}"#;
+    assert_eq!(gw.metric_settled(mode, 1.0).await, Some(1.0), "entered");
+    // Gone at 0.7 s; calm for 1 s after: auto mode ends long before the 20 s answers.
+    let left = eventually(Duration::from_secs(5), || async {
+        metric(&gw.metrics().await, mode) == Some(0.0)
+    })
+    .await;
+    assert!(left, "requests dropped by their clients kept auto mode on");
+    assert_eq!(page(&gw, "127.0.3.130", "/").await.0, 200);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_second_tabs_solution_goes_back_without_a_new_pass_and_passes_are_capped() {
+    let sites = TWO_SITES.replace("pass_ttl = \"3s\"", "pass_ttl = \"1h\"\nmax_passes = 1");
+    let gw = GatewayBuilder::new().sites(&sites).spawn().await;
+    let (_, _, first) = page(&gw, "127.0.3.141", "/one").await;
+    let (_, _, second) = page(&gw, "127.0.3.141", "/two").await;
+    assert_eq!(
+        solve(&gw, "127.0.3.141", "a.test", &first).await,
+        (303, "/one".into())
+    );
+    assert_eq!(
+        solve(&gw, "127.0.3.141", "a.test", &second).await,
+        (303, "/two".into())
+    );
+    let text = gw.metrics().await;
+    assert_eq!(metric(&text, "ipgate_passes"), Some(1.0));
+    let passed = r#"ipgate_challenges_total{result="passed",site="a.test"}"#;
+    assert_eq!(metric(&text, passed), Some(1.0));
+    // max_passes = 1: another client's solution makes none until that one expires.
+    let (_, _, html) = page(&gw, "127.0.3.142", "/").await;
+    let (status, _, body) = visit(&gw, "127.0.3.142", ("GET", &solution(&html), "a.test"), &[])
+        .await
+        .unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(page(&gw, "127.0.3.142", "/").await.0, 403);
+    gw.shutdown().await;
 }

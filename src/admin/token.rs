@@ -54,7 +54,7 @@ pub fn load_or_create_token(path: &Path) -> Result<String, TokenError> {
             file.write_all(token.as_bytes())
                 .and_then(|_| file.write_all(b"\n"))
                 .map_err(write_err)?;
-            info!(file = %path.display(), "wrote a new random admin token");
+            info!(file = %path.display(), "wrote a new random secret (mode 0600)");
             Ok(token)
         }
         Err(source) => Err(TokenError::Read {

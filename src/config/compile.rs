@@ -22,7 +22,7 @@ pub(super) fn compile(raw: RawConfig, source: &Path, base: &Path, r: &mut Report
     let jails = super::jails::jails(r, base, &raw.jails, &privacy);
     let sites = sites(r, &raw.sites, &lists, &jails, &rate_limit);
     let acme = services::acme(r, base, &raw, &listeners);
-    let challenge = challenge(r, base, raw.challenge.as_ref(), &privacy);
+    let challenge = super::challenge::compile(r, base, raw.challenge.as_ref(), &privacy);
     Config {
         source: source.to_path_buf(),
         gateway,
@@ -45,65 +45,6 @@ pub(super) fn compile(raw: RawConfig, source: &Path, base: &Path, r: &mut Report
         firewall: raw.firewall.as_ref().map(|f| services::firewall(r, f)),
         challenge,
     }
-}
-
-/// `[challenge]`, with its defaults.
-fn challenge(
-    r: &mut Report,
-    base: &Path,
-    raw: Option<&RawChallenge>,
-    privacy: &Privacy,
-) -> ChallengeSettings {
-    let default = RawChallenge::default();
-    let c = raw.unwrap_or(&default);
-    let difficulty = c.difficulty.unwrap_or(CHALLENGE_DIFFICULTY);
-    if !(1..=MAX_CHALLENGE_DIFFICULTY).contains(&difficulty) {
-        r.key(
-            "challenge.difficulty",
-            format!("must be between 1 and {MAX_CHALLENGE_DIFFICULTY} (bits)"),
-        );
-    }
-    let pass_ttl = dur(r, "challenge.pass_ttl", c.pass_ttl.as_deref(), PASS_TTL);
-    let puzzle_ttl = dur(
-        r,
-        "challenge.puzzle_ttl",
-        c.puzzle_ttl.as_deref(),
-        PUZZLE_TTL,
-    );
-    if puzzle_ttl < Duration::from_secs(1) {
-        r.key(
-            "challenge.puzzle_ttl",
-            "at least 1s (a slow phone needs several)",
-        );
-    }
-    let auto_in_flight = c.auto_in_flight.unwrap_or(AUTO_IN_FLIGHT);
-    if auto_in_flight == 0 {
-        r.key("challenge.auto_in_flight", "must be at least 1");
-    }
-    ChallengeSettings {
-        difficulty,
-        // No datum outlives privacy.max_retention.
-        pass_ttl: pass_ttl.min(privacy.max_retention),
-        puzzle_ttl,
-        secret_file: c
-            .secret_file
-            .as_deref()
-            .filter(|f| !f.is_empty())
-            .map(|f| resolve(base, f)),
-        auto_in_flight,
-        auto_response_time: dur(
-            r,
-            "challenge.auto_response_time",
-            c.auto_response_time.as_deref(),
-            AUTO_RESPONSE_TIME,
-        ),
-        auto_calm: dur(r, "challenge.auto_calm", c.auto_calm.as_deref(), AUTO_CALM),
-    }
-}
-
-/// A `challenge` key of a site or route.
-fn challenge_mode(r: &mut Report, key: &str, raw: Option<&str>) -> Option<ChallengeMode> {
-    raw.and_then(|m| m.parse().map_err(|e: String| r.key(key, e)).ok())
 }
 
 fn privacy(r: &mut Report, raw: &RawPrivacy) -> Privacy {
@@ -399,7 +340,7 @@ fn site(
         jails: s.jails.clone(),
         allow_only: s.allow_only.clone(),
         routes,
-        challenge: challenge_mode(r, &format!("{key}.challenge"), s.challenge.as_deref())
+        challenge: super::challenge::mode(r, &format!("{key}.challenge"), s.challenge.as_deref())
             .unwrap_or(ChallengeMode::Off),
     }
 }
@@ -414,7 +355,7 @@ fn route(r: &mut Report, key: &str, rt: &RawRoute, known: &Known, inherit: &Rate
             .rate_limit
             .as_ref()
             .map(|rl| compile_rate_limit(r, &format!("{key}.rate_limit"), Some(rl), Some(inherit))),
-        challenge: challenge_mode(r, &format!("{key}.challenge"), rt.challenge.as_deref()),
+        challenge: super::challenge::mode(r, &format!("{key}.challenge"), rt.challenge.as_deref()),
     }
 }
 

@@ -8,6 +8,7 @@
 //! Uses: [`crate::normalize`] (route and jail paths are kept in the form requests are
 //! matched in).
 
+mod challenge;
 mod compile;
 mod jails;
 mod raw;
@@ -24,6 +25,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+pub use challenge::{ChallengeMode, ChallengeSettings};
 pub use raw::RawConfig;
 pub use report::{Errors, Problem, Report};
 pub use values::{canonical, parse_duration, parse_target};
@@ -58,58 +60,6 @@ pub struct Config {
     pub firewall: Option<Firewall>,
     /// `[challenge]`: the proof-of-work page and its passes.
     pub challenge: ChallengeSettings,
-}
-
-/// `[challenge]`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ChallengeSettings {
-    /// Leading zero bits of SHA-256 a solution must have.
-    pub difficulty: u8,
-    /// How long a pass lasts (already capped by `privacy.max_retention`).
-    pub pass_ttl: Duration,
-    /// How long a puzzle may be solved after its page was served.
-    pub puzzle_ttl: Duration,
-    /// The key file; `None`: `state_dir/challenge.key`, made at first start.
-    pub secret_file: Option<PathBuf>,
-    /// Auto mode: saturated when this many requests wait for the upstream's answer head.
-    pub auto_in_flight: u32,
-    /// Auto mode: saturated when the upstream's answer time (moving average) reaches this.
-    pub auto_response_time: Duration,
-    /// Auto mode: challenging stops after this long without saturation.
-    pub auto_calm: Duration,
-}
-
-/// When a site or route challenges clients without a pass.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ChallengeMode {
-    Off,
-    Always,
-    /// While the site's upstream is saturated.
-    Auto,
-}
-
-impl ChallengeMode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ChallengeMode::Off => "off",
-            ChallengeMode::Always => "always",
-            ChallengeMode::Auto => "auto",
-        }
-    }
-}
-
-impl std::str::FromStr for ChallengeMode {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<ChallengeMode, String> {
-        match s {
-            "off" => Ok(ChallengeMode::Off),
-            "always" | "on" => Ok(ChallengeMode::Always),
-            "auto" => Ok(ChallengeMode::Auto),
-            other => Err(format!("'{other}': \"off\", \"always\" or \"auto\"")),
-        }
-    }
 }
 
 /// The nftables mirror of the entries.

@@ -48,6 +48,8 @@ pub struct RawChallenge {
     pub auto_response_time: Option<String>,
     /// Auto mode: how long the upstream must stay unsaturated before challenging stops.
     pub auto_calm: Option<String>,
+    /// Passes held at most (all sites); at the cap, no new pass is made until some expire.
+    pub max_passes: Option<usize>,
 }
 
 /// `[firewall]`: the nftables table that mirrors the block and allow entries.

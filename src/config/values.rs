@@ -57,6 +57,8 @@ pub const PUZZLE_TTL: Duration = Duration::from_secs(300);
 pub const AUTO_IN_FLIGHT: u32 = 64;
 pub const AUTO_RESPONSE_TIME: Duration = Duration::from_secs(2);
 pub const AUTO_CALM: Duration = Duration::from_secs(30);
+/// About 20 MB of passes.
+pub const MAX_PASSES: usize = 100_000;
 
 /// A route or jail path prefix, in the normal form request paths are matched in.
 pub(super) fn match_path(r: &mut Report, key: &str, text: &str) -> String {

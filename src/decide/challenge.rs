@@ -1,14 +1,17 @@
 //! The proof-of-work challenge's decisions, without any I/O: puzzles that cost the gateway
 //! no memory ([`Puzzles`]: each is signed with the gateway's key and bound to the client key,
 //! the site, the way back and an expiry), the check of a solution, the puzzles already used
-//! ([`Used`], bounded), and each site's load for auto mode ([`Load`]).
+//! ([`Used`], bounded). Each site's load for auto mode is [`crate::decide::load`].
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use aws_lc_rs::{digest, hmac};
 use dashmap::DashMap;
 
-use crate::config::ChallengeMode;
+/// Paths under this are the challenge's own (answered by the gateway, never proxied).
+pub const PREFIX: &str = "/.well-known/ipgate/";
+/// Where a solution is sent.
+pub const VERIFY: &str = "/.well-known/ipgate/challenge";
 
 /// Longest way back kept in a puzzle; a longer one returns to `/`.
 pub const MAX_RETURN: usize = 2048;
@@ -16,6 +19,8 @@ pub const MAX_RETURN: usize = 2048;
 /// Puzzles for one key and difficulty.
 pub struct Puzzles {
     key: hmac::Key,
+    /// The key's bytes, for [`Puzzles::with`].
+    secret: Vec<u8>,
     pub difficulty: u8,
     pub ttl_ms: u64,
 }
@@ -87,21 +92,27 @@ impl Puzzles {
     pub fn new(secret: &[u8], difficulty: u8, ttl_ms: u64) -> Puzzles {
         Puzzles {
             key: hmac::Key::new(hmac::HMAC_SHA256, secret),
+            secret: secret.to_vec(),
             difficulty,
             ttl_ms,
         }
     }
 
+    /// The same key with other settings.
+    pub fn with(&self, difficulty: u8, ttl_ms: u64) -> Puzzles {
+        Puzzles::new(&self.secret, difficulty, ttl_ms)
+    }
+
     /// A new puzzle for `target` on `site`, to return to `back`.
     pub fn issue(&self, target: &str, site: &str, back: &str, now: u64) -> Issued {
         let mut id = [0u8; 8];
-        // A failed read leaves zeros: the puzzle is still signed and bound, only less unique.
-        let _ = getrandom::fill(&mut id);
-        let back = if back.len() <= MAX_RETURN && back.starts_with('/') && !back.starts_with("//") {
-            back
-        } else {
-            "/"
-        };
+        if getrandom::fill(&mut id).is_err() {
+            // No randomness: a counter still keeps ids apart (the used set is keyed by them).
+            static NEXT: AtomicU64 = AtomicU64::new(0);
+            let n = NEXT.fetch_add(1, Ordering::Relaxed) ^ now.rotate_left(20);
+            id = n.to_le_bytes();
+        }
+        let back = if safe_back(back) { back } else { "/" };
         let puzzle = Puzzle {
             expires: now + self.ttl_ms,
             id: hex(&id),
@@ -159,6 +170,10 @@ impl Puzzles {
             back: r,
             difficulty: d.parse().map_err(|_| Failure::Malformed)?,
         };
+        // One spelling only: 64 lower-case hex digits (the work is done on this text).
+        if h.len() != 64 || !h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return Err(Failure::Malformed);
+        }
         let sig = unhex(&h).ok_or(Failure::Malformed)?;
         hmac::verify(&self.key, puzzle.text().as_bytes(), &sig).map_err(|_| Failure::Forged)?;
         if puzzle.expires <= now {
@@ -170,6 +185,9 @@ impl Puzzles {
         if puzzle.target != target {
             return Err(Failure::OtherClient);
         }
+        if !safe_back(&puzzle.back) {
+            return Err(Failure::Malformed);
+        }
         if n.len() > 20
             || !n.bytes().all(|b| b.is_ascii_digit())
             || !solves(&h, &n, puzzle.difficulty)
@@ -178,6 +196,16 @@ impl Puzzles {
         }
         Ok(puzzle)
     }
+}
+
+/// Whether a way back stays on this site: a path (not `//host` nor `/\\host`, which browsers
+/// read as another host), printable ASCII, and not too long.
+fn safe_back(back: &str) -> bool {
+    back.len() <= MAX_RETURN
+        && back.starts_with('/')
+        && !back.starts_with("//")
+        && !back.contains('\\')
+        && back.bytes().all(|b| b.is_ascii_graphic())
 }
 
 /// Whether SHA-256 of `SIG:NONCE` starts with `bits` zero bits.
@@ -234,9 +262,11 @@ pub fn new_secret() -> Result<String, getrandom::Error> {
     Ok(hex(&key))
 }
 
-/// Puzzles solved already, until they expire: a solution is good once. Bounded: when full,
-/// expired ones are dropped, and if none had expired, new solutions are refused until some
-/// do (only solved puzzles enter, so filling it costs the filler the work of each).
+/// Puzzles solved already, until they expire: a solution is good once. It holds random ids
+/// and expiry times only, no address. Bounded: when full, expired ones are dropped, and if
+/// that is not enough, a tenth of the rest: a filler can then replay one of its own puzzles
+/// (made for its own address), which gains it nothing it could not get by solving, while
+/// real visitors' solutions are never refused for want of room.
 pub struct Used {
     ids: DashMap<String, u64, foldhash::fast::RandomState>,
     cap: usize,
@@ -252,10 +282,18 @@ impl Used {
 
     /// Marks a puzzle used; `false` when it was used before (or no room is left).
     pub fn first_use(&self, puzzle: &Puzzle, now: u64) -> bool {
+        if self.ids.contains_key(&puzzle.id) {
+            return false;
+        }
         if self.ids.len() >= self.cap {
             self.ids.retain(|_, expires| *expires > now);
             if self.ids.len() >= self.cap {
-                return false;
+                let mut n = 0usize;
+                let drop = self.cap / 10 + 1;
+                self.ids.retain(|_, _| {
+                    n += 1;
+                    n > drop
+                });
             }
         }
         match self.ids.entry(puzzle.id.clone()) {
@@ -281,132 +319,9 @@ impl Used {
     }
 }
 
-/// The operator's mode for a site, over the config's (`ipgate challenge SITE ...`).
-const FORCED_NONE: u8 = 0;
-
-/// One site's load as auto mode reads it, and the mode the operator forced: kept across
-/// reloads while the site keeps its name. Every field is an atomic: the request path only
-/// reads `challenging` and, on sites that may go into auto mode, counts.
-#[derive(Default)]
-pub struct Load {
-    /// Requests sent to the upstream and waiting for its answer head.
-    in_flight: AtomicU32,
-    /// The most in flight since the last tick.
-    peak: AtomicU32,
-    /// Answer time's moving average, µs.
-    answer_us: AtomicU64,
-    /// A request waited for one of `max_upstream_connections` since the last tick.
-    waited: AtomicBool,
-    /// Auto mode finds the upstream saturated (or did within `auto_calm`).
-    pub under_load: AtomicBool,
-    /// When the upstream was last found saturated (ms).
-    last_saturated: AtomicU64,
-    /// `FORCED_NONE`, or 1 + the forced mode's index.
-    forced: AtomicU8,
-}
-
-/// What one tick saw and did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Change {
-    Entered,
-    Left,
-    None,
-}
-
-impl Load {
-    /// The site's mode now: the operator's if forced, else `configured`.
-    pub fn mode(&self, configured: ChallengeMode) -> ChallengeMode {
-        match self.forced.load(Ordering::Relaxed) {
-            1 => ChallengeMode::Off,
-            2 => ChallengeMode::Always,
-            3 => ChallengeMode::Auto,
-            _ => configured,
-        }
-    }
-
-    pub fn forced(&self) -> Option<ChallengeMode> {
-        match self.forced.load(Ordering::Relaxed) {
-            FORCED_NONE => None,
-            _ => Some(self.mode(ChallengeMode::Off)),
-        }
-    }
-
-    /// Forces a mode (`None`: back to the config's).
-    pub fn force(&self, mode: Option<ChallengeMode>) {
-        let v = match mode {
-            None => FORCED_NONE,
-            Some(ChallengeMode::Off) => 1,
-            Some(ChallengeMode::Always) => 2,
-            Some(ChallengeMode::Auto) => 3,
-        };
-        self.forced.store(v, Ordering::Relaxed);
-    }
-
-    /// Whether the site challenges every client without a pass now, in `mode`.
-    #[inline]
-    pub fn challenging(&self, mode: ChallengeMode) -> bool {
-        match mode {
-            ChallengeMode::Off => false,
-            ChallengeMode::Always => true,
-            ChallengeMode::Auto => self.under_load.load(Ordering::Relaxed),
-        }
-    }
-
-    /// A request goes to the upstream.
-    pub fn sent(&self) {
-        let n = self.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
-        self.peak.fetch_max(n, Ordering::Relaxed);
-    }
-
-    /// Its answer head came (or it failed) after `us` microseconds.
-    pub fn answered(&self, us: u64) {
-        self.in_flight.fetch_sub(1, Ordering::Relaxed);
-        // An average over about the last eight answers; a lost race loses one sample.
-        let old = self.answer_us.load(Ordering::Relaxed);
-        let new = if old == 0 { us } else { old - old / 8 + us / 8 };
-        self.answer_us.store(new, Ordering::Relaxed);
-    }
-
-    /// A request had to wait for one of the site's upstream connections.
-    pub fn waited(&self) {
-        self.waited.store(true, Ordering::Relaxed);
-    }
-
-    /// One look at the load (twice a second): saturated when `in_flight` requests wait for
-    /// their answer head at once, when the average answer takes `answer` or longer, or when
-    /// a request waited for an upstream connection; challenging stops after `calm` without.
-    pub fn tick(&self, now: u64, in_flight: u32, answer: std::time::Duration, calm: u64) -> Change {
-        let peak = self
-            .peak
-            .swap(self.in_flight.load(Ordering::Relaxed), Ordering::Relaxed);
-        let waited = self.waited.swap(false, Ordering::Relaxed);
-        let slow = self.answer_us.load(Ordering::Relaxed) >= answer.as_micros() as u64;
-        if peak >= in_flight || waited || slow {
-            self.last_saturated.store(now, Ordering::Relaxed);
-            if !self.under_load.swap(true, Ordering::Relaxed) {
-                return Change::Entered;
-            }
-        } else if self.under_load.load(Ordering::Relaxed)
-            && now.saturating_sub(self.last_saturated.load(Ordering::Relaxed)) >= calm
-        {
-            self.under_load.store(false, Ordering::Relaxed);
-            // A quiet site starts its next average afresh.
-            self.answer_us.store(0, Ordering::Relaxed);
-            return Change::Left;
-        }
-        Change::None
-    }
-
-    /// Answer-time average now (µs).
-    pub fn answer_us(&self) -> u64 {
-        self.answer_us.load(Ordering::Relaxed)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     fn puzzles(bits: u8) -> Puzzles {
         Puzzles::new(&[7u8; 32], bits, 60_000)
@@ -476,6 +391,15 @@ mod tests {
             p.verify("e=1&h=zz", "192.0.2.7/32", "shop", 2_000),
             Err(Failure::Malformed)
         );
+        // The signature in capitals is the same bytes, but not the text the work is on.
+        let upper = issued
+            .query
+            .replace(&issued.sig, &issued.sig.to_uppercase());
+        let n = solve(&issued.sig, 8);
+        assert_eq!(
+            p.verify(&format!("{upper}&n={n}"), "192.0.2.7/32", "shop", 2_000),
+            Err(Failure::Malformed)
+        );
         let twice = format!("{}&n=1&n=2", issued.query);
         assert_eq!(
             p.verify(&twice, "192.0.2.7/32", "shop", 2_000),
@@ -488,11 +412,14 @@ mod tests {
         let p = puzzles(1);
         for (asked, back) in [
             ("//evil.example/", "/"),
+            ("/\\evil.example/", "/"),
             ("https://evil/", "/"),
+            ("/a\u{7f}b", "/"),
             ("/a?b", "/a?b"),
         ] {
             let issued = p.issue("192.0.2.7/32", "s", asked, 0);
-            let puzzle = p.verify(&solved(&issued), "192.0.2.7/32", "s", 1).unwrap();
+            let puzzle = p.verify(&solved(&issued), "192.0.2.7/32", "s", 1);
+            let puzzle = puzzle.unwrap_or_else(|e| panic!("{asked:?}: {e}"));
             assert_eq!(puzzle.back, back);
         }
     }
@@ -510,45 +437,12 @@ mod tests {
         };
         assert!(used.first_use(&puzzle("a", 10), 0));
         assert!(used.first_use(&puzzle("b", 100), 0));
-        // Full, nothing expired: refused rather than forgotten.
-        assert!(!used.first_use(&puzzle("c", 100), 5));
-        // "a" expired: room again.
+        assert!(!used.first_use(&puzzle("b", 100), 0));
+        // Full, "a" expired: it makes room.
         assert!(used.first_use(&puzzle("c", 100), 20));
         assert_eq!(used.len(), 2);
-    }
-
-    #[test]
-    fn auto_mode_enters_on_load_and_leaves_after_calm() {
-        let load = Load::default();
-        let answer = Duration::from_secs(2);
-        assert_eq!(load.tick(0, 3, answer, 1_000), Change::None);
-        for _ in 0..3 {
-            load.sent();
-        }
-        assert_eq!(load.tick(100, 3, answer, 1_000), Change::Entered);
-        assert!(load.challenging(ChallengeMode::Auto));
-        for _ in 0..3 {
-            load.answered(1_000);
-        }
-        // They were in flight until just now: still saturated at this tick.
-        assert_eq!(load.tick(600, 3, answer, 1_000), Change::None);
-        // Quiet, but not for long enough yet.
-        assert_eq!(load.tick(1_100, 3, answer, 1_000), Change::None);
-        assert!(load.challenging(ChallengeMode::Auto));
-        assert_eq!(load.tick(1_600, 3, answer, 1_000), Change::Left);
-        assert!(!load.challenging(ChallengeMode::Auto));
-        // Slow answers saturate too, and a wait for a connection.
-        load.sent();
-        load.answered(3_000_000);
-        assert_eq!(load.tick(2_600, 3, answer, 1_000), Change::Entered);
-        let calm = Load::default();
-        calm.waited();
-        assert_eq!(calm.tick(0, 3, answer, 1_000), Change::Entered);
-        // The operator's mode wins over the config's.
-        calm.force(Some(ChallengeMode::Off));
-        assert_eq!(calm.mode(ChallengeMode::Auto), ChallengeMode::Off);
-        assert_eq!(calm.forced(), Some(ChallengeMode::Off));
-        calm.force(None);
-        assert_eq!(calm.mode(ChallengeMode::Auto), ChallengeMode::Auto);
+        // Full, nothing expired: some make room, and a new solution is taken.
+        assert!(used.first_use(&puzzle("d", 100), 30));
+        assert!(used.len() <= 2);
     }
 }

@@ -5,8 +5,8 @@
 //! - [`jail`]: failures per client in a sliding window, and the watched requests in flight;
 //! - `clients`: the client key (an IPv4 address or an IPv6 prefix), the bounded per-client
 //!   map, and a client's connections, requests in flight and uploads;
-//! - [`challenge`]: signed proof-of-work puzzles, the ones used, and each site's load for
-//!   auto mode;
+//! - [`challenge`]: signed proof-of-work puzzles and the ones used; [`load`]: each site's
+//!   upstream load for the challenge's auto mode;
 //! - [`clock`]: the clock every expiry is measured on.
 //!
 //! Lock-free for reads; nothing here waits on disk or network. The request path's admission
@@ -18,5 +18,6 @@ pub mod challenge;
 pub(crate) mod clients;
 pub mod clock;
 pub mod jail;
+pub mod load;
 pub mod policy;
 pub mod ratelimit;

@@ -83,12 +83,51 @@ pub struct Metrics {
     pub firewall_elements: IntGaugeVec,
     /// `ipgate_firewall_errors_total`: updates nft refused (each retried as a rebuild).
     pub firewall_errors: IntCounter,
+    pub challenge: ChallengeMetrics,
+}
+
+/// The challenge's metrics.
+pub struct ChallengeMetrics {
     pub challenges: IntCounterVec,
     /// Pass entries held.
     pub passes: IntGauge,
     /// 1 while a site challenges every client without a pass.
-    pub challenge_mode: IntGaugeVec,
-    pub challenge_solve: HistogramVec,
+    pub mode: IntGaugeVec,
+    pub solve: HistogramVec,
+}
+
+impl ChallengeMetrics {
+    fn new(reg: &Reg) -> ChallengeMetrics {
+        ChallengeMetrics {
+            challenges: reg.counter_vec(
+                "ipgate_challenges_total",
+                "Challenges by site and result: issued (a page served), passed (solved, a pass \
+                 made), failed (a solution refused).",
+                &["site", "result"],
+            ),
+            passes: reg.gauge(
+                "ipgate_passes",
+                "Pass entries held (solved challenges, per client and site).",
+            ),
+            mode: reg.gauge_vec(
+                "ipgate_challenge_mode",
+                "1 while the site challenges every client without a pass (always, forced on, or \
+                 auto mode under load), else 0.",
+                &["site"],
+            ),
+            solve: reg.add(
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "ipgate_challenge_solve_seconds",
+                        "Time from a challenge page being served to its solution arriving, by site.",
+                    )
+                    .buckets(vec![0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 300.0]),
+                    &["site"],
+                )
+                .expect("valid metric"),
+            ),
+        }
+    }
 }
 
 pub struct FleetMetrics {
@@ -166,11 +205,7 @@ impl Metrics {
             "Client connections closed right after accept, by reason.",
             &["reason"],
         );
-        let would_block = reg.counter_vec(
-            "ipgate_would_block_total",
-            "Requests a dry-run rule would have refused, by rule.",
-            &["rule"],
-        );
+        let would_block = would_block(&reg);
         Metrics {
             timed_out: reg.counter_vec(
                 "ipgate_connections_timed_out_total",
@@ -256,33 +291,7 @@ impl Metrics {
                 "Lines read from the files of each log jail.",
                 &["jail"],
             ),
-            challenges: reg.counter_vec(
-                "ipgate_challenges_total",
-                "Challenges by site and result: issued (a page served), passed (solved, a pass \
-                 made), failed (a solution refused).",
-                &["site", "result"],
-            ),
-            passes: reg.gauge(
-                "ipgate_passes",
-                "Pass entries held (solved challenges, per client and site).",
-            ),
-            challenge_mode: reg.gauge_vec(
-                "ipgate_challenge_mode",
-                "1 while the site challenges every client without a pass (always, forced on, or \
-                 auto mode under load), else 0.",
-                &["site"],
-            ),
-            challenge_solve: reg.add(
-                HistogramVec::new(
-                    HistogramOpts::new(
-                        "ipgate_challenge_solve_seconds",
-                        "Time from a challenge page being served to its solution arriving, by site.",
-                    )
-                    .buckets(vec![0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 300.0]),
-                    &["site"],
-                )
-                .expect("valid metric"),
-            ),
+            challenge: ChallengeMetrics::new(&reg),
             registry: reg.0,
         }
     }
@@ -294,6 +303,14 @@ impl Metrics {
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         out
     }
+}
+
+fn would_block(reg: &Reg) -> IntCounterVec {
+    reg.counter_vec(
+        "ipgate_would_block_total",
+        "Requests a dry-run rule would have refused, by rule.",
+        &["rule"],
+    )
 }
 
 fn request_duration() -> HistogramVec {
@@ -352,11 +369,11 @@ impl SiteMetrics {
             protocol_errors: m.upstream_errors.with_label_values(&[site, "protocol"]),
             busy: m.upstream_errors.with_label_values(&[site, "busy"]),
             challenged: m.requests.with_label_values(&[site, outcome::CHALLENGED]),
-            challenges_issued: m.challenges.with_label_values(&[site, "issued"]),
-            challenges_passed: m.challenges.with_label_values(&[site, "passed"]),
-            challenges_failed: m.challenges.with_label_values(&[site, "failed"]),
-            challenge_mode: m.challenge_mode.with_label_values(&[site]),
-            challenge_solve: m.challenge_solve.with_label_values(&[site]),
+            challenges_issued: m.challenge.challenges.with_label_values(&[site, "issued"]),
+            challenges_passed: m.challenge.challenges.with_label_values(&[site, "passed"]),
+            challenges_failed: m.challenge.challenges.with_label_values(&[site, "failed"]),
+            challenge_mode: m.challenge.mode.with_label_values(&[site]),
+            challenge_solve: m.challenge.solve.with_label_values(&[site]),
         }
     }
 }

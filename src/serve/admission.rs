@@ -62,6 +62,10 @@ pub struct Asked<'a> {
     pub host: &'a str,
     /// The normalized path.
     pub path: &'a str,
+    /// The request target has a query.
+    pub query: bool,
+    /// The listener redirects to HTTPS: the challenge waits for the HTTPS request.
+    pub redirect: bool,
 }
 
 /// Decides whether a request for `path` on `site` may be forwarded. `conn` is the slot of
@@ -94,7 +98,9 @@ pub fn admit(
         return Ok(Admitted::exempt());
     }
     rate_limit(state, site, path, client.ip)?;
-    challenge(state, snap, site, path, client.ip)?;
+    if !asked.redirect {
+        challenge(state, snap, site, asked, client.ip)?;
+    }
     let key = client_key(client.ip, snap.config.rate_limit.ipv6_prefix);
     // No burst outruns a jail: a few watched requests per client at a time, and none while
     // the client's ban is being made.
@@ -233,11 +239,25 @@ fn allowed_only(snap: &Snapshot, site: &SiteEntry, path: &str, client: IpAddr) -
         })
 }
 
-/// Paths never challenged: robots.txt, ACME's HTTP-01 answers, and the challenge's own.
-fn never_challenged(path: &str) -> bool {
+/// Requests never challenged: the challenge's own paths (answered by the gateway, never
+/// proxied), and a GET or HEAD of robots.txt (no query) or of one ACME HTTP-01 token. Any
+/// other form of those paths is challenged like the rest: an upstream that routes unknown
+/// paths to its application must not be reachable around the challenge.
+fn never_challenged(asked: &Asked) -> bool {
+    let path = asked.path;
+    if path.starts_with(crate::decide::challenge::PREFIX) {
+        return true;
+    }
+    if *asked.method != Method::GET && *asked.method != Method::HEAD || asked.query {
+        return false;
+    }
+    let token = path.strip_prefix(crate::state::challenges::ACME_CHALLENGE);
     path == "/robots.txt"
-        || path.starts_with(crate::serve::https::ACME_CHALLENGE)
-        || path.starts_with(crate::serve::challenge::PREFIX)
+        || token.is_some_and(|t| {
+            !t.is_empty()
+                && t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
 }
 
 /// Challenges a client without a pass when the site or route asks for it (always, or auto
@@ -247,9 +267,10 @@ fn challenge(
     state: &AppState,
     snap: &Snapshot,
     site: &SiteEntry,
-    path: &str,
+    asked: &Asked,
     client: IpAddr,
 ) -> Result<(), Refusal> {
+    let path = asked.path;
     let forced = site.load.forced().is_some();
     if !site.may_challenge && !forced && snap.policy.challenge.is_empty() {
         return Ok(());
@@ -259,7 +280,7 @@ fn challenge(
     // A route or the operator saying off holds for challenge lists too.
     let by_list =
         !by_mode && mode_allows_lists(site, path, mode) && snap.policy.challenged(client).is_some();
-    if !(by_mode || by_list) || never_challenged(path) {
+    if !(by_mode || by_list) || never_challenged(asked) {
         return Ok(());
     }
     if state.temp.passed(&site.pass_scope, client) {

@@ -18,18 +18,41 @@ use crate::serve::admission;
 use crate::serve::answer::Body;
 use crate::state::{AppState, SiteEntry, Snapshot};
 
-/// Paths under this are the challenge's own (never challenged, never proxied).
-pub const PREFIX: &str = "/.well-known/ipgate/";
-/// Where a solution is sent.
-pub const VERIFY: &str = "/.well-known/ipgate/challenge";
+pub use crate::decide::challenge::{PREFIX, VERIFY};
 
 /// The page's one template.
 const PAGE: &str = include_str!("challenge.html");
 
-/// What the page's script may do: run its own inline code and style, and nothing else.
-const CSP: &str = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
-                   img-src 'none'; connect-src 'none'; form-action 'none'; base-uri 'none'; \
-                   frame-ancestors 'none'";
+/// What the page may do: run its own inline script and style (named by their SHA-256, so
+/// nothing injected could run), and nothing else: no request, no frame, no form.
+fn csp() -> &'static HeaderValue {
+    static CSP: OnceLock<HeaderValue> = OnceLock::new();
+    CSP.get_or_init(|| {
+        let policy = format!(
+            "default-src 'none'; script-src '{}'; style-src '{}'; img-src 'none'; \
+             connect-src 'none'; form-action 'none'; base-uri 'none'; frame-ancestors 'none'",
+            inline_hash("<script>"),
+            inline_hash("<style>"),
+        );
+        HeaderValue::from_str(&policy).unwrap_or(HeaderValue::from_static("default-src 'none'"))
+    })
+}
+
+/// `sha256-BASE64` of the template's inline element that opens with `open` (the script and
+/// the style hold no template variable, so they are served as written).
+fn inline_hash(open: &str) -> String {
+    use base64::Engine;
+    let close = open.replace('<', "</");
+    let body = PAGE
+        .split_once(open)
+        .and_then(|(_, rest)| rest.split_once(close.as_str()))
+        .map_or("", |(body, _)| body);
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, body.as_bytes());
+    format!(
+        "sha256-{}",
+        base64::engine::general_purpose::STANDARD.encode(digest.as_ref())
+    )
+}
 
 fn templates() -> &'static minijinja::Environment<'static> {
     static ENV: OnceLock<minijinja::Environment<'static>> = OnceLock::new();
@@ -200,11 +223,14 @@ pub fn answer(
     site.metrics.challenges_issued.inc();
     count_against_jails(state, snap, site, client);
     let lang = language(headers);
+    let t = words(lang, snap.config.challenge.pass_ttl);
     let puzzle = serde_json::json!({
         "c": issued.query,
         "h": issued.sig,
         "d": issued.difficulty,
         "v": VERIFY,
+        "working": t.working,
+        "done": t.done,
     })
     .to_string()
     // Inside <script>: nothing may close the element or open a comment.
@@ -213,7 +239,7 @@ pub fn answer(
     .replace('&', "\\u0026");
     let ctx = minijinja::context! {
         lang => lang,
-        t => words(lang, snap.config.challenge.pass_ttl),
+        t => t,
         puzzle => puzzle,
     };
     let html = templates()
@@ -227,10 +253,7 @@ pub fn answer(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/html; charset=utf-8"),
     );
-    h.insert(
-        header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static(CSP),
-    );
+    h.insert(header::CONTENT_SECURITY_POLICY, csp().clone());
     h.insert(
         header::CONTENT_LANGUAGE,
         HeaderValue::from_static(if lang == "nl" { "nl" } else { "en" }),
@@ -264,9 +287,27 @@ fn count_against_jails(state: &Arc<AppState>, snap: &Snapshot, site: &SiteEntry,
     }
 }
 
+/// Answers a request for one of the challenge's own paths: a solution, or 404 (nothing under
+/// them is ever proxied).
+pub async fn own(
+    state: &Arc<AppState>,
+    snap: &Snapshot,
+    site: &SiteEntry,
+    path: &str,
+    uri: &Uri,
+    client: IpAddr,
+) -> Response<Body> {
+    site.metrics.challenged.inc();
+    if path == VERIFY {
+        verify(state, snap, site, uri, client).await
+    } else {
+        crate::serve::answer::plain(StatusCode::NOT_FOUND, "404 not found\n")
+    }
+}
+
 /// Checks a solution (`GET /.well-known/ipgate/challenge?...`): a good one makes a pass for
 /// the client on this site and sends it back where it was going (303); a bad one is 403.
-pub async fn verify(
+async fn verify(
     state: &Arc<AppState>,
     snap: &Snapshot,
     site: &SiteEntry,
@@ -315,6 +356,23 @@ pub async fn verify(
             return resp;
         }
     };
+    let back = HeaderValue::from_str(&puzzle.back).unwrap_or(HeaderValue::from_static("/"));
+    // Another tab's puzzle, solved after the first made the pass: nothing to make.
+    if state.temp.passed(&site.pass_scope, client) {
+        return see_other(back);
+    }
+    if state.temp.passes_len() >= snap.config.challenge.max_passes {
+        tracing::warn!(
+            max = snap.config.challenge.max_passes,
+            "challenge.max_passes reached: no pass is made until some expire"
+        );
+        let mut resp = crate::serve::answer::plain(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "503 too many visitors are being checked right now; try again in a few minutes\n",
+        );
+        no_store(&mut resp, false);
+        return resp;
+    }
     let ttl = snap.config.challenge.pass_ttl;
     site.metrics.challenges_passed.inc();
     site.metrics
@@ -330,8 +388,12 @@ pub async fn verify(
         // Enforced already; written as soon as the disk takes it.
         tracing::warn!(error = %e, "pass made but not durable yet");
     }
+    see_other(back)
+}
+
+/// 303 to the way back.
+fn see_other(back: HeaderValue) -> Response<Body> {
     let mut resp = crate::serve::answer::plain(StatusCode::SEE_OTHER, "303 see other\n");
-    let back = HeaderValue::from_str(&puzzle.back).unwrap_or(HeaderValue::from_static("/"));
     resp.headers_mut().insert(header::LOCATION, back);
     no_store(&mut resp, false);
     resp
@@ -382,5 +444,19 @@ mod tests {
             assert!(html.contains(if lang == "nl" { "1 dag" } else { "1 day" }));
             assert!(!html.contains("cookie=") && !html.contains("localStorage"));
         }
+    }
+
+    #[test]
+    fn the_policy_names_the_inline_script_and_style_by_hash() {
+        let policy = csp().to_str().unwrap();
+        assert!(policy.contains("script-src 'sha256-"), "{policy}");
+        assert!(!policy.contains("unsafe-inline"));
+        assert_ne!(inline_hash("<script>"), inline_hash("<style>"));
+        // The script found is the solver, whole.
+        assert!(PAGE
+            .split_once("<script>")
+            .unwrap()
+            .1
+            .contains("location.replace"));
     }
 }

@@ -11,7 +11,7 @@ use crate::serve::answer::{plain, Body};
 use crate::state::SiteEntry;
 
 /// Where ACME's HTTP-01 challenges are asked (RFC 8555 §8.3): never redirected.
-pub const ACME_CHALLENGE: &str = "/.well-known/acme-challenge/";
+pub use crate::state::challenges::ACME_CHALLENGE;
 
 /// Over plain HTTP, the answer to a pending HTTP-01 challenge at `path`, if it is one.
 pub fn http01_answer(tls: bool, path: &str) -> Option<Response<Body>> {

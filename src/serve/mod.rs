@@ -9,10 +9,12 @@
 //!   headers (`headers`), reads small bodies ahead and times idle ones (`body`), forwards
 //!   through `upstream`, splices WebSocket upgrades (`splice`); `answer`: the
 //!   gateway's own answers; `https`: the redirect of `redirect_https` listeners, HTTP-01
-//!   answers and HSTS.
+//!   answers and HSTS; `challenge`: the proof-of-work page, and the check of a solution that
+//!   makes a pass.
 //! - `admission`: the per-request decision, in order: allow wins, block entries,
-//!   `allow_only`, the rate limit, the jails' watched requests and the client's requests in
-//!   flight (a short queue); then the jails see the response and ban through the state.
+//!   `allow_only`, the rate limit, the challenge (unless the client has a pass), the jails'
+//!   watched requests and the client's requests in flight (a short queue); then the jails
+//!   see the response and ban through the state.
 //!
 //! Uses: [`crate::state`], [`crate::decide`], [`crate::observe`], [`crate::config`],
 //! [`crate::normalize`].

@@ -143,7 +143,7 @@ pub async fn handle(
         return Ok((for_method(&method, resp), Held::default()));
     }
     let site = snap.site_for(host);
-    let asked = (&method, host, path.as_ref());
+    let asked = (&method, host, path.as_ref(), uri.query().is_some());
     let admitted = match admit(state, &snap, site, &conn, client, asked) {
         // Boxed: the wait is rare, and its timer would grow every request's future.
         Ok(a) if a.queued.is_some() => Box::pin(take_place(a, &snap.config.limits)).await,
@@ -158,9 +158,8 @@ pub async fn handle(
         }
         (site, Err(refusal)) => refuse(state, site, Error::from(refusal)),
         (None, Ok(_)) => refuse(state, None, Error::NoSite),
-        (Some(site), Ok(_)) if path == challenge::VERIFY => {
-            site.metrics.challenged.inc();
-            let resp = challenge::verify(state, &snap, site, &uri, client.ip).await;
+        (Some(site), Ok(_)) if path.starts_with(challenge::PREFIX) => {
+            let resp = challenge::own(state, &snap, site, &path, &uri, client.ip).await;
             (resp, site.site.name.as_str(), outcome::CHALLENGED)
         }
         (Some(site), Ok(_)) if conn.redirect && !path.starts_with(https::ACME_CHALLENGE) => {
@@ -183,28 +182,42 @@ pub async fn handle(
             let forwarding = forward(&worker, &snap, site, &conn, &checked, req, &mut held);
             let result = Box::pin(forwarding).await;
             site.metrics.duration.observe(start.elapsed().as_secs_f64());
-            match result {
-                Ok(mut resp) => {
-                    site.metrics.proxied.inc();
-                    if conn.tls {
-                        https::add_hsts(&mut resp, site);
-                    }
-                    if !admitted.exempt {
-                        let request = (&method, host, path.as_ref());
-                        observe_response(state, &snap, site, client.ip, request, &resp);
-                    }
-                    (resp, site.site.name.as_str(), outcome::PROXIED)
-                }
-                // The client's fault, not the upstream's.
-                Err(e @ (Error::BodyIdle | Error::BodyFailed)) => refuse(state, None, e),
-                // Over the client's uploads: its own limit, not the upstream's failure.
-                Err(e @ Error::RateLimited(_)) => refuse(state, Some(site), e),
-                Err(e) => upstream_failed(site, e),
-            }
+            let request = (&method, host, path.as_ref());
+            let seen = (!admitted.exempt).then_some((client.ip, request));
+            forwarded(state, &snap, site, conn.tls, seen, result)
         }
     };
     logged.log(state, &snap, client.ip, &resp, site_name, outcome);
     Ok((for_method(&method, resp), held))
+}
+
+/// Counts and finishes a forwarded request's answer: the response (HSTS added, shown to the
+/// jails when `seen` names its client and request), or the error's own answer.
+fn forwarded<'s>(
+    state: &Arc<AppState>,
+    snap: &Snapshot,
+    site: &'s SiteEntry,
+    tls: bool,
+    seen: Option<(IpAddr, (&Method, &str, &str))>,
+    result: Result<Response<Body>, Error>,
+) -> (Response<Body>, &'s str, &'static str) {
+    match result {
+        Ok(mut resp) => {
+            site.metrics.proxied.inc();
+            if tls {
+                https::add_hsts(&mut resp, site);
+            }
+            if let Some((client, request)) = seen {
+                observe_response(state, snap, site, client, request, &resp);
+            }
+            (resp, site.site.name.as_str(), outcome::PROXIED)
+        }
+        // The client's fault, not the upstream's.
+        Err(e @ (Error::BodyIdle | Error::BodyFailed)) => refuse(state, None, e),
+        // Over the client's uploads: its own limit, not the upstream's failure.
+        Err(e @ Error::RateLimited(_)) => refuse(state, Some(site), e),
+        Err(e) => upstream_failed(site, e),
+    }
 }
 
 /// The answer as the method allows it: no body for HEAD.
@@ -242,7 +255,7 @@ fn admit(
     site: Option<&SiteEntry>,
     conn: &ConnInfo,
     client: Client,
-    (method, host, path): (&Method, &str, &str),
+    (method, host, path, query): (&Method, &str, &str, bool),
 ) -> Result<admission::Admitted, admission::Refusal> {
     // The connection's client slot counts its requests in flight, unless X-Forwarded-For
     // named someone else.
@@ -251,7 +264,13 @@ fn admit(
         .client
         .as_ref()
         .filter(|_| client.ip == conn.client);
-    let asked = admission::Asked { method, host, path };
+    let asked = admission::Asked {
+        method,
+        host,
+        path,
+        query,
+        redirect: conn.redirect,
+    };
     admission::admit(state, snap, site, (client, conn_slot), &asked)
 }
 
@@ -392,6 +411,7 @@ async fn forward(
     let limits = &snap.config.limits;
     let upgrade = request::websocket_upgrade(&req);
     let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+    let is_upgrade = upgrade.is_some();
     let (mut parts, body) = req.into_parts();
 
     headers::strip_hop_by_hop(&mut parts.headers);
@@ -429,20 +449,18 @@ async fn forward(
     // Upstreams speak HTTP/1.1 whatever the client spoke.
     parts.version = Version::HTTP_11;
     let body = ready_to_send(body, limits, site, held).await?;
+    // Auto mode measures the upstream: answers awaited at once, and how long they take (not
+    // for a body that streams as slowly as its client sends it, nor an upgrade).
+    let timed = !body.is_streaming() && !is_upgrade;
     let upstream_req = Request::from_parts(parts, body);
-
-    // Auto mode measures the upstream: answers awaited at once, and how long they take.
-    let measured = site.tracks_load().then(|| {
-        site.load.sent();
-        Instant::now()
-    });
+    let measured = site.tracks_load().then(|| site.load.sent(timed));
     let sent = tokio::time::timeout(
         site.site.upstream_timeout,
         worker.upstream.send(&site.upstream, upstream_req),
     )
     .await;
-    if let Some(at) = measured {
-        site.load.answered(at.elapsed().as_micros() as u64);
+    if let (Some(m), Ok(Ok(_))) = (measured, &sent) {
+        m.answered();
     }
     let mut resp = match sent {
         Err(_) => return Err(Error::UpstreamTimeout),

@@ -8,6 +8,9 @@ use std::sync::{Arc, LazyLock};
 use dashmap::DashMap;
 use rustls::sign::CertifiedKey;
 
+/// Where HTTP-01 challenges are asked for (RFC 8555 8.3).
+pub const ACME_CHALLENGE: &str = "/.well-known/acme-challenge/";
+
 /// The ALPN protocol of TLS-ALPN-01 (RFC 8737).
 pub const ALPN: &[u8] = b"acme-tls/1";
 

@@ -342,7 +342,7 @@ impl AppState {
             .list_entries
             .with_label_values(&["pass", "temporary"])
             .set(passes);
-        self.metrics.passes.set(passes);
+        self.metrics.challenge.passes.set(passes);
     }
 }
 
@@ -401,7 +401,7 @@ impl AppState {
     /// One look at every site's challenge mode (twice a second): auto mode enters and leaves
     /// by the upstream's load, each logged once; `ipgate_challenge_mode` follows.
     pub fn tick_challenge(&self) {
-        use crate::decide::challenge::Change;
+        use crate::decide::load::Change;
         let snap = self.snapshot.load();
         let c = &snap.config.challenge;
         let now = now_ms();

@@ -10,9 +10,10 @@ use std::sync::Arc;
 use hyper_util::rt::TokioExecutor;
 use tokio_rustls::TlsAcceptor;
 
-use crate::config::{Config, Errors, Report, Site};
+use crate::config::{ChallengeMode, Config, Errors, Report, Site};
 use crate::decide::jail::Jail;
 use crate::decide::policy::table::CidrTable;
+use crate::decide::policy::temporary::Scope;
 use crate::decide::policy::Policy;
 use crate::decide::ratelimit::Limiter;
 use crate::observe::metrics::{Metrics, SiteMetrics};
@@ -68,7 +69,7 @@ pub struct SiteEntry {
     /// `scope = "site"`.
     pub scopes: Vec<crate::decide::policy::temporary::Scope>,
     /// The site's load for auto mode and the operator's forced mode: kept across reloads.
-    pub load: Arc<crate::decide::challenge::Load>,
+    pub load: Arc<crate::decide::load::Load>,
     /// The scope of the site's passes.
     pub pass_scope: crate::decide::policy::temporary::Scope,
     /// The config challenges somewhere on this site (its own mode, or a route's).
@@ -108,8 +109,13 @@ impl FileStamp {
 pub const CHALLENGE_KEY: &str = "challenge.key";
 
 /// The key that signs puzzles: `challenge.secret_file`, else `state_dir/challenge.key` (made
-/// at the first start). Before that (`ipgate check` on a new install) a throwaway key.
-fn puzzles(config: &Config, report: &mut Report) -> crate::decide::challenge::Puzzles {
+/// at the first start). Before that (`ipgate check` on a new install) a throwaway key; on a
+/// reload that finds the file gone, the key in force.
+fn puzzles(
+    config: &Config,
+    report: &mut Report,
+    previous: Option<&Snapshot>,
+) -> Arc<crate::decide::challenge::Puzzles> {
     let c = &config.challenge;
     let path = c
         .secret_file
@@ -127,9 +133,22 @@ fn puzzles(config: &Config, report: &mut Report) -> crate::decide::challenge::Pu
             Vec::new()
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && c.secret_file.is_none() => {
-            crate::decide::challenge::new_secret()
-                .unwrap_or_default()
-                .into_bytes()
+            if let Some(p) = previous {
+                let ttl = c.puzzle_ttl.as_millis() as u64;
+                return Arc::new(p.puzzles.with(c.difficulty, ttl));
+            }
+            match crate::decide::challenge::new_secret() {
+                Ok(key) => key.into_bytes(),
+                Err(e) => {
+                    report.other(
+                        &path,
+                        None,
+                        "challenge.secret_file",
+                        format!("no randomness for a challenge key: {e}"),
+                    );
+                    Vec::new()
+                }
+            }
         }
         Err(e) => {
             report.other(
@@ -141,7 +160,11 @@ fn puzzles(config: &Config, report: &mut Report) -> crate::decide::challenge::Pu
             Vec::new()
         }
     };
-    crate::decide::challenge::Puzzles::new(&secret, c.difficulty, c.puzzle_ttl.as_millis() as u64)
+    Arc::new(crate::decide::challenge::Puzzles::new(
+        &secret,
+        c.difficulty,
+        c.puzzle_ttl.as_millis() as u64,
+    ))
 }
 
 impl SiteEntry {
@@ -209,7 +232,7 @@ impl Snapshot {
         );
         let tls = loaded.config.map(TlsAcceptor::from);
         let policy = Policy::build(&config.lists, &mut report, metrics);
-        let puzzles = puzzles(&config, &mut report);
+        let puzzles = puzzles(&config, &mut report, previous);
         if !report.is_empty() {
             return Err(report.into_errors());
         }
@@ -255,33 +278,14 @@ impl Snapshot {
                 .collect();
             route_limiters.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
             sites.push(SiteEntry {
-                load: previous
-                    .and_then(|p| p.sites.iter().find(|s| s.site.name == site.name))
-                    .map(|s| s.load.clone())
-                    .unwrap_or_default(),
-                pass_scope: crate::decide::policy::temporary::Scope::Site(
-                    site.name.as_str().into(),
-                ),
-                may_auto: site.challenge == crate::config::ChallengeMode::Auto
-                    || site
-                        .routes
-                        .iter()
-                        .any(|r| r.challenge == Some(crate::config::ChallengeMode::Auto)),
-                may_challenge: site.challenge != crate::config::ChallengeMode::Off
-                    || site.routes.iter().any(|r| {
-                        r.challenge
-                            .is_some_and(|m| m != crate::config::ChallengeMode::Off)
-                    }),
+                load: kept_load(previous, site),
+                pass_scope: Scope::Site(site.name.as_str().into()),
+                may_auto: site.challenge_modes().any(|m| m == ChallengeMode::Auto),
+                may_challenge: site.challenge_modes().any(|m| m != ChallengeMode::Off),
                 upstream_slots: upstream_slots(previous, site),
                 scopes: scopes(&config, site),
-                hsts: site.hsts.and_then(|d| {
-                    http::HeaderValue::try_from(format!("max-age={}", d.as_secs())).ok()
-                }),
-                upstream: site
-                    .upstream
-                    .authority()
-                    .cloned()
-                    .unwrap_or_else(|| http::uri::Authority::from_static("127.0.0.1:80")),
+                hsts: hsts_value(site),
+                upstream: upstream_authority(site),
                 metrics: SiteMetrics::new(metrics, &site.name),
                 limiter: site_limiter,
                 route_limiters,
@@ -294,7 +298,7 @@ impl Snapshot {
             });
         }
         Ok(Snapshot {
-            puzzles: Arc::new(puzzles),
+            puzzles,
             stamps,
             http: Arc::new(http_builder(&config.limits)),
             trusted: CidrTable::new(config.gateway.trusted_proxies.clone()),
@@ -389,6 +393,31 @@ fn scopes(
                 .map(|j| Scope::Jail(j.name.as_str().into())),
         )
         .collect()
+}
+
+/// `site.hsts` as the Strict-Transport-Security header's value.
+fn hsts_value(site: &Site) -> Option<http::HeaderValue> {
+    site.hsts
+        .and_then(|d| http::HeaderValue::try_from(format!("max-age={}", d.as_secs())).ok())
+}
+
+/// `host:port` of `site.upstream` (the config check guarantees one).
+fn upstream_authority(site: &Site) -> http::uri::Authority {
+    site.upstream
+        .authority()
+        .cloned()
+        .unwrap_or_else(|| http::uri::Authority::from_static("127.0.0.1:80"))
+}
+
+/// A site's load and forced challenge mode: the previous snapshot's for the same name.
+fn kept_load(
+    previous: Option<&Snapshot>,
+    site: &crate::config::Site,
+) -> Arc<crate::decide::load::Load> {
+    previous
+        .and_then(|p| p.sites.iter().find(|s| s.site.name == site.name))
+        .map(|s| s.load.clone())
+        .unwrap_or_default()
 }
 
 /// A site's `max_upstream_connections` permits: the previous snapshot's when the cap is the

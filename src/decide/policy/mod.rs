@@ -3,6 +3,7 @@
 //! ([`temporary::TempEntries`], expiring, persisted by the store), and the decision that
 //! combines them: allow wins over block.
 
+pub mod slot;
 pub mod table;
 pub mod temporary;
 
