@@ -836,3 +836,45 @@ async fn a_second_tabs_solution_goes_back_without_a_new_pass_and_passes_are_capp
     assert_eq!(page(&gw, "127.0.3.142", "/").await.0, 403);
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn auto_mode_starts_when_requests_wait_for_an_upstream_connection() {
+    let sites = r#"
+[challenge]
+difficulty = 8
+auto_in_flight = 100
+auto_response_time = "1h"
+auto_calm = "1s"
+
+[[site]]
+hosts = ["a.test"]
+upstream = "http://{upstream}"
+challenge = "auto"
+max_upstream_connections = 1
+[[site.route]]
+path = "/slow"
+challenge = "off"
+"#;
+    let gw = GatewayBuilder::new().sites(sites).spawn().await;
+    // Two slow requests, one connection: the second waits for it.
+    let plain = gw.plain;
+    let slow: Vec<_> = (0..2)
+        .map(|i| {
+            tokio::spawn(async move {
+                let tcp = connect_from(&format!("127.0.3.{}", 150 + i), plain).await;
+                get_on(tcp, "/slow?ms=1500", "a.test", &[]).await.0
+            })
+        })
+        .collect();
+    let mode = r#"ipgate_challenge_mode{site="a.test"}"#;
+    assert_eq!(
+        gw.metric_settled(mode, 1.0).await,
+        Some(1.0),
+        "a wait saturates"
+    );
+    assert_eq!(page(&gw, "127.0.3.152", "/").await.0, 429);
+    for s in slow {
+        assert_eq!(s.await.unwrap(), 200);
+    }
+    gw.shutdown().await;
+}
