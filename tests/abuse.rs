@@ -386,6 +386,7 @@ fn two_million_ipv6_clients_stay_within_the_cap() {
             burst: 20,
             ipv6_prefix: 64,
             dry_run: false,
+            network: None,
         },
         cap,
         evictions.clone(),

@@ -26,7 +26,7 @@ fn client_state(state: &AppState, ip: IpAddr, erase: bool) -> (Vec<LimitView>, V
     let snap = state.snapshot.load();
     let mut limits = Vec::new();
     for (rule, l) in &snap.limiters {
-        let key = crate::decide::clients::client_key(ip, l.settings.ipv6_prefix);
+        let key = l.key_for(ip);
         if l.is_tracked(key) {
             limits.push(LimitView { rule: rule.clone() });
             if erase {

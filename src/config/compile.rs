@@ -455,6 +455,32 @@ pub(super) fn host_key(h: &str) -> String {
     h.strip_suffix('.').map(str::to_string).unwrap_or(h)
 }
 
+/// `rate_limit.network`, checked.
+fn network_limit(r: &mut Report, key: &str, n: &RawNetworkLimit) -> NetworkLimit {
+    let limit = NetworkLimit {
+        ipv4_prefix: n.ipv4_prefix.unwrap_or(NETWORK_IPV4_PREFIX),
+        ipv6_prefix: n.ipv6_prefix.unwrap_or(NETWORK_IPV6_PREFIX),
+        rate: n.rate,
+        // Two seconds of the rate by default: a page and its assets from a few clients.
+        burst: n
+            .burst
+            .unwrap_or((n.rate * 2.0).ceil().clamp(1.0, u32::MAX as f64) as u32),
+    };
+    if !(1..=32).contains(&limit.ipv4_prefix) {
+        r.key(&format!("{key}.ipv4_prefix"), "must be between 1 and 32");
+    }
+    if !(1..=128).contains(&limit.ipv6_prefix) {
+        r.key(&format!("{key}.ipv6_prefix"), "must be between 1 and 128");
+    }
+    if !(limit.rate > 0.0 && limit.rate.is_finite()) {
+        r.key(&format!("{key}.rate"), "must be a positive number");
+    }
+    if limit.burst == 0 {
+        r.key(&format!("{key}.burst"), "must be at least 1");
+    }
+    limit
+}
+
 /// A `rate_limit` table; keys it leaves out come from `inherit` (site from global, route
 /// from site) or the defaults.
 pub(super) fn compile_rate_limit(
@@ -468,6 +494,7 @@ pub(super) fn compile_rate_limit(
         burst: BURST,
         ipv6_prefix: IPV6_PREFIX,
         dry_run: false,
+        network: None,
     });
     let Some(raw) = raw else { return base };
     let rl = RateLimit {
@@ -475,6 +502,10 @@ pub(super) fn compile_rate_limit(
         burst: raw.burst.unwrap_or(base.burst),
         ipv6_prefix: raw.ipv6_prefix.unwrap_or(base.ipv6_prefix),
         dry_run: raw.dry_run || base.dry_run,
+        network: match &raw.network {
+            Some(n) => Some(network_limit(r, &format!("{key}.network"), n)),
+            None => base.network.clone(),
+        },
     };
     if !(rl.requests_per_second > 0.0 && rl.requests_per_second.is_finite()) {
         r.key(

@@ -184,6 +184,17 @@ pub struct RateLimit {
     pub burst: u32,
     pub ipv6_prefix: u8,
     pub dry_run: bool,
+    /// `network`: a bucket per network as well (IPv4 /`ipv4_prefix`, IPv6 /`ipv6_prefix`).
+    pub network: Option<NetworkLimit>,
+}
+
+/// `rate_limit.network`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NetworkLimit {
+    pub ipv4_prefix: u8,
+    pub ipv6_prefix: u8,
+    pub rate: f64,
+    pub burst: u32,
 }
 
 /// What an entry or list does: the one place its names are parsed and written (config,

@@ -158,6 +158,19 @@ pub struct RawRateLimit {
     pub ipv6_prefix: Option<u8>,
     #[serde(default)]
     pub dry_run: bool,
+    /// A limit per network besides the one per client.
+    pub network: Option<RawNetworkLimit>,
+}
+
+/// `rate_limit.network`: every network of this size shares one bucket.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawNetworkLimit {
+    pub ipv4_prefix: Option<u8>,
+    pub ipv6_prefix: Option<u8>,
+    /// Requests per second the whole network may sustain.
+    pub rate: f64,
+    pub burst: Option<u32>,
 }
 
 /// One `[[list]]`: static CIDRs, inline or from files.

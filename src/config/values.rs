@@ -47,6 +47,10 @@ pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 pub const REQUESTS_PER_SECOND: f64 = 50.0;
 pub const BURST: u32 = 100;
 pub const IPV6_PREFIX: u8 = 64;
+/// `rate_limit.network`'s default network sizes: an IPv4 /24, an IPv6 /48 (a site's
+/// allocation).
+pub const NETWORK_IPV4_PREFIX: u8 = 24;
+pub const NETWORK_IPV6_PREFIX: u8 = 48;
 /// Largest `jail.hits`: a client's counter keeps the time of each failure in the window.
 pub const MAX_HITS: u32 = 1000;
 /// 2^18 SHA-256 hashes on average: about a second on a mid-range phone (docs/challenge.md).

@@ -30,6 +30,23 @@ pub fn client_key(ip: std::net::IpAddr, v6_prefix: u8) -> ClientKey {
     }
 }
 
+/// The key of the network `ip` is in: IPv4 masked to `v4_prefix` bits (as `::ffff:a.b.c.0`),
+/// IPv6 to `v6_prefix`.
+pub fn network_key(ip: std::net::IpAddr, v4_prefix: u8, v6_prefix: u8) -> ClientKey {
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            let bits = u32::from(v4);
+            let masked = match v4_prefix {
+                0 => 0,
+                p if p >= 32 => bits,
+                p => bits & (u32::MAX << (32 - p as u32)),
+            };
+            u128::from(std::net::Ipv4Addr::from(masked).to_ipv6_mapped())
+        }
+        v6 => client_key(v6, v6_prefix),
+    }
+}
+
 /// The network a key stands for: `a.b.c.d/32`, or the IPv6 prefix.
 pub fn key_target(key: ClientKey, v6_prefix: u8) -> ipnet::IpNet {
     let v6 = std::net::Ipv6Addr::from(key);

@@ -52,15 +52,33 @@ impl StateStore for BucketStore {
     }
 }
 
-/// One rate limit (`[rate_limit]`, a site's or a route's).
+/// One rate limit (`[rate_limit]`, a site's or a route's), per client; or, as its
+/// `network`, per network.
 pub struct Limiter {
     pub settings: config::RateLimit,
     limiter: RateLimiter<ClientKey, BucketStore, DefaultClock>,
     buckets: Arc<BoundedMap<Bucket>>,
+    /// The limit per network that goes with this one (`rate_limit.network`).
+    pub network: Option<Arc<Limiter>>,
+    /// For a network limit: its IPv4 and IPv6 prefix lengths.
+    prefixes: Option<(u8, u8)>,
 }
 
 impl Limiter {
+    /// A limit per client, with its limit per network when the settings have one.
     pub fn new(settings: config::RateLimit, cap: usize, evictions: IntCounter) -> Limiter {
+        let network = settings.network.as_ref().map(|n| {
+            let per_network = config::RateLimit {
+                requests_per_second: n.rate,
+                burst: n.burst,
+                ipv6_prefix: n.ipv6_prefix,
+                dry_run: settings.dry_run,
+                network: None,
+            };
+            let mut l = Limiter::new(per_network, cap, evictions.clone());
+            l.prefixes = Some((n.ipv4_prefix, n.ipv6_prefix));
+            Arc::new(l)
+        });
         let burst = NonZeroU32::new(settings.burst.max(1)).unwrap_or(NonZeroU32::MIN);
         let period = Duration::from_secs_f64(1.0 / settings.requests_per_second.max(1e-6));
         let quota = Quota::with_period(period)
@@ -75,6 +93,17 @@ impl Limiter {
             settings,
             limiter: RateLimiter::new(quota, BucketStore(buckets.clone()), DefaultClock::default()),
             buckets,
+            network,
+            prefixes: None,
+        }
+    }
+
+    /// The key this limit counts `ip` under: its client key, or its network's.
+    #[inline]
+    pub fn key_for(&self, ip: std::net::IpAddr) -> ClientKey {
+        match self.prefixes {
+            None => crate::decide::clients::client_key(ip, self.settings.ipv6_prefix),
+            Some((v4, v6)) => crate::decide::clients::network_key(ip, v4, v6),
         }
     }
 
@@ -117,6 +146,7 @@ mod tests {
             burst,
             ipv6_prefix: 64,
             dry_run: false,
+            network: None,
         };
         Limiter::new(settings, cap, IntCounter::new("e", "e").unwrap())
     }
@@ -179,6 +209,7 @@ mod tests {
             burst: 20,
             ipv6_prefix: 64,
             dry_run: false,
+            network: None,
         };
         let l = Limiter::new(settings, 1000, evictions.clone());
         for i in 0..50_000u128 {

@@ -28,9 +28,9 @@ pub enum Refusal {
     /// `limits.max_uploads_per_client`, or as many watched requests as a jail's
     /// `concurrency` (429).
     Busy,
-    /// Challenged: the client has no pass for this site (`auto`: because the site is under
-    /// load).
-    Challenge { auto: bool },
+    /// Challenged: the client has no pass for this site. `transient`: because the site is
+    /// under load or the client's network over its limit (429 with Retry-After), else 403.
+    Challenge { transient: bool },
 }
 
 /// The client a decision is about.
@@ -97,7 +97,7 @@ pub fn admit(
     if exempt {
         return Ok(Admitted::exempt());
     }
-    rate_limit(state, site, path, client.ip)?;
+    rate_limit(state, site, asked, client.ip)?;
     if !asked.redirect {
         challenge(state, snap, site, asked, client.ip)?;
     }
@@ -287,7 +287,7 @@ fn challenge(
         return Ok(());
     }
     Err(Refusal::Challenge {
-        auto: by_mode && mode == crate::config::ChallengeMode::Auto,
+        transient: by_mode && mode == crate::config::ChallengeMode::Auto,
     })
 }
 
@@ -309,23 +309,61 @@ fn mode_allows_lists(site: &SiteEntry, path: &str, mode: crate::config::Challeng
             .is_some_and(|r| r.challenge == Some(ChallengeMode::Off))
 }
 
-/// Checks the rate limit for the path; refused when over it and not a dry run.
+/// Checks the rate limit for the path, and its limit per network; refused when over either
+/// and not a dry run.
 fn rate_limit(
     state: &AppState,
     site: &SiteEntry,
-    path: &str,
+    asked: &Asked,
     client: IpAddr,
 ) -> Result<(), Refusal> {
-    let limiter = site.limiter_for(path);
-    let key = client_key(client, limiter.settings.ipv6_prefix);
-    let Err(wait) = limiter.check(key) else {
+    let limiter = site.limiter_for(asked.path);
+    if let Err(wait) = limiter.check(limiter.key_for(client)) {
+        if limiter.settings.dry_run {
+            state.metrics.would_block_rate_limit.inc();
+        } else {
+            return Err(Refusal::RateLimited(retry_secs(wait)));
+        }
+    }
+    match &limiter.network {
+        Some(network) => network_limit(state, site, asked, client, network),
+        None => Ok(()),
+    }
+}
+
+/// A network over its limit has its clients challenged where the challenge is on for the
+/// path, else refused (429). A client with a pass is not counted: it has shown it is a
+/// browser.
+fn network_limit(
+    state: &AppState,
+    site: &SiteEntry,
+    asked: &Asked,
+    client: IpAddr,
+    network: &crate::decide::ratelimit::Limiter,
+) -> Result<(), Refusal> {
+    // A solution is never counted against the network: a visitor in a busy network must be
+    // able to hand it in (its own limit still counts it).
+    if asked.path.starts_with(crate::decide::challenge::PREFIX)
+        || state.temp.passed(&site.pass_scope, client)
+    {
+        return Ok(());
+    }
+    let Err(wait) = network.check(network.key_for(client)) else {
         return Ok(());
     };
-    if limiter.settings.dry_run {
+    if network.settings.dry_run {
         state.metrics.would_block_rate_limit.inc();
         return Ok(());
     }
-    // Whole seconds, rounded up: retrying earlier would be refused again.
+    let mode = site.challenge_mode(asked.path);
+    if mode != crate::config::ChallengeMode::Off && !asked.redirect && !never_challenged(asked) {
+        return Err(Refusal::Challenge { transient: true });
+    }
+    Err(Refusal::RateLimited(retry_secs(wait)))
+}
+
+/// Whole seconds, rounded up: retrying earlier would be refused again.
+fn retry_secs(wait: std::time::Duration) -> u64 {
     let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-    Err(Refusal::RateLimited(secs.max(1)))
+    secs.max(1)
 }

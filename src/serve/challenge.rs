@@ -192,17 +192,18 @@ fn shows_page(method: &Method, headers: &HeaderMap) -> bool {
 }
 
 /// The answer to a challenged request: the page, or a plain refusal for a request that
-/// cannot show one. `auto`: the site is under load (429 with Retry-After), else 403.
+/// cannot show one. `transient`: the site is under load, or the client's network over its
+/// limit (429 with Retry-After), else 403.
 pub fn answer(
     state: &Arc<AppState>,
     snap: &Snapshot,
     site: &SiteEntry,
     (method, headers, uri): (&Method, &HeaderMap, &Uri),
     client: IpAddr,
-    auto: bool,
+    transient: bool,
 ) -> Response<Body> {
     site.metrics.challenged.inc();
-    let status = if auto {
+    let status = if transient {
         StatusCode::TOO_MANY_REQUESTS
     } else {
         StatusCode::FORBIDDEN
@@ -213,7 +214,7 @@ pub fn answer(
             "This site asks visitors to pass a short browser check first. Open the page in a \
              web browser with JavaScript on; after the check, this request works too.\n",
         );
-        no_store(&mut resp, auto);
+        no_store(&mut resp, transient);
         return resp;
     }
     let prefix = snap.config.rate_limit.ipv6_prefix;
@@ -259,12 +260,12 @@ pub fn answer(
         HeaderValue::from_static(if lang == "nl" { "nl" } else { "en" }),
     );
     h.insert(header::VARY, HeaderValue::from_static("Accept-Language"));
-    no_store(&mut resp, auto);
+    no_store(&mut resp, transient);
     resp
 }
 
 /// Not cached, not indexed, no referrer; a retry hint under load.
-fn no_store(resp: &mut Response<Body>, auto: bool) {
+fn no_store(resp: &mut Response<Body>, transient: bool) {
     let h = resp.headers_mut();
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     h.insert(
@@ -275,7 +276,7 @@ fn no_store(resp: &mut Response<Body>, auto: bool) {
         header::REFERRER_POLICY,
         HeaderValue::from_static("no-referrer"),
     );
-    if auto {
+    if transient {
         h.insert(header::RETRY_AFTER, HeaderValue::from_static("30"));
     }
 }

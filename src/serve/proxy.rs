@@ -151,9 +151,9 @@ pub async fn handle(
     };
     let mut held = Held::default();
     let (resp, site_name, outcome) = match (site, admitted) {
-        (Some(site), Err(admission::Refusal::Challenge { auto })) => {
+        (Some(site), Err(admission::Refusal::Challenge { transient })) => {
             let asked = (&method, req.headers(), &uri);
-            let resp = challenge::answer(state, &snap, site, asked, client.ip, auto);
+            let resp = challenge::answer(state, &snap, site, asked, client.ip, transient);
             (resp, site.site.name.as_str(), outcome::CHALLENGED)
         }
         (site, Err(refusal)) => refuse(state, site, Error::from(refusal)),

@@ -245,10 +245,7 @@ impl AppState {
     pub fn erase_counters(&self, ip: std::net::IpAddr) {
         let snap = self.snapshot.load();
         for l in snap.limiters.values() {
-            l.forget(crate::decide::clients::client_key(
-                ip,
-                l.settings.ipv6_prefix,
-            ));
+            l.forget(l.key_for(ip));
         }
         let key = crate::decide::clients::client_key(ip, snap.config.rate_limit.ipv6_prefix);
         for j in snap.jails.values() {

@@ -245,6 +245,7 @@ impl Snapshot {
                 |l| &l.settings == settings && l.cap() == cap,
                 || Limiter::new(settings.clone(), cap, metrics.client_evictions.clone()),
             );
+            limiters.extend(l.network.clone().map(|n| (format!("{name}:network"), n)));
             limiters.insert(name, l.clone());
             l
         };
