@@ -335,6 +335,21 @@ fn bench_decide(c: &mut Criterion) {
     });
     drop(chain);
     g.bench_function("clock_now_ms", |b| b.iter(|| black_box(now_ms())));
+    // An ASN lookup in a database of 10,000 networks (tests/data/geo/asn-10k.mmdb), for
+    // addresses in and around them: what a list by `asn` adds to a decision.
+    let db = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/geo/asn-10k.mmdb");
+    let geo = ipgate::decide::geo::Geo::new(ipgate::decide::geo::open(&db).ok(), None);
+    let mut rng = Rng(5);
+    let near: Vec<IpAddr> = (0..4096)
+        .map(|_| IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + rng.below(1 << 20) as u32)))
+        .collect();
+    let mut k = 0usize;
+    g.bench_function("asn_lookup_10k_networks", |b| {
+        b.iter(|| {
+            k = (k + 1) % near.len();
+            black_box(geo.asn(black_box(near[k])))
+        })
+    });
     // The naive way: a linear scan over 1,000 CIDRs.
     let naive: Vec<IpNet> = static_cidrs(&mut Rng(3)).into_iter().take(1000).collect();
     let mut i = 0usize;

@@ -133,6 +133,24 @@ pub struct Lookup {
     pub rate_limits: Vec<LimitView>,
     pub jail_counters: Vec<CounterView>,
     pub offenses: Vec<OffenseView>,
+    /// The address's autonomous system, from `geo.asn_database`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub asn: Option<u32>,
+    /// The address's country, from `geo.country_database`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub country: Option<String>,
+    /// The lists that hold the address by its ASN or country.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub geo_rules: Vec<GeoRuleView>,
+}
+
+/// A list that holds an address by its ASN or country.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GeoRuleView {
+    pub list: String,
+    pub action: Action,
+    /// `asn 64500` or `country NL`.
+    pub matched: String,
 }
 
 /// What `forget` left in place: entries about a wider network, and configuration.

@@ -481,6 +481,14 @@ fn print_lookup(v: &Lookup) {
         None => "no entry matches".to_string(),
     };
     println!("{}: {} ({why})", v.ip, v.decision);
+    if v.asn.is_some() || v.country.is_some() {
+        let asn = v.asn.map_or("unknown".into(), |a| format!("AS{a}"));
+        let country = v.country.as_deref().unwrap_or("unknown");
+        println!("network: {asn}, country {country}");
+    }
+    for g in &v.geo_rules {
+        println!("  {} list {} holds it by {}", g.action, g.list, g.matched);
+    }
     let held_state = print_client_state(&v.rate_limits, &v.jail_counters, &v.offenses);
     if v.entries.is_empty() && v.config_entries.is_empty() && !held_state {
         println!("nothing is held about this address");

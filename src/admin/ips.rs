@@ -77,7 +77,11 @@ pub(super) async fn lookup(state: &AppState, ip: IpAddr) -> Response<AdminBody> 
     let (decision, rule) = decision(state, ip);
     let (mut entries, config_entries) = held(state, ip);
     mark_fleet(state, &mut entries).await;
+    let (place, geo_rules) = geo_rules(state, ip);
     let lookup = Lookup {
+        asn: place.asn,
+        country: place.country_code(),
+        geo_rules,
         ip: ip.to_string(),
         decision,
         rule,
@@ -88,6 +92,27 @@ pub(super) async fn lookup(state: &AppState, ip: IpAddr) -> Response<AdminBody> 
         offenses,
     };
     json(StatusCode::OK, &lookup)
+}
+
+/// What the `[geo]` databases say of `ip`, and the lists that hold it by that.
+fn geo_rules(state: &AppState, ip: IpAddr) -> (crate::decide::geo::Place, Vec<GeoRuleView>) {
+    let snap = state.snapshot.load();
+    let Some(geo) = &snap.policy.geo else {
+        return Default::default();
+    };
+    let place = geo.place(ip);
+    let rules = snap
+        .policy
+        .all()
+        .filter_map(|l| {
+            l.geo_reason(&place).map(|matched| GeoRuleView {
+                list: l.name.clone(),
+                action: l.action,
+                matched,
+            })
+        })
+        .collect();
+    (place, rules)
 }
 
 /// The decision for `ip` and the rule that made it.

@@ -32,8 +32,8 @@ use tokio::sync::watch;
 use tracing::debug;
 
 use crate::admin::api::{
-    ApiError, CounterView, Decision, EntryView, Forgotten, Kept, LimitView, Lookup, NewEntry,
-    OffenseView, ProblemView, ReloadRefused, Reloaded, RuleView,
+    ApiError, CounterView, Decision, EntryView, Forgotten, GeoRuleView, Kept, LimitView, Lookup,
+    NewEntry, OffenseView, ProblemView, ReloadRefused, Reloaded, RuleView,
 };
 use crate::config::{self, Action};
 use crate::decide::clock::now_ms;

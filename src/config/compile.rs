@@ -18,7 +18,8 @@ pub(super) fn compile(raw: RawConfig, source: &Path, base: &Path, r: &mut Report
     let tls = tls(r, base, &raw);
     let admin = raw.admin.as_ref().map(|a| admin(r, base, a));
     let rate_limit = compile_rate_limit(r, "rate_limit", raw.rate_limit.as_ref(), None);
-    let lists = lists(r, base, &raw);
+    let geo = super::geo::compile(r, base, raw.geo.as_ref());
+    let lists = lists(r, base, &raw, &geo);
     let jails = super::jails::jails(r, base, &raw.jails, &privacy);
     let sites = sites(r, &raw.sites, &lists, &jails, &rate_limit);
     let acme = services::acme(r, base, &raw, &listeners);
@@ -44,6 +45,7 @@ pub(super) fn compile(raw: RawConfig, source: &Path, base: &Path, r: &mut Report
         acme,
         firewall: raw.firewall.as_ref().map(|f| services::firewall(r, f)),
         challenge,
+        geo,
     }
 }
 
@@ -162,7 +164,7 @@ fn admin(r: &mut Report, base: &Path, raw: &RawAdmin) -> Admin {
     }
 }
 
-fn lists(r: &mut Report, base: &Path, raw: &RawConfig) -> Vec<List> {
+fn lists(r: &mut Report, base: &Path, raw: &RawConfig, geo: &Geo) -> Vec<List> {
     let mut lists = Vec::new();
     for (name, l) in &raw.lists {
         let key = format!("lists.{name}");
@@ -188,12 +190,15 @@ fn lists(r: &mut Report, base: &Path, raw: &RawConfig) -> Vec<List> {
                 "dry_run applies to block lists only",
             );
         }
+        let (asns, countries) = super::geo::list_keys(r, &key, l, geo);
         lists.push(List {
             name: name.clone(),
             action,
             entries,
             files: l.files.iter().map(|f| resolve(base, f)).collect(),
             dry_run: l.dry_run,
+            asns,
+            countries,
         });
     }
     lists

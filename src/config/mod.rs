@@ -10,6 +10,7 @@
 
 mod challenge;
 mod compile;
+mod geo;
 mod jails;
 mod raw;
 mod report;
@@ -26,6 +27,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 pub use challenge::{ChallengeMode, ChallengeSettings};
+pub use geo::Geo;
 pub use raw::RawConfig;
 pub use report::{Errors, Problem, Report};
 pub use values::{canonical, parse_duration, parse_target};
@@ -60,6 +62,8 @@ pub struct Config {
     pub firewall: Option<Firewall>,
     /// `[challenge]`: the proof-of-work page and its passes.
     pub challenge: ChallengeSettings,
+    /// `[geo]`: the databases lists by ASN and country are looked up in.
+    pub geo: Geo,
 }
 
 /// The nftables mirror of the entries.
@@ -250,6 +254,10 @@ pub struct List {
     pub entries: Vec<IpNet>,
     pub files: Vec<PathBuf>,
     pub dry_run: bool,
+    /// Autonomous systems whose addresses the list holds.
+    pub asns: Vec<u32>,
+    /// Countries (upper-case ISO codes) whose addresses the list holds.
+    pub countries: Vec<[u8; 2]>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -511,7 +519,9 @@ impl Config {
     pub fn watched_files(&self) -> impl Iterator<Item = &Path> {
         let lists = self.lists.iter().flat_map(|l| l.files.iter());
         let certs = self.tls.certificates.iter().flat_map(|p| [&p.cert, &p.key]);
-        lists.chain(certs).map(PathBuf::as_path)
+        let geo = [&self.geo.asn_database, &self.geo.country_database];
+        let geo = geo.into_iter().flatten();
+        lists.chain(certs).chain(geo).map(PathBuf::as_path)
     }
 
     /// The keys whose change needs a restart and that differ in `next`. Everything else a

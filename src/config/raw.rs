@@ -28,6 +28,17 @@ pub struct RawConfig {
     pub acme: Option<RawAcme>,
     pub firewall: Option<RawFirewall>,
     pub challenge: Option<RawChallenge>,
+    pub geo: Option<RawGeo>,
+}
+
+/// `[geo]`: MaxMind-format databases for lists by ASN and country.
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawGeo {
+    /// An ASN database (GeoLite2-ASN, DB-IP ASN Lite).
+    pub asn_database: Option<String>,
+    /// A country database (GeoLite2-Country, DB-IP Country Lite).
+    pub country_database: Option<String>,
 }
 
 /// `[challenge]`: the proof-of-work page and the passes it makes.
@@ -187,6 +198,12 @@ pub struct RawList {
     /// Files with one CIDR per line, watched for changes.
     #[serde(default)]
     pub files: Vec<String>,
+    /// Autonomous system numbers (needs `geo.asn_database`).
+    #[serde(default)]
+    pub asn: Vec<u32>,
+    /// ISO 3166-1 alpha-2 country codes (needs `geo.country_database`).
+    #[serde(default)]
+    pub country: Vec<String>,
 }
 
 /// One `[[jail]]`: what counts as an offense and how long it bans.

@@ -7,6 +7,7 @@
 //!   map, and a client's connections, requests in flight and uploads;
 //! - [`challenge`]: signed proof-of-work puzzles and the ones used; [`load`]: each site's
 //!   upstream load for the challenge's auto mode;
+//! - [`geo`]: the ASN and country databases lists may name;
 //! - [`clock`]: the clock every expiry is measured on.
 //!
 //! Lock-free for reads; nothing here waits on disk or network. The request path's admission
@@ -17,6 +18,7 @@
 pub mod challenge;
 pub(crate) mod clients;
 pub mod clock;
+pub mod geo;
 pub mod jail;
 pub mod load;
 pub mod policy;

@@ -231,12 +231,7 @@ fn allowed_only(snap: &Snapshot, site: &SiteEntry, path: &str, client: IpAddr) -
         .filter(|r| path.starts_with(r.path.as_str()) && !r.allow_only.is_empty())
         .max_by_key(|r| r.path.len());
     let names = route.map_or(&site.site.allow_only, |r| &r.allow_only);
-    names.is_empty()
-        || names.iter().any(|n| {
-            snap.policy
-                .allow_list(n)
-                .is_some_and(|l| l.table.contains(client))
-        })
+    names.is_empty() || names.iter().any(|n| snap.policy.allows(n, client))
 }
 
 /// Requests never challenged: the challenge's own paths (answered by the gateway, never

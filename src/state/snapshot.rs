@@ -105,6 +105,32 @@ impl FileStamp {
     }
 }
 
+/// Each watched file as it is now, before it is read.
+fn stamps(config: &Config) -> Vec<(std::path::PathBuf, Option<FileStamp>)> {
+    config
+        .watched_files()
+        .map(|f| (f.to_path_buf(), FileStamp::of(f)))
+        .collect()
+}
+
+/// The `[geo]` databases, opened and checked (a damaged one is a problem of `ipgate check` and
+/// refuses a reload, so the ones in force keep serving).
+fn geo(config: &Config, report: &mut Report) -> Option<crate::decide::geo::Geo> {
+    let g = &config.geo;
+    if g.asn_database.is_none() && g.country_database.is_none() {
+        return None;
+    }
+    let mut open = |path: &Option<std::path::PathBuf>, key: &str| {
+        let path = path.as_ref()?;
+        crate::decide::geo::open(path)
+            .map_err(|e| report.other(path, None, key, e))
+            .ok()
+    };
+    let asn = open(&g.asn_database, "geo.asn_database");
+    let country = open(&g.country_database, "geo.country_database");
+    Some(crate::decide::geo::Geo::new(asn, country))
+}
+
 /// The file the challenge key is kept in when `challenge.secret_file` is not set.
 pub const CHALLENGE_KEY: &str = "challenge.key";
 
@@ -219,10 +245,7 @@ impl Snapshot {
         metrics: &Metrics,
         previous: Option<&Snapshot>,
     ) -> Result<Snapshot, Errors> {
-        let stamps = config
-            .watched_files()
-            .map(|f| (f.to_path_buf(), FileStamp::of(f)))
-            .collect();
+        let stamps = stamps(&config);
         let mut report = Report::new(&config.source, "");
         let loaded = tls::server_config(
             &config.tls,
@@ -231,7 +254,8 @@ impl Snapshot {
             &mut report,
         );
         let tls = loaded.config.map(TlsAcceptor::from);
-        let policy = Policy::build(&config.lists, &mut report, metrics);
+        let mut policy = Policy::build(&config.lists, &mut report, metrics);
+        policy.geo = geo(&config, &mut report);
         let puzzles = puzzles(&config, &mut report, previous);
         if !report.is_empty() {
             return Err(report.into_errors());

@@ -413,7 +413,7 @@ pub struct GatewayBuilder {
     redirect_https: bool,
     cert_a_until: Option<(i32, u8, u8)>,
     ports: Option<(u16, u16)>,
-    files: Vec<(PathBuf, String)>,
+    files: Vec<(PathBuf, Vec<u8>)>,
 }
 
 impl GatewayBuilder {
@@ -491,7 +491,15 @@ impl GatewayBuilder {
 
     /// A file written into the gateway's dir before it starts (`lists/drop.txt`).
     pub fn file(mut self, relative: &str, text: &str) -> Self {
-        self.files.push((PathBuf::from(relative), text.to_string()));
+        self.files
+            .push((PathBuf::from(relative), text.as_bytes().to_vec()));
+        self
+    }
+
+    /// A copy of the file `from` (a test fixture) in the gateway's dir.
+    pub fn copy(mut self, relative: &str, from: &Path) -> Self {
+        let bytes = std::fs::read(from).unwrap_or_else(|e| panic!("{}: {e}", from.display()));
+        self.files.push((PathBuf::from(relative), bytes));
         self
     }
 

@@ -14,6 +14,7 @@ use ipnet::IpNet;
 use prometheus::IntCounter;
 
 use crate::config::{self, Action, Report};
+use crate::decide::geo::{Geo, Seen};
 use crate::observe::metrics::Metrics;
 use table::CidrTable;
 use temporary::TempEntries;
@@ -24,6 +25,10 @@ pub struct StaticList {
     pub action: Action,
     pub dry_run: bool,
     pub table: CidrTable,
+    /// Autonomous systems it holds (sorted).
+    pub asns: Vec<u32>,
+    /// Countries it holds.
+    pub countries: Vec<[u8; 2]>,
     /// `ipgate_would_block_total{rule=NAME}` for a dry-run block list.
     would_block: Option<IntCounter>,
 }
@@ -35,6 +40,33 @@ pub struct Policy {
     pub block: Vec<StaticList>,
     /// Lists whose members are challenged.
     pub challenge: Vec<StaticList>,
+    /// The ASN and country databases, when `[geo]` names them.
+    pub geo: Option<Geo>,
+}
+
+impl StaticList {
+    /// Whether the list holds `ip`: by address, by autonomous system or by country.
+    #[inline]
+    pub fn holds(&self, ip: IpAddr, seen: &mut Seen) -> bool {
+        self.table.contains(ip)
+            || (!self.asns.is_empty()
+                && seen
+                    .asn(ip)
+                    .is_some_and(|a| self.asns.binary_search(&a).is_ok()))
+            || (!self.countries.is_empty()
+                && seen
+                    .country(ip)
+                    .is_some_and(|c| self.countries.contains(&c)))
+    }
+
+    /// What about `ip` the list holds it by (admin path): `asn 64500`, `country NL`.
+    pub fn geo_reason(&self, place: &crate::decide::geo::Place) -> Option<String> {
+        if let Some(a) = place.asn.filter(|a| self.asns.binary_search(a).is_ok()) {
+            return Some(format!("asn {a}"));
+        }
+        let c = place.country.filter(|c| self.countries.contains(c))?;
+        Some(format!("country {}", String::from_utf8_lossy(&c)))
+    }
 }
 
 /// What decided a verdict.
@@ -67,6 +99,8 @@ impl Policy {
                 action: list.action,
                 dry_run: list.dry_run,
                 table: CidrTable::new(cidrs),
+                asns: list.asns.clone(),
+                countries: list.countries.clone(),
                 would_block: list
                     .dry_run
                     .then(|| metrics.would_block.with_label_values(&[&list.name])),
@@ -100,8 +134,9 @@ impl Policy {
     /// any block entry; dry-run block lists are counted and passed over.
     #[inline]
     pub fn decide(&self, temp: &TempEntries, ip: IpAddr) -> Verdict {
+        let seen = &mut Seen::new(self.geo.as_ref());
         for (i, l) in self.allow.iter().enumerate() {
-            if l.table.contains(ip) {
+            if l.holds(ip, seen) {
                 return Verdict::Allow(Rule::Static(i));
             }
         }
@@ -109,7 +144,7 @@ impl Policy {
             return Verdict::Allow(Rule::Temporary);
         }
         for (i, l) in self.block.iter().enumerate() {
-            if l.table.contains(ip) {
+            if l.holds(ip, seen) {
                 if let Some(c) = &l.would_block {
                     c.inc();
                     continue;
@@ -126,12 +161,19 @@ impl Policy {
     /// The first challenge list holding `ip`: no challenge list at all costs nothing.
     #[inline]
     pub fn challenged(&self, ip: IpAddr) -> Option<&StaticList> {
-        self.challenge.iter().find(|l| l.table.contains(ip))
+        let seen = &mut Seen::new(self.geo.as_ref());
+        self.challenge.iter().find(|l| l.holds(ip, seen))
     }
 
     /// Every static list: allow, block, challenge.
     pub fn all(&self) -> impl Iterator<Item = &StaticList> {
         self.allow.iter().chain(&self.block).chain(&self.challenge)
+    }
+
+    /// Whether the allow list named `name` holds `ip` (`allow_only`).
+    pub fn allows(&self, name: &str, ip: IpAddr) -> bool {
+        self.allow_list(name)
+            .is_some_and(|l| l.holds(ip, &mut Seen::new(self.geo.as_ref())))
     }
 
     /// The lists (name, action) holding `ip`, with the matching CIDRs (admin path).

@@ -1,0 +1,105 @@
+//! ASN and country databases (MaxMind format, read with the `maxminddb` crate), loaded whole
+//! into memory and checked at load, so a truncated or corrupt file is refused and the one in
+//! force keeps serving. A lookup walks the database's tree in memory: no lock, no I/O.
+
+use std::net::IpAddr;
+use std::path::Path;
+
+use maxminddb::{PathElement, Reader};
+
+/// The databases of `[geo]`.
+#[derive(Default)]
+pub struct Geo {
+    asn: Option<Reader<Vec<u8>>>,
+    country: Option<Reader<Vec<u8>>>,
+}
+
+/// What the databases say of one address.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Place {
+    pub asn: Option<u32>,
+    pub country: Option<[u8; 2]>,
+}
+
+impl Place {
+    /// The country as text (`NL`).
+    pub fn country_code(&self) -> Option<String> {
+        self.country
+            .map(|c| String::from_utf8_lossy(&c).into_owned())
+    }
+}
+
+/// Opens and checks one database file; the error names what is wrong.
+pub fn open(path: &Path) -> Result<Reader<Vec<u8>>, String> {
+    let reader = Reader::open_readfile(path).map_err(|e| format!("not a MaxMind database: {e}"))?;
+    reader
+        .verify()
+        .map_err(|e| format!("the database is damaged: {e}"))?;
+    Ok(reader)
+}
+
+impl Geo {
+    pub fn new(asn: Option<Reader<Vec<u8>>>, country: Option<Reader<Vec<u8>>>) -> Geo {
+        Geo { asn, country }
+    }
+
+    /// The autonomous system of `ip`, if the ASN database knows it.
+    pub fn asn(&self, ip: IpAddr) -> Option<u32> {
+        let result = self.asn.as_ref()?.lookup(ip).ok()?;
+        result
+            .decode_path::<u32>(&[PathElement::Key("autonomous_system_number")])
+            .ok()
+            .flatten()
+    }
+
+    /// The country of `ip` (upper-case ISO code), if the country database knows it.
+    pub fn country(&self, ip: IpAddr) -> Option<[u8; 2]> {
+        let result = self.country.as_ref()?.lookup(ip).ok()?;
+        let code = result
+            .decode_path::<&str>(&[PathElement::Key("country"), PathElement::Key("iso_code")])
+            .ok()
+            .flatten()?;
+        match code.as_bytes() {
+            [a, b] => Some([a.to_ascii_uppercase(), b.to_ascii_uppercase()]),
+            _ => None,
+        }
+    }
+
+    /// Both, for the admin path.
+    pub fn place(&self, ip: IpAddr) -> Place {
+        Place {
+            asn: self.asn(ip),
+            country: self.country(ip),
+        }
+    }
+}
+
+/// What a request's decision has looked up so far: each database is asked at most once per
+/// decision, and only when a list needs it.
+pub struct Seen<'a> {
+    geo: Option<&'a Geo>,
+    asn: Option<Option<u32>>,
+    country: Option<Option<[u8; 2]>>,
+}
+
+impl<'a> Seen<'a> {
+    pub fn new(geo: Option<&'a Geo>) -> Seen<'a> {
+        Seen {
+            geo,
+            asn: None,
+            country: None,
+        }
+    }
+
+    pub fn asn(&mut self, ip: IpAddr) -> Option<u32> {
+        let geo = self.geo;
+        *self.asn.get_or_insert_with(|| geo.and_then(|g| g.asn(ip)))
+    }
+
+    pub fn country(&mut self, ip: IpAddr) -> Option<[u8; 2]> {
+        let geo = self.geo;
+        *self
+            .country
+            .get_or_insert_with(|| geo.and_then(|g| g.country(ip)))
+    }
+}
