@@ -124,6 +124,10 @@ async fn lists_by_asn_and_country_block_allow_and_challenge() {
     let out = gw.cli(&["lookup", "127.0.11.9", "--json"]).await;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["country"], "NL", "{v}");
+    // Allowed by country through allow_only only: not exempt from a ban.
+    assert_eq!(v["decision"], "pass", "{v}");
+    assert!(gw.cli(&["ban", "127.0.11.9"]).await.status.success());
+    assert!(refused("127.0.11.9", gw.plain).await);
     gw.shutdown().await;
 }
 

@@ -135,8 +135,10 @@ impl Policy {
     #[inline]
     pub fn decide(&self, temp: &TempEntries, ip: IpAddr) -> Verdict {
         let seen = &mut Seen::new(self.geo.as_ref());
+        // An allow list's ASNs and countries admit through `allow_only` only: a whole country
+        // or provider is never exempt from bans, limits and jails everywhere.
         for (i, l) in self.allow.iter().enumerate() {
-            if l.holds(ip, seen) {
+            if l.table.contains(ip) {
                 return Verdict::Allow(Rule::Static(i));
             }
         }
