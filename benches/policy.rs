@@ -338,7 +338,8 @@ fn bench_decide(c: &mut Criterion) {
     // An ASN lookup in a database of 10,000 networks (tests/data/geo/asn-10k.mmdb), for
     // addresses in and around them: what a list by `asn` adds to a decision.
     let db = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/geo/asn-10k.mmdb");
-    let geo = ipgate::decide::geo::Geo::new(ipgate::decide::geo::open(&db).ok(), None);
+    let asn = ipgate::decide::geo::open(&db, ipgate::decide::geo::Kind::Asn).ok();
+    let geo = ipgate::decide::geo::Geo::new(asn, None);
     let mut rng = Rng(5);
     let near: Vec<IpAddr> = (0..4096)
         .map(|_| IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + rng.below(1 << 20) as u32)))

@@ -1,7 +1,8 @@
 //! Lists by ASN and country against small MaxMind-format databases (`tests/data/geo`, written
 //! by `make.py` there with Python's mmdb-writer, checked here with Debian's `mmdblookup`):
-//! block, allow (`allow_only`, per site and route), challenge, `lookup`, a damaged file refused
-//! at reload with the old one serving, and a swap under load without a failed request.
+//! block, allow (`allow_only`, per site and route), challenge, `lookup`, a damaged file or one
+//! of the wrong kind refused at reload with the old one serving, and a swap under load without
+//! a failed request.
 
 mod common;
 
@@ -113,7 +114,10 @@ async fn lists_by_asn_and_country_block_allow_and_challenge() {
     assert_eq!(status(&gw, "127.0.11.9", "/", "b.test").await, Some(200));
     assert_eq!(status(&gw, "127.0.14.1", "/", "b.test").await, Some(403));
     // Challenged by ASN.
-    assert_eq!(status(&gw, "127.0.13.1", "/", "a.test").await, Some(403));
+    let tcp = connect_from("127.0.13.1", gw.plain).await;
+    let (code, page) = get_on(tcp, "/", "a.test", &[("accept", "text/html")]).await;
+    assert_eq!(code, 403);
+    assert!(page.contains("ipgate-puzzle"), "{page}");
     // lookup names the ASN, the country and the rule.
     let out = gw.cli(&["lookup", "127.0.10.5", "--json"]).await;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -158,8 +162,10 @@ async fn a_damaged_database_is_refused_and_a_new_one_is_swapped_in_under_load() 
     let whole = std::fs::read(data("asn-next.mmdb")).unwrap();
     let mut damaged = whole.clone();
     damaged[..240].fill(0xff);
+    // And a sound database of the wrong kind (country data where ASNs are asked for).
+    let country = std::fs::read(data("country.mmdb")).unwrap();
     let token = gw.token();
-    for bad in [&whole[..whole.len() / 2], &damaged[..]] {
+    for bad in [&whole[..whole.len() / 2], &damaged[..], &country[..]] {
         std::fs::write(dir.join("asn.mmdb"), bad).unwrap();
         let (code, body) = admin_call(gw.admin, "POST", "/v1/reload", None, Some(&token)).await;
         assert_eq!(code, 422, "{body}");

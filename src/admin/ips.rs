@@ -26,6 +26,10 @@ fn client_state(state: &AppState, ip: IpAddr, erase: bool) -> (Vec<LimitView>, V
     let snap = state.snapshot.load();
     let mut limits = Vec::new();
     for (rule, l) in &snap.limiters {
+        // A network's bucket is about the network: shown by lookup, not erased by forget.
+        if erase && l.is_network() {
+            continue;
+        }
         let key = l.key_for(ip);
         if l.is_tracked(key) {
             limits.push(LimitView { rule: rule.clone() });

@@ -33,7 +33,7 @@ pub fn client_key(ip: std::net::IpAddr, v6_prefix: u8) -> ClientKey {
 /// The key of the network `ip` is in: IPv4 masked to `v4_prefix` bits (as `::ffff:a.b.c.0`),
 /// IPv6 to `v6_prefix`.
 pub fn network_key(ip: std::net::IpAddr, v4_prefix: u8, v6_prefix: u8) -> ClientKey {
-    match ip {
+    match ip.to_canonical() {
         std::net::IpAddr::V4(v4) => {
             let bits = u32::from(v4);
             let masked = match v4_prefix {

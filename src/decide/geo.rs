@@ -4,14 +4,29 @@
 
 use std::net::IpAddr;
 use std::path::Path;
+use std::sync::Arc;
 
 use maxminddb::{PathElement, Reader};
+
+/// A database as loaded, shared by the snapshots that keep it.
+pub type Db = Arc<Reader<Vec<u8>>>;
+
+/// Largest database file read: ASN and country databases are under 20 MiB; a city database
+/// given by mistake is refused rather than held twice over during a swap.
+pub const MAX_DB_BYTES: u64 = 128 << 20;
+
+/// Which database a file must be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Asn,
+    Country,
+}
 
 /// The databases of `[geo]`.
 #[derive(Default)]
 pub struct Geo {
-    asn: Option<Reader<Vec<u8>>>,
-    country: Option<Reader<Vec<u8>>>,
+    pub asn: Option<Db>,
+    pub country: Option<Db>,
 }
 
 /// What the databases say of one address.
@@ -29,17 +44,46 @@ impl Place {
     }
 }
 
-/// Opens and checks one database file; the error names what is wrong.
-pub fn open(path: &Path) -> Result<Reader<Vec<u8>>, String> {
-    let reader = Reader::open_readfile(path).map_err(|e| format!("not a MaxMind database: {e}"))?;
+/// Opens and checks one database file: its size, its format, the whole of its tree and data
+/// (`verify`), and that it is the kind asked for. The error names what is wrong.
+pub fn open(path: &Path, kind: Kind) -> Result<Db, String> {
+    let len = std::fs::metadata(path)
+        .map_err(|e| format!("cannot read: {e}"))?
+        .len();
+    if len > MAX_DB_BYTES {
+        return Err(format!(
+            "{len} bytes: larger than any ASN or country database (a city database?)"
+        ));
+    }
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
+    // The crate trusts a file's header while it opens it: a damaged one may panic there.
+    let opened = std::panic::catch_unwind(|| Reader::from_source(bytes))
+        .map_err(|_| "the database is damaged (unreadable header)".to_string())?;
+    let reader = opened.map_err(|e| format!("not a MaxMind database: {e}"))?;
     reader
         .verify()
         .map_err(|e| format!("the database is damaged: {e}"))?;
-    Ok(reader)
+    let kind_of = reader.metadata.database_type.to_ascii_lowercase();
+    let fits = match kind {
+        Kind::Asn => kind_of.contains("asn") || kind_of.contains("isp"),
+        Kind::Country => kind_of.contains("country") || kind_of.contains("city"),
+    };
+    if !fits {
+        return Err(format!(
+            "a database of type '{}', not {} database",
+            reader.metadata.database_type,
+            if kind == Kind::Asn {
+                "an ASN"
+            } else {
+                "a country"
+            }
+        ));
+    }
+    Ok(Arc::new(reader))
 }
 
 impl Geo {
-    pub fn new(asn: Option<Reader<Vec<u8>>>, country: Option<Reader<Vec<u8>>>) -> Geo {
+    pub fn new(asn: Option<Db>, country: Option<Db>) -> Geo {
         Geo { asn, country }
     }
 

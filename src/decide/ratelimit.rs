@@ -98,6 +98,11 @@ impl Limiter {
         }
     }
 
+    /// Whether this is a limit per network (its buckets are about a network, not a client).
+    pub fn is_network(&self) -> bool {
+        self.prefixes.is_some()
+    }
+
     /// The key this limit counts `ip` under: its client key, or its network's.
     #[inline]
     pub fn key_for(&self, ip: std::net::IpAddr) -> ClientKey {

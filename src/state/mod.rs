@@ -244,7 +244,7 @@ impl AppState {
     /// Erases the rate-limit and jail state kept for `ip` (a fleet's `forget`).
     pub fn erase_counters(&self, ip: std::net::IpAddr) {
         let snap = self.snapshot.load();
-        for l in snap.limiters.values() {
+        for l in snap.limiters.values().filter(|l| !l.is_network()) {
             l.forget(l.key_for(ip));
         }
         let key = crate::decide::clients::client_key(ip, snap.config.rate_limit.ipv6_prefix);

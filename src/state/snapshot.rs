@@ -115,20 +115,46 @@ fn stamps(config: &Config) -> Vec<(std::path::PathBuf, Option<FileStamp>)> {
 
 /// The `[geo]` databases, opened and checked (a damaged one is a problem of `ipgate check` and
 /// refuses a reload, so the ones in force keep serving).
-fn geo(config: &Config, report: &mut Report) -> Option<crate::decide::geo::Geo> {
+fn geo(
+    config: &Config,
+    report: &mut Report,
+    previous: Option<&Snapshot>,
+) -> Option<crate::decide::geo::Geo> {
+    use crate::decide::geo::{self, Kind};
     let g = &config.geo;
     if g.asn_database.is_none() && g.country_database.is_none() {
         return None;
     }
-    let mut open = |path: &Option<std::path::PathBuf>, key: &str| {
+    // A file that has not changed since the snapshot in force read it is not read again.
+    let unchanged = |path: &std::path::Path| {
+        previous.is_some_and(|p| {
+            p.stamps
+                .iter()
+                .any(|(f, s)| f == path && *s == FileStamp::of(path))
+                && p.config.geo == config.geo
+        })
+    };
+    let kept = |kind: Kind| {
+        let old = previous.and_then(|p| p.policy.geo.as_ref())?;
+        match kind {
+            Kind::Asn => old.asn.clone(),
+            Kind::Country => old.country.clone(),
+        }
+    };
+    let mut open = |path: &Option<std::path::PathBuf>, key: &str, kind: Kind| {
         let path = path.as_ref()?;
-        crate::decide::geo::open(path)
+        if unchanged(path) {
+            if let Some(db) = kept(kind) {
+                return Some(db);
+            }
+        }
+        geo::open(path, kind)
             .map_err(|e| report.other(path, None, key, e))
             .ok()
     };
-    let asn = open(&g.asn_database, "geo.asn_database");
-    let country = open(&g.country_database, "geo.country_database");
-    Some(crate::decide::geo::Geo::new(asn, country))
+    let asn = open(&g.asn_database, "geo.asn_database", Kind::Asn);
+    let country = open(&g.country_database, "geo.country_database", Kind::Country);
+    Some(geo::Geo::new(asn, country))
 }
 
 /// The file the challenge key is kept in when `challenge.secret_file` is not set.
@@ -255,7 +281,7 @@ impl Snapshot {
         );
         let tls = loaded.config.map(TlsAcceptor::from);
         let mut policy = Policy::build(&config.lists, &mut report, metrics);
-        policy.geo = geo(&config, &mut report);
+        policy.geo = geo(&config, &mut report, previous);
         let puzzles = puzzles(&config, &mut report, previous);
         if !report.is_empty() {
             return Err(report.into_errors());
@@ -269,7 +295,7 @@ impl Snapshot {
                 |l| &l.settings == settings && l.cap() == cap,
                 || Limiter::new(settings.clone(), cap, metrics.client_evictions.clone()),
             );
-            limiters.extend(l.network.clone().map(|n| (format!("{name}:network"), n)));
+            limiters.extend(l.network.clone().map(|n| (format!("network:{name}"), n)));
             limiters.insert(name, l.clone());
             l
         };
