@@ -15,11 +15,21 @@ use serde_json::json;
 async fn visit(
     gw: &TestGateway,
     local: &str,
+    asked: (&str, &str, &str),
+    headers: &[(&str, &str)],
+) -> Option<(u16, http::HeaderMap, String)> {
+    visit_at(gw.plain, local, asked, headers).await
+}
+
+/// `visit` on any plain listener (a gateway process's).
+async fn visit_at(
+    plain: std::net::SocketAddr,
+    local: &str,
     (method, path, host): (&str, &str, &str),
     headers: &[(&str, &str)],
 ) -> Option<(u16, http::HeaderMap, String)> {
     use http_body_util::BodyExt;
-    let tcp = try_connect_from(local, gw.plain).await.ok()?;
+    let tcp = try_connect_from(local, plain).await.ok()?;
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
             .await
@@ -642,27 +652,10 @@ struct BinaryTarget(std::net::SocketAddr);
 
 impl BinaryTarget {
     async fn get(&self, local: &str, path: &str) -> (u16, http::HeaderMap, String) {
-        use http_body_util::BodyExt;
-        let tcp = connect_from(local, self.0).await;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-                .await
-                .unwrap();
-        tokio::spawn(conn);
-        let req = http::Request::builder()
-            .uri(path)
-            .header("host", "a.test")
-            .header("accept", "text/html")
-            .body(http_body_util::Empty::<bytes::Bytes>::new())
-            .unwrap();
-        let resp = sender.send_request(req).await.unwrap();
-        let (parts, body) = resp.into_parts();
-        let body = body.collect().await.unwrap().to_bytes();
-        (
-            parts.status.as_u16(),
-            parts.headers,
-            String::from_utf8_lossy(&body).into_owned(),
-        )
+        let accept = [("accept", "text/html")];
+        visit_at(self.0, local, ("GET", path, "a.test"), &accept)
+            .await
+            .expect("answered")
     }
 }
 

@@ -294,14 +294,7 @@ fn mode_allows_lists(site: &SiteEntry, path: &str, mode: crate::config::Challeng
         return true;
     }
     // Off by the config's site mode only: lists still apply. Off by a route or forced: not.
-    site.load.forced().is_none()
-        && !site
-            .site
-            .routes
-            .iter()
-            .filter(|r| r.challenge.is_some() && path.starts_with(r.path.as_str()))
-            .max_by_key(|r| r.path.len())
-            .is_some_and(|r| r.challenge == Some(ChallengeMode::Off))
+    site.load.forced().is_none() && site.route_challenge(path) != Some(ChallengeMode::Off)
 }
 
 /// Checks the rate limit for the path, and its limit per network; refused when over either

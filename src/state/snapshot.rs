@@ -235,18 +235,21 @@ impl SiteEntry {
         if site == ChallengeMode::Off && self.load.forced().is_some() {
             return ChallengeMode::Off;
         }
-        let route = self
-            .site
-            .routes
-            .iter()
-            .filter(|r| r.challenge.is_some() && path.starts_with(r.path.as_str()))
-            .max_by_key(|r| r.path.len())
-            .and_then(|r| r.challenge);
-        match route {
+        match self.route_challenge(path) {
             Some(ChallengeMode::Off) => ChallengeMode::Off,
             Some(mode) if self.load.forced().is_none() => mode,
             _ => site,
         }
+    }
+
+    /// The `challenge` of the longest matching route that sets one.
+    pub fn route_challenge(&self, path: &str) -> Option<crate::config::ChallengeMode> {
+        self.site
+            .routes
+            .iter()
+            .filter(|r| r.challenge.is_some() && path.starts_with(r.path.as_str()))
+            .max_by_key(|r| r.path.len())
+            .and_then(|r| r.challenge)
     }
 
     /// The rate limit for a path: the longest matching route's, else the site's.
