@@ -224,6 +224,7 @@ impl Gateway {
             tokio::spawn(sweeper(state.clone())),
             tokio::spawn(background::watcher::run(state.clone())),
             tokio::spawn(background::acme::run(state.clone())),
+            tokio::spawn(background::feed::run(state.clone())),
             tokio::spawn(background::logjail::run(state.clone())),
             tokio::spawn(challenge_ticker(state.clone())),
         ];

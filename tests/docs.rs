@@ -203,7 +203,7 @@ fn every_toml_example_passes_ipgate_check() {
         }
     }
     let mut configs = vec![root().join("config/ipgate.toml")];
-    for folder in ["config/jails", "config/sites"] {
+    for folder in ["config/jails", "config/sites", "config/lists"] {
         for entry in std::fs::read_dir(root().join(folder)).unwrap() {
             configs.push(entry.unwrap().path());
         }

@@ -500,6 +500,61 @@ async fn static_lists_are_mirrored_and_the_table_can_be_kept_at_stop() {
     assert!(!ns.connects("10.77.0.3"));
 }
 
+/// A feed served by Python's http.server inside the server namespace (its loopback): the
+/// list's entries reach the kernel, and a new copy of the feed replaces them there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_feed_reaches_the_kernel_and_its_next_copy_replaces_it() {
+    let ns = Netns::new("fd");
+    let _server = ns.tcp_server();
+    let extra = format!(
+        "{FIREWALL}[lists.feed]\naction = \"block\"\nurl = \"http://127.0.0.1:8787/drop.txt\"\n\
+         refresh = \"1s\"\n"
+    );
+    let files = GatewayBuilder::new()
+        .file("feed/drop.txt", "10.77.0.3\n")
+        .extra(&extra)
+        .files()
+        .await;
+    let served = files.dir.path().join("feed");
+    let _http = Server(
+        ns.exec(&ns.srv, "python3")
+            .args([
+                "-m",
+                "http.server",
+                "8787",
+                "--bind",
+                "127.0.0.1",
+                "--directory",
+            ])
+            .arg(&served)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let _gw = files.start_in(&ns.srv, "info");
+    assert!(
+        ns.until("10.77.0.3", false, Duration::from_secs(10)),
+        "the feed's entry did not reach the kernel"
+    );
+    assert!(ns.connects("10.77.0.2"));
+    // The next copy (newer than the If-Modified-Since the gateway sends): one swap.
+    let file = served.join("drop.txt");
+    std::fs::write(&file, "10.77.0.2\n").unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() + Duration::from_secs(5))
+        .unwrap();
+    assert!(
+        ns.until("10.77.0.3", true, Duration::from_secs(10)),
+        "the old copy's entry stayed in the kernel"
+    );
+    assert!(!ns.connects("10.77.0.2"));
+    assert!(ns.elements("ipgate_test", "block4").contains("10.77.0.2"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_reject_verdict_resets_a_blocked_client_at_once() {
     let ns = Netns::new("rj");

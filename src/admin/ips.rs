@@ -174,7 +174,7 @@ fn held(state: &AppState, ip: IpAddr) -> (Vec<EntryView>, Vec<EntryView>) {
         .policy
         .matching(ip)
         .into_iter()
-        .flat_map(|(l, nets)| nets.into_iter().map(|n| config_view(l.action, &l.name, n)))
+        .flat_map(|(l, nets)| nets.into_iter().map(|n| config_view(l, n)))
         .collect();
     (temporary, config)
 }

@@ -39,6 +39,7 @@ use crate::config::{self, Action};
 use crate::decide::clock::now_ms;
 use crate::decide::policy::temporary::Entry;
 use crate::decide::policy::temporary::{Scope, Slot};
+use crate::decide::policy::StaticList;
 use crate::decide::policy::{Rule, Verdict};
 use crate::state::AppState;
 
@@ -195,12 +196,13 @@ pub(super) async fn mark_fleet(state: &AppState, views: &mut [EntryView]) {
 }
 
 /// A static list's entry as the API shows it.
-pub(super) fn config_view(action: Action, list: &str, target: IpNet) -> EntryView {
+/// A static list's entry: `source` is `feed` for a list fetched from a URL, else `config`.
+pub(super) fn config_view(list: &StaticList, target: IpNet) -> EntryView {
     EntryView {
         target: target.to_string(),
-        action,
-        list: list.to_string(),
-        source: "config".into(),
+        action: list.action,
+        list: list.name.clone(),
+        source: if list.feed { "feed" } else { "config" }.into(),
         scope: None,
         reason: None,
         expires_at: None,
@@ -372,12 +374,7 @@ fn list_entries(state: &AppState, action: Option<Action>, kind: Option<&str>) ->
     if kind != Some("temporary") {
         for l in snap.policy.all() {
             if action.is_none_or(|a| a == l.action) {
-                out.extend(
-                    l.table
-                        .cidrs()
-                        .iter()
-                        .map(|&t| config_view(l.action, &l.name, t)),
-                );
+                out.extend(l.table.cidrs().iter().map(|&t| config_view(l, t)));
             }
         }
     }

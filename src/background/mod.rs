@@ -4,6 +4,7 @@
 //! - [`firewall`]: mirrors the block set into nftables;
 //! - [`logjail`]: jails fed by log files or the journal, read as their daemons wrote them;
 //! - `acme`: orders and renews certificates;
+//! - `feed`: fetches the lists that come from a URL and keeps their last good copies;
 //! - `watcher`: re-reads changed list and certificate files;
 //! - [`shutdown`]: the signals (SIGHUP reloads, SIGTERM stops).
 //!
@@ -11,6 +12,7 @@
 //! [`crate::state`], [`crate::decide`], [`crate::observe`], [`crate::config`].
 
 pub(crate) mod acme;
+pub(crate) mod feed;
 pub mod firewall;
 pub(crate) mod fleet;
 pub mod logjail;

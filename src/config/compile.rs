@@ -19,7 +19,7 @@ pub(super) fn compile(raw: RawConfig, source: &Path, base: &Path, r: &mut Report
     let admin = raw.admin.as_ref().map(|a| admin(r, base, a));
     let rate_limit = compile_rate_limit(r, "rate_limit", raw.rate_limit.as_ref(), None);
     let geo = super::geo::compile(r, base, raw.geo.as_ref());
-    let lists = lists(r, base, &raw, &geo);
+    let lists = lists(r, base, &raw, &geo, &gateway.state_dir);
     let jails = super::jails::jails(r, base, &raw.jails, &privacy);
     let sites = sites(r, &raw.sites, &lists, &jails, &rate_limit);
     let acme = services::acme(r, base, &raw, &listeners);
@@ -164,7 +164,7 @@ fn admin(r: &mut Report, base: &Path, raw: &RawAdmin) -> Admin {
     }
 }
 
-fn lists(r: &mut Report, base: &Path, raw: &RawConfig, geo: &Geo) -> Vec<List> {
+fn lists(r: &mut Report, base: &Path, raw: &RawConfig, geo: &Geo, state_dir: &Path) -> Vec<List> {
     let mut lists = Vec::new();
     for (name, l) in &raw.lists {
         let key = format!("lists.{name}");
@@ -191,6 +191,7 @@ fn lists(r: &mut Report, base: &Path, raw: &RawConfig, geo: &Geo) -> Vec<List> {
             );
         }
         let (asns, countries) = super::geo::list_keys(r, &key, l, geo);
+        let feed = super::feed::compile(r, &key, name, l, base, state_dir);
         lists.push(List {
             name: name.clone(),
             action,
@@ -199,6 +200,7 @@ fn lists(r: &mut Report, base: &Path, raw: &RawConfig, geo: &Geo) -> Vec<List> {
             dry_run: l.dry_run,
             asns,
             countries,
+            feed,
         });
     }
     lists

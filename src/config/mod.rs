@@ -10,6 +10,7 @@
 
 mod challenge;
 mod compile;
+mod feed;
 mod geo;
 mod jails;
 mod raw;
@@ -27,6 +28,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 pub use challenge::{ChallengeMode, ChallengeSettings};
+pub use feed::{copies_dir, is_loopback, Feed};
 pub use geo::Geo;
 pub use raw::RawConfig;
 pub use report::{Errors, Problem, Report};
@@ -258,6 +260,8 @@ pub struct List {
     pub asns: Vec<u32>,
     /// Countries (upper-case ISO codes) whose addresses the list holds.
     pub countries: Vec<[u8; 2]>,
+    /// Where the list's entries are fetched from, besides `entries` and `files`.
+    pub feed: Option<Feed>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -204,6 +204,37 @@ pub struct RawList {
     /// ISO 3166-1 alpha-2 country codes (needs `geo.country_database`).
     #[serde(default)]
     pub country: Vec<String>,
+    /// A feed: entries fetched from this URL (HTTPS, or plain HTTP to a loopback address).
+    pub url: Option<String>,
+    /// How often the feed is fetched (default 1h).
+    pub refresh: Option<String>,
+    /// PEM file of the CA certificates trusted for the feed, instead of the system's.
+    pub ca_file: Option<String>,
+    /// The largest drop in entries a new copy may show, in percent (default 50).
+    pub max_shrink: Option<RawPercent>,
+    /// The widest IPv4 prefix a feed may hold (default 8: nothing wider than a /8).
+    pub max_prefix: Option<RawPrefix>,
+    /// The widest IPv6 prefix a feed may hold (default 16).
+    pub max_prefix_v6: Option<RawPrefix>,
+    /// Networks whose feed entries are dropped (private ranges, your own).
+    #[serde(default)]
+    pub except: Vec<String>,
+}
+
+/// A share: `50` (percent), `"50%"` or `0.5`.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(untagged)]
+pub enum RawPercent {
+    Number(f64),
+    Text(String),
+}
+
+/// A prefix length: `8` or `"/8"`.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(untagged)]
+pub enum RawPrefix {
+    Number(i64),
+    Text(String),
 }
 
 /// One `[[jail]]`: what counts as an offense and how long it bans.

@@ -84,6 +84,52 @@ pub struct Metrics {
     /// `ipgate_firewall_errors_total`: updates nft refused (each retried as a rebuild).
     pub firewall_errors: IntCounter,
     pub challenge: ChallengeMetrics,
+    pub feed: FeedMetrics,
+}
+
+/// The feeds' metrics, by list.
+pub struct FeedMetrics {
+    /// Seconds since the copy held was last confirmed by its feed.
+    pub age: IntGaugeVec,
+    pub refresh: IntGaugeVec,
+    pub errors: IntCounterVec,
+    pub fetches: IntCounterVec,
+}
+
+impl FeedMetrics {
+    fn new(reg: &Reg) -> FeedMetrics {
+        FeedMetrics {
+            age: reg.gauge_vec(
+                "ipgate_feed_age_seconds",
+                "Seconds since the feed last confirmed the copy in force (a list taken, or a 304); \
+                 with no copy yet, since the gateway started.",
+                &["list"],
+            ),
+            refresh: reg.gauge_vec(
+                "ipgate_feed_refresh_seconds",
+                "The feed's refresh interval, seconds (for alerts on its age).",
+                &["list"],
+            ),
+            errors: reg.counter_vec(
+                "ipgate_feed_errors_total",
+                "Feed fetches not taken, by reason: connect, timeout, tls, status, too_large, \
+                 parse, empty, prefix, shrink, write.",
+                &["list", "reason"],
+            ),
+            fetches: reg.counter_vec(
+                "ipgate_feed_fetches_total",
+                "Feed fetches by result: updated (a new copy in force), not_modified (a 304), \
+                 refused (see ipgate_feed_errors_total).",
+                &["list", "result"],
+            ),
+        }
+    }
+
+    /// Drops a list's series (its feed is gone from the config).
+    pub fn forget(&self, list: &str) {
+        let _ = self.age.remove_label_values(&[list]);
+        let _ = self.refresh.remove_label_values(&[list]);
+    }
 }
 
 /// The challenge's metrics.
@@ -292,6 +338,7 @@ impl Metrics {
                 &["jail"],
             ),
             challenge: ChallengeMetrics::new(&reg),
+            feed: FeedMetrics::new(&reg),
             registry: reg.0,
         }
     }

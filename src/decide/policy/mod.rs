@@ -29,6 +29,8 @@ pub struct StaticList {
     pub asns: Vec<u32>,
     /// Countries it holds.
     pub countries: Vec<[u8; 2]>,
+    /// Whether its entries come from a feed (a URL) as well.
+    pub feed: bool,
     /// `ipgate_would_block_total{rule=NAME}` for a dry-run block list.
     would_block: Option<IntCounter>,
 }
@@ -94,6 +96,9 @@ impl Policy {
                 let key = format!("lists.{}.files[{i}]", list.name);
                 load_list_file(file, &key, &mut cidrs, report);
             }
+            if let Some(feed) = &list.feed {
+                load_feed_copy(&feed.copy, &list.name, &mut cidrs);
+            }
             let compiled = StaticList {
                 name: list.name.clone(),
                 action: list.action,
@@ -101,6 +106,7 @@ impl Policy {
                 table: CidrTable::new(cidrs),
                 asns: list.asns.clone(),
                 countries: list.countries.clone(),
+                feed: list.feed.is_some(),
                 would_block: list
                     .dry_run
                     .then(|| metrics.would_block.with_label_values(&[&list.name])),
@@ -200,6 +206,28 @@ pub fn load_list_file(path: &Path, key: &str, out: &mut Vec<IpNet>, report: &mut
         }
     };
     parse_list(&text, path, key, out, report);
+}
+
+/// A feed's last good copy (a list file ipgate wrote), if there is one. A copy that does not
+/// read is logged and left out until the next fetch replaces it: a state file never stops a
+/// start or a reload.
+fn load_feed_copy(path: &Path, list: &str, out: &mut Vec<IpNet>) {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+        Err(e) => {
+            tracing::warn!(list, path = %path.display(), error = %e, "cannot read the feed's last good copy");
+            return;
+        }
+    };
+    let mut report = Report::new(path, "");
+    let mut cidrs = Vec::new();
+    parse_list(&text, path, "copy", &mut cidrs, &mut report);
+    if report.is_empty() {
+        out.append(&mut cidrs);
+    } else {
+        tracing::warn!(list, path = %path.display(), "the feed's last good copy does not read; left out until the next fetch");
+    }
 }
 
 /// The lines of a list file (see [`load_list_file`]); problems are reported against `path`.
