@@ -14,7 +14,8 @@ pub struct EntryView {
     pub action: Action,
     /// The list's name for config entries; `block` or `allow` for temporary ones.
     pub list: String,
-    /// `config`, `api`, or the jail's name.
+    /// `config` (a static list), `feed` (a list fetched from a URL), `api`, or the jail's
+    /// name.
     pub source: String,
     pub reason: Option<String>,
     /// RFC 3339, UTC; `null` for config entries.

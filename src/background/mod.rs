@@ -12,7 +12,7 @@
 //! [`crate::state`], [`crate::decide`], [`crate::observe`], [`crate::config`].
 
 pub(crate) mod acme;
-pub(crate) mod feed;
+pub mod feed;
 pub mod firewall;
 pub(crate) mod fleet;
 pub mod logjail;

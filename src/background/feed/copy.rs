@@ -20,7 +20,8 @@ pub struct Meta {
     pub entries: usize,
 }
 
-/// The header of the copy at `path`, if one is there and reads.
+/// The header of the copy at `path`, if one is there and reads whole (a damaged copy is
+/// none: the feed is then fetched at once, without validators).
 pub fn read_meta(path: &Path) -> Option<Meta> {
     let text = std::fs::read_to_string(path).ok()?;
     let mut meta = Meta::default();
@@ -31,7 +32,10 @@ pub fn read_meta(path: &Path) -> Option<Meta> {
             Some(("last-modified", v)) => meta.last_modified = Some(v.to_string()),
             Some(("checked", v)) => meta.checked = v.parse().ok()?,
             _ if line.starts_with('#') || line.trim().is_empty() => {}
-            _ => meta.entries += 1,
+            _ => {
+                line.trim().parse::<IpNet>().ok()?;
+                meta.entries += 1;
+            }
         }
     }
     (!meta.url.is_empty()).then_some(meta)
@@ -59,11 +63,12 @@ pub fn write(path: &Path, meta: &Meta, entries: &[IpNet]) -> std::io::Result<()>
 /// The copy's entries with a new header (a 304 confirmed them).
 pub fn confirm(path: &Path, meta: &Meta) -> std::io::Result<()> {
     let text = std::fs::read_to_string(path)?;
-    let entries: Vec<IpNet> = text
+    let entries = text
         .lines()
         .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .filter_map(|l| l.trim().parse().ok())
-        .collect();
+        .map(|l| l.trim().parse::<IpNet>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
     write(path, meta, &entries)
 }
 
@@ -107,8 +112,17 @@ mod tests {
             ..meta.clone()
         };
         confirm(&path, &later).unwrap();
-        assert_eq!(read_meta(&path), Some(later));
+        assert_eq!(read_meta(&path), Some(later.clone()));
         assert!(!dir.path().join("feeds/drop.list.tmp").exists());
+        // A damaged copy is no copy: fetched again whole, never confirmed by a 304.
+        let damaged = dir.path().join("feeds/damaged.list");
+        std::fs::write(
+            &damaged,
+            "# url: https://feeds.test/x\n# checked: 1\n192.0.2.0/24\n192.0.\n",
+        )
+        .unwrap();
+        assert_eq!(read_meta(&damaged), None);
+        assert!(confirm(&damaged, &later).is_err());
         // The policy reads it as any list file.
         let mut out = Vec::new();
         let mut report = crate::config::Report::new(&path, "");

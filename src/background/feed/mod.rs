@@ -164,7 +164,10 @@ async fn fetch_one(state: &AppState, name: &str, t: &mut Tracked) -> Duration {
             };
             meta.checked = unix_now();
             if let Err(e) = copy::confirm(&feed.copy, &meta) {
+                // The copy is gone or damaged: the next fetch asks for the whole list.
+                t.meta = None;
                 refused(state, name, &feed, Refusal::new("write", e.to_string()));
+                return retry;
             }
             t.meta = Some(meta);
             fetches.with_label_values(&[name, "not_modified"]).inc();

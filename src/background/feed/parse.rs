@@ -112,11 +112,15 @@ fn spamhaus_json(text: &str) -> Result<Vec<IpNet>, Refusal> {
             "parse",
             "no metadata line at the end: the download is incomplete",
         )),
+        Some(None) => Err(Refusal::new(
+            "parse",
+            "the metadata line has no record count (\"records\")",
+        )),
         Some(Some(n)) if n != out.len() as u64 => Err(Refusal::new(
             "parse",
             format!("the metadata says {n} records, {} came", out.len()),
         )),
-        Some(_) => Ok(out),
+        Some(Some(_)) => Ok(out),
     }
 }
 
@@ -229,6 +233,9 @@ mod tests {
             .unwrap_err()
             .detail
             .contains("2 records"));
+        let uncounted = format!("{}\n{{\"type\":\"metadata\"}}\n", lines[0]);
+        let err = entries(uncounted.as_bytes(), None).unwrap_err();
+        assert!(err.detail.contains("record count"), "{}", err.detail);
         // An error page, by its type or by its text; one bad line among good ones.
         let page = b"<!DOCTYPE html><html><body>503</body></html>";
         assert_eq!(entries(page, None).unwrap_err().reason, "parse");
