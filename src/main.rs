@@ -26,6 +26,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Run => run(&cli.config),
+        Command::Overview { lang, format } => overview(&cli.config, lang, format),
         Command::Jail(JailCommand::Test { name, input }) => jail_test(&cli.config, name, input),
         command => admin(&cli, command),
     }
@@ -41,6 +42,24 @@ fn admin(cli: &Cli, command: &Command) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ipgate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn overview(path: &std::path::Path, lang: &str, format: &str) -> ExitCode {
+    use ipgate::state::overview::{html, markdown, Lang};
+    let lang = Lang::parse(lang).unwrap_or(Lang::En);
+    match Config::load(path) {
+        Ok(c) => {
+            match format {
+                "html" => print!("{}", html(&c, lang, None)),
+                _ => print!("{}", markdown(&c, lang)),
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("ipgate: {e}");
             ExitCode::FAILURE
         }
     }

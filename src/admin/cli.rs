@@ -93,6 +93,14 @@ pub enum Command {
     Jail(JailCommand),
     /// Print the JSON Schema of the config file (for editors: taplo, Even Better TOML).
     Schema,
+    /// Write the security overview for visitors from the config: what is stored about their
+    /// addresses, why, for how long, where, and how to ask about it.
+    Overview {
+        #[arg(long, default_value = "en", value_parser = ["en", "nl"])]
+        lang: String,
+        #[arg(long, default_value = "md", value_parser = ["md", "html"])]
+        format: String,
+    },
     /// Force a site's challenge: on (every client without a pass), off, auto (while its
     /// upstream is saturated), or config (back to the config's mode). Holds until changed,
     /// across reloads, not restarts.
@@ -235,7 +243,11 @@ pub async fn admin_command(cli: &Cli, command: &Command) -> anyhow::Result<()> {
         Command::Forget { ip } => forget(&client, ip).await,
         Command::Reload => reload(&client).await,
         Command::Certs { json } => certs(&client, *json).await,
-        Command::Run | Command::Check | Command::Jail(_) | Command::Schema => Ok(()),
+        Command::Run
+        | Command::Check
+        | Command::Jail(_)
+        | Command::Schema
+        | Command::Overview { .. } => Ok(()),
     }
 }
 

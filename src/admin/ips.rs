@@ -12,13 +12,7 @@ use super::*;
 /// prefix it is counted as.
 fn own_targets(state: &AppState, ip: IpAddr) -> Vec<IpNet> {
     let prefix = state.snapshot.load().config.rate_limit.ipv6_prefix;
-    let mut targets = vec![IpNet::from(ip)];
-    if let IpAddr::V6(v6) = ip {
-        if let Ok(net) = ipnet::Ipv6Net::new(v6, prefix) {
-            targets.push(IpNet::V6(net.trunc()));
-        }
-    }
-    targets
+    crate::decide::clients::client_targets(ip, prefix)
 }
 
 /// Rate-limit and jail state held for `ip` (erased first when `erase`).

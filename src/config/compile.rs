@@ -70,7 +70,53 @@ fn privacy(r: &mut Report, raw: &RawPrivacy) -> Privacy {
             MAX_RETENTION,
         ),
         log_ip,
+        operator: text(&raw.operator),
+        contact: text(&raw.contact),
+        overview_path: overview_path(r, raw),
+        self_service: raw.self_service,
     }
+}
+
+/// A text key: trimmed, none when empty.
+fn text(value: &Option<String>) -> Option<String> {
+    value
+        .as_deref()
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(str::to_string)
+}
+
+/// `privacy.overview_path`: a plain absolute path, not one of ipgate's own; `self_service`
+/// needs it.
+fn overview_path(r: &mut Report, raw: &RawPrivacy) -> Option<String> {
+    let path = text(&raw.overview_path);
+    if raw.self_service && path.is_none() {
+        r.key(
+            "privacy.self_service",
+            "needs privacy.overview_path (the page it is shown on)",
+        );
+    }
+    let p = path?;
+    let plain = p.starts_with('/')
+        && !p.starts_with("//")
+        && p.bytes()
+            .all(|b| b.is_ascii_graphic() && !b"?#%\\".contains(&b));
+    if !plain {
+        r.key(
+            "privacy.overview_path",
+            format!("'{p}': expected a plain path like /security-overview (no query, no %)"),
+        );
+        return None;
+    }
+    // The challenge's folder (decide::challenge::PREFIX).
+    if p.starts_with("/.well-known/ipgate/") {
+        r.key(
+            "privacy.overview_path",
+            format!("'{p}' is under /.well-known/ipgate/, which ipgate keeps for its own pages"),
+        );
+        return None;
+    }
+    Some(p)
 }
 
 fn gateway(r: &mut Report, base: &Path, raw: &RawGateway) -> Gateway {

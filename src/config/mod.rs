@@ -182,6 +182,11 @@ pub enum LogIp {
 pub struct Privacy {
     pub max_retention: Duration,
     pub log_ip: LogIp,
+    pub operator: Option<String>,
+    pub contact: Option<String>,
+    /// The path every site answers with the security overview.
+    pub overview_path: Option<String>,
+    pub self_service: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -342,64 +347,6 @@ pub const ADDR: &str = "<ADDR>";
 /// What stands for the address a line says the client came through (Roundcube's direct
 /// peer): it must be this host, or a trusted proxy, or the line does not count.
 pub const PROXY: &str = "<PROXY>";
-
-impl LogSource {
-    /// The `match` pattern as a regex: `<ADDR>` becomes a group named `addr` that takes an
-    /// IPv4 or IPv6 address (checked again when parsed), `<PROXY>` one named `proxy`.
-    /// Linear time (the regex crate).
-    pub fn regex(&self) -> Result<regex::Regex, String> {
-        let n = self.pattern.matches(ADDR).count();
-        if n != 1 {
-            return Err(format!(
-                "needs exactly one {ADDR} where the client address is (found {n})"
-            ));
-        }
-        if self.pattern.matches(PROXY).count() > 1 {
-            return Err(format!("{PROXY} may stand once at most"));
-        }
-        let source = self
-            .pattern
-            .replace(ADDR, r"(?P<addr>[0-9A-Fa-f:.]{2,45})")
-            .replace(PROXY, r"(?P<proxy>[0-9A-Fa-f:.]{2,45})");
-        regex::RegexBuilder::new(&source)
-            .size_limit(1 << 20)
-            .build()
-            .map_err(|e| format!("not a valid pattern: {e}"))
-    }
-
-    /// Whether the pattern is anchored at both ends of the message (`^...$`): a pattern
-    /// that is not can find a failure line quoted inside another message.
-    pub fn anchored(&self) -> bool {
-        let p = self.pattern.trim();
-        (p.starts_with('^') || p.starts_with(r"\A"))
-            && (p.ends_with('$') && !p.ends_with(r"\$") || p.ends_with(r"\z"))
-    }
-
-    /// The tags as one anchored regex, or `None` when any tag counts.
-    pub fn tags_regex(&self) -> Option<regex::Regex> {
-        if self.tags.is_empty() {
-            return None;
-        }
-        let alts: Vec<String> = self
-            .tags
-            .iter()
-            .map(|t| regex::escape(t).replace(r"\*", "[^/]*"))
-            .collect();
-        regex::Regex::new(&format!("^(?:{})$", alts.join("|"))).ok()
-    }
-
-    pub fn ignore_regex(&self) -> Result<Option<regex::Regex>, String> {
-        self.ignore
-            .as_deref()
-            .map(|p| {
-                regex::RegexBuilder::new(p)
-                    .size_limit(1 << 20)
-                    .build()
-                    .map_err(|e| format!("not a valid pattern: {e}"))
-            })
-            .transpose()
-    }
-}
 
 #[derive(Debug, Clone)]
 pub struct Site {

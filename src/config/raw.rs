@@ -158,6 +158,15 @@ pub struct RawAdmin {
 pub struct RawPrivacy {
     pub max_retention: Option<String>,
     pub log_ip: Option<String>,
+    /// Who runs the sites, as the security overview names them.
+    pub operator: Option<String>,
+    /// Where visitors ask to see, correct or erase what is held (an e-mail address or URL).
+    pub contact: Option<String>,
+    /// A path every site answers with the security overview (e.g. "/security-overview").
+    pub overview_path: Option<String>,
+    /// The overview page also shows the visitor what is held about their own address.
+    #[serde(default)]
+    pub self_service: bool,
 }
 
 /// `[rate_limit]`, or a site's or route's own `rate_limit` table.

@@ -397,6 +397,18 @@ impl Drop for InFlight {
     }
 }
 
+/// The targets a client's own state is kept under: the address, and for IPv6 the prefix it
+/// is counted as (`rate_limit.ipv6_prefix`).
+pub fn client_targets(ip: std::net::IpAddr, ipv6_prefix: u8) -> Vec<ipnet::IpNet> {
+    let mut targets = vec![ipnet::IpNet::from(ip)];
+    if let std::net::IpAddr::V6(v6) = ip {
+        if let Ok(net) = ipnet::Ipv6Net::new(v6, ipv6_prefix) {
+            targets.push(ipnet::IpNet::V6(net.trunc()));
+        }
+    }
+    targets
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

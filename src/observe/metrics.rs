@@ -25,6 +25,8 @@ pub mod outcome {
     /// Answered with the challenge page (or, for a request that cannot show a page, refused
     /// until the client passes it).
     pub const CHALLENGED: &str = "challenged";
+    /// Answered with the security overview (`privacy.overview_path`).
+    pub const OVERVIEW: &str = "overview";
 }
 
 /// `ipgate_connections_rejected_total` children, resolved once: floods hit these.
@@ -392,6 +394,7 @@ pub struct SiteMetrics {
     /// Requests answered 503 after waiting for one of `site.max_upstream_connections`.
     pub busy: IntCounter,
     pub challenged: IntCounter,
+    pub overview: IntCounter,
     pub challenges_issued: IntCounter,
     pub challenges_passed: IntCounter,
     pub challenges_failed: IntCounter,
@@ -416,6 +419,7 @@ impl SiteMetrics {
             protocol_errors: m.upstream_errors.with_label_values(&[site, "protocol"]),
             busy: m.upstream_errors.with_label_values(&[site, "busy"]),
             challenged: m.requests.with_label_values(&[site, outcome::CHALLENGED]),
+            overview: m.requests.with_label_values(&[site, outcome::OVERVIEW]),
             challenges_issued: m.challenge.challenges.with_label_values(&[site, "issued"]),
             challenges_passed: m.challenge.challenges.with_label_values(&[site, "passed"]),
             challenges_failed: m.challenge.challenges.with_label_values(&[site, "failed"]),

@@ -275,7 +275,8 @@ fn challenge(
     // A route or the operator saying off holds for challenge lists too.
     let by_list =
         !by_mode && mode_allows_lists(site, path, mode) && snap.policy.challenged(client).is_some();
-    if !(by_mode || by_list) || never_challenged(asked) {
+    let overview = snap.config.privacy.overview_path.as_deref() == Some(path);
+    if !(by_mode || by_list) || never_challenged(asked) || overview {
         return Ok(());
     }
     if state.temp.passed(&site.pass_scope, client) {

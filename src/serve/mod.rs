@@ -10,7 +10,7 @@
 //!   through `upstream`, splices WebSocket upgrades (`splice`); `answer`: the
 //!   gateway's own answers; `https`: the redirect of `redirect_https` listeners, HTTP-01
 //!   answers and HSTS; `challenge`: the proof-of-work page, and the check of a solution that
-//!   makes a pass.
+//!   makes a pass; `overview`: the security overview at `privacy.overview_path`.
 //! - `admission`: the per-request decision, in order: allow wins, block entries,
 //!   `allow_only`, the rate limit, the challenge (unless the client has a pass), the jails'
 //!   watched requests and the client's requests in flight (a short queue); then the jails
@@ -27,6 +27,7 @@ pub mod client_addr;
 pub(crate) mod headers;
 pub(crate) mod https;
 pub(crate) mod listener;
+pub(crate) mod overview;
 pub(crate) mod proxy;
 pub mod request;
 pub(crate) mod splice;

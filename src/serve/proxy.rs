@@ -26,6 +26,7 @@ use crate::serve::body::UpstreamBody;
 use crate::serve::challenge;
 use crate::serve::headers::{self, format_ip, Forwarding};
 use crate::serve::https;
+use crate::serve::overview;
 use crate::serve::request::{self, Invalid};
 use crate::serve::upstream;
 use crate::state::{AppState, SiteEntry, Snapshot};
@@ -158,6 +159,11 @@ pub async fn handle(
         }
         (site, Err(refusal)) => refuse(state, site, Error::from(refusal)),
         (None, Ok(_)) => refuse(state, None, Error::NoSite),
+        (Some(site), Ok(_)) if overview::at(&snap, &path) => {
+            site.metrics.overview.inc();
+            let resp = overview::answer(state, &snap, req.headers(), client.ip).await;
+            (resp, site.site.name.as_str(), outcome::OVERVIEW)
+        }
         (Some(site), Ok(_)) if path.starts_with(challenge::PREFIX) => {
             let resp = challenge::own(state, &snap, site, &path, &uri, client.ip).await;
             (resp, site.site.name.as_str(), outcome::CHALLENGED)

@@ -12,6 +12,7 @@
 
 pub(crate) mod acme_dir;
 pub(crate) mod challenges;
+pub mod overview;
 pub(crate) mod snapshot;
 pub(crate) mod store;
 pub mod tls;
