@@ -86,6 +86,11 @@ async fn sweeper(state: Arc<AppState>) {
         if n % 5 == 0 {
             state.sweep_clients();
         }
+        if n % 60 == 1 {
+            state
+                .history
+                .sample(&state.metrics, decide::clock::now_ms());
+        }
         if n % 60 == 0 {
             state.prune_offenses().await;
         }

@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod cli;
+mod console;
 pub(crate) mod demo;
 mod ips;
 mod sites;
@@ -147,6 +148,7 @@ async fn route(state: &AppState, req: Request<Incoming>) -> Response<AdminBody> 
                 text(StatusCode::OK, "ok")
             }
         }
+        (&Method::GET, "/") => console::page(),
         (&Method::GET, "/metrics") => {
             let mut resp = Response::new(Full::new(Bytes::from(state.metrics.render())));
             resp.headers_mut().insert(
@@ -274,6 +276,12 @@ async fn v1(state: &AppState, req: Request<Incoming>) -> Response<AdminBody> {
             Err(e) => json_error(StatusCode::BAD_REQUEST, &e),
         },
         (Method::GET, "/v1/certificates") => json(StatusCode::OK, &certificates(state)),
+        (Method::GET, p) if p.starts_with("/v1/console/") => {
+            console::view(state, &p["/v1/console/".len()..], |k| {
+                param(k).map(str::to_string)
+            })
+            .await
+        }
         (m @ (Method::GET | Method::PUT), p) if p.starts_with("/v1/sites/") => {
             let body = match Limited::new(req.into_body(), 4 * 1024).collect().await {
                 Ok(b) => b.to_bytes(),

@@ -345,6 +345,11 @@ impl Metrics {
         }
     }
 
+    /// Every metric family, as the registry holds them now.
+    pub fn gather(&self) -> Vec<prometheus::proto::MetricFamily> {
+        self.registry.gather()
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 * 1024);

@@ -15,9 +15,13 @@ use crate::serve::answer::Body;
 use crate::state::overview::{html, spoken, Lang};
 use crate::state::{AppState, Snapshot};
 
-/// Whether `path` is the overview's.
-pub fn at(snap: &Snapshot, path: &str) -> bool {
+/// Whether the request is for the overview: a GET or HEAD of its path, on a listener that
+/// does not redirect to HTTPS (there the redirect comes first, so the visitor's own data
+/// never travels in clear).
+pub fn at(snap: &Snapshot, method: &http::Method, path: &str, redirect: bool) -> bool {
     snap.config.privacy.overview_path.as_deref() == Some(path)
+        && (method == http::Method::GET || method == http::Method::HEAD)
+        && !redirect
 }
 
 /// The overview page for this visitor.
@@ -149,6 +153,9 @@ async fn visitor(state: &AppState, snap: &Snapshot, ip: IpAddr, lang: Lang) -> S
 
 fn site_of(scope: &Scope) -> String {
     match scope {
-        Scope::Site(s) | Scope::Jail(s) => s.to_string(),
+        Scope::Site(s) | Scope::Jail(s) => s
+            .replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;"),
     }
 }

@@ -159,7 +159,7 @@ pub async fn handle(
         }
         (site, Err(refusal)) => refuse(state, site, Error::from(refusal)),
         (None, Ok(_)) => refuse(state, None, Error::NoSite),
-        (Some(site), Ok(_)) if overview::at(&snap, &path) => {
+        (Some(site), Ok(_)) if overview::at(&snap, &method, &path, conn.redirect) => {
             site.metrics.overview.inc();
             let resp = overview::answer(state, &snap, req.headers(), client.ip).await;
             (resp, site.site.name.as_str(), outcome::OVERVIEW)

@@ -58,6 +58,8 @@ pub struct AppState {
     pub https_port: u16,
     /// Challenge puzzles solved already, until they expire.
     pub used: crate::decide::challenge::Used,
+    /// Requests by site and outcome over the last hour (the console's charts).
+    pub history: crate::observe::history::History,
 }
 
 impl AppState {
@@ -87,6 +89,7 @@ impl AppState {
             store,
             https_port: 443,
             used: crate::decide::challenge::Used::new(USED_PUZZLES),
+            history: Default::default(),
         }
     }
 

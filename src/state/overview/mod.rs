@@ -129,7 +129,8 @@ struct PassFact {
     sites: Vec<String>,
 }
 
-fn facts(c: &Config, lang: Lang) -> Facts {
+fn facts(c: &Config, lang: Lang, html: bool) -> Facts {
+    let escape = |t: &str| if html { escape(t) } else { t.to_string() };
     let say = |d: Duration| spoken(d.min(c.privacy.max_retention), lang);
     let limit = |site: Option<&str>, route: Option<&str>, l: &RateLimit| LimitFact {
         site: site.map(escape),
@@ -238,7 +239,12 @@ fn templates() -> &'static minijinja::Environment<'static> {
 
 /// The overview as Markdown.
 pub fn markdown(config: &Config, lang: Lang) -> String {
-    let facts = facts(config, lang);
+    render(config, lang, false)
+}
+
+/// The Markdown, with the config's text escaped when it becomes HTML.
+fn render(config: &Config, lang: Lang, html: bool) -> String {
+    let facts = facts(config, lang, html);
     templates()
         .get_template(lang.code())
         .and_then(|t| t.render(&facts))
@@ -273,7 +279,7 @@ fn tidy(md: &str) -> String {
 /// Markdown to an HTML page titled by its first heading; `extra` is Markdown appended (the
 /// visitor's own section).
 pub fn html(config: &Config, lang: Lang, extra: Option<&str>) -> String {
-    let mut md = markdown(config, lang);
+    let mut md = render(config, lang, true);
     if let Some(x) = extra {
         md.push('\n');
         md.push_str(x);

@@ -1,0 +1,365 @@
+//! The web console in a real browser: Debian's Chromium, headless, driven through the
+//! DevTools protocol. Sign-in with the admin token and a wrong token refused; a ban made with
+//! the CLI appears; unban and forget from the page, checked through the gateway; no request
+//! to anything but the admin listener; a phone-width screenshot. And without a browser: a
+//! view asked for from another origin without the token is refused, and the page's headers.
+
+mod common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::AsyncBufReadExt;
+use tokio_tungstenite::tungstenite::Message;
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// One page of a headless Chromium, driven over the DevTools protocol.
+struct Browser {
+    _child: tokio::process::Child,
+    _profile: tempfile::TempDir,
+    ws: Ws,
+    next: AtomicU64,
+    /// Every URL the page asked for (Network.requestWillBeSent).
+    requests: Vec<String>,
+}
+
+impl Browser {
+    async fn start() -> Browser {
+        let profile = tempfile::tempdir().unwrap();
+        let mut child = tokio::process::Command::new("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--remote-debugging-port=0",
+                "--window-size=1200,900",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg("about:blank")
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("chromium is not installed: run scripts/test, which installs it");
+        let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        let browser_ws = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(at) = line.find("ws://") {
+                    return line[at..].trim().to_string();
+                }
+            }
+            panic!("chromium ended without a DevTools address");
+        })
+        .await
+        .expect("chromium did not start in 30 s");
+        // Keep reading its stderr, so it never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let port: u16 = browser_ws["ws://127.0.0.1:".len()..]
+            .split('/')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let list = plain_get(
+            format!("127.0.0.1:{port}").parse().unwrap(),
+            "/json/list",
+            &format!("127.0.0.1:{port}"),
+        )
+        .await
+        .1;
+        let targets: serde_json::Value = serde_json::from_str(&list).unwrap();
+        let page_ws = targets
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["type"] == "page")
+            .expect("a page target")["webSocketDebuggerUrl"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let (ws, _) = tokio_tungstenite::connect_async(page_ws).await.unwrap();
+        let mut b = Browser {
+            _child: child,
+            _profile: profile,
+            ws,
+            next: AtomicU64::new(1),
+            requests: Vec::new(),
+        };
+        b.call("Network.enable", serde_json::json!({})).await;
+        b.call("Page.enable", serde_json::json!({})).await;
+        b
+    }
+
+    /// Sends a command and waits for its answer (events on the way are kept).
+    async fn call(&mut self, method: &str, params: serde_json::Value) -> serde_json::Value {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let msg = serde_json::json!({ "id": id, "method": method, "params": params });
+        self.ws
+            .send(Message::Text(msg.to_string().into()))
+            .await
+            .unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let frame = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .unwrap_or_else(|_| panic!("no answer to {method}"))
+                .unwrap()
+                .unwrap();
+            let Message::Text(text) = frame else { continue };
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+            if v["method"] == "Network.requestWillBeSent" {
+                if let Some(url) = v["params"]["request"]["url"].as_str() {
+                    self.requests.push(url.to_string());
+                }
+            }
+            if v["id"] == id {
+                assert!(v.get("error").is_none(), "{method}: {v}");
+                return v["result"].clone();
+            }
+        }
+    }
+
+    /// Runs `js` in the page (awaiting a promise) and returns its value.
+    async fn eval(&mut self, js: &str) -> serde_json::Value {
+        let r = self
+            .call(
+                "Runtime.evaluate",
+                serde_json::json!({ "expression": js, "awaitPromise": true, "returnByValue": true }),
+            )
+            .await;
+        r["result"]["value"].clone()
+    }
+
+    /// Waits until `js` is true in the page.
+    async fn until(&mut self, js: &str) -> bool {
+        for _ in 0..100 {
+            if self.eval(js).await == serde_json::Value::Bool(true) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    }
+
+    async fn open(&mut self, url: &str) {
+        self.call("Page.navigate", serde_json::json!({ "url": url }))
+            .await;
+        assert!(
+            self.until(
+                "document.readyState === 'complete' && !!document.querySelector('#signin-form')"
+            )
+            .await,
+            "the console did not load"
+        );
+    }
+
+    async fn text(&mut self, selector: &str) -> String {
+        let js = format!("(document.querySelector({selector:?}) || {{}}).textContent || ''");
+        self.eval(&js).await.as_str().unwrap_or("").to_string()
+    }
+}
+
+const SITES: &str = r#"
+[[jail]]
+name = "wp-login"
+method = "POST"
+path = "/wp-login.php"
+status = [200]
+hits = 3
+window = "10m"
+ban = "1h"
+
+[[site]]
+name = "shop"
+hosts = ["*"]
+upstream = "http://{upstream}"
+jails = ["wp-login"]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_signs_in_shows_a_ban_and_unbans_and_forgets_through_the_api() {
+    let gw = GatewayBuilder::new().sites(SITES).spawn().await;
+    let url = format!("http://{}/", gw.admin);
+    let mut b = Browser::start().await;
+    b.open(&url).await;
+
+    // A wrong token: the API's 401, said plainly; the views stay hidden.
+    b.eval("document.querySelector('#token').value = 'wrong'; document.querySelector('#signin-form').requestSubmit(); true").await;
+    assert!(
+        b.until("document.querySelector('#message').textContent.includes('401')")
+            .await,
+        "{}",
+        b.text("#message").await
+    );
+    assert_eq!(
+        b.eval("document.querySelector('#views').classList.contains('hidden')")
+            .await,
+        true
+    );
+
+    // The right one.
+    let token = gw.token();
+    b.eval(&format!("document.querySelector('#token').value = {token:?}; document.querySelector('#signin-form').requestSubmit(); true")).await;
+    assert!(
+        b.until("document.querySelector('#message').textContent === 'Signed in.'")
+            .await,
+        "{}",
+        b.text("#message").await
+    );
+    assert!(
+        b.until("document.querySelector('[data-view=sites]').textContent.includes('shop')")
+            .await
+    );
+
+    // A ban made with the CLI appears in the entries.
+    let banned = "127.0.80.1";
+    assert!(!refused(banned, gw.plain).await);
+    let out = gw
+        .cli(&["ban", banned, "--ttl", "1h", "--reason", "cli ban"])
+        .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(refused(banned, gw.plain).await);
+    b.eval("refresh().then(() => true)").await;
+    let entries = b.text("[data-view=entries]").await;
+    assert!(
+        entries.contains("127.0.80.1/32") && entries.contains("cli ban"),
+        "{entries}"
+    );
+
+    // Unban from the page: the gateway serves the client again.
+    b.eval("document.querySelector('button[data-act=unban][data-target=\"127.0.80.1/32\"]').click(); true").await;
+    assert!(
+        b.until(
+            "document.querySelector('#message').textContent.startsWith('Unbanned 127.0.80.1/32')"
+        )
+        .await,
+        "{}",
+        b.text("#message").await
+    );
+    assert!(eventually(Duration::from_secs(5), || served_from(banned, gw.plain)).await);
+    assert!(!b
+        .text("[data-view=entries]")
+        .await
+        .contains("127.0.80.1/32"));
+
+    // Forget from the lookup: a failed login counted and an allow entry, then nothing held.
+    let other = "127.0.80.2";
+    assert_eq!(
+        post_from(gw.plain, other, "/wp-login.php", "a.test").await,
+        Some(200)
+    );
+    assert!(gw
+        .cli(&["allow", other, "--ttl", "1h"])
+        .await
+        .status
+        .success());
+    b.eval(&format!("document.querySelector('#ip').value = {other:?}; document.querySelector('#lookup-form').requestSubmit(); true")).await;
+    assert!(
+        b.until(
+            "document.querySelector('[data-view=lookup]').textContent.includes('jail counter')"
+        )
+        .await,
+        "{}",
+        b.text("[data-view=lookup]").await
+    );
+    b.eval("document.querySelector('button[data-act=forget]').click(); true")
+        .await;
+    assert!(b.until("document.querySelector('#message').textContent.startsWith('Forgot everything held about 127.0.80.2')").await, "{}", b.text("#message").await);
+    let (code, held) = admin_call(
+        gw.admin,
+        "GET",
+        &format!("/v1/ips/{other}"),
+        None,
+        Some(&token),
+    )
+    .await;
+    assert_eq!(code, 200);
+    assert_eq!(held["entries"], serde_json::json!([]), "{held}");
+    assert_eq!(held["jail_counters"], serde_json::json!([]), "{held}");
+
+    // Nothing but the admin listener was asked for.
+    let foreign: Vec<&String> = b
+        .requests
+        .iter()
+        .filter(|u| !u.starts_with(&url) && !u.starts_with("about:") && !u.starts_with("data:"))
+        .collect();
+    assert!(foreign.is_empty(), "requests elsewhere: {foreign:?}");
+    assert!(b.requests.iter().any(|u| u.contains("/v1/console/entries")));
+
+    // At a phone's width, for the docs.
+    b.call(
+        "Emulation.setDeviceMetricsOverride",
+        serde_json::json!({ "width": 390, "height": 844, "deviceScaleFactor": 1, "mobile": true }),
+    )
+    .await;
+    let shot = b
+        .call(
+            "Page.captureScreenshot",
+            serde_json::json!({ "format": "png" }),
+        )
+        .await;
+    use base64::Engine;
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(shot["data"].as_str().unwrap())
+        .unwrap();
+    assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000);
+    std::fs::write(
+        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("console-phone.png"),
+        png,
+    )
+    .unwrap();
+    let wide = b.eval("document.documentElement.scrollWidth <= 400").await;
+    assert_eq!(wide, true, "the page is wider than the phone");
+}
+
+#[tokio::test]
+async fn a_view_without_the_token_is_refused_from_any_origin_and_the_page_is_locked_down() {
+    let gw = GatewayBuilder::new().spawn().await;
+    let tcp = tokio::net::TcpStream::connect(gw.admin).await.unwrap();
+    let head = format!(
+        "GET /v1/console/entries HTTP/1.1\r\nHost: {}\r\nOrigin: http://evil.test\r\nConnection: close\r\n\r\n",
+        gw.admin
+    );
+    let mut tcp = tcp;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    tcp.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 401"), "{out}");
+    assert!(
+        !out.to_ascii_lowercase()
+            .contains("access-control-allow-origin"),
+        "{out}"
+    );
+    assert!(!out.to_ascii_lowercase().contains("set-cookie"));
+    // The page itself: no data, no cookie, its CSP.
+    let (code, page) = plain_get(gw.admin, "/", &gw.admin.to_string()).await;
+    assert_eq!(code, 200);
+    assert!(
+        page.contains("Sign in") && !page.contains("http://") && !page.contains("https://"),
+        "{page}"
+    );
+    let (code, _) = admin_call(gw.admin, "GET", "/v1/console/entries", None, Some("wrong")).await;
+    assert_eq!(code, 401);
+    let (code, _) = admin_call(
+        gw.admin,
+        "GET",
+        "/v1/console/entries",
+        None,
+        Some(&gw.token()),
+    )
+    .await;
+    assert_eq!(code, 200);
+}
