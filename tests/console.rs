@@ -237,6 +237,15 @@ async fn the_console_signs_in_shows_a_ban_and_unbans_and_forgets_through_the_api
         entries.contains("127.0.80.1/32") && entries.contains("cli ban"),
         "{entries}"
     );
+    // Recent bans only show the address, so as privacy.log_ip says (anonymized: its /24).
+    let jails = b.text("[data-view=jails]").await;
+    assert!(
+        jails.contains("127.0.80.0") && !jails.contains("127.0.80.1"),
+        "{jails}"
+    );
+    // The chart: a bar per minute.
+    let bars = "document.querySelectorAll('[data-view=sites] svg rect').length > 1";
+    assert_eq!(b.eval(bars).await, true);
 
     // Unban from the page: the gateway serves the client again.
     b.eval("document.querySelector('button[data-act=unban][data-target=\"127.0.80.1/32\"]').click(); true").await;
@@ -253,6 +262,13 @@ async fn the_console_signs_in_shows_a_ban_and_unbans_and_forgets_through_the_api
         .text("[data-view=entries]")
         .await
         .contains("127.0.80.1/32"));
+
+    // A forget erases the address's ban record too.
+    let path = format!("/v1/ips/{banned}");
+    let (code, _) = admin_call(gw.admin, "DELETE", &path, None, Some(&token)).await;
+    assert_eq!(code, 200);
+    b.eval("refresh().then(() => true)").await;
+    assert!(!b.text("[data-view=jails]").await.contains("127.0.80.0"));
 
     // Forget from the lookup: a failed login counted and an allow entry, then nothing held.
     let other = "127.0.80.2";

@@ -194,6 +194,7 @@ pub(super) async fn forget(state: &AppState, ip: IpAddr) -> Response<AdminBody> 
         Ok(r) => r,
         Err(e) => return json_error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
     };
+    state.bans.forget(ip, &targets);
     // Last: with a fleet, the forget also erases the records of the removals just made.
     if let Err(e) = state.forget_offenses(targets.clone()).await {
         return json_error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());

@@ -11,6 +11,7 @@
 //! Uses: [`crate::decide`], [`crate::observe`], [`crate::config`], [`crate::normalize`].
 
 pub(crate) mod acme_dir;
+pub mod bans;
 pub(crate) mod challenges;
 pub mod overview;
 pub(crate) mod snapshot;
@@ -60,6 +61,8 @@ pub struct AppState {
     pub used: crate::decide::challenge::Used,
     /// Requests by site and outcome over the last hour (the console's charts).
     pub history: crate::observe::history::History,
+    /// The last bans made here (the console's recent bans).
+    pub bans: bans::BanLog,
 }
 
 impl AppState {
@@ -90,6 +93,7 @@ impl AppState {
             https_port: 443,
             used: crate::decide::challenge::Used::new(USED_PUZZLES),
             history: Default::default(),
+            bans: Default::default(),
         }
     }
 
@@ -104,6 +108,12 @@ impl AppState {
     ) -> Result<(), store::Error> {
         if action.action() == Action::Block {
             self.metrics.bans.with_label_values(&[entry.source()]).inc();
+            self.bans.record(bans::BanEvent {
+                at_ms: entry.created_at,
+                target,
+                source: entry.source().into(),
+                until_ms: entry.expires_at,
+            });
         }
         self.temp.table(&action).insert(target, entry.clone());
         self.publish_temporary_gauges();

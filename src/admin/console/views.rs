@@ -42,8 +42,9 @@ struct SiteView {
     name: String,
     served: u64,
     refused: u64,
-    served_points: String,
-    refused_points: String,
+    /// SVG rects, made here from numbers only.
+    served_bars: String,
+    refused_bars: String,
     challenging: bool,
 }
 
@@ -57,18 +58,22 @@ pub(super) fn sites(state: &AppState) -> Result<String, minijinja::Error> {
         .max()
         .unwrap_or(0)
         .max(1);
-    let points = |values: &[u64]| {
-        let n = values.len().max(2) - 1;
+    // One bar per minute, 4 px wide: proxied from the bottom, refused stacked on top.
+    let bars = |values: &[u64], under: &[u64]| {
         values
             .iter()
+            .zip(under.iter().chain(std::iter::repeat(&0)))
             .enumerate()
-            .map(|(i, v)| {
-                let x = 240.0 * i as f64 / n as f64;
-                let y = 58.0 - 56.0 * *v as f64 / peak as f64;
-                format!("{x:.0},{y:.0}")
+            .map(|(i, (v, u))| {
+                let h = 56.0 * *v as f64 / peak as f64;
+                let below = 56.0 * *u as f64 / peak as f64;
+                format!(
+                    "<rect x=\"{}\" y=\"{:.1}\" width=\"3\" height=\"{h:.1}\"/>",
+                    i * 4,
+                    58.0 - below - h
+                )
             })
-            .collect::<Vec<_>>()
-            .join(" ")
+            .collect::<String>()
     };
     let sites: Vec<SiteView> = per_site
         .into_iter()
@@ -81,8 +86,8 @@ pub(super) fn sites(state: &AppState) -> Result<String, minijinja::Error> {
             SiteView {
                 served: served.iter().sum(),
                 refused: refused.iter().sum(),
-                served_points: points(&served),
-                refused_points: points(&refused),
+                served_bars: bars(&served, &[]),
+                refused_bars: bars(&refused, &served),
                 challenging,
                 name,
             }
@@ -187,8 +192,9 @@ struct BanView {
 
 pub(super) fn jails(state: &AppState) -> Result<String, minijinja::Error> {
     let snap = state.snapshot.load();
-    let log_ip = snap.config.privacy.log_ip;
-    let mut bans: Vec<Row> = rows(state)
+    let privacy = &snap.config.privacy;
+    let now = now();
+    let in_force: Vec<Row> = rows(state)
         .into_iter()
         .filter(|r| r.action == "block")
         .collect();
@@ -203,24 +209,30 @@ pub(super) fn jails(state: &AppState) -> Result<String, minijinja::Error> {
             ban: humantime::format_duration(j.ban).to_string(),
             max_ban: humantime::format_duration(j.max_ban).to_string(),
             dry_run: j.dry_run,
-            in_force: bans.iter().filter(|b| b.source == j.name).count(),
+            in_force: in_force.iter().filter(|b| b.source == j.name).count(),
         })
         .collect();
-    bans.sort_by_key(|b| std::cmp::Reverse(b.created_ms));
-    bans.truncate(MAX_BANS);
-    let now = now();
     // Shown only, never acted on here: as privacy.log_ip says.
-    let bans: Vec<BanView> = bans
+    let bans: Vec<BanView> = state
+        .bans
+        .recent(now, privacy.max_retention.as_millis() as u64)
         .into_iter()
+        .take(MAX_BANS)
         .map(|b| BanView {
-            target: match b.target.parse::<ipnet::IpNet>() {
-                Ok(n) if b.host => shown(n.addr(), log_ip),
-                _ if log_ip == crate::config::LogIp::None => "-".into(),
-                _ => b.target.clone(),
+            target: if b.target.prefix_len() == b.target.max_prefix_len() {
+                shown(b.target.addr(), privacy.log_ip)
+            } else if privacy.log_ip == crate::config::LogIp::None {
+                "-".into()
+            } else {
+                b.target.to_string()
             },
-            created: b.created,
-            source: b.source,
-            left: left(b.expires_ms, now),
+            created: when(b.at_ms),
+            source: b.source.to_string(),
+            left: if b.until_ms > now {
+                left(b.until_ms, now)
+            } else {
+                "over".into()
+            },
         })
         .collect();
     render("jails.html", minijinja::context! { jails, bans })
