@@ -270,6 +270,39 @@ async fn the_console_signs_in_shows_a_ban_and_unbans_and_forgets_through_the_api
     b.eval("refresh().then(() => true)").await;
     assert!(!b.text("[data-view=jails]").await.contains("127.0.80.0"));
 
+    // Refused at request level (a ban on this site only): counted for the last hour, shown
+    // as privacy.log_ip says, held in lookup, erased by forget.
+    let scoped = "127.0.81.3";
+    let out = gw
+        .cli(&["ban", scoped, "--ttl", "1h", "--site", "shop"])
+        .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for _ in 0..3 {
+        assert_eq!(
+            raw_status(
+                gw.plain,
+                scoped,
+                "GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n"
+            )
+            .await,
+            Some(403)
+        );
+    }
+    b.eval("refresh().then(() => true)").await;
+    let jails = b.text("[data-view=jails]").await;
+    let most = &jails[jails.find("Refused most").expect("the refused-most table")..];
+    assert!(most.contains("127.0.81.0") && most.contains('3'), "{most}");
+    let path = format!("/v1/ips/{scoped}");
+    let (_, held) = admin_call(gw.admin, "GET", &path, None, Some(&token)).await;
+    assert_eq!(held["refused_last_hour"], 3, "{held}");
+    admin_call(gw.admin, "DELETE", &path, None, Some(&token)).await;
+    let (_, held) = admin_call(gw.admin, "GET", &path, None, Some(&token)).await;
+    assert!(held.get("refused_last_hour").is_none(), "{held}");
+
     // Forget from the lookup: a failed login counted and an allow entry, then nothing held.
     let other = "127.0.80.2";
     assert_eq!(

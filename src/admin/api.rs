@@ -143,6 +143,10 @@ pub struct Lookup {
     /// The lists that hold the address by its ASN or country.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub geo_rules: Vec<GeoRuleView>,
+    /// Requests refused for the address (its client key) in the last hour, if any: a count
+    /// kept for an hour without a refusal, erased by forget.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused_last_hour: Option<u32>,
 }
 
 /// A list that holds an address by its ASN or country.

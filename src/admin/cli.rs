@@ -501,7 +501,11 @@ fn print_lookup(v: &Lookup) {
     for g in &v.geo_rules {
         println!("  {} list {} holds it by {}", g.action, g.list, g.matched);
     }
-    let held_state = print_client_state(&v.rate_limits, &v.jail_counters, &v.offenses);
+    let mut held_state = print_client_state(&v.rate_limits, &v.jail_counters, &v.offenses);
+    if let Some(n) = v.refused_last_hour {
+        println!("refused in the last hour: {n} request(s) (kept an hour after the last)");
+        held_state = true;
+    }
     if v.entries.is_empty() && v.config_entries.is_empty() && !held_state {
         println!("nothing is held about this address");
     } else {

@@ -33,6 +33,9 @@ fn client_state(state: &AppState, ip: IpAddr, erase: bool) -> (Vec<LimitView>, V
         }
     }
     let key = crate::decide::clients::client_key(ip, snap.config.rate_limit.ipv6_prefix);
+    if erase {
+        state.refusals.forget(key);
+    }
     let mut jails = Vec::new();
     for (name, j) in &snap.jails {
         if let Some(c) = j.counter(key) {
@@ -76,7 +79,10 @@ pub(super) async fn lookup(state: &AppState, ip: IpAddr) -> Response<AdminBody> 
     let (mut entries, config_entries) = held(state, ip);
     mark_fleet(state, &mut entries).await;
     let (place, geo_rules) = geo_rules(state, ip);
+    let key =
+        crate::decide::clients::client_key(ip, state.snapshot.load().config.rate_limit.ipv6_prefix);
     let lookup = Lookup {
+        refused_last_hour: state.refusals.of(key, now_ms()),
         asn: place.asn,
         country: place.country_code(),
         geo_rules,

@@ -192,6 +192,26 @@ impl<V: Touched + Default> BoundedMap<V> {
         self.cap
     }
 
+    /// Every client's state (both generations; the admin's views, not the request path).
+    pub fn entries(&self) -> Vec<(ClientKey, V)>
+    where
+        V: Clone,
+    {
+        let gens = self.gens.load();
+        let mut out: Vec<(ClientKey, V)> = gens
+            .young
+            .iter()
+            .map(|e| (*e.key(), e.value().clone()))
+            .collect();
+        out.extend(
+            gens.old
+                .iter()
+                .filter(|e| !gens.young.contains_key(e.key()))
+                .map(|e| (*e.key(), e.value().clone())),
+        );
+        out
+    }
+
     /// Clients with state.
     pub fn len(&self) -> usize {
         let gens = self.gens.load();

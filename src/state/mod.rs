@@ -14,6 +14,7 @@ pub(crate) mod acme_dir;
 pub mod bans;
 pub(crate) mod challenges;
 pub mod overview;
+pub mod refusals;
 pub(crate) mod snapshot;
 pub(crate) mod store;
 pub mod tls;
@@ -63,6 +64,8 @@ pub struct AppState {
     pub history: crate::observe::history::History,
     /// The last bans made here (the console's recent bans).
     pub bans: bans::BanLog,
+    /// Requests refused per client in the last hour (the console's "refused most").
+    pub refusals: refusals::Refusals,
 }
 
 impl AppState {
@@ -73,6 +76,7 @@ impl AppState {
         store: Store,
     ) -> Self {
         let fleet_id = snapshot.config.fleet.as_ref().map(|f| f.gateway_id.clone());
+        let refusals = refusals::Refusals::new(metrics.client_evictions.clone());
         let access_log = AccessLog::stdout(
             snapshot.config.access_log,
             metrics.access_log_dropped.clone(),
@@ -94,6 +98,7 @@ impl AppState {
             used: crate::decide::challenge::Used::new(USED_PUZZLES),
             history: Default::default(),
             bans: Default::default(),
+            refusals,
         }
     }
 
@@ -280,6 +285,7 @@ impl AppState {
             j.sweep(now);
             tracked += j.tracked();
         }
+        self.refusals.sweep(now);
         self.metrics.tracked_clients.set(tracked as i64);
     }
 

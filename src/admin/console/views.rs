@@ -13,6 +13,8 @@ use crate::state::AppState;
 const MAX_ROWS: usize = 500;
 /// Recent bans shown at most.
 const MAX_BANS: usize = 300;
+/// Clients refused most, shown at most.
+const MAX_REFUSED: usize = 20;
 
 fn env() -> &'static minijinja::Environment<'static> {
     static ENV: OnceLock<minijinja::Environment<'static>> = OnceLock::new();
@@ -235,7 +237,24 @@ pub(super) fn jails(state: &AppState) -> Result<String, minijinja::Error> {
             },
         })
         .collect();
-    render("jails.html", minijinja::context! { jails, bans })
+    let prefix = snap.config.rate_limit.ipv6_prefix;
+    let refused: Vec<(String, u32)> = state
+        .refusals
+        .top(MAX_REFUSED, now)
+        .into_iter()
+        .map(|(key, n)| {
+            let t = crate::decide::clients::key_target(key, prefix);
+            let who = if t.prefix_len() == t.max_prefix_len() {
+                shown(t.addr(), privacy.log_ip)
+            } else if privacy.log_ip == crate::config::LogIp::None {
+                "-".into()
+            } else {
+                t.to_string()
+            };
+            (who, n)
+        })
+        .collect();
+    render("jails.html", minijinja::context! { jails, bans, refused })
 }
 
 #[derive(Serialize)]
