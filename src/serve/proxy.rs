@@ -16,7 +16,7 @@ use hyper::body::Incoming;
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::debug;
 
-use crate::decide::clients::{client_key, ConnSlot, InFlight, Upload};
+use crate::decide::clients::{ConnSlot, InFlight, Upload};
 use crate::decide::jail::Watched;
 use crate::observe::access_log::{Entry, LoggedIp};
 use crate::observe::metrics::outcome;
@@ -277,13 +277,8 @@ fn admit(
         query,
         redirect: conn.redirect,
     };
-    let decided = admission::admit(state, snap, site, (client, conn_slot), &asked);
-    if decided.is_err() {
-        // Only refusals are counted: a request that passes costs nothing here.
-        let key = client_key(client.ip, snap.config.rate_limit.ipv6_prefix);
-        state.refusals.count(key, crate::decide::clock::now_ms());
-    }
-    decided
+    admission::admit(state, snap, site, (client, conn_slot), &asked)
+        .inspect_err(|_| state.count_refusal(client.ip))
 }
 
 /// Waits for the client's place among its requests in flight when admission found them all

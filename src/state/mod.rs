@@ -130,6 +130,14 @@ impl AppState {
         written
     }
 
+    /// Counts a request refused for `ip` (the console's "refused most"); a request that
+    /// passes never comes here.
+    pub fn count_refusal(&self, ip: std::net::IpAddr) {
+        let prefix = self.snapshot.load().config.rate_limit.ipv6_prefix;
+        let key = crate::decide::clients::client_key(ip, prefix);
+        self.refusals.count(key, now_ms());
+    }
+
     /// Removes temporary entries from memory and the store; returns those that existed.
     pub async fn remove_entries(
         &self,
