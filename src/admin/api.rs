@@ -147,6 +147,10 @@ pub struct Lookup {
     /// kept for an hour without a refusal, erased by forget.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refused_last_hour: Option<u32>,
+    /// Records of bans made on this gateway on the address (or its IPv6 prefix), newest
+    /// first: RFC 3339 times, kept for `privacy.max_retention`, erased by forget.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ban_records: Vec<String>,
 }
 
 /// A list that holds an address by its ASN or country.
@@ -173,6 +177,12 @@ pub struct Forgotten {
     pub erased_rate_limits: Vec<LimitView>,
     pub erased_jail_counters: Vec<CounterView>,
     pub erased_offenses: Vec<OffenseView>,
+    /// Records of bans on the address erased from this gateway's recent-ban list.
+    #[serde(default)]
+    pub erased_ban_records: usize,
+    /// Whether a count of refused requests was erased.
+    #[serde(default)]
+    pub erased_refusals: bool,
     pub kept: Kept,
 }
 

@@ -506,6 +506,10 @@ fn print_lookup(v: &Lookup) {
         println!("refused in the last hour: {n} request(s) (kept an hour after the last)");
         held_state = true;
     }
+    if !v.ban_records.is_empty() {
+        println!("bans recorded here: {}", v.ban_records.join(", "));
+        held_state = true;
+    }
     if v.entries.is_empty() && v.config_entries.is_empty() && !held_state {
         println!("nothing is held about this address");
     } else {

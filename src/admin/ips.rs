@@ -33,9 +33,6 @@ fn client_state(state: &AppState, ip: IpAddr, erase: bool) -> (Vec<LimitView>, V
         }
     }
     let key = crate::decide::clients::client_key(ip, snap.config.rate_limit.ipv6_prefix);
-    if erase {
-        state.refusals.forget(key);
-    }
     let mut jails = Vec::new();
     for (name, j) in &snap.jails {
         if let Some(c) = j.counter(key) {
@@ -83,6 +80,12 @@ pub(super) async fn lookup(state: &AppState, ip: IpAddr) -> Response<AdminBody> 
         crate::decide::clients::client_key(ip, state.snapshot.load().config.rate_limit.ipv6_prefix);
     let lookup = Lookup {
         refused_last_hour: state.refusals.of(key, now_ms()),
+        ban_records: state
+            .bans
+            .of(ip, &own_targets(state, ip))
+            .into_iter()
+            .map(|b| rfc3339(b.at_ms))
+            .collect(),
         asn: place.asn,
         country: place.country_code(),
         geo_rules,
@@ -200,7 +203,11 @@ pub(super) async fn forget(state: &AppState, ip: IpAddr) -> Response<AdminBody> 
         Ok(r) => r,
         Err(e) => return json_error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
     };
-    state.bans.forget(ip, &targets);
+    let erased_ban_records = state.bans.forget(ip, &targets);
+    let prefix = state.snapshot.load().config.rate_limit.ipv6_prefix;
+    let erased_refusals = state
+        .refusals
+        .forget(crate::decide::clients::client_key(ip, prefix));
     // Last: with a fleet, the forget also erases the records of the removals just made.
     if let Err(e) = state.forget_offenses(targets.clone()).await {
         return json_error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
@@ -215,6 +222,8 @@ pub(super) async fn forget(state: &AppState, ip: IpAddr) -> Response<AdminBody> 
         erased_rate_limits,
         erased_jail_counters,
         erased_offenses,
+        erased_ban_records,
+        erased_refusals,
         kept: Kept {
             entries,
             config_entries,

@@ -119,7 +119,25 @@ async fn visitor(state: &AppState, snap: &Snapshot, ip: IpAddr, lang: Lang) -> S
             });
         }
     }
+    if state.refusals.of(key, now).is_some() {
+        lines.push(if nl {
+            "Een telling van geweigerde verzoeken, in het werkgeheugen, tot een uur na de laatste weigering.".into()
+        } else {
+            "A count of refused requests, in memory, until an hour after the last refusal.".into()
+        });
+    }
     let retention = snap.config.privacy.max_retention.as_millis() as u64;
+    let own = crate::decide::clients::client_targets(ip, snap.config.rate_limit.ipv6_prefix);
+    for b in state.bans.of(ip, &own) {
+        let until = when(b.at_ms + retention);
+        lines.push(if nl {
+            format!(
+                "Een vermelding van een blokkade in de lijst van recente blokkades, tot {until}."
+            )
+        } else {
+            format!("A record of a ban in the list of recent bans, until {until}.")
+        });
+    }
     let targets = crate::decide::clients::client_targets(ip, snap.config.rate_limit.ipv6_prefix);
     if let Ok(held) = state.offenses(ip, targets).await {
         if let Some(last) = held.iter().flat_map(|(_, _, times)| times.iter()).max() {

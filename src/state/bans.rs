@@ -37,9 +37,26 @@ impl BanLog {
 
     /// The bans made within `retention_ms` of `now`, newest first; older ones are dropped.
     pub fn recent(&self, now: u64, retention_ms: u64) -> Vec<BanEvent> {
+        self.prune(now, retention_ms);
+        let ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        ring.iter().rev().cloned().collect()
+    }
+
+    /// Drops the records older than `retention_ms` (the sweeper calls it, so they go on
+    /// time whether or not anyone looks).
+    pub fn prune(&self, now: u64, retention_ms: u64) {
         let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
         ring.retain(|e| now.saturating_sub(e.at_ms) < retention_ms);
-        ring.iter().rev().cloned().collect()
+    }
+
+    /// The records of bans on `ip` or one of `targets`, newest first (lookup).
+    pub fn of(&self, ip: IpAddr, targets: &[IpNet]) -> Vec<BanEvent> {
+        let ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        ring.iter()
+            .rev()
+            .filter(|e| targets.contains(&e.target) || e.target == IpNet::from(ip))
+            .cloned()
+            .collect()
     }
 
     /// Erases the records of bans on `ip` itself or on one of `targets` (its own prefix);

@@ -278,6 +278,10 @@ impl AppState {
         for j in snap.jails.values() {
             j.forget(key);
         }
+        self.refusals.forget(key);
+        let prefix = snap.config.rate_limit.ipv6_prefix;
+        self.bans
+            .forget(ip, &crate::decide::clients::client_targets(ip, prefix));
     }
 
     /// Drops idle rate-limit and jail state and publishes `ipgate_tracked_clients`.
@@ -294,6 +298,8 @@ impl AppState {
             tracked += j.tracked();
         }
         self.refusals.sweep(now);
+        self.bans
+            .prune(now, snap.config.privacy.max_retention.as_millis() as u64);
         self.metrics.tracked_clients.set(tracked as i64);
     }
 

@@ -92,11 +92,7 @@ pub(super) async fn view(
             param("q").as_deref().unwrap_or(""),
             param("sort").as_deref().unwrap_or("expires"),
         ),
-        "lookup" => match param("ip")
-            .as_deref()
-            .map(str::trim)
-            .map(str::parse::<IpAddr>)
-        {
+        "lookup" => match param("ip").as_deref().map(str::trim).map(super::parse_ip) {
             Some(Ok(ip)) => lookup(state, ip).await,
             _ => Ok("<p class=\"bad\">Give an IPv4 or IPv6 address.</p>".to_string()),
         },
@@ -140,10 +136,27 @@ async fn lookup(state: &AppState, ip: IpAddr) -> Result<String, minijinja::Error
     )
 }
 
-/// An address as the console shows it where it is only shown (not acted on): as
-/// `privacy.log_ip` says.
-fn shown(ip: IpAddr, log_ip: LogIp) -> String {
-    LoggedIp(ip, log_ip).to_string()
+/// A client (an address or a network) as the console shows it where it is only shown, not
+/// acted on: as `privacy.log_ip` says. Anonymized, nothing narrower than an IPv4 /24 or an
+/// IPv6 /48 is shown.
+fn shown(target: ipnet::IpNet, log_ip: LogIp) -> String {
+    let widest = match target {
+        ipnet::IpNet::V4(_) => 24,
+        ipnet::IpNet::V6(_) => 48,
+    };
+    match log_ip {
+        LogIp::None => "-".into(),
+        LogIp::Full => target.to_string(),
+        LogIp::Anonymized if target.prefix_len() == target.max_prefix_len() => {
+            LoggedIp(target.addr(), log_ip).to_string()
+        }
+        LogIp::Anonymized if target.prefix_len() > widest => {
+            ipnet::IpNet::new(target.addr(), widest)
+                .map(|n| n.trunc().to_string())
+                .unwrap_or_default()
+        }
+        LogIp::Anonymized => target.to_string(),
+    }
 }
 
 /// Milliseconds left until `at`, spoken short: "59m", "3h 5m", "2d 4h".
@@ -186,5 +199,17 @@ mod tests {
         assert!(!csp.contains("unsafe"));
         assert_eq!(super::left(90_000, 0), "1m");
         assert_eq!(super::left(3 * 3_600_000 + 300_000, 0), "3h 5m");
+        use crate::config::LogIp;
+        let net = |t: &str| t.parse::<ipnet::IpNet>().unwrap();
+        let anon = |t: &str| super::shown(net(t), LogIp::Anonymized);
+        assert_eq!(anon("2001:db8:1:2::/64"), "2001:db8:1::/48");
+        assert_eq!(anon("192.0.2.128/25"), "192.0.2.0/24");
+        assert_eq!(anon("192.0.2.7/32"), "192.0.2.0");
+        assert_eq!(anon("10.0.0.0/8"), "10.0.0.0/8");
+        assert_eq!(super::shown(net("192.0.2.7/32"), LogIp::None), "-");
+        assert_eq!(
+            super::shown(net("192.0.2.7/32"), LogIp::Full),
+            "192.0.2.7/32"
+        );
     }
 }

@@ -154,6 +154,7 @@ pub(super) fn entries(state: &AppState, q: &str, sort: &str) -> Result<String, m
         "created" => rows.sort_by_key(|r| std::cmp::Reverse(r.created_ms)),
         _ => rows.sort_by_key(|r| r.expires_ms),
     }
+    let matching = rows.len();
     rows.truncate(MAX_ROWS);
     let snap = state.snapshot.load();
     let lists: Vec<ListView> = snap
@@ -169,7 +170,7 @@ pub(super) fn entries(state: &AppState, q: &str, sort: &str) -> Result<String, m
     let shown = rows.len();
     render(
         "entries.html",
-        minijinja::context! { rows, total, shown, q, lists },
+        minijinja::context! { rows, total, matching, shown, q, lists },
     )
 }
 
@@ -221,13 +222,7 @@ pub(super) fn jails(state: &AppState) -> Result<String, minijinja::Error> {
         .into_iter()
         .take(MAX_BANS)
         .map(|b| BanView {
-            target: if b.target.prefix_len() == b.target.max_prefix_len() {
-                shown(b.target.addr(), privacy.log_ip)
-            } else if privacy.log_ip == crate::config::LogIp::None {
-                "-".into()
-            } else {
-                b.target.to_string()
-            },
+            target: shown(b.target, privacy.log_ip),
             created: when(b.at_ms),
             source: b.source.to_string(),
             left: if b.until_ms > now {
@@ -244,14 +239,7 @@ pub(super) fn jails(state: &AppState) -> Result<String, minijinja::Error> {
         .into_iter()
         .map(|(key, n)| {
             let t = crate::decide::clients::key_target(key, prefix);
-            let who = if t.prefix_len() == t.max_prefix_len() {
-                shown(t.addr(), privacy.log_ip)
-            } else if privacy.log_ip == crate::config::LogIp::None {
-                "-".into()
-            } else {
-                t.to_string()
-            };
-            (who, n)
+            (shown(t, privacy.log_ip), n)
         })
         .collect();
     render("jails.html", minijinja::context! { jails, bans, refused })
