@@ -716,3 +716,77 @@ async fn a_challenge_made_on_one_gateway_is_solved_on_another_and_its_pass_holds
     .await;
     assert!(gone, "gateway 2 still honours a forgotten pass");
 }
+
+/// The console on one gateway acts for the fleet: an unban and a forget clicked in the page
+/// of g1 reach g2, whose ban and offense history they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_of_one_gateway_unbans_and_forgets_on_every_gateway() {
+    let redis = Redis::start();
+    let up = Upstream::start().await;
+    let fleet = fleet_of(&redis, up.addr, 2).await;
+    let [g1, g2] = [&fleet[0], &fleet[1]];
+    let who = "127.0.2.30";
+    assert_eq!(g2.ban(who, "1h").await, 201);
+    assert!(within(SECOND * 2, || blocked_everywhere([g1, g2], who))
+        .await
+        .is_some());
+
+    let mut b = common::cdp::Browser::start().await;
+    b.open(&format!("http://{}/", g1.gw.admin)).await;
+    b.sign_in(&g1.token()).await;
+    let listed = "refresh().then(() => document.querySelector('[data-view=entries]')\
+                  .textContent.includes('127.0.2.30/32'))";
+    assert!(
+        b.until(listed).await,
+        "{}",
+        b.text("[data-view=entries]").await
+    );
+    b.eval("document.querySelector('button[data-act=unban][data-target=\"127.0.2.30/32\"]').click(); true")
+        .await;
+    assert!(
+        b.until("document.querySelector('#message').textContent.startsWith('Unbanned')")
+            .await,
+        "{}",
+        b.text("#message").await
+    );
+    assert!(
+        within(SECOND * 2, || served_everywhere([g1, g2], who))
+            .await
+            .is_some(),
+        "the unban did not reach g2"
+    );
+
+    // Offenses on g2, forgotten from g1's page.
+    for _ in 0..2 {
+        post_from(g2.gw.plain, who, "/login", "a.test").await;
+    }
+    let held_on_g2 = || async {
+        let (_, l) = g2.api("GET", &format!("/v1/ips/{who}"), None).await;
+        !l["offenses"].as_array().is_none_or(Vec::is_empty)
+            || !l["jail_counters"].as_array().is_none_or(Vec::is_empty)
+    };
+    assert!(held_on_g2().await, "g2 holds nothing to forget");
+    b.eval(&format!(
+        "document.querySelector('#ip').value = {who:?}; \
+         document.querySelector('#lookup-form').requestSubmit(); true"
+    ))
+    .await;
+    assert!(
+        b.until("!!document.querySelector('button[data-act=forget]')")
+            .await
+    );
+    b.eval("document.querySelector('button[data-act=forget]').click(); true")
+        .await;
+    assert!(
+        b.until("document.querySelector('#message').textContent.startsWith('Forgot')")
+            .await,
+        "{}",
+        b.text("#message").await
+    );
+    assert!(
+        within(SECOND * 2, || async { !held_on_g2().await })
+            .await
+            .is_some(),
+        "g2 still holds the address"
+    );
+}

@@ -2,6 +2,8 @@
 //! certificates from a throwaway CA, and real TLS, HTTP/1.1, HTTP/2 and raw clients.
 #![allow(dead_code)]
 
+pub mod cdp;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
