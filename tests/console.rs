@@ -49,9 +49,16 @@ async fn the_console_signs_in_shows_a_ban_and_unbans_and_forgets_through_the_api
         true
     );
 
-    // The right one.
+    // The right one, by keyboard only: focus, type, Enter.
     let token = gw.token();
-    b.eval(&format!("document.querySelector('#token').value = {token:?}; document.querySelector('#signin-form').requestSubmit(); true")).await;
+    b.eval("document.querySelector('#token').focus(); true").await;
+    b.call("Input.insertText", serde_json::json!({ "text": token }))
+        .await;
+    for kind in ["keyDown", "keyUp"] {
+        let key = serde_json::json!({ "type": kind, "key": "Enter", "code": "Enter",
+            "windowsVirtualKeyCode": 13, "text": "\r" });
+        b.call("Input.dispatchKeyEvent", key).await;
+    }
     assert!(
         b.until("document.querySelector('#message').textContent === 'Signed in.'")
             .await,

@@ -44,6 +44,8 @@ struct SiteView {
     name: String,
     served: u64,
     refused: u64,
+    /// The hour's requests by outcome: blocked, denied, rate limited, challenged.
+    outcomes: [u64; 4],
     /// SVG rects, made here from numbers only.
     served_bars: String,
     refused_bars: String,
@@ -85,7 +87,14 @@ pub(super) fn sites(state: &AppState) -> Result<String, minijinja::Error> {
             let challenging = snap.sites.iter().any(|s| {
                 s.site.name == name && s.load.mode(s.site.challenge) == ChallengeMode::Always
             });
+            let mut outcomes = [0u64; 4];
+            for m in &minutes {
+                for (i, n) in m.counts[1..].iter().enumerate() {
+                    outcomes[i] += n;
+                }
+            }
             SiteView {
+                outcomes,
                 served: served.iter().sum(),
                 refused: refused.iter().sum(),
                 served_bars: bars(&served, &[]),
