@@ -43,7 +43,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::observe::metrics::Metrics;
@@ -130,20 +130,36 @@ impl Gateway {
             Some(addr) => Some(bind(addr).await?),
             None => None,
         };
+        // Sockets from systemd's socket activation serve the listeners bound to their
+        // addresses; the others are bound here.
+        let mut inherited = serve::worker::Inherited::from_env();
         let admin = match &config.admin {
-            Some(a) => Some(bind(a.addr).await?),
+            Some(a) => match inherited.take(a.addr) {
+                Some(l) => Some(from_std(a.addr, l)?),
+                None => Some(bind(a.addr).await?),
+            },
             None => None,
         };
         let n = config.gateway.workers;
         let mut workers: Vec<serve::worker::Sockets> = (0..n).map(|_| Vec::new()).collect();
         for l in &config.listeners {
-            let sockets = serve::worker::bind(l.addr, n).map_err(|source| StartError::Bind {
+            let sockets = match inherited.take(l.addr) {
+                Some(socket) => {
+                    info!(addr = %l.addr, "listening socket inherited from systemd");
+                    serve::worker::share(socket, n)
+                }
+                None => serve::worker::bind(l.addr, n),
+            }
+            .map_err(|source| StartError::Bind {
                 addr: l.addr,
                 source,
             })?;
             for (w, socket) in workers.iter_mut().zip(sockets) {
                 w.push((socket, l.clone()));
             }
+        }
+        for addr in inherited.unused() {
+            warn!(%addr, "systemd passed a socket that no [[listener]] or admin.addr names: not served");
         }
         let state_dir = config.gateway.state_dir.clone();
         let fleet_conf = config.fleet.clone();
@@ -278,8 +294,11 @@ impl Gateway {
         if finished.is_empty() {
             error!("no worker thread is running");
         } else {
+            background::systemd::ready();
+            side_tasks.push(tokio::spawn(background::systemd::watchdog()));
             shutdown.await;
         }
+        background::systemd::stopping();
 
         info!("shutting down: no new connections, finishing requests in flight");
         state.draining.store(true, Ordering::Relaxed);
@@ -308,6 +327,13 @@ fn https_port(workers: &[serve::worker::Sockets]) -> u16 {
         .and_then(|sockets| sockets.iter().find(|(_, conf)| conf.tls))
         .and_then(|(l, _)| l.local_addr().ok())
         .map_or(443, |a| a.port())
+}
+
+/// An inherited socket as a Tokio listener.
+fn from_std(addr: SocketAddr, l: std::net::TcpListener) -> Result<TcpListener, StartError> {
+    l.set_nonblocking(true)
+        .and_then(|()| TcpListener::from_std(l))
+        .map_err(|source| StartError::Bind { addr, source })
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {

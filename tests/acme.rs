@@ -15,24 +15,6 @@ use hyper_util::rt::TokioIo;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::net::TcpStream;
 
-/// A free loopback port (bound, then released).
-/// A free port below Linux's ephemeral range (32768-60999), for a server that must be told
-/// its port before it starts (Pebble validates on it). A port from the ephemeral range could
-/// be taken meanwhile as the local port of some test's outgoing connection, and the bind would
-/// then fail (seen in CI).
-fn free_port() -> u16 {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let seed = std::process::id() ^ (ipgate::decide::clock::now_ms() as u32);
-    loop {
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let port = 20_000 + (seed.wrapping_add(n.wrapping_mul(7919)) % 12_000) as u16;
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-}
-
 /// Pebble and its DNS server, on free ports; both killed on drop.
 struct Pebble {
     processes: Vec<Child>,

@@ -51,7 +51,8 @@ async fn the_console_signs_in_shows_a_ban_and_unbans_and_forgets_through_the_api
 
     // The right one, by keyboard only: focus, type, Enter.
     let token = gw.token();
-    b.eval("document.querySelector('#token').focus(); true").await;
+    b.eval("document.querySelector('#token').focus(); true")
+        .await;
     b.call("Input.insertText", serde_json::json!({ "text": token }))
         .await;
     for kind in ["keyDown", "keyUp"] {

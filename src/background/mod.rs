@@ -6,7 +6,8 @@
 //! - `acme`: orders and renews certificates;
 //! - `feed`: fetches the lists that come from a URL and keeps their last good copies;
 //! - `watcher`: re-reads changed list and certificate files;
-//! - [`shutdown`]: the signals (SIGHUP reloads, SIGTERM stops).
+//! - [`shutdown`]: the signals (SIGHUP reloads, SIGTERM stops);
+//! - `systemd`: readiness, watchdog and stopping notices to systemd.
 //!
 //! Uses: [`crate::serve`] (a log jail counts offenses as the request path does),
 //! [`crate::state`], [`crate::decide`], [`crate::observe`], [`crate::config`].
@@ -17,4 +18,5 @@ pub mod firewall;
 pub(crate) mod fleet;
 pub mod logjail;
 pub mod shutdown;
+pub(crate) mod systemd;
 pub(crate) mod watcher;

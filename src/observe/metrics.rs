@@ -87,6 +87,8 @@ pub struct Metrics {
     pub firewall_errors: IntCounter,
     pub challenge: ChallengeMetrics,
     pub feed: FeedMetrics,
+    /// `ipgate_start_time_seconds`: when this process started (a restart shows as a step).
+    pub start_time: IntGauge,
 }
 
 /// The feeds' metrics, by list.
@@ -341,6 +343,7 @@ impl Metrics {
             ),
             challenge: ChallengeMetrics::new(&reg),
             feed: FeedMetrics::new(&reg),
+            start_time: start_time(&reg),
             registry: reg.0,
         }
     }
@@ -357,6 +360,16 @@ impl Metrics {
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         out
     }
+}
+
+fn start_time(reg: &Reg) -> IntGauge {
+    let g = reg.gauge(
+        "ipgate_start_time_seconds",
+        "When this ipgate process started, Unix seconds.",
+    );
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    g.set(now.map_or(0, |d| d.as_secs() as i64));
+    g
 }
 
 fn would_block(reg: &Reg) -> IntCounterVec {

@@ -52,6 +52,64 @@ pub fn bind(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::Tcp
     Ok(sockets)
 }
 
+/// Listening sockets passed in by systemd's socket activation (`LISTEN_FDS`), each to be
+/// taken by the listener whose address it is bound to.
+pub struct Inherited(Vec<Option<std::net::TcpListener>>);
+
+impl Inherited {
+    /// The TCP listening sockets in the environment (none without `LISTEN_FDS`, or when
+    /// `LISTEN_PID` names another process). Taken sockets are close-on-exec.
+    pub fn from_env() -> Inherited {
+        let mut fds = listenfd::ListenFd::from_env();
+        let list = (0..fds.len())
+            .map(|i| match fds.take_tcp_listener(i) {
+                Ok(l) => l,
+                Err(e) => {
+                    warn!(fd = i + 3, error = %e, "an inherited file descriptor is not a TCP listening socket: left alone");
+                    None
+                }
+            })
+            .collect();
+        Inherited(list)
+    }
+
+    /// The inherited socket bound to `addr`, if there is one (each is taken once).
+    pub fn take(&mut self, addr: SocketAddr) -> Option<std::net::TcpListener> {
+        let i = self
+            .0
+            .iter()
+            .position(|l| l.as_ref().and_then(|l| l.local_addr().ok()) == Some(addr))?;
+        self.0[i].take()
+    }
+
+    /// The addresses of inherited sockets no listener took.
+    pub fn unused(&self) -> Vec<SocketAddr> {
+        self.0
+            .iter()
+            .flatten()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
+    }
+}
+
+/// `count` handles on one inherited socket: the workers share its accept queue (there is
+/// one socket, so no SO_REUSEPORT group whose closing could drop queued connections).
+pub fn share(
+    listener: std::net::TcpListener,
+    count: usize,
+) -> std::io::Result<Vec<std::net::TcpListener>> {
+    listener.set_nonblocking(true)?;
+    let socket = socket2::SockRef::from(&listener);
+    socket.set_linger(Some(std::time::Duration::ZERO))?;
+    socket.set_tcp_nodelay(true)?;
+    let mut handles = Vec::with_capacity(count.max(1));
+    for _ in 1..count.max(1) {
+        handles.push(listener.try_clone()?);
+    }
+    handles.push(listener);
+    Ok(handles)
+}
+
 /// Runs one worker thread until `stop` turns true and its connections have finished (or
 /// `limits.shutdown_grace` is over). Blocks the calling thread.
 pub fn run(state: Arc<AppState>, sockets: Sockets, stop: watch::Receiver<bool>) {

@@ -1322,3 +1322,21 @@ pub fn solution(html: &str) -> String {
     let (url, sig, bits) = puzzle(html);
     format!("{url}&n={}", ipgate::decide::challenge::solve(&sig, bits))
 }
+
+/// A free loopback port (bound, then released).
+/// A free port below Linux's ephemeral range (32768-60999), for a server that must be told
+/// its port before it starts (Pebble validates on it). A port from the ephemeral range could
+/// be taken meanwhile as the local port of some test's outgoing connection, and the bind would
+/// then fail (seen in CI).
+pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let seed = std::process::id() ^ (ipgate::decide::clock::now_ms() as u32);
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 20_000 + (seed.wrapping_add(n.wrapping_mul(7919)) % 12_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}

@@ -1,0 +1,159 @@
+//! systemd's side of a start: the listening sockets taken from socket activation (Debian's
+//! `systemd-socket-activate` passes them as systemd does, `LISTEN_FDS`), served without the
+//! config's own address being bound a second time; and the notifications of `Type=notify`
+//! (READY=1 once serving, WATCHDOG=1 while running, STOPPING=1 at shutdown) read from a
+//! notification socket the test makes, as systemd's.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::net::UnixDatagram;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A process killed on drop (also when an assert fails).
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Its stderr lines, as they come.
+fn lines(child: &mut Child) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    let err = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    rx
+}
+
+/// Waits for a line holding `text`; the lines seen on the way are returned too.
+fn wait_for(rx: &mpsc::Receiver<String>, text: &str, seen: &mut Vec<String>) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                let hit = line.contains(text);
+                seen.push(line);
+                if hit {
+                    return true;
+                }
+            }
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
+/// Listening TCP sockets on `port` (`ss`, from iproute2).
+fn listening_on(port: u16) -> usize {
+    let out = Command::new("ss")
+        .args(["-Hltn", &format!("sport = :{port}")])
+        .output()
+        .expect("ss (iproute2) is needed");
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sockets_from_socket_activation_are_served_and_not_bound_again() {
+    let (plain, tls) = (free_port(), free_port());
+    let files = GatewayBuilder::new().ports(plain, tls).files().await;
+    let mut child = Command::new("systemd-socket-activate")
+        .args(["-l", &format!("127.0.0.1:{plain}")])
+        .args(["-l", &format!("127.0.0.1:{tls}")])
+        .args(["-E", "RUST_LOG=info"])
+        .arg(env!("CARGO_BIN_EXE_ipgate"))
+        .args(["run", "-c"])
+        .arg(&files.config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("systemd-socket-activate (Debian's systemd) is needed");
+    let rx = lines(&mut child);
+    let _child = Killed(child);
+    let mut seen = Vec::new();
+    // systemd-socket-activate listens first and starts the gateway on the first connection.
+    assert!(wait_for(&rx, "Listening on", &mut seen), "{seen:#?}");
+    assert!(wait_for(&rx, "Listening on", &mut seen), "{seen:#?}");
+    let served = plain_get(format!("127.0.0.1:{plain}").parse().unwrap(), "/", "a.test");
+    let (code, _) = tokio::time::timeout(Duration::from_secs(20), served)
+        .await
+        .expect("no answer through the inherited socket");
+    assert_eq!(code, 200);
+    assert!(
+        wait_for(&rx, "listening socket inherited from systemd", &mut seen),
+        "{seen:#?}"
+    );
+    assert!(wait_for(&rx, "admin listening", &mut seen), "{seen:#?}");
+    let inherited = seen
+        .iter()
+        .filter(|l| l.contains("inherited from systemd"))
+        .count();
+    assert_eq!(inherited, 2, "{seen:#?}");
+    // One socket on each port: the one systemd made. The workers share it.
+    assert_eq!(listening_on(plain), 1);
+    assert_eq!(listening_on(tls), 1);
+    let tls_addr: std::net::SocketAddr = format!("127.0.0.1:{tls}").parse().unwrap();
+    let tcp = tokio::net::TcpStream::connect(tls_addr).await.unwrap();
+    let cfg = client_config(&files.ca.ca_der, &[b"http/1.1"]);
+    let name = rustls::pki_types::ServerName::try_from("a.test").unwrap();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .expect("a TLS handshake on the inherited socket");
+}
+
+#[test]
+fn systemd_hears_ready_the_watchdog_and_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&socket_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let files = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(GatewayBuilder::new().files());
+    // systemd names the process the watchdog is for: the shell's PID, which exec keeps.
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(r#"WATCHDOG_PID=$$ exec "$0" run -c "$1""#)
+        .arg(env!("CARGO_BIN_EXE_ipgate"))
+        .arg(&files.config)
+        .env("NOTIFY_SOCKET", &socket_path)
+        .env("WATCHDOG_USEC", "400000")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut heard = Vec::new();
+    let mut buf = [0u8; 512];
+    let mut until = |what: &str, heard: &mut Vec<String>| {
+        while !heard.iter().any(|h| h.contains(what)) {
+            let n = notify.recv(&mut buf).expect("no notification within 20 s");
+            heard.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    };
+    until("READY=1", &mut heard);
+    until("WATCHDOG=1", &mut heard);
+    let first = heard.iter().position(|h| h.contains("WATCHDOG=1")).unwrap();
+    heard.truncate(first);
+    until("WATCHDOG=1", &mut heard);
+    Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    until("STOPPING=1", &mut heard);
+    assert!(child.wait().unwrap().success());
+    assert!(heard[0].contains("READY=1"), "{heard:?}");
+}
