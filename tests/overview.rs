@@ -159,6 +159,18 @@ async fn every_site_serves_it_and_a_visitor_sees_their_own_data_without_counters
     );
     assert!(page.contains(&format!("<code>{me}</code>")), "{page}");
 
+    // Only GET and HEAD are the gateway's: a POST to the path is the upstream's, and on a
+    // site that challenges every visitor it is challenged like any, never forwarded.
+    let origin = gw.origin.as_ref().unwrap();
+    let before = origin.count();
+    let posted = post_from(gw.plain, "127.0.71.9", "/security-overview", "a.test").await;
+    assert_eq!(posted, Some(403));
+    assert_eq!(
+        origin.count(),
+        before,
+        "a POST to the overview path reached the upstream"
+    );
+
     // A pass (the challenge solved on shop), a failed login counted, a ban on blog only.
     let (code, _, challenge) = get(&gw, me, "a.test", "/", "en").await;
     assert_eq!(code, 403);

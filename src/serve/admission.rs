@@ -275,7 +275,9 @@ fn challenge(
     // A route or the operator saying off holds for challenge lists too.
     let by_list =
         !by_mode && mode_allows_lists(site, path, mode) && snap.policy.challenged(client).is_some();
-    let overview = snap.config.privacy.overview_path.as_deref() == Some(path);
+    // Only what the gateway answers itself (GET or HEAD, not on a redirecting listener):
+    // another method on that path is the upstream's, and challenged like any.
+    let overview = crate::serve::overview::at(snap, asked.method, path, asked.redirect);
     if !(by_mode || by_list) || never_challenged(asked) || overview {
         return Ok(());
     }
