@@ -131,6 +131,13 @@ fn answer(script: &Mutex<Script>, req: &Request<Incoming>) -> Response<Full<Byte
     if unchanged && a.status == 200 {
         return resp.status(304).body(Full::default()).unwrap();
     }
+    if (300..400).contains(&a.status) {
+        return resp
+            .status(a.status)
+            .header("location", a.body)
+            .body(Full::default())
+            .unwrap();
+    }
     resp.status(a.status)
         .header("content-type", a.content_type)
         .body(Full::new(Bytes::from(a.body)))
@@ -299,8 +306,10 @@ async fn an_https_feed_trusts_its_ca_file_drops_except_and_refuses_wide_prefixes
     };
     let server = FeedServer::start(Some(Arc::new(tls))).await;
     // FireHOL level1 holds private, multicast and reserved ranges; 224.0.0.0/3 is wider than
-    // /8. 127.0.0.0/9 plays the operator's own network.
-    let level1 = "#\n# firehol_level1\n#\n10.0.0.0/8\n127.0.0.0/9\n127.200.0.0/24\n224.0.0.0/3\n";
+    // /8. 127.0.0.0/9 plays the operator's own network, and 127.0.0.0/8 a wider entry that
+    // covers it (dropped whole, or it would block the operator).
+    let level1 =
+        "#\n# firehol_level1\n#\n10.0.0.0/8\n127.0.0.0/8\n127.0.0.0/9\n127.200.0.0/24\n224.0.0.0/3\n";
     server.serve("/level1.netset", 200, "text/plain", "n1", level1);
     server.serve(
         "/wide.txt",
@@ -309,6 +318,11 @@ async fn an_https_feed_trusts_its_ca_file_drops_except_and_refuses_wide_prefixes
         "w1",
         "0.0.0.0/1\n127.210.0.0/24\n",
     );
+    // An HTTPS feed that redirects to plain HTTP on this machine: never followed.
+    let plain = FeedServer::start(None).await;
+    plain.serve("/drop.txt", 200, "text/plain", "p1", "127.220.0.0/24\n");
+    let to_plain = format!("http://{}/drop.txt", plain.addr);
+    server.serve("/moved", 302, "text/plain", "m1", &to_plain);
     let port = server.addr.port();
     let lists = format!(
         r#"
@@ -329,6 +343,12 @@ action = "block"
 url = "https://localhost:{port}/wide.txt"
 ca_file = "feed-ca.pem"
 refresh = "1s"
+
+[lists.moved]
+action = "block"
+url = "https://localhost:{port}/moved"
+ca_file = "feed-ca.pem"
+refresh = "1s"
 "#
     );
     let gw = GatewayBuilder::new()
@@ -347,10 +367,19 @@ refresh = "1s"
     // Without ca_file the system's CAs do not know the test CA: refused, nothing taken.
     reaches(
         gw.admin,
-        "ipgate_feed_errors_total{list=\"untrusted\",reason=\"connect\"}",
+        "ipgate_feed_errors_total{list=\"untrusted\",reason=\"tls\"}",
         1.0,
     )
     .await;
+    // The redirect from HTTPS to plain HTTP is refused; the plain server is never asked.
+    reaches(
+        gw.admin,
+        "ipgate_feed_errors_total{list=\"moved\",reason=\"status\"}",
+        1.0,
+    )
+    .await;
+    assert_eq!(plain.requests(), 0);
+    assert!(served_from("127.220.0.5", gw.plain).await);
     // A /1 is wider than max_prefix (/8): the whole feed is refused.
     reaches(
         gw.admin,
@@ -390,6 +419,11 @@ fn feed_keys_are_checked_by_name() {
         }
     };
     assert_eq!(check("[lists.a]\naction = \"block\"\nurl = \"https://feeds.test/a.txt\"\nmax_shrink = \"20%\"\nmax_prefix = \"/12\""), "");
+    let allow = check("[lists.a]\naction = \"allow\"\nurl = \"https://feeds.test/a.txt\"");
+    assert!(
+        allow.contains("lists.a.url") && allow.contains("allow list"),
+        "{allow}"
+    );
     let plain = check("[lists.a]\naction = \"block\"\nurl = \"http://feeds.test/a.txt\"");
     assert!(
         plain.contains("lists.a.url") && plain.contains("loopback"),

@@ -65,6 +65,14 @@ pub(super) fn compile(
         return None;
     };
     let url = feed_url(r, &format!("{key}.url"), url);
+    if l.action.eq_ignore_ascii_case("allow") {
+        // A list from elsewhere would decide who passes every block, limit and jail here.
+        r.key(
+            &format!("{key}.url"),
+            "a feed fills block and challenge lists only: an allow list's entries come from \
+             the config or its files",
+        );
+    }
     let safe_name = !name.is_empty()
         && !name.starts_with('.')
         && name
@@ -160,6 +168,18 @@ fn feed_url(r: &mut Report, key: &str, text: &str) -> http::Uri {
     url
 }
 
+/// A feed's URL as logs and pages name it: scheme, host and path, without a query (paid
+/// feeds put their key there) or user info.
+pub fn feed_origin(url: &http::Uri) -> String {
+    format!(
+        "{}://{}{}{}",
+        url.scheme_str().unwrap_or("https"),
+        url.host().unwrap_or(""),
+        url.port_u16().map(|p| format!(":{p}")).unwrap_or_default(),
+        url.path()
+    )
+}
+
 /// Whether a URL's host is the machine itself: `localhost`, 127.0.0.0/8 or `[::1]`.
 pub fn is_loopback(host: &str) -> bool {
     let host = host.trim_start_matches('[').trim_end_matches(']');
@@ -227,5 +247,9 @@ mod tests {
         for h in ["example.org", "10.0.0.1", "[::2]", "localhost.example.org"] {
             assert!(!is_loopback(h), "{h}");
         }
+        let url: http::Uri = "https://feeds.test:8443/drop.txt?key=secret"
+            .parse()
+            .unwrap();
+        assert_eq!(feed_origin(&url), "https://feeds.test:8443/drop.txt");
     }
 }

@@ -28,7 +28,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 pub use challenge::{ChallengeMode, ChallengeSettings};
-pub use feed::{copies_dir, is_loopback, Feed};
+pub use feed::{copies_dir, feed_origin, is_loopback, Feed};
 pub use geo::Geo;
 pub use raw::RawConfig;
 pub use report::{Errors, Problem, Report};

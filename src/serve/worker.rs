@@ -1,6 +1,7 @@
 //! Worker threads, one per CPU by default (`gateway.workers`). Each runs its own
 //! single-threaded Tokio runtime with its own socket on every client listener (SO_REUSEPORT:
-//! the kernel spreads new connections over the workers) and its own upstream connection pool.
+//! the kernel spreads new connections over the workers; a socket passed by systemd is one
+//! socket the workers share instead) and its own upstream connection pool.
 //! A client connection, its requests and their upstream connections therefore live on one
 //! thread: no task migrates, no wake-up crosses threads and no pool lock is shared on the
 //! request path. What the workers share is read-mostly: the [`AppState`] (snapshot behind an
@@ -57,13 +58,26 @@ pub fn bind(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::Tcp
 pub struct Inherited(Vec<Option<std::net::TcpListener>>);
 
 impl Inherited {
-    /// The TCP listening sockets in the environment (none without `LISTEN_FDS`, or when
-    /// `LISTEN_PID` names another process). Taken sockets are close-on-exec.
+    /// The TCP listening sockets in the environment: none without `LISTEN_FDS`, or unless
+    /// `LISTEN_PID` names this process (systemd's rule; a variable inherited from a parent
+    /// is not for us). Taken sockets are close-on-exec; a socket that is not listening
+    /// (`Accept=yes` passes connections) is refused.
     pub fn from_env() -> Inherited {
+        let ours = std::env::var("LISTEN_PID")
+            .ok()
+            .and_then(|p| p.parse::<u32>().ok())
+            == Some(std::process::id());
+        if !ours {
+            return Inherited(Vec::new());
+        }
         let mut fds = listenfd::ListenFd::from_env();
         let list = (0..fds.len())
             .map(|i| match fds.take_tcp_listener(i) {
-                Ok(l) => l,
+                Ok(Some(l)) if socket2::SockRef::from(&l).is_listener().unwrap_or(false) => Some(l),
+                Ok(_) => {
+                    warn!(fd = i + 3, "an inherited socket is not listening (Accept=yes?): not served");
+                    None
+                }
                 Err(e) => {
                     warn!(fd = i + 3, error = %e, "an inherited file descriptor is not a TCP listening socket: left alone");
                     None

@@ -111,9 +111,13 @@ async fn follow(
     etag: Option<&str>,
     last_modified: Option<&str>,
 ) -> Result<Answer, Refusal> {
+    let first_https = url.scheme_str() == Some("https");
     let mut url = url.clone();
     for _ in 0..=MAX_REDIRECTS {
-        if !allowed(&url) {
+        // A redirect never leaves HTTPS: an HTTPS feed's server cannot send the fetch to a
+        // service on this machine's loopback.
+        let downgraded = first_https && url.scheme_str() != Some("https");
+        if !allowed(&url) || downgraded {
             return Err(Refusal::new(
                 "status",
                 format!("{url}: only https://, or http:// to a loopback address"),
@@ -134,10 +138,16 @@ async fn follow(
         let req = req
             .body(Empty::new())
             .map_err(|e| Refusal::new("status", e.to_string()))?;
-        let resp = client
-            .request(req)
-            .await
-            .map_err(|e| Refusal::new("connect", error_chain(&e)))?;
+        let resp = client.request(req).await.map_err(|e| {
+            let text = error_chain(&e);
+            // A certificate the trusted CAs do not vouch for is a TLS refusal, not an outage.
+            let reason = if text.contains("certificate") {
+                "tls"
+            } else {
+                "connect"
+            };
+            Refusal::new(reason, text)
+        })?;
         let status = resp.status();
         let text = |name: header::HeaderName| {
             resp.headers()

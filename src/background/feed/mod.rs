@@ -51,8 +51,10 @@ impl Tracked {
             .as_ref()
             .filter(|m| m.url == feed.url.to_string())
             .map_or(Duration::ZERO, |m| {
+                // A copy stamped in the future (a clock that was ahead) waits one refresh at
+                // most.
                 let due = m.checked.saturating_add(feed.refresh.as_secs());
-                Duration::from_secs(due.saturating_sub(unix_now()))
+                Duration::from_secs(due.saturating_sub(unix_now())).min(feed.refresh)
             });
         Tracked {
             feed,
@@ -102,15 +104,25 @@ pub async fn run(state: Arc<AppState>) {
             let t = tracked
                 .entry(name.to_string())
                 .or_insert_with(|| Tracked::new((*feed).clone()));
-            if t.feed.url != feed.url {
+            if t.feed != **feed {
+                // New keys (except, limits, URL): the next copy is asked for whole, so it is
+                // checked under them, not confirmed by a 304.
                 t.next = Instant::now();
+                if let Some(m) = &mut t.meta {
+                    m.etag = None;
+                    m.last_modified = None;
+                }
             }
             t.feed = (*feed).clone();
             if Instant::now() >= t.next {
                 let wait = fetch_one(&state, name, t).await;
                 t.next = Instant::now() + wait;
             }
-            let checked = t.same().map_or(started, |m| m.checked);
+            // A stamp in the future counts from the start: never younger than it can be.
+            let checked = t
+                .same()
+                .map_or(started, |m| m.checked)
+                .min(unix_now().max(started));
             let m = &state.metrics.feed;
             m.age
                 .with_label_values(&[name])
@@ -228,7 +240,7 @@ fn refused(state: &AppState, name: &str, feed: &Feed, r: Refusal) {
         .inc();
     warn!(
         list = name,
-        url = %feed.url,
+        url = %crate::config::feed_origin(&feed.url),
         reason = r.reason,
         "feed not taken, the last good copy stays: {}",
         r.detail

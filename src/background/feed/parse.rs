@@ -132,7 +132,9 @@ pub fn checked(
     feed: &Feed,
     previous: Option<usize>,
 ) -> Result<Vec<IpNet>, Refusal> {
-    entries.retain(|e| !feed.except.iter().any(|x| x.contains(e)));
+    // An entry inside an except network, or covering one, is dropped whole: an except
+    // network is never blocked by a feed, even through a wider entry.
+    entries.retain(|e| !feed.except.iter().any(|x| x.contains(e) || e.contains(x)));
     entries.sort_unstable();
     entries.dedup();
     if let Some(wide) = entries.iter().find(|e| {
@@ -267,6 +269,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(got, nets(&["1.2.3.0/24"]));
+        // A wider entry that covers an except network goes too.
+        let own = feed(&["203.0.113.0/24"]);
+        let got = checked(nets(&["203.0.0.0/16", "198.51.100.0/24"]), &own, None).unwrap();
+        assert_eq!(got, nets(&["198.51.100.0/24"]));
         let wide = checked(nets(&["0.0.0.0/0"]), &feed(&[]), None).unwrap_err();
         assert_eq!(wide.reason, "prefix");
         assert!(wide.detail.contains("max_prefix"), "{}", wide.detail);

@@ -97,7 +97,7 @@ impl Policy {
                 load_list_file(file, &key, &mut cidrs, report);
             }
             if let Some(feed) = &list.feed {
-                load_feed_copy(&feed.copy, &list.name, &mut cidrs);
+                load_feed_copy(feed, &list.name, &mut cidrs);
             }
             let compiled = StaticList {
                 name: list.name.clone(),
@@ -208,10 +208,13 @@ pub fn load_list_file(path: &Path, key: &str, out: &mut Vec<IpNet>, report: &mut
     parse_list(&text, path, key, out, report);
 }
 
-/// A feed's last good copy (a list file ipgate wrote), if there is one. A copy that does not
-/// read is logged and left out until the next fetch replaces it: a state file never stops a
-/// start or a reload.
-fn load_feed_copy(path: &Path, list: &str, out: &mut Vec<IpNet>) {
+/// A feed's last good copy (a list file ipgate wrote), if there is one and it is of the
+/// feed's URL. The feed's `except` and prefix limits hold at load too (they may have changed
+/// since the copy was taken, or the file been edited). A copy that does not read, or holds a
+/// prefix the limits refuse, is logged and left out until the next fetch: a state file never
+/// stops a start or a reload.
+fn load_feed_copy(feed: &config::Feed, list: &str, out: &mut Vec<IpNet>) {
+    let path = feed.copy.as_path();
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
@@ -220,14 +223,34 @@ fn load_feed_copy(path: &Path, list: &str, out: &mut Vec<IpNet>) {
             return;
         }
     };
+    let url = feed.url.to_string();
+    if !text
+        .lines()
+        .any(|l| l.strip_prefix("# url: ") == Some(url.as_str()))
+    {
+        tracing::info!(
+            list,
+            "the feed's copy is of another URL: left out until the new one is fetched"
+        );
+        return;
+    }
     let mut report = Report::new(path, "");
     let mut cidrs = Vec::new();
     parse_list(&text, path, "copy", &mut cidrs, &mut report);
-    if report.is_empty() {
-        out.append(&mut cidrs);
-    } else {
-        tracing::warn!(list, path = %path.display(), "the feed's last good copy does not read; left out until the next fetch");
+    let wide = cidrs.iter().any(|e| {
+        let max = if e.addr().is_ipv4() {
+            feed.max_prefix.0
+        } else {
+            feed.max_prefix.1
+        };
+        e.prefix_len() < max
+    });
+    if !report.is_empty() || wide {
+        tracing::warn!(list, path = %path.display(), "the feed's last good copy does not read or breaks max_prefix; left out until the next fetch");
+        return;
     }
+    cidrs.retain(|e| !feed.except.iter().any(|x| x.contains(e) || e.contains(x)));
+    out.append(&mut cidrs);
 }
 
 /// The lines of a list file (see [`load_list_file`]); problems are reported against `path`.
@@ -324,6 +347,41 @@ entries = ["203.0.0.0/16", "198.51.100.0/24"]
         let temp = TempEntries::default();
         assert_eq!(p.decide(&temp, "192.0.2.1".parse().unwrap()), Verdict::Pass);
         assert_eq!(p.block[0].would_block.as_ref().unwrap().get(), 1);
+    }
+
+    #[test]
+    fn a_feed_copy_loads_only_for_its_url_and_under_the_feeds_limits() {
+        let dir = tempfile::tempdir().unwrap();
+        let copy = dir.path().join("drop.list");
+        let feed = |url: &str, except: &[&str]| config::Feed {
+            url: url.parse().unwrap(),
+            refresh: std::time::Duration::from_secs(3600),
+            ca_file: None,
+            max_shrink: 0.5,
+            max_prefix: (8, 16),
+            except: except.iter().map(|e| e.parse().unwrap()).collect(),
+            copy: copy.clone(),
+        };
+        let load = |f: &config::Feed| {
+            let mut out = Vec::new();
+            load_feed_copy(f, "drop", &mut out);
+            out
+        };
+        let a = "https://feeds.test/a.txt";
+        std::fs::write(
+            &copy,
+            format!("# url: {a}\n# checked: 1\n198.51.0.0/16\n192.0.2.0/24\n"),
+        )
+        .unwrap();
+        assert_eq!(load(&feed(a, &[])).len(), 2);
+        // An except added since: dropped at load, also where an entry covers it.
+        let kept = load(&feed(a, &["198.51.100.0/24"]));
+        assert_eq!(kept, vec!["192.0.2.0/24".parse::<IpNet>().unwrap()]);
+        // The copy of another URL: left out.
+        assert!(load(&feed("https://feeds.test/b.txt", &[])).is_empty());
+        // An edited copy past max_prefix: left out whole.
+        std::fs::write(&copy, format!("# url: {a}\n0.0.0.0/1\n192.0.2.0/24\n")).unwrap();
+        assert!(load(&feed(a, &[])).is_empty());
     }
 
     #[test]

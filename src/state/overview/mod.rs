@@ -202,7 +202,8 @@ fn facts(c: &Config, lang: Lang, html: bool) -> Facts {
             .map(|l| ListFact {
                 name: escape(&l.name),
                 action: l.action.as_str(),
-                feed: l.feed.as_ref().map(|f| escape(&f.url.to_string())),
+                // The publisher's host only: a feed's path or query may hold a key.
+                feed: l.feed.as_ref().map(|f| escape(f.url.host().unwrap_or(""))),
                 by_network: !l.asns.is_empty() || !l.countries.is_empty(),
             })
             .collect(),
