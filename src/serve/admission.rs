@@ -277,7 +277,8 @@ fn challenge(
         !by_mode && mode_allows_lists(site, path, mode) && snap.policy.challenged(client).is_some();
     // Only what the gateway answers itself (GET or HEAD, not on a redirecting listener):
     // another method on that path is the upstream's, and challenged like any.
-    let overview = crate::serve::overview::at(snap, asked.method, path, asked.redirect);
+    let overview =
+        crate::state::overview::served_at(&snap.config, asked.method, path, asked.redirect);
     if !(by_mode || by_list) || never_challenged(asked) || overview {
         return Ok(());
     }

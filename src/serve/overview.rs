@@ -19,9 +19,7 @@ use crate::state::{AppState, Snapshot};
 /// does not redirect to HTTPS (there the redirect comes first, so the visitor's own data
 /// never travels in clear).
 pub fn at(snap: &Snapshot, method: &http::Method, path: &str, redirect: bool) -> bool {
-    snap.config.privacy.overview_path.as_deref() == Some(path)
-        && (method == http::Method::GET || method == http::Method::HEAD)
-        && !redirect
+    crate::state::overview::served_at(&snap.config, method, path, redirect)
 }
 
 /// The overview page for this visitor.

@@ -41,6 +41,14 @@ impl Lang {
     }
 }
 
+/// Whether the gateway answers a request with the overview: a GET or HEAD of
+/// `privacy.overview_path`, on a listener that does not redirect to HTTPS.
+pub fn served_at(config: &Config, method: &http::Method, path: &str, redirect: bool) -> bool {
+    config.privacy.overview_path.as_deref() == Some(path)
+        && (method == http::Method::GET || method == http::Method::HEAD)
+        && !redirect
+}
+
 /// A duration as people say it: "1 hour", "30 dagen", "90 seconds".
 pub fn spoken(d: Duration, lang: Lang) -> String {
     let secs = d.as_secs();
