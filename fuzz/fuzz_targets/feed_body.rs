@@ -17,6 +17,7 @@ fuzz_target!(|body: &[u8]| {
         ca_file: None,
         max_shrink: 0.5,
         max_prefix: (8, 16),
+        max_coverage: 4,
         except: vec!["10.0.0.0/8".parse().unwrap(), "fc00::/7".parse().unwrap()],
         copy: "/nonexistent".into(),
     };

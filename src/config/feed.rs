@@ -16,6 +16,9 @@ use super::values::{cidr, dur, resolve};
 pub const FEED_REFRESH: Duration = Duration::from_secs(3600);
 /// Default `max_shrink`, a fraction of the entries held.
 pub const FEED_MAX_SHRINK: f64 = 0.5;
+/// Default `max_coverage`: a copy covers at most as many IPv4 addresses as a /4 (FireHOL
+/// level1 without its bogons covers about a third of that).
+pub const FEED_MAX_COVERAGE: u8 = 4;
 /// Default `max_prefix` (IPv4) and `max_prefix_v6`.
 pub const FEED_MAX_PREFIX: (u8, u8) = (8, 16);
 
@@ -30,6 +33,8 @@ pub struct Feed {
     pub max_shrink: f64,
     /// The widest prefixes a copy may hold: IPv4, IPv6.
     pub max_prefix: (u8, u8),
+    /// The IPv4 addresses a whole copy may cover: as many as a /`max_coverage` holds.
+    pub max_coverage: u8,
     /// Entries inside these networks are dropped from every copy.
     pub except: Vec<IpNet>,
     /// The last good copy: `state_dir/feeds/NAME.list`.
@@ -51,17 +56,7 @@ pub(super) fn compile(
     state_dir: &Path,
 ) -> Option<Feed> {
     let Some(url) = &l.url else {
-        let stray = [
-            ("refresh", l.refresh.is_some()),
-            ("ca_file", l.ca_file.is_some()),
-            ("max_shrink", l.max_shrink.is_some()),
-            ("max_prefix", l.max_prefix.is_some()),
-            ("max_prefix_v6", l.max_prefix_v6.is_some()),
-            ("except", !l.except.is_empty()),
-        ];
-        for (k, _) in stray.iter().filter(|(_, set)| *set) {
-            r.key(&format!("{key}.{k}"), "applies to a feed only: set url too");
-        }
+        stray_keys(r, key, l);
         return None;
     };
     let url = feed_url(r, &format!("{key}.url"), url);
@@ -125,6 +120,7 @@ pub(super) fn compile(
         prefix("max_prefix", &l.max_prefix, 32, FEED_MAX_PREFIX.0),
         prefix("max_prefix_v6", &l.max_prefix_v6, 128, FEED_MAX_PREFIX.1),
     );
+    let max_coverage = prefix("max_coverage", &l.max_coverage, 32, FEED_MAX_COVERAGE);
     let except = l
         .except
         .iter()
@@ -137,9 +133,26 @@ pub(super) fn compile(
         ca_file,
         max_shrink,
         max_prefix,
+        max_coverage,
         except,
         copy: copies_dir(state_dir).join(format!("{name}.list")),
     })
+}
+
+/// The feed keys a list without `url` must not have.
+fn stray_keys(r: &mut Report, key: &str, l: &RawList) {
+    let stray = [
+        ("refresh", l.refresh.is_some()),
+        ("ca_file", l.ca_file.is_some()),
+        ("max_shrink", l.max_shrink.is_some()),
+        ("max_prefix", l.max_prefix.is_some()),
+        ("max_prefix_v6", l.max_prefix_v6.is_some()),
+        ("max_coverage", l.max_coverage.is_some()),
+        ("except", !l.except.is_empty()),
+    ];
+    for (k, _) in stray.iter().filter(|(_, set)| *set) {
+        r.key(&format!("{key}.{k}"), "applies to a feed only: set url too");
+    }
 }
 
 /// `https://...`, or `http://` to a loopback address (a feed served on the machine itself).

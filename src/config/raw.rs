@@ -225,6 +225,9 @@ pub struct RawList {
     pub max_prefix: Option<RawPrefix>,
     /// The widest IPv6 prefix a feed may hold (default 16).
     pub max_prefix_v6: Option<RawPrefix>,
+    /// The most IPv4 addresses a whole copy may cover, as a prefix length: 4 (default) is
+    /// as many as one /4 holds, a sixteenth of IPv4.
+    pub max_coverage: Option<RawPrefix>,
     /// Networks whose feed entries are dropped (private ranges, your own).
     #[serde(default)]
     pub except: Vec<String>,

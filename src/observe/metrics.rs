@@ -117,7 +117,7 @@ impl FeedMetrics {
             errors: reg.counter_vec(
                 "ipgate_feed_errors_total",
                 "Feed fetches not taken, by reason: connect, timeout, tls, status, too_large, \
-                 parse, empty, prefix, shrink, write.",
+                 parse, empty, prefix, coverage, shrink, write.",
                 &["list", "reason"],
             ),
             fetches: reg.counter_vec(

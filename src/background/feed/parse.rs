@@ -156,6 +156,29 @@ pub fn checked(
     if entries.is_empty() {
         return Err(Refusal::new("empty", "no entry left after except"));
     }
+    // Entries narrow enough each can still add up to everyone: the whole copy's IPv4
+    // addresses, overlaps counted once, stay within max_coverage.
+    let v4: Vec<ipnet::Ipv4Net> = entries
+        .iter()
+        .filter_map(|e| match e {
+            IpNet::V4(n) => Some(*n),
+            IpNet::V6(_) => None,
+        })
+        .collect();
+    let covered: u64 = ipnet::Ipv4Net::aggregate(&v4)
+        .iter()
+        .map(|n| 1u64 << (32 - u32::from(n.prefix_len())))
+        .sum();
+    let limit = 1u64 << (32 - u32::from(feed.max_coverage.min(32)));
+    if covered > limit {
+        return Err(Refusal::new(
+            "coverage",
+            format!(
+                "covers {covered} IPv4 addresses, more than a /{} holds ({limit}; max_coverage)",
+                feed.max_coverage
+            ),
+        ));
+    }
     if let Some(before) = previous.filter(|b| *b > 0) {
         let kept = entries.len() as f64 / before as f64;
         if kept < 1.0 - feed.max_shrink {
@@ -186,6 +209,7 @@ mod tests {
             ca_file: None,
             max_shrink: 0.5,
             max_prefix: (8, 16),
+            max_coverage: 4,
             except: except.iter().map(|e| e.parse().unwrap()).collect(),
             copy: "/nonexistent".into(),
         }
@@ -283,6 +307,20 @@ mod tests {
             "prefix"
         );
         assert!(checked(nets(&["1.0.0.0/8", "2001::/16"]), &feed(&[]), None).is_ok());
+        // Sixteen /8s are a /4's worth: taken; seventeen are refused, and so are 224 (all of
+        // the unicast space) however narrow each entry is.
+        let eights = |n: u32| -> Vec<IpNet> {
+            (1..=n)
+                .map(|i| format!("{i}.0.0.0/8").parse().unwrap())
+                .collect()
+        };
+        assert!(checked(eights(16), &feed(&[]), None).is_ok());
+        let err = checked(eights(17), &feed(&[]), None).unwrap_err();
+        assert_eq!(err.reason, "coverage", "{}", err.detail);
+        assert_eq!(
+            checked(eights(223), &feed(&[]), None).unwrap_err().reason,
+            "coverage"
+        );
         let ten: Vec<IpNet> = (0..10)
             .map(|i| format!("192.0.2.{i}/32").parse().unwrap())
             .collect();

@@ -359,6 +359,7 @@ entries = ["203.0.0.0/16", "198.51.100.0/24"]
             ca_file: None,
             max_shrink: 0.5,
             max_prefix: (8, 16),
+            max_coverage: 4,
             except: except.iter().map(|e| e.parse().unwrap()).collect(),
             copy: copy.clone(),
         };
