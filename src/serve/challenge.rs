@@ -16,6 +16,7 @@ use crate::decide::clock::now_ms;
 use crate::observe::access_log::LoggedIp;
 use crate::serve::admission;
 use crate::serve::answer::Body;
+use crate::state::csp::inline_hash;
 use crate::state::{AppState, SiteEntry, Snapshot};
 
 pub use crate::decide::challenge::{PREFIX, VERIFY};
@@ -31,27 +32,11 @@ fn csp() -> &'static HeaderValue {
         let policy = format!(
             "default-src 'none'; script-src '{}'; style-src '{}'; img-src 'none'; \
              connect-src 'none'; form-action 'none'; base-uri 'none'; frame-ancestors 'none'",
-            inline_hash("<script>"),
-            inline_hash("<style>"),
+            inline_hash(PAGE, "<script>"),
+            inline_hash(PAGE, "<style>"),
         );
         HeaderValue::from_str(&policy).unwrap_or(HeaderValue::from_static("default-src 'none'"))
     })
-}
-
-/// `sha256-BASE64` of the template's inline element that opens with `open` (the script and
-/// the style hold no template variable, so they are served as written).
-fn inline_hash(open: &str) -> String {
-    use base64::Engine;
-    let close = open.replace('<', "</");
-    let body = PAGE
-        .split_once(open)
-        .and_then(|(_, rest)| rest.split_once(close.as_str()))
-        .map_or("", |(body, _)| body);
-    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, body.as_bytes());
-    format!(
-        "sha256-{}",
-        base64::engine::general_purpose::STANDARD.encode(digest.as_ref())
-    )
 }
 
 fn templates() -> &'static minijinja::Environment<'static> {
@@ -452,7 +437,7 @@ mod tests {
         let policy = csp().to_str().unwrap();
         assert!(policy.contains("script-src 'sha256-"), "{policy}");
         assert!(!policy.contains("unsafe-inline"));
-        assert_ne!(inline_hash("<script>"), inline_hash("<style>"));
+        assert_ne!(inline_hash(PAGE, "<script>"), inline_hash(PAGE, "<style>"));
         // The script found is the solver, whole.
         assert!(PAGE
             .split_once("<script>")

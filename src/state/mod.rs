@@ -13,6 +13,7 @@
 pub(crate) mod acme_dir;
 pub mod bans;
 pub(crate) mod challenges;
+pub mod csp;
 pub mod overview;
 pub mod refusals;
 pub(crate) mod snapshot;

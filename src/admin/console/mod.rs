@@ -18,26 +18,12 @@ use super::AdminBody;
 use crate::config::LogIp;
 use crate::decide::clock::now_ms;
 use crate::observe::access_log::LoggedIp;
+use crate::state::csp::inline_hash;
 use crate::state::AppState;
 
 mod views;
 
 const PAGE: &str = include_str!("page.html");
-
-/// `sha256-BASE64` of the page's inline element that opens with `open`.
-fn inline_hash(open: &str) -> String {
-    use base64::Engine;
-    let close = open.replace('<', "</");
-    let body = PAGE
-        .split_once(open)
-        .and_then(|(_, rest)| rest.split_once(close.as_str()))
-        .map_or("", |(body, _)| body);
-    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, body.as_bytes());
-    format!(
-        "sha256-{}",
-        base64::engine::general_purpose::STANDARD.encode(digest.as_ref())
-    )
-}
 
 /// Its own script and style, calls to its own origin; nothing else.
 pub fn csp() -> &'static str {
@@ -46,8 +32,8 @@ pub fn csp() -> &'static str {
         format!(
             "default-src 'none'; script-src '{}'; style-src '{}'; connect-src 'self'; \
              img-src 'none'; form-action 'none'; base-uri 'none'; frame-ancestors 'none'",
-            inline_hash("<script>"),
-            inline_hash("<style>"),
+            inline_hash(PAGE, "<script>"),
+            inline_hash(PAGE, "<style>"),
         )
     })
 }

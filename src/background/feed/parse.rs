@@ -60,29 +60,16 @@ fn quoted(line: &str) -> String {
 }
 
 fn lines(text: &str) -> Result<Vec<IpNet>, Refusal> {
-    let mut out = Vec::new();
-    for (n, line) in text.lines().enumerate() {
-        let line = match line.find(['#', ';']) {
-            Some(p) => &line[..p],
-            None => line,
-        }
-        .trim();
-        if line.is_empty() {
-            continue;
-        }
-        let net = parse_target(line).map_err(|_| {
-            Refusal::new(
-                "parse",
-                format!(
-                    "line {}: '{}' is not an address or CIDR",
-                    n + 1,
-                    quoted(line)
-                ),
-            )
-        })?;
-        out.push(net);
-    }
-    Ok(out)
+    crate::decide::policy::entry_lines(text)
+        .map(|(n, line)| {
+            parse_target(line).map_err(|_| {
+                Refusal::new(
+                    "parse",
+                    format!("line {n}: '{}' is not an address or CIDR", quoted(line)),
+                )
+            })
+        })
+        .collect()
 }
 
 fn spamhaus_json(text: &str) -> Result<Vec<IpNet>, Refusal> {

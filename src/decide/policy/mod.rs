@@ -253,25 +253,26 @@ fn load_feed_copy(feed: &config::Feed, list: &str, out: &mut Vec<IpNet>) {
     out.append(&mut cidrs);
 }
 
+/// The entries of a list text with their line numbers (from 1): `#` and `;` start a comment
+/// anywhere on a line, blank lines are skipped. List files and feeds read lines this way.
+pub fn entry_lines(text: &str) -> impl Iterator<Item = (usize, &str)> {
+    text.lines().enumerate().filter_map(|(n, line)| {
+        let line = line.find(['#', ';']).map_or(line, |p| &line[..p]).trim();
+        (!line.is_empty()).then_some((n + 1, line))
+    })
+}
+
 /// The lines of a list file (see [`load_list_file`]); problems are reported against `path`.
 pub fn parse_list(text: &str, path: &Path, key: &str, out: &mut Vec<IpNet>, report: &mut Report) {
     let mut bad = 0;
-    for (n, line) in text.lines().enumerate() {
-        let line = match line.find(['#', ';']) {
-            Some(p) => &line[..p],
-            None => line,
-        }
-        .trim();
-        if line.is_empty() {
-            continue;
-        }
+    for (n, line) in entry_lines(text) {
         match config::parse_target(line) {
             Ok(net) => out.push(net),
             Err(e) => {
                 bad += 1;
                 // Name the first few; a wrong file format would otherwise flood the report.
                 if bad <= 10 {
-                    report.other(path, Some(n + 1), key, e);
+                    report.other(path, Some(n), key, e);
                 }
             }
         }

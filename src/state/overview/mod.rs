@@ -320,16 +320,10 @@ fn escape(text: &str) -> String {
 pub fn csp() -> &'static str {
     static CSP: OnceLock<String> = OnceLock::new();
     CSP.get_or_init(|| {
-        use base64::Engine;
-        let style = PAGE
-            .split_once("<style>")
-            .and_then(|(_, rest)| rest.split_once("</style>"))
-            .map_or("", |(s, _)| s);
-        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, style.as_bytes());
         format!(
-            "default-src 'none'; style-src 'sha256-{}'; img-src 'none'; form-action 'none'; \
+            "default-src 'none'; style-src '{}'; img-src 'none'; form-action 'none'; \
              base-uri 'none'; frame-ancestors 'none'",
-            base64::engine::general_purpose::STANDARD.encode(digest.as_ref())
+            super::csp::inline_hash(PAGE, "<style>")
         )
     })
 }
