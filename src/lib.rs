@@ -72,6 +72,8 @@ pub enum StartError {
     Fleet(#[from] background::fleet::Error),
     #[error("{0}")]
     Firewall(#[from] background::firewall::Error),
+    #[error("{0}")]
+    Upgrade(String),
 }
 
 /// Once a second: frees expired entries; every 5 s idle client state; every minute the
@@ -116,11 +118,25 @@ pub struct Gateway {
     demo: Option<TcpListener>,
     fleet: Option<Arc<background::fleet::Fleet>>,
     firewall: Option<background::firewall::Firewall>,
+    /// When this process was started by `ipgate upgrade`: its line to the old process.
+    successor: Option<background::upgrade::Successor>,
+    /// Copies of the listening sockets, for the next upgrade.
+    handed: Handed,
 }
 
 impl Gateway {
     /// Loads what the config names, binds every socket (port 0 picks a free port).
     pub async fn bind(config: Config) -> Result<Gateway, StartError> {
+        Gateway::bind_with(config, &mut None).await
+    }
+
+    /// [`Gateway::bind`], for a process started by `ipgate upgrade` too: the sockets come
+    /// from the old process, and the store is opened once the old process has closed it.
+    /// On an error the successor is left in place, to tell the old process why.
+    pub async fn bind_with(
+        config: Config,
+        successor: &mut Option<background::upgrade::Successor>,
+    ) -> Result<Gateway, StartError> {
         let metrics = Arc::new(Metrics::new());
         let admin_token = match &config.admin {
             Some(a) => Some(admin::token::load_or_create_token(&a.token_file)?),
@@ -130,36 +146,26 @@ impl Gateway {
             Some(addr) => Some(bind(addr).await?),
             None => None,
         };
-        // Sockets from systemd's socket activation serve the listeners bound to their
-        // addresses; the others are bound here.
+        // Sockets from systemd's socket activation, or from the process this one upgrades,
+        // serve the listeners bound to their addresses; the others are bound here.
         let mut inherited = serve::worker::Inherited::from_env();
         let admin = match &config.admin {
-            Some(a) => match inherited.take(a.addr) {
+            Some(a) => match inherited
+                .take(a.addr, serve::worker::ADMIN_SOCKET)
+                .into_iter()
+                .next()
+            {
                 Some(l) => Some(from_std(a.addr, l)?),
                 None => Some(bind(a.addr).await?),
             },
             None => None,
         };
-        let n = config.gateway.workers;
-        let mut workers: Vec<serve::worker::Sockets> = (0..n).map(|_| Vec::new()).collect();
-        for l in &config.listeners {
-            let sockets = match inherited.take(l.addr) {
-                Some(socket) => {
-                    info!(addr = %l.addr, "listening socket inherited from systemd");
-                    serve::worker::share(socket, n)
-                }
-                None => serve::worker::bind(l.addr, n),
-            }
-            .map_err(|source| StartError::Bind {
-                addr: l.addr,
-                source,
-            })?;
-            for (w, socket) in workers.iter_mut().zip(sockets) {
-                w.push((socket, l.clone()));
-            }
+        let (workers, mut handed) = listen(&config, &mut inherited)?;
+        if let Some(a) = &admin {
+            hand(&mut handed, a, serve::worker::ADMIN_SOCKET.to_string());
         }
         for addr in inherited.unused() {
-            warn!(%addr, "systemd passed a socket that no [[listener]] or admin.addr names: not served");
+            warn!(%addr, "an inherited socket that no [[listener]] or admin.addr names: not served");
         }
         let state_dir = config.gateway.state_dir.clone();
         let fleet_conf = config.fleet.clone();
@@ -173,6 +179,10 @@ impl Gateway {
             admin::token::load_or_create_token(&key)?;
         }
         let snapshot = Snapshot::build(config, &metrics, None)?;
+        if let Some(s) = successor.as_mut() {
+            // Loaded while the old process serves; it closes the store now.
+            s.loaded().map_err(StartError::Upgrade)?;
+        }
         let (store, opened) = state::store::Store::open(&state_dir, fleet_conf.is_some())?;
         if let state::store::Opened::MovedAside(aside, e) = &opened {
             error!(
@@ -208,6 +218,8 @@ impl Gateway {
             workers,
             admin,
             demo,
+            successor: successor.take(),
+            handed,
         })
     }
 
@@ -228,8 +240,9 @@ impl Gateway {
         self.admin.as_ref().and_then(|l| l.local_addr().ok())
     }
 
-    /// Serves until `shutdown` completes, then stops accepting, lets requests in flight
-    /// finish within `limits.shutdown_grace`, flushes the access log and returns.
+    /// Serves until `shutdown` completes (or a successor started by `ipgate upgrade`
+    /// serves), then stops accepting, lets requests in flight finish within
+    /// `limits.shutdown_grace`, flushes the access log and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let (stop_tx, stop_rx) = watch::channel(false);
         let state = self.state;
@@ -240,18 +253,13 @@ impl Gateway {
                 }
             }
         }
-        let mut side_tasks = vec![
-            tokio::spawn(background::shutdown::reload_on_hangup(state.clone())),
-            tokio::spawn(sweeper(state.clone())),
-            tokio::spawn(background::watcher::run(state.clone())),
-            tokio::spawn(background::acme::run(state.clone())),
-            tokio::spawn(background::feed::run(state.clone())),
-            tokio::spawn(background::logjail::run(state.clone())),
-            tokio::spawn(challenge_ticker(state.clone())),
-        ];
-        if let Some(fleet) = self.fleet {
-            side_tasks.push(tokio::spawn(fleet.run(stop_rx.clone())));
-        }
+        let upgrader = Arc::new(background::upgrade::Upgrader::new(
+            state.clone(),
+            self.handed,
+            self.fleet,
+        ));
+        upgrader.start_fleet().await;
+        let mut side_tasks = side_tasks(&state, &upgrader);
         // The table it was started with (a reload does not change [firewall]).
         let firewall = self.firewall.as_ref().map(|f| f.conf().clone());
         if let Some(fw) = self.firewall {
@@ -261,11 +269,8 @@ impl Gateway {
             if let Ok(addr) = admin.local_addr() {
                 info!(%addr, "admin listening");
             }
-            side_tasks.push(tokio::spawn(admin::serve(
-                state.clone(),
-                admin,
-                stop_rx.clone(),
-            )));
+            let serving = admin::serve(state.clone(), admin, stop_rx.clone(), upgrader.clone());
+            side_tasks.push(tokio::spawn(serving));
         }
         if let Some(demo) = self.demo {
             if let Ok(addr) = demo.local_addr() {
@@ -274,49 +279,138 @@ impl Gateway {
             side_tasks.push(tokio::spawn(admin::demo::serve(demo, stop_rx.clone())));
         }
 
-        let mut finished = Vec::with_capacity(self.workers.len());
-        for (i, sockets) in self.workers.into_iter().enumerate() {
-            let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
-            let (state, stop) = (state.clone(), stop_rx.clone());
-            let spawned = std::thread::Builder::new()
-                .name(format!("ipgate-worker-{i}"))
-                .spawn(move || {
-                    serve::worker::run(state, sockets, stop);
-                    let _ = done_tx.send(());
-                });
-            match spawned {
-                Ok(_) => finished.push(done_rx),
-                Err(e) => {
-                    error!(error = %e, "cannot start a worker thread; its sockets are closed")
-                }
-            }
-        }
+        let finished = start_workers(&state, self.workers, &stop_rx);
+        let mut upgraded = None;
         if finished.is_empty() {
             error!("no worker thread is running");
         } else {
             background::systemd::ready();
             side_tasks.push(tokio::spawn(background::systemd::watchdog()));
-            shutdown.await;
+            if let Some(successor) = self.successor {
+                successor.serving(state.clone());
+            }
+            tokio::select! {
+                () = shutdown => {}
+                pid = upgrader.handed_over() => upgraded = Some(pid),
+            }
         }
-        background::systemd::stopping();
-
-        info!("shutting down: no new connections, finishing requests in flight");
+        match upgraded {
+            None => {
+                background::systemd::stopping();
+                info!("shutting down: no new connections, finishing requests in flight");
+            }
+            Some(pid) => {
+                state.handed_over.store(true, Ordering::Relaxed);
+                info!(
+                    pid,
+                    "handed over: no new connections, finishing requests in flight"
+                );
+            }
+        }
         state.draining.store(true, Ordering::Relaxed);
+        upgrader.release_sockets();
         let _ = stop_tx.send(true);
         // Each worker stops accepting, then waits up to `limits.shutdown_grace` for its
         // connections.
         for done in finished {
             let _ = done.await;
         }
+        upgrader.stop_fleet().await;
         for t in side_tasks {
             t.abort();
         }
-        if let Some(conf) = &firewall {
-            background::firewall::Firewall::stop(conf).await;
+        match &firewall {
+            // The successor keeps the table.
+            Some(conf) if upgraded.is_none() => background::firewall::Firewall::stop(conf).await,
+            _ => {}
         }
+        upgrader.pass_gap().await;
         state.access_log.flush();
         info!("stopped");
     }
+}
+
+/// The tasks beside the workers, stopped (aborted) at the end.
+fn side_tasks(
+    state: &Arc<AppState>,
+    upgrader: &Arc<background::upgrade::Upgrader>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    vec![
+        tokio::spawn(background::shutdown::reload_on_hangup(state.clone())),
+        tokio::spawn(background::shutdown::upgrade_on_signal(upgrader.clone())),
+        tokio::spawn(sweeper(state.clone())),
+        tokio::spawn(background::watcher::run(state.clone())),
+        tokio::spawn(background::acme::run(state.clone())),
+        tokio::spawn(background::feed::run(state.clone())),
+        tokio::spawn(background::logjail::run(state.clone())),
+        tokio::spawn(challenge_ticker(state.clone())),
+    ]
+}
+
+/// One thread per worker; a receiver each that completes when the worker has finished.
+fn start_workers(
+    state: &Arc<AppState>,
+    workers: Vec<serve::worker::Sockets>,
+    stop_rx: &watch::Receiver<bool>,
+) -> Vec<tokio::sync::oneshot::Receiver<()>> {
+    let mut finished = Vec::with_capacity(workers.len());
+    for (i, sockets) in workers.into_iter().enumerate() {
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        let (state, stop) = (state.clone(), stop_rx.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("ipgate-worker-{i}"))
+            .spawn(move || {
+                serve::worker::run(state, sockets, stop);
+                let _ = done_tx.send(());
+            });
+        match spawned {
+            Ok(_) => finished.push(done_rx),
+            Err(e) => error!(error = %e, "cannot start a worker thread; its sockets are closed"),
+        }
+    }
+    finished
+}
+
+/// Copies of listening sockets, named as an upgrade's successor looks for them.
+type Handed = Vec<(std::os::fd::OwnedFd, String)>;
+
+/// A copy of `socket` named `name`, for an upgrade's successor.
+fn hand(handed: &mut Handed, socket: &impl std::os::fd::AsFd, name: String) {
+    match socket.as_fd().try_clone_to_owned() {
+        Ok(fd) => handed.push((fd, name)),
+        Err(e) => warn!(error = %e, "cannot copy a listening socket: an upgrade would not pass it"),
+    }
+}
+
+/// Every worker's socket on every client listener: inherited ones spread over the workers,
+/// the others bound here; and a named copy of each for an upgrade.
+fn listen(
+    config: &Config,
+    inherited: &mut serve::worker::Inherited,
+) -> Result<(Vec<serve::worker::Sockets>, Handed), StartError> {
+    let n = config.gateway.workers;
+    let mut handed = Handed::new();
+    let mut workers: Vec<serve::worker::Sockets> = (0..n).map(|_| Vec::new()).collect();
+    for (i, l) in config.listeners.iter().enumerate() {
+        let taken = inherited.take(l.addr, &serve::worker::socket_name(i, l.addr));
+        let per_worker = if taken.is_empty() {
+            serve::worker::bind(l.addr, n).map(|v| v.into_iter().map(|s| vec![s]).collect())
+        } else {
+            info!(addr = %l.addr, sockets = taken.len(), "listening sockets inherited");
+            serve::worker::share(taken, n)
+        }
+        .map_err(|source| StartError::Bind {
+            addr: l.addr,
+            source,
+        })?;
+        for (w, sockets) in workers.iter_mut().zip(per_worker) {
+            for socket in sockets {
+                hand(&mut handed, &socket, serve::worker::socket_name(i, l.addr));
+                w.push((socket, l.clone()));
+            }
+        }
+    }
+    Ok((workers, handed))
 }
 
 /// The bound port of the first TLS listener, which `redirect_https` sends clients to; 443

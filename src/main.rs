@@ -133,19 +133,22 @@ fn run(path: &std::path::Path) -> ExitCode {
         }
     };
     runtime.block_on(async {
+        // Started by `ipgate upgrade`: the old process is told why, when this one fails.
+        let mut successor = ipgate::background::upgrade::Successor::from_env();
+        let failed = |successor: &mut Option<_>, why: String| {
+            eprintln!("{why}");
+            if let Some(s) = Option::<ipgate::background::upgrade::Successor>::take(successor) {
+                s.failed(&why);
+            }
+            ExitCode::FAILURE
+        };
         let config = match Config::load(path) {
             Ok(c) => c,
-            Err(errors) => {
-                eprintln!("{errors}");
-                return ExitCode::FAILURE;
-            }
+            Err(errors) => return failed(&mut successor, errors.to_string()),
         };
-        let gateway = match Gateway::bind(config).await {
+        let gateway = match Gateway::bind_with(config, &mut successor).await {
             Ok(g) => g,
-            Err(e) => {
-                eprintln!("ipgate: {e}");
-                return ExitCode::FAILURE;
-            }
+            Err(e) => return failed(&mut successor, format!("ipgate: {e}")),
         };
         gateway.run(ipgate::background::shutdown::terminate()).await;
         ExitCode::SUCCESS

@@ -83,6 +83,10 @@ pub enum Command {
     Forget { ip: String },
     /// Reload the config (same as SIGHUP).
     Reload,
+    /// Start the binary on disk with the same config and hand it the listening sockets
+    /// and the state, without refusing a connection (same as SIGUSR2). Exits non-zero,
+    /// naming why, when the new process does not take over (the old one serves on).
+    Upgrade,
     /// Every certificate served: names, source, expiry and, for ACME, the next renewal.
     Certs {
         #[arg(long)]
@@ -242,6 +246,7 @@ pub async fn admin_command(cli: &Cli, command: &Command) -> anyhow::Result<()> {
         Command::Lookup { ip, json } => lookup(&client, ip, *json).await,
         Command::Forget { ip } => forget(&client, ip).await,
         Command::Reload => reload(&client).await,
+        Command::Upgrade => upgrade(&client).await,
         Command::Certs { json } => certs(&client, *json).await,
         Command::Run
         | Command::Check
@@ -457,6 +462,18 @@ async fn reload(client: &AdminClient) -> anyhow::Result<()> {
     } else {
         return Err(api_error(status, &bytes));
     }
+    Ok(())
+}
+
+async fn upgrade(client: &AdminClient) -> anyhow::Result<()> {
+    let (status, bytes) = client.call(Method::POST, "/v1/upgrade", None).await?;
+    if status != StatusCode::OK {
+        return Err(
+            api_error(status, &bytes).context("upgrade failed; the running process serves on")
+        );
+    }
+    let done: serde_json::Value = serde_json::from_slice(&bytes)?;
+    println!("upgraded: the new process (pid {}) serves", done["pid"]);
     Ok(())
 }
 

@@ -36,6 +36,7 @@ use crate::admin::api::{
     ApiError, CounterView, Decision, EntryView, Forgotten, GeoRuleView, Kept, LimitView, Lookup,
     NewEntry, OffenseView, ProblemView, ReloadRefused, Reloaded, RuleView,
 };
+use crate::background::upgrade::Upgrader;
 use crate::config::{self, Action};
 use crate::decide::clock::now_ms;
 use crate::decide::policy::temporary::Entry;
@@ -45,10 +46,16 @@ use crate::decide::policy::{Rule, Verdict};
 use crate::state::AppState;
 
 /// Serves the admin API until `stop` turns true.
-pub async fn serve(state: Arc<AppState>, listener: TcpListener, stop: watch::Receiver<bool>) {
+pub async fn serve(
+    state: Arc<AppState>,
+    listener: TcpListener,
+    stop: watch::Receiver<bool>,
+    upgrader: Arc<Upgrader>,
+) {
     serve_http1(listener, stop, move |req| {
         let state = state.clone();
-        async move { route(&state, req).await }
+        let upgrader = upgrader.clone();
+        async move { route(&state, &upgrader, req).await }
     })
     .await
 }
@@ -132,7 +139,11 @@ fn own_host(state: &AppState, req: &Request<Incoming>) -> bool {
         .is_some_and(|a| a.hosts.contains(&name))
 }
 
-async fn route(state: &AppState, req: Request<Incoming>) -> Response<AdminBody> {
+async fn route(
+    state: &AppState,
+    upgrader: &Upgrader,
+    req: Request<Incoming>,
+) -> Response<AdminBody> {
     if !own_host(state, &req) {
         return text(
             StatusCode::MISDIRECTED_REQUEST,
@@ -161,9 +172,29 @@ async fn route(state: &AppState, req: Request<Incoming>) -> Response<AdminBody> 
             if !authorized(state, &req) {
                 return json_error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
             }
+            if path == "/v1/upgrade" && req.method() == Method::POST {
+                return upgrade(upgrader).await;
+            }
             v1(state, req).await
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+/// `POST /v1/upgrade`: 200 with the new process's pid once it serves; 409 while another
+/// upgrade is under way (or after this process handed over); 500 naming why the new process
+/// did not take over (this one serves on).
+async fn upgrade(upgrader: &Upgrader) -> Response<AdminBody> {
+    use crate::background::upgrade::UpgradeError;
+    match upgrader.upgrade().await {
+        Ok(pid) => json(
+            StatusCode::OK,
+            &serde_json::json!({ "result": "ok", "pid": pid }),
+        ),
+        Err(e @ (UpgradeError::Busy | UpgradeError::HandedOver(_))) => {
+            json_error(StatusCode::CONFLICT, &e.to_string())
+        }
+        Err(e) => json_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
     }
 }
 

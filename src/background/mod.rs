@@ -7,7 +7,8 @@
 //! - `feed`: fetches the lists that come from a URL and keeps their last good copies;
 //! - `watcher`: re-reads changed list and certificate files;
 //! - [`shutdown`]: the signals (SIGHUP reloads, SIGTERM stops);
-//! - `systemd`: readiness, watchdog and stopping notices to systemd.
+//! - `systemd`: readiness, watchdog and stopping notices to systemd;
+//! - [`upgrade`]: hands the listening sockets and the store to the binary on disk.
 //!
 //! Uses: [`crate::serve`] (a log jail counts offenses as the request path does),
 //! [`crate::state`], [`crate::decide`], [`crate::observe`], [`crate::config`].
@@ -19,4 +20,5 @@ pub(crate) mod fleet;
 pub mod logjail;
 pub mod shutdown;
 pub(crate) mod systemd;
+pub mod upgrade;
 pub(crate) mod watcher;

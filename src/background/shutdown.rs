@@ -36,3 +36,15 @@ pub async fn reload_on_hangup(state: std::sync::Arc<crate::state::AppState>) {
         }
     }
 }
+
+/// Upgrades on every SIGUSR2, as nginx does (`ipgate upgrade` says why one failed; this
+/// logs it).
+pub async fn upgrade_on_signal(upgrader: std::sync::Arc<crate::background::upgrade::Upgrader>) {
+    let Ok(mut usr2) = signal(SignalKind::user_defined2()) else {
+        return;
+    };
+    while usr2.recv().await.is_some() {
+        // The upgrader logs the outcome.
+        let _ = upgrader.upgrade().await;
+    }
+}

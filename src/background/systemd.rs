@@ -1,7 +1,8 @@
 //! systemd's service notifications (`Type=notify`, `WatchdogSec=`): READY=1 once the gateway
 //! has its lists loaded and its workers serving, WATCHDOG=1 from the runtime at half the
 //! watchdog interval (a stuck runtime misses it, and systemd restarts the service), and
-//! STOPPING=1 when shutdown begins. Without `NOTIFY_SOCKET` each is a no-op.
+//! STOPPING=1 when shutdown begins; after an upgrade, MAINPID= names the new process. Without
+//! `NOTIFY_SOCKET` each is a no-op.
 
 use std::time::Duration;
 
@@ -24,12 +25,26 @@ pub fn stopping() {
     send(NotifyState::Stopping);
 }
 
+/// After an upgrade: the service's main process is now `pid` (the unit needs
+/// `NotifyAccess=all` for the new process's own notices).
+pub fn main_pid(pid: u32) {
+    send(NotifyState::MainPid(pid));
+}
+
+/// The watchdog interval, when systemd watches this process: `WATCHDOG_PID` names it, or
+/// names the process this one upgraded (systemd set it before the new pid was known).
+fn watchdog_usec() -> Option<u64> {
+    let usec = std::env::var("WATCHDOG_USEC").ok()?.parse::<u64>().ok()?;
+    let pid = std::env::var("WATCHDOG_PID").ok()?.parse::<u32>().ok()?;
+    let ours = pid == std::process::id() || Some(pid) == crate::serve::worker::upgrading_from();
+    (ours && usec > 0).then_some(usec)
+}
+
 /// Keeps systemd's watchdog fed while the runtime runs (returns at once without one).
 pub async fn watchdog() {
-    let mut usec = 0;
-    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
+    let Some(usec) = watchdog_usec() else {
         return;
-    }
+    };
     let mut tick = tokio::time::interval(Duration::from_micros(usec / 2));
     loop {
         tick.tick().await;

@@ -89,6 +89,9 @@ pub struct Metrics {
     pub feed: FeedMetrics,
     /// `ipgate_start_time_seconds`: when this process started (a restart shows as a step).
     pub start_time: IntGauge,
+    /// `ipgate_upgrades_total{result}`: `ok` is counted by the process that took over,
+    /// `failed` by the one that stayed.
+    pub upgrades: IntCounterVec,
 }
 
 /// The feeds' metrics, by list.
@@ -344,6 +347,7 @@ impl Metrics {
             challenge: ChallengeMetrics::new(&reg),
             feed: FeedMetrics::new(&reg),
             start_time: start_time(&reg),
+            upgrades: upgrades(&reg),
             registry: reg.0,
         }
     }
@@ -360,6 +364,15 @@ impl Metrics {
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         out
     }
+}
+
+fn upgrades(reg: &Reg) -> IntCounterVec {
+    reg.counter_vec(
+        "ipgate_upgrades_total",
+        "Binary upgrades (ipgate upgrade) by result: ok (counted by the new process) or \
+         failed (counted by the process that kept serving).",
+        &["result"],
+    )
 }
 
 fn start_time(reg: &Reg) -> IntGauge {

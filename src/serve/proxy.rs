@@ -194,7 +194,8 @@ pub async fn handle(
         }
     };
     logged.log(state, &snap, client.ip, &resp, site_name, outcome);
-    Ok((for_method(&method, resp), held))
+    let resp = headers::closing(state, version, for_method(&method, resp));
+    Ok((resp, held))
 }
 
 /// Counts and finishes a forwarded request's answer: the response (HSTS added, shown to the

@@ -53,27 +53,58 @@ pub fn bind(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::Tcp
     Ok(sockets)
 }
 
-/// Listening sockets passed in by systemd's socket activation (`LISTEN_FDS`), each to be
-/// taken by the listener whose address it is bound to.
-pub struct Inherited(Vec<Option<std::net::TcpListener>>);
+/// Listening sockets passed in by systemd's socket activation (`LISTEN_FDS`) or by the
+/// process this one upgrades, each to be taken by the listener whose address it is bound to,
+/// or whose name it has (`LISTEN_FDNAMES`; see [`socket_name`]).
+pub struct Inherited(Vec<Option<(std::net::TcpListener, String)>>);
+
+/// The name under which an upgrade passes a listener's sockets: its place in the config and
+/// its configured address, so a listener on port 0 (a free port) finds its own again.
+/// (`:` separates the names in `LISTEN_FDNAMES`, so the address's colons become `_`.)
+pub fn socket_name(index: usize, addr: SocketAddr) -> String {
+    format!("listener{index}@{addr}").replace(':', "_")
+}
+
+/// `LISTEN_PID` must name the process the sockets are for, which is unknown before the
+/// fork; an upgrade's new process checks this variable against its parent instead.
+pub const UPGRADE_FROM: &str = "IPGATE_UPGRADE_FROM";
+
+/// The pid of the process this one upgrades, when it is one (the variable names our
+/// parent; one inherited from further up names someone else).
+pub fn upgrading_from() -> Option<u32> {
+    let from = std::env::var(UPGRADE_FROM).ok()?.parse::<u32>().ok()?;
+    (from == std::os::unix::process::parent_id()).then_some(from)
+}
+
+/// The name under which an upgrade passes the admin listener.
+pub const ADMIN_SOCKET: &str = "admin";
 
 impl Inherited {
     /// The TCP listening sockets in the environment: none without `LISTEN_FDS`, or unless
     /// `LISTEN_PID` names this process (systemd's rule; a variable inherited from a parent
-    /// is not for us). Taken sockets are close-on-exec; a socket that is not listening
-    /// (`Accept=yes` passes connections) is refused.
+    /// is not for us) or the process this one upgrades passed them. Taken sockets are
+    /// close-on-exec; a socket that is not listening (`Accept=yes` passes connections) is
+    /// refused.
     pub fn from_env() -> Inherited {
         let ours = std::env::var("LISTEN_PID")
             .ok()
             .and_then(|p| p.parse::<u32>().ok())
-            == Some(std::process::id());
+            == Some(std::process::id())
+            || upgrading_from().is_some();
         if !ours {
             return Inherited(Vec::new());
         }
+        let names: Vec<String> = std::env::var("LISTEN_FDNAMES")
+            .unwrap_or_default()
+            .split(':')
+            .map(str::to_string)
+            .collect();
         let mut fds = listenfd::ListenFd::from_env();
         let list = (0..fds.len())
             .map(|i| match fds.take_tcp_listener(i) {
-                Ok(Some(l)) if socket2::SockRef::from(&l).is_listener().unwrap_or(false) => Some(l),
+                Ok(Some(l)) if socket2::SockRef::from(&l).is_listener().unwrap_or(false) => {
+                    Some((l, names.get(i).cloned().unwrap_or_default()))
+                }
                 Ok(_) => {
                     warn!(fd = i + 3, "an inherited socket is not listening (Accept=yes?): not served");
                     None
@@ -87,13 +118,18 @@ impl Inherited {
         Inherited(list)
     }
 
-    /// The inherited socket bound to `addr`, if there is one (each is taken once).
-    pub fn take(&mut self, addr: SocketAddr) -> Option<std::net::TcpListener> {
-        let i = self
-            .0
-            .iter()
-            .position(|l| l.as_ref().and_then(|l| l.local_addr().ok()) == Some(addr))?;
-        self.0[i].take()
+    /// Every inherited socket named `name` or bound to `addr` (each is taken once): one
+    /// from systemd, or a worker's each from the process this one upgrades.
+    pub fn take(&mut self, addr: SocketAddr, name: &str) -> Vec<std::net::TcpListener> {
+        self.0
+            .iter_mut()
+            .filter(|held| {
+                held.as_ref().is_some_and(|(l, n)| {
+                    n == name || (addr.port() != 0 && l.local_addr().ok() == Some(addr))
+                })
+            })
+            .filter_map(|held| held.take().map(|(l, _)| l))
+            .collect()
     }
 
     /// The addresses of inherited sockets no listener took.
@@ -101,27 +137,38 @@ impl Inherited {
         self.0
             .iter()
             .flatten()
-            .filter_map(|l| l.local_addr().ok())
+            .filter_map(|(l, _)| l.local_addr().ok())
             .collect()
     }
 }
 
-/// `count` handles on one inherited socket: the workers share its accept queue (there is
-/// one socket, so no SO_REUSEPORT group whose closing could drop queued connections).
+/// Spreads inherited sockets over `count` workers, every socket served: with fewer sockets
+/// than workers, the workers share them (handles on one socket share its accept queue);
+/// with more, a worker serves several. None is closed: closing a member of an SO_REUSEPORT
+/// group would drop the connections waiting in its queue.
 pub fn share(
-    listener: std::net::TcpListener,
+    sockets: Vec<std::net::TcpListener>,
     count: usize,
-) -> std::io::Result<Vec<std::net::TcpListener>> {
-    listener.set_nonblocking(true)?;
-    let socket = socket2::SockRef::from(&listener);
-    socket.set_linger(Some(std::time::Duration::ZERO))?;
-    socket.set_tcp_nodelay(true)?;
-    let mut handles = Vec::with_capacity(count.max(1));
-    for _ in 1..count.max(1) {
-        handles.push(listener.try_clone()?);
+) -> std::io::Result<Vec<Vec<std::net::TcpListener>>> {
+    let count = count.max(1);
+    let mut workers: Vec<Vec<std::net::TcpListener>> = (0..count).map(|_| Vec::new()).collect();
+    for l in &sockets {
+        l.set_nonblocking(true)?;
+        let socket = socket2::SockRef::from(l);
+        socket.set_linger(Some(std::time::Duration::ZERO))?;
+        socket.set_tcp_nodelay(true)?;
     }
-    handles.push(listener);
-    Ok(handles)
+    let k = sockets.len();
+    if k == 0 {
+        return Ok(workers);
+    }
+    for w in k..count {
+        workers[w].push(sockets[w % k].try_clone()?);
+    }
+    for (i, l) in sockets.into_iter().enumerate() {
+        workers[i % count].push(l);
+    }
+    Ok(workers)
 }
 
 /// Runs one worker thread until `stop` turns true and its connections have finished (or
@@ -149,6 +196,13 @@ pub fn run(state: Arc<AppState>, sockets: Sockets, stop: watch::Receiver<bool>) 
             listener::accept_loop(worker.clone(), socket, conf, &graceful, stop.clone())
         });
         futures_util::future::join_all(loops).await;
+        if worker
+            .state
+            .handed_over
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            last_call(&graceful).await;
+        }
         let grace = worker.state.snapshot.load().config.limits.shutdown_grace;
         // Requests in flight, then upgraded connections (which close themselves when the
         // grace period is over), get the grace period.
@@ -166,6 +220,18 @@ pub fn run(state: Arc<AppState>, sockets: Sockets, stop: watch::Receiver<bool>) 
     });
     // Tasks still running (a jail ban being written) get a moment to finish.
     runtime.shutdown_timeout(Duration::from_secs(5));
+}
+
+/// The longest an upgraded process waits for its HTTP/1 keep-alive connections to close
+/// after their next response (`Connection: close`), before closing the idle ones: a
+/// client sending on an idle connection just as it is closed would see a reset.
+const LAST_CALL: Duration = Duration::from_secs(1);
+
+async fn last_call(graceful: &GracefulShutdown) {
+    let until = tokio::time::Instant::now() + LAST_CALL;
+    while graceful.count() > 0 && tokio::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 #[cfg(test)]

@@ -50,6 +50,9 @@ pub struct AppState {
     pub in_flight: Arc<crate::decide::clients::ConnCounts>,
     /// Set once shutdown starts: `/healthz` answers 503 so balancers stop sending.
     pub draining: AtomicBool,
+    /// Set when an upgrade's successor serves: the workers give their keep-alive
+    /// connections a last call (each closes after its next response) before closing them.
+    pub handed_over: AtomicBool,
     pub admin_token: Option<String>,
     pub temp: TempEntries,
     /// Durable home of the temporary entries and the offense history.
@@ -91,6 +94,7 @@ impl AppState {
             conn_counts: Arc::default(),
             in_flight: Arc::default(),
             draining: AtomicBool::new(false),
+            handed_over: AtomicBool::new(false),
             admin_token,
             temp: TempEntries::default(),
             fleet_id,

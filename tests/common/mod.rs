@@ -686,6 +686,11 @@ pub struct BinaryGateway {
 }
 
 impl BinaryGateway {
+    /// The process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
     /// Sends a signal (`TERM`, `HUP`, `KILL`, ...) to the process.
     pub fn signal(&self, name: &str) {
         signal(self.child.as_ref().unwrap(), name)

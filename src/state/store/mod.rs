@@ -39,6 +39,8 @@ pub enum Error {
     Encode(#[from] serde_json::Error),
     #[error("state store: the writer task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    #[error("state store: handed over to the upgraded process; retry there")]
+    HandedOver,
 }
 
 fn err(e: impl Into<redb::Error>) -> Error {
@@ -73,6 +75,15 @@ pub struct Local {
     outbox: bool,
     /// Woken when a change has been queued in the outbox.
     pub queued: tokio::sync::Notify,
+    /// Set while the file is closed for the successor of an upgrade: every call fails with
+    /// [`Error::HandedOver`] instead of reopening it, and entries are kept in `pending`.
+    handed_over: std::sync::atomic::AtomicBool,
+}
+
+impl Local {
+    fn is_handed_over(&self) -> bool {
+        self.handed_over.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 /// What opening the store at start found.
@@ -107,6 +118,7 @@ impl Store {
             pending: Mutex::default(),
             outbox,
             queued: tokio::sync::Notify::new(),
+            handed_over: Default::default(),
         };
         Ok((Store::Local(Arc::new(local)), opened))
     }
@@ -119,6 +131,9 @@ impl Store {
         let local = local.clone();
         tokio::task::spawn_blocking(move || {
             let mut db = local.db.lock().unwrap_or_else(|p| p.into_inner());
+            if local.is_handed_over() {
+                return Err(Error::HandedOver);
+            }
             if db.is_none() {
                 *db = Some(Redb::open(&local.dir, local.outbox)?);
             }
@@ -142,6 +157,7 @@ impl Store {
             let mut db = local.db.lock().unwrap_or_else(|p| p.into_inner());
             let mut pending = local.pending.lock().unwrap_or_else(|p| p.into_inner());
             let written = match db.as_ref() {
+                _ if local.is_handed_over() => Err(Error::HandedOver),
                 Some(open) => open.put(&action, target, &entry),
                 None => Redb::open(&local.dir, local.outbox).and_then(|open| {
                     let r = open.put(&action, target, &entry);
@@ -187,6 +203,40 @@ impl Store {
         })
         .await
         .inspect(|_| self.notify_queued())
+    }
+
+    /// Closes the file for an upgrade's successor, after every call in progress: from now
+    /// on nothing is written here (see [`Error::HandedOver`]) until [`Store::take_back`].
+    pub async fn hand_over(&self) -> Result<(), Error> {
+        let local = self.local().clone();
+        tokio::task::spawn_blocking(move || {
+            let mut db = local.db.lock().unwrap_or_else(|p| p.into_inner());
+            local
+                .handed_over
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            // Dropping the database closes the file and releases its lock.
+            *db = None;
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// The successor failed: the file is opened again at the next call.
+    pub fn take_back(&self) {
+        self.local()
+            .handed_over
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The entries enforced here but never written (made while the file was handed over),
+    /// taken out to be passed to the successor.
+    pub fn take_pending(&self) -> Vec<(Slot, IpNet, Entry)> {
+        let mut pending = self
+            .local()
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        pending.drain().map(|((a, t), e)| (a, t, e)).collect()
     }
 
     /// Entries enforced but not yet durable.
@@ -317,7 +367,7 @@ impl Store {
         self.local().queued.notified().await
     }
 
-    fn local(&self) -> &Local {
+    fn local(&self) -> &Arc<Local> {
         let Store::Local(local) = self;
         local
     }
