@@ -794,3 +794,41 @@ async fn the_console_of_one_gateway_unbans_and_forgets_on_every_gateway() {
         "g2 still holds the address"
     );
 }
+
+/// An upgraded gateway (`ipgate upgrade`) goes on in the fleet where its old process left
+/// off: its new process reads the stream (a ban made on another gateway after the upgrade
+/// holds on it), sends its own changes, and keeps what it had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgraded_gateway_goes_on_in_the_fleet() {
+    let redis = Redis::start();
+    let up = Upstream::start().await;
+    let fleet = fleet_of(&redis, up.addr, 2).await;
+    let [g1, g2] = [&fleet[0], &fleet[1]];
+    assert_eq!(g2.ban("127.0.2.40", "1h").await, 201);
+    assert!(
+        within(SECOND * 2, || blocked_everywhere([g1, g2], "127.0.2.40"))
+            .await
+            .is_some()
+    );
+
+    let (status, v) = g1.api("POST", "/v1/upgrade", None).await;
+    assert_eq!(status, 200, "{v}\n{}", g1.gw.output.text());
+    let _new = KillOnDrop(v["pid"].as_u64().unwrap() as u32);
+    assert_eq!(g2.ban("127.0.2.41", "1h").await, 201);
+    // (A connection that reached the old process in its last moment is answered 503.)
+    assert!(within(SECOND * 2, || async {
+        g1.ban("127.0.2.42", "1h").await == 201
+    })
+    .await
+    .is_some());
+    for who in ["127.0.2.40", "127.0.2.41", "127.0.2.42"] {
+        assert!(
+            within(SECOND * 3, || blocked_everywhere([g1, g2], who))
+                .await
+                .is_some(),
+            "{who} is not blocked on both after the upgrade\n{}",
+            g1.gw.output.text()
+        );
+    }
+    assert_eq!(g1.connected().await, Some(1.0));
+}

@@ -17,18 +17,6 @@ use http_body_util::BodyExt;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
-/// The process with this pid is killed when this is dropped (the gateway's successors are
-/// not our children: they outlive the process that started them).
-struct Pid(u32);
-
-impl Drop for Pid {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("kill")
-            .args(["-KILL", &self.0.to_string()])
-            .status();
-    }
-}
-
 fn alive(pid: u32) -> bool {
     // A zombie (exited, not yet reaped by its parent) has finished too.
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
@@ -270,7 +258,7 @@ async fn twenty_upgrades_under_load_fail_no_request_and_lose_no_ban() {
         .await;
     let gw = files.start("info");
     let token = token(&files);
-    let mut pid = Pid(gw.pid());
+    let mut pid = KillOnDrop(gw.pid());
     let plain: SocketAddr = ([127, 0, 0, 1], plain).into();
     let tls: SocketAddr = ([127, 0, 0, 1], tls).into();
 
@@ -299,7 +287,7 @@ async fn twenty_upgrades_under_load_fail_no_request_and_lose_no_ban() {
             .await
             .unwrap_or_else(|e| panic!("upgrade {i} failed: {e}\n{}", gw.output.text()));
         assert_ne!(new, pid.0);
-        let old = std::mem::replace(&mut pid, Pid(new));
+        let old = std::mem::replace(&mut pid, KillOnDrop(new));
         assert!(
             exited(old.0, Duration::from_secs(10)).await,
             "the old process {} did not exit\n{}",
@@ -401,7 +389,7 @@ async fn a_websocket_and_a_long_download_finish_on_the_old_process() {
     let gw = files.start("info");
     let token = token(&files);
     let old = gw.pid();
-    let _old = Pid(old);
+    let _old = KillOnDrop(old);
 
     let tcp = TcpStream::connect(gw.plain).await.unwrap();
     let (mut ws, _) = tokio_tungstenite::client_async(format!("ws://{}/ws", gw.plain), tcp)
@@ -430,7 +418,7 @@ async fn a_websocket_and_a_long_download_finish_on_the_old_process() {
     }
 
     let new = upgrade(gw.admin, &token).await.unwrap();
-    let _new = Pid(new);
+    let _new = KillOnDrop(new);
     // The new process serves new connections; the old one still serves these two.
     assert_eq!(plain_get(gw.plain, "/", "a.test").await.0, 200);
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -503,7 +491,7 @@ async fn a_new_process_that_fails_its_config_leaves_the_old_one_serving() {
         .and_then(|r| r.split(')').next())
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("no pid in {said:?}"));
-    let _new = Pid(new);
+    let _new = KillOnDrop(new);
     assert!(exited(old, Duration::from_secs(10)).await);
     assert!(refused("127.0.3.99", gw.plain).await);
     assert!(refused("127.0.3.98", gw.plain).await);

@@ -676,6 +676,23 @@ impl GatewayFiles {
     }
 }
 
+/// The process with this pid is killed when this is dropped: an upgraded gateway's new
+/// process is not our child (it outlives the process that started it).
+pub struct KillOnDrop(pub u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // Only while it is still an ipgate (a pid is reused once its process is gone).
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", self.0)).unwrap_or_default();
+        if !String::from_utf8_lossy(&cmdline).contains(env!("CARGO_BIN_EXE_ipgate")) {
+            return;
+        }
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", &self.0.to_string()])
+            .status();
+    }
+}
+
 /// A gateway process; killed on drop if it still runs (no orphan after a failed assert).
 pub struct BinaryGateway {
     child: Option<std::process::Child>,

@@ -385,3 +385,47 @@ impl Store {
             .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An upgrade's handover: once handed over, the file can be opened by another store
+    /// (the successor's), nothing is written here any more, and an entry enforced meanwhile
+    /// is kept to be passed on; taken back, the store writes again.
+    #[tokio::test]
+    async fn a_handed_over_store_releases_the_file_and_keeps_what_it_could_not_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path(), false).unwrap();
+        let entry = |n| Entry::new(1, u64::MAX / 2, "api", None).with_origin(n);
+        let net = |s: &str| s.parse::<IpNet>().unwrap();
+        store
+            .put(Slot::Block, net("10.0.0.1/32"), entry(None))
+            .await
+            .unwrap();
+        assert!(matches!(
+            Store::open(dir.path(), false),
+            Err(Error::InUse(_))
+        ));
+
+        store.hand_over().await.unwrap();
+        let (successor, _) = Store::open(dir.path(), false).unwrap();
+        assert_eq!(successor.load(2).await.unwrap().len(), 1);
+        let late = store
+            .put(Slot::Block, net("10.0.0.2/32"), entry(None))
+            .await;
+        assert!(matches!(late, Err(Error::HandedOver)), "{late:?}");
+        assert!(matches!(store.load(2).await, Err(Error::HandedOver)));
+        let passed = store.take_pending();
+        assert_eq!(passed.len(), 1);
+        assert_eq!(passed[0].1, net("10.0.0.2/32"));
+        drop(successor);
+
+        store.take_back();
+        store
+            .put(Slot::Block, net("10.0.0.3/32"), entry(None))
+            .await
+            .unwrap();
+        assert_eq!(store.load(2).await.unwrap().len(), 2);
+    }
+}
