@@ -142,27 +142,23 @@ impl Gateway {
             Some(a) => Some(admin::token::load_or_create_token(&a.token_file)?),
             None => None,
         };
-        let demo = match config.demo_upstream {
-            Some(addr) => Some(bind(addr).await?),
-            None => None,
-        };
         // Sockets from systemd's socket activation, or from the process this one upgrades,
-        // serve the listeners bound to their addresses; the others are bound here.
+        // serve the listeners bound to their addresses or named for them; the others are
+        // bound here.
         let mut inherited = serve::worker::Inherited::from_env();
         let admin = match &config.admin {
-            Some(a) => match inherited
-                .take(a.addr, serve::worker::ADMIN_SOCKET)
-                .into_iter()
-                .next()
-            {
-                Some(l) => Some(from_std(a.addr, l)?),
-                None => Some(bind(a.addr).await?),
-            },
+            Some(a) => Some(local(&mut inherited, "admin", a.addr).await?),
+            None => None,
+        };
+        let demo = match config.demo_upstream {
+            Some(addr) => Some(local(&mut inherited, "demo", addr).await?),
             None => None,
         };
         let (workers, mut handed) = listen(&config, &mut inherited)?;
-        if let Some(a) = &admin {
-            hand(&mut handed, a, serve::worker::ADMIN_SOCKET.to_string());
+        for (kind, l) in [("admin", &admin), ("demo", &demo)] {
+            if let (Some(l), Some(addr)) = (l, config_addr(&config, kind)) {
+                hand(&mut handed, l, serve::worker::local_socket_name(kind, addr));
+            }
         }
         for addr in inherited.unused() {
             warn!(%addr, "an inherited socket that no [[listener]] or admin.addr names: not served");
@@ -183,7 +179,9 @@ impl Gateway {
             // Loaded while the old process serves; it closes the store now.
             s.loaded().map_err(StartError::Upgrade)?;
         }
-        let (store, opened) = state::store::Store::open(&state_dir, fleet_conf.is_some())?;
+        let upgrading = successor.is_some();
+        let (store, opened) =
+            state::store::Store::open(&state_dir, fleet_conf.is_some(), upgrading)?;
         if let state::store::Opened::MovedAside(aside, e) = &opened {
             error!(
                 file = %aside.display(),
@@ -259,12 +257,17 @@ impl Gateway {
             self.fleet,
         ));
         upgrader.start_fleet().await;
-        let mut side_tasks = side_tasks(&state, &upgrader);
+        // Decided now, while the process this one may upgrade is still its parent.
+        let _ = background::systemd::watched();
+        // Tasks that change or watch state: after a handover only the new process runs them
+        // (two would count a log jail's lines twice, or renew one certificate twice).
+        let mut watchers = side_tasks(&state, &upgrader);
         // The table it was started with (a reload does not change [firewall]).
         let firewall = self.firewall.as_ref().map(|f| f.conf().clone());
         if let Some(fw) = self.firewall {
-            side_tasks.push(tokio::spawn(fw.run(state.clone())));
+            watchers.push(tokio::spawn(fw.run(state.clone())));
         }
+        let mut side_tasks = Vec::new();
         if let Some(admin) = self.admin {
             if let Ok(addr) = admin.local_addr() {
                 info!(%addr, "admin listening");
@@ -281,26 +284,36 @@ impl Gateway {
 
         let finished = start_workers(&state, self.workers, &stop_rx);
         let mut upgraded = None;
+        // A new process that cannot say it serves stops: the old one serves on.
+        let mut told = true;
         if finished.is_empty() {
             error!("no worker thread is running");
+            told = self.successor.is_none();
         } else {
             background::systemd::ready();
             side_tasks.push(tokio::spawn(background::systemd::watchdog()));
             if let Some(successor) = self.successor {
-                successor.serving(state.clone());
+                told = successor.serving(state.clone());
             }
-            tokio::select! {
-                () = shutdown => {}
-                pid = upgrader.handed_over() => upgraded = Some(pid),
+            if told {
+                tokio::select! {
+                    () = shutdown => {}
+                    pid = upgrader.handed_over() => upgraded = Some(pid),
+                }
             }
         }
         match upgraded {
+            // systemd hears of it only from a process that was serving for it.
+            None if !told => error!("the old process is gone: stopping"),
             None => {
                 background::systemd::stopping();
                 info!("shutting down: no new connections, finishing requests in flight");
             }
             Some(pid) => {
                 state.handed_over.store(true, Ordering::Relaxed);
+                for t in watchers.drain(..) {
+                    t.abort();
+                }
                 info!(
                     pid,
                     "handed over: no new connections, finishing requests in flight"
@@ -316,7 +329,7 @@ impl Gateway {
             let _ = done.await;
         }
         upgrader.stop_fleet().await;
-        for t in side_tasks {
+        for t in side_tasks.into_iter().chain(watchers) {
             t.abort();
         }
         match &firewall {
@@ -421,6 +434,27 @@ fn https_port(workers: &[serve::worker::Sockets]) -> u16 {
         .and_then(|sockets| sockets.iter().find(|(_, conf)| conf.tls))
         .and_then(|(l, _)| l.local_addr().ok())
         .map_or(443, |a| a.port())
+}
+
+/// The admin listener's or the demo upstream's socket: inherited, or bound here.
+async fn local(
+    inherited: &mut serve::worker::Inherited,
+    kind: &str,
+    addr: SocketAddr,
+) -> Result<TcpListener, StartError> {
+    let name = serve::worker::local_socket_name(kind, addr);
+    match inherited.take(addr, &name).into_iter().next() {
+        Some(l) => from_std(addr, l),
+        None => bind(addr).await,
+    }
+}
+
+/// The configured address of the admin listener or the demo upstream.
+fn config_addr(config: &Config, kind: &str) -> Option<SocketAddr> {
+    match kind {
+        "admin" => config.admin.as_ref().map(|a| a.addr),
+        _ => config.demo_upstream,
+    }
 }
 
 /// An inherited socket as a Tokio listener.

@@ -90,13 +90,13 @@ async fn sockets_from_socket_activation_are_served_and_not_bound_again() {
         .expect("no answer through the inherited socket");
     assert_eq!(code, 200);
     assert!(
-        wait_for(&rx, "listening socket inherited from systemd", &mut seen),
+        wait_for(&rx, "listening sockets inherited", &mut seen),
         "{seen:#?}"
     );
     assert!(wait_for(&rx, "admin listening", &mut seen), "{seen:#?}");
     let inherited = seen
         .iter()
-        .filter(|l| l.contains("inherited from systemd"))
+        .filter(|l| l.contains("listening sockets inherited"))
         .count();
     assert_eq!(inherited, 2, "{seen:#?}");
     // One socket on each port: the one systemd made. The workers share it.
@@ -156,4 +156,97 @@ fn systemd_hears_ready_the_watchdog_and_stopping() {
     until("STOPPING=1", &mut heard);
     assert!(child.wait().unwrap().success());
     assert!(heard[0].contains("READY=1"), "{heard:?}");
+}
+
+/// Across two upgrades in a row (`ipgate upgrade`), systemd hears of each new main process
+/// (MAINPID=), each new process says READY=1, and the newest keeps the watchdog fed after
+/// the ones before it have exited (systemd named the first in WATCHDOG_PID).
+#[test]
+fn after_upgrades_systemd_hears_each_new_main_pid_and_its_watchdog() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&socket_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let files = rt.block_on(GatewayBuilder::new().files());
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(r#"WATCHDOG_PID=$$ exec "$0" run -c "$1""#)
+        .arg(env!("CARGO_BIN_EXE_ipgate"))
+        .arg(&files.config)
+        .env("NOTIFY_SOCKET", &socket_path)
+        .env("WATCHDOG_USEC", "400000")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let rx = lines(&mut child);
+    let mut seen = Vec::new();
+    assert!(wait_for(&rx, "admin listening", &mut seen), "{seen:#?}");
+    let admin: std::net::SocketAddr = seen
+        .last()
+        .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("addr=")))
+        .and_then(|a| a.parse().ok())
+        .unwrap();
+    let token = std::fs::read_to_string(files.token_file()).unwrap();
+    let mut heard = Vec::new();
+    let mut buf = [0u8; 512];
+    let mut until = |what: &str, heard: &mut Vec<String>| {
+        while !heard.iter().any(|h| h.contains(what)) {
+            let n = notify
+                .recv(&mut buf)
+                .unwrap_or_else(|e| panic!("no {what} within 20 s ({e}): heard {heard:?}"));
+            heard.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    };
+    until("READY=1", &mut heard);
+    let _first = Killed(child);
+    let mut newest = Vec::new();
+    for round in 0..2 {
+        let (status, v) = rt.block_on(admin_call(
+            admin,
+            "POST",
+            "/v1/upgrade",
+            None,
+            Some(token.trim()),
+        ));
+        assert_eq!(status, 200, "upgrade {round}: {v}");
+        let pid = v["pid"].as_u64().unwrap() as u32;
+        newest.push(KillOnDrop(pid));
+        heard.clear();
+        until(&format!("MAINPID={pid}"), &mut heard);
+        until("READY=1", &mut heard);
+        // Every process before it has exited (the first one is a zombie of ours until reaped).
+        let gone = |p: u32| {
+            std::fs::read_to_string(format!("/proc/{p}/stat")).map_or(true, |s| {
+                s.rsplit(')')
+                    .next()
+                    .is_some_and(|r| r.trim_start().starts_with('Z'))
+            })
+        };
+        let before: Vec<u32> = newest[..newest.len() - 1].iter().map(|k| k.0).collect();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !before.iter().all(|&p| gone(p)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(
+            before.iter().all(|&p| gone(p)),
+            "round {round}: an old process is still running"
+        );
+        // Only the newest runs now: two watchdog notices must come from it.
+        heard.clear();
+        until("WATCHDOG=1", &mut heard);
+        heard.clear();
+        until("WATCHDOG=1", &mut heard);
+    }
+    let last = newest.last().unwrap().0;
+    Command::new("kill")
+        .args(["-TERM", &last.to_string()])
+        .status()
+        .unwrap();
+    heard.clear();
+    until("STOPPING=1", &mut heard);
 }

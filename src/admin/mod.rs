@@ -13,6 +13,7 @@ pub(crate) mod demo;
 mod ips;
 mod sites;
 pub(crate) mod token;
+mod upgrade;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -141,7 +142,7 @@ fn own_host(state: &AppState, req: &Request<Incoming>) -> bool {
 
 async fn route(
     state: &AppState,
-    upgrader: &Upgrader,
+    upgrader: &Arc<Upgrader>,
     req: Request<Incoming>,
 ) -> Response<AdminBody> {
     if !own_host(state, &req) {
@@ -153,7 +154,9 @@ async fn route(
     }
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => {
-            if state.draining.load(Ordering::Relaxed) {
+            // After a handover the new process serves: only a stopping gateway is unhealthy.
+            if state.draining.load(Ordering::Relaxed) && !state.handed_over.load(Ordering::Relaxed)
+            {
                 text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
             } else {
                 text(StatusCode::OK, "ok")
@@ -173,28 +176,11 @@ async fn route(
                 return json_error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
             }
             if path == "/v1/upgrade" && req.method() == Method::POST {
-                return upgrade(upgrader).await;
+                return upgrade::answer(upgrader).await;
             }
             v1(state, req).await
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
-    }
-}
-
-/// `POST /v1/upgrade`: 200 with the new process's pid once it serves; 409 while another
-/// upgrade is under way (or after this process handed over); 500 naming why the new process
-/// did not take over (this one serves on).
-async fn upgrade(upgrader: &Upgrader) -> Response<AdminBody> {
-    use crate::background::upgrade::UpgradeError;
-    match upgrader.upgrade().await {
-        Ok(pid) => json(
-            StatusCode::OK,
-            &serde_json::json!({ "result": "ok", "pid": pid }),
-        ),
-        Err(e @ (UpgradeError::Busy | UpgradeError::HandedOver(_))) => {
-            json_error(StatusCode::CONFLICT, &e.to_string())
-        }
-        Err(e) => json_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
     }
 }
 
@@ -473,6 +459,13 @@ pub fn parse_new_entry(
 }
 
 async fn add_entry(state: &AppState, body: &[u8]) -> Response<AdminBody> {
+    if state.store.is_handed_over() {
+        // Refused before it is enforced: the new process takes it when asked again.
+        return json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this process has handed over to an upgraded one; send the request again",
+        );
+    }
     let (default_ttl, max_retention) = {
         let c = &state.snapshot.load().config;
         (c.gateway.default_ban, c.privacy.max_retention)

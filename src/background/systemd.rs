@@ -32,12 +32,22 @@ pub fn main_pid(pid: u32) {
 }
 
 /// The watchdog interval, when systemd watches this process: `WATCHDOG_PID` names it, or
-/// names the process this one upgraded (systemd set it before the new pid was known).
+/// names the process this one upgraded (which set it, not knowing the new pid). Decided at
+/// the first call, at start: the process this one upgraded exits soon after.
 fn watchdog_usec() -> Option<u64> {
-    let usec = std::env::var("WATCHDOG_USEC").ok()?.parse::<u64>().ok()?;
-    let pid = std::env::var("WATCHDOG_PID").ok()?.parse::<u32>().ok()?;
-    let ours = pid == std::process::id() || Some(pid) == crate::serve::worker::upgrading_from();
-    (ours && usec > 0).then_some(usec)
+    static DECIDED: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *DECIDED.get_or_init(|| {
+        let usec = std::env::var("WATCHDOG_USEC").ok()?.parse::<u64>().ok()?;
+        let pid = std::env::var("WATCHDOG_PID").ok()?.parse::<u32>().ok()?;
+        let ours = pid == std::process::id() || Some(pid) == crate::serve::worker::upgrading_from();
+        (ours && usec > 0).then_some(usec)
+    })
+}
+
+/// Whether systemd's watchdog watches this process (an upgrade's new process then takes it
+/// over: `WATCHDOG_PID` names its parent, this one).
+pub fn watched() -> bool {
+    watchdog_usec().is_some()
 }
 
 /// Keeps systemd's watchdog fed while the runtime runs (returns at once without one).

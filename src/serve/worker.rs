@@ -76,8 +76,11 @@ pub fn upgrading_from() -> Option<u32> {
     (from == std::os::unix::process::parent_id()).then_some(from)
 }
 
-/// The name under which an upgrade passes the admin listener.
-pub const ADMIN_SOCKET: &str = "admin";
+/// The name under which an upgrade passes the admin listener (`admin`) or the demo
+/// upstream's (`demo`) bound to `addr` as configured.
+pub fn local_socket_name(kind: &str, addr: SocketAddr) -> String {
+    format!("{kind}@{addr}").replace(':', "_")
+}
 
 impl Inherited {
     /// The TCP listening sockets in the environment: none without `LISTEN_FDS`, or unless

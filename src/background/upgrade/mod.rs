@@ -144,12 +144,27 @@ impl Upgrader {
     }
 
     /// Starts the binary on disk and hands over to it; the successor's pid once it serves.
-    pub async fn upgrade(&self) -> Result<u32, UpgradeError> {
+    /// Runs in a task of its own: a client that goes away does not stop a handover half done.
+    pub async fn upgrade(self: &Arc<Self>) -> Result<u32, UpgradeError> {
+        let this = self.clone();
+        match tokio::spawn(async move { this.upgrade_now().await }).await {
+            Ok(result) => result,
+            Err(e) => Err(UpgradeError::Failed(e.to_string())),
+        }
+    }
+
+    async fn upgrade_now(self: Arc<Self>) -> Result<u32, UpgradeError> {
         let Ok(_one) = self.one_at_a_time.try_lock() else {
             return Err(UpgradeError::Busy);
         };
         if let Some(pid) = *self.handed.borrow() {
             return Err(UpgradeError::HandedOver(pid));
+        }
+        if std::process::id() == 1 {
+            // The container would end with this process: restart the container instead.
+            return Err(UpgradeError::Failed(
+                "ipgate runs as pid 1 (a container's first process), which cannot hand over".into(),
+            ));
         }
         info!("upgrade: starting the binary on disk");
         let result = self.hand_over().await;
@@ -170,7 +185,7 @@ impl Upgrader {
         result
     }
 
-    async fn hand_over(&self) -> Result<u32, UpgradeError> {
+    async fn hand_over(self: &Arc<Self>) -> Result<u32, UpgradeError> {
         let exe = spawn::binary()?;
         let sockets = {
             let held = self.sockets.lock().unwrap_or_else(|p| p.into_inner());
@@ -217,15 +232,28 @@ impl Upgrader {
         *self.control.lock().await = Some(write);
         crate::background::systemd::main_pid(pid);
         self.handed.send_replace(Some(pid));
+        tokio::spawn(self.clone().pass_gap_now_and_then());
         Ok(pid)
     }
 
-    /// Passes the successor the entries enforced here after the store was closed (jail
-    /// bans of the requests that were still in flight), then closes the line.
-    pub async fn pass_gap(&self) {
-        let Some(mut control) = self.control.lock().await.take() else {
-            return;
-        };
+    /// Passes the entries enforced here since the store was closed (jail bans of requests
+    /// still in flight) as they come, every 50 ms, so the new process enforces them too,
+    /// and a later change there (an unban) is not undone by them.
+    async fn pass_gap_now_and_then(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        loop {
+            tick.tick().await;
+            let mut control = self.control.lock().await;
+            let Some(w) = control.as_mut() else { return };
+            if self.send_gap(w).await.is_err() {
+                *control = None;
+                return;
+            }
+        }
+    }
+
+    /// Writes the entries not written here, one JSON line each; how many.
+    async fn send_gap(&self, control: &mut OwnedWriteHalf) -> std::io::Result<usize> {
         let gap = self.state.store.take_pending();
         let n = gap.len();
         for (action, target, entry) in gap {
@@ -234,22 +262,36 @@ impl Upgrader {
                 target,
                 entry: Stored::of(&entry),
             };
-            let Ok(mut text) = serde_json::to_string(&line) else {
-                continue;
-            };
+            let mut text = serde_json::to_string(&line).map_err(std::io::Error::other)?;
             text.push('\n');
-            if let Err(e) = control.write_all(text.as_bytes()).await {
-                warn!(error = %e, "upgrade: cannot pass entries to the new process");
-                return;
-            }
+            control.write_all(text.as_bytes()).await?;
         }
         if n > 0 {
             info!(
                 entries = n,
-                "upgrade: passed the entries made after the handover"
+                "upgrade: passed entries made after the handover"
             );
         }
-        let _ = control.shutdown().await;
+        Ok(n)
+    }
+
+    /// At exit: passes what is left of the gap, then closes the line.
+    pub async fn pass_gap(&self) {
+        let Some(mut control) = self.control.lock().await.take() else {
+            return;
+        };
+        let passing = async {
+            if let Err(e) = self.send_gap(&mut control).await {
+                warn!(error = %e, "upgrade: cannot pass entries to the new process");
+            }
+            let _ = control.shutdown().await;
+        };
+        if tokio::time::timeout(Duration::from_secs(5), passing)
+            .await
+            .is_err()
+        {
+            warn!("upgrade: the new process did not take the last entries within 5 s");
+        }
     }
 }
 

@@ -47,6 +47,15 @@ pub fn successor(
         .env("LISTEN_PID", "")
         .env(UPGRADE_FROM, std::process::id().to_string())
         .stdin(std::process::Stdio::from(control));
+    if crate::background::systemd::watched() {
+        // systemd set it to the first process; the new one looks for its parent's pid.
+        command.env("WATCHDOG_PID", std::process::id().to_string());
+    } else {
+        command
+            .env_remove("WATCHDOG_PID")
+            .env_remove("WATCHDOG_USEC");
+    }
+    command.env_remove("LISTEN_FDS_FIRST_FD");
     command
         .fd_mappings(mappings)
         .map_err(|e| std::io::Error::other(e.to_string()))?;

@@ -64,20 +64,21 @@ impl Successor {
     }
 
     /// Serving: the old process stops accepting and finishes its requests. Then takes, in
-    /// the background, the entries it enforced after it closed the store.
-    pub fn serving(mut self, state: Arc<AppState>) {
+    /// the background, the entries it enforces after it closed the store. False when the
+    /// old process cannot be told (it gave up on this one, which must then stop).
+    pub fn serving(mut self, state: Arc<AppState>) -> bool {
         if let Err(e) = self.say(&format!("{SERVING} {}", std::process::id())) {
             warn!(error = %e, "upgrade: cannot tell the old process that this one serves");
-            return;
+            return false;
         }
         state.metrics.upgrades.with_label_values(&["ok"]).inc();
         let control = self.control.into_inner();
         let _ = control.set_read_timeout(None);
         let _ = control.set_nonblocking(true);
-        let Ok(control) = tokio::net::UnixStream::from_std(control) else {
-            return;
-        };
-        tokio::spawn(take_gap(state, control));
+        if let Ok(control) = tokio::net::UnixStream::from_std(control) {
+            tokio::spawn(take_gap(state, control));
+        }
+        true
     }
 }
 

@@ -97,11 +97,13 @@ impl Store {
     /// Opens the embedded store under `dir`. A state file that cannot be opened (corrupt,
     /// unreadable, from an unknown version) does not keep the gateway down: it is moved
     /// aside (`state.redb.bad-TIMESTAMP`) and a new one is started. A store held by another
-    /// running ipgate is an error.
-    pub fn open(dir: &Path, outbox: bool) -> Result<(Store, Opened), Error> {
+    /// running ipgate is an error. An upgrade's new process passes `keep_bad` (the old
+    /// process then takes its store back rather than losing what it holds).
+    pub fn open(dir: &Path, outbox: bool, keep_bad: bool) -> Result<(Store, Opened), Error> {
         let (db, opened) = match Redb::open(dir, outbox) {
             Ok(db) => (db, Opened::Fresh),
             Err(e @ Error::CreateDir { .. }) | Err(e @ Error::InUse(_)) => return Err(e),
+            Err(e) if keep_bad => return Err(e),
             Err(e) => {
                 let file = dir.join("state.redb");
                 let aside = dir.join(format!("state.redb.bad-{}", crate::decide::clock::now_ms()));
@@ -219,6 +221,11 @@ impl Store {
         })
         .await?;
         Ok(())
+    }
+
+    /// Whether the file is closed for an upgrade's successor.
+    pub fn is_handed_over(&self) -> bool {
+        self.local().is_handed_over()
     }
 
     /// The successor failed: the file is opened again at the next call.
@@ -396,7 +403,7 @@ mod tests {
     #[tokio::test]
     async fn a_handed_over_store_releases_the_file_and_keeps_what_it_could_not_write() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, _) = Store::open(dir.path(), false).unwrap();
+        let (store, _) = Store::open(dir.path(), false, false).unwrap();
         let entry = |n| Entry::new(1, u64::MAX / 2, "api", None).with_origin(n);
         let net = |s: &str| s.parse::<IpNet>().unwrap();
         store
@@ -404,12 +411,12 @@ mod tests {
             .await
             .unwrap();
         assert!(matches!(
-            Store::open(dir.path(), false),
+            Store::open(dir.path(), false, false),
             Err(Error::InUse(_))
         ));
 
         store.hand_over().await.unwrap();
-        let (successor, _) = Store::open(dir.path(), false).unwrap();
+        let (successor, _) = Store::open(dir.path(), false, false).unwrap();
         assert_eq!(successor.load(2).await.unwrap().len(), 1);
         let late = store
             .put(Slot::Block, net("10.0.0.2/32"), entry(None))
