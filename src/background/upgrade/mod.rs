@@ -160,12 +160,6 @@ impl Upgrader {
         if let Some(pid) = *self.handed.borrow() {
             return Err(UpgradeError::HandedOver(pid));
         }
-        if std::process::id() == 1 {
-            // The container would end with this process: restart the container instead.
-            return Err(UpgradeError::Failed(
-                "ipgate runs as pid 1 (a container's first process), which cannot hand over".into(),
-            ));
-        }
         info!("upgrade: starting the binary on disk");
         let result = self.hand_over().await;
         match &result {
@@ -186,6 +180,12 @@ impl Upgrader {
     }
 
     async fn hand_over(self: &Arc<Self>) -> Result<u32, UpgradeError> {
+        if std::process::id() == 1 {
+            // The container would end with this process: restart the container instead.
+            return Err(UpgradeError::Failed(
+                "ipgate runs as pid 1 (a container's first process), which cannot hand over".into(),
+            ));
+        }
         let exe = spawn::binary()?;
         let sockets = {
             let held = self.sockets.lock().unwrap_or_else(|p| p.into_inner());
