@@ -3,7 +3,7 @@
 //! processes ever holding it.
 //!
 //! The old process starts the new one with every listening socket (systemd's convention,
-//! [`spawn`]) and a control socket. Then, in order:
+//! `spawn`) and a control socket. Then, in order:
 //! 1. the new process loads config, lists and certificates while the old one serves, and
 //!    says `loaded` (or `error WHY`, and exits: the old one serves on);
 //! 2. the old process stops its fleet task, closes the store (a change made after this is
