@@ -122,6 +122,8 @@ pub struct Gateway {
     successor: Option<background::upgrade::Successor>,
     /// Copies of the listening sockets, for the next upgrade.
     handed: Handed,
+    /// The HTTP/3 listeners' UDP sockets.
+    quic: serve::worker::Quic,
 }
 
 impl Gateway {
@@ -154,7 +156,8 @@ impl Gateway {
             Some(addr) => Some(local(&mut inherited, "demo", addr).await?),
             None => None,
         };
-        let (workers, mut handed) = listen(&config, &mut inherited)?;
+        let (workers, mut handed, bound) = listen(&config, &mut inherited)?;
+        let quic = listen_quic(&config, &bound, &mut inherited, &mut handed)?;
         for (kind, l) in [("admin", &admin), ("demo", &demo)] {
             if let (Some(l), Some(addr)) = (l, config_addr(&config, kind)) {
                 hand(&mut handed, l, serve::worker::local_socket_name(kind, addr));
@@ -218,6 +221,7 @@ impl Gateway {
             demo,
             successor: successor.take(),
             handed,
+            quic,
         })
     }
 
@@ -282,7 +286,7 @@ impl Gateway {
             side_tasks.push(tokio::spawn(admin::demo::serve(demo, stop_rx.clone())));
         }
 
-        let finished = start_workers(&state, self.workers, &stop_rx);
+        let finished = start_workers(&state, self.workers, self.quic, &stop_rx);
         let mut upgraded = None;
         // A new process that cannot say it serves stops: the old one serves on.
         let mut told = true;
@@ -364,16 +368,18 @@ fn side_tasks(
 fn start_workers(
     state: &Arc<AppState>,
     workers: Vec<serve::worker::Sockets>,
+    mut quic: serve::worker::Quic,
     stop_rx: &watch::Receiver<bool>,
 ) -> Vec<tokio::sync::oneshot::Receiver<()>> {
     let mut finished = Vec::with_capacity(workers.len());
     for (i, sockets) in workers.into_iter().enumerate() {
+        let quic = std::mem::take(&mut quic);
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
         let (state, stop) = (state.clone(), stop_rx.clone());
         let spawned = std::thread::Builder::new()
             .name(format!("ipgate-worker-{i}"))
             .spawn(move || {
-                serve::worker::run(state, sockets, stop);
+                serve::worker::run(state, sockets, quic, stop);
                 let _ = done_tx.send(());
             });
         match spawned {
@@ -400,9 +406,10 @@ fn hand(handed: &mut Handed, socket: &impl std::os::fd::AsFd, name: String) {
 fn listen(
     config: &Config,
     inherited: &mut serve::worker::Inherited,
-) -> Result<(Vec<serve::worker::Sockets>, Handed), StartError> {
+) -> Result<(Vec<serve::worker::Sockets>, Handed, Vec<SocketAddr>), StartError> {
     let n = config.gateway.workers;
     let mut handed = Handed::new();
+    let mut bound = Vec::with_capacity(config.listeners.len());
     let mut workers: Vec<serve::worker::Sockets> = (0..n).map(|_| Vec::new()).collect();
     for (i, l) in config.listeners.iter().enumerate() {
         let taken = inherited.take(l.addr, &serve::worker::socket_name(i, l.addr));
@@ -416,6 +423,8 @@ fn listen(
             addr: l.addr,
             source,
         })?;
+        let first = per_worker.first().and_then(|w| w.first());
+        bound.push(first.and_then(|s| s.local_addr().ok()).unwrap_or(l.addr));
         for (w, sockets) in workers.iter_mut().zip(per_worker) {
             for socket in sockets {
                 hand(&mut handed, &socket, serve::worker::socket_name(i, l.addr));
@@ -423,7 +432,30 @@ fn listen(
             }
         }
     }
-    Ok((workers, handed))
+    Ok((workers, handed, bound))
+}
+
+/// The UDP socket of each `http3` listener, on its TCP socket's address: inherited from the
+/// process this one upgrades, or bound here.
+fn listen_quic(
+    config: &Config,
+    bound: &[SocketAddr],
+    inherited: &mut serve::worker::Inherited,
+    handed: &mut Handed,
+) -> Result<serve::worker::Quic, StartError> {
+    let mut quic = Vec::new();
+    for (i, l) in config.listeners.iter().enumerate().filter(|(_, l)| l.http3) {
+        // The TCP socket's address: its port when the config says 0.
+        let addr = bound.get(i).copied().unwrap_or(l.addr);
+        let name = serve::worker::quic_socket_name(i, l.addr);
+        let socket = match inherited.take_udp(addr, &name) {
+            Some(u) => u,
+            None => serve::quic::bind(addr).map_err(|source| StartError::Bind { addr, source })?,
+        };
+        hand(handed, &socket, name);
+        quic.push((socket, l.clone()));
+    }
+    Ok(quic)
 }
 
 /// The bound port of the first TLS listener, which `redirect_https` sends clients to; 443

@@ -164,11 +164,26 @@ fn listeners(r: &mut Report, raw: &[RawListener]) -> Vec<Listener> {
                 "only a tls = false listener redirects to HTTPS",
             );
         }
+        if l.http3 && (!l.tls || l.proxy_protocol) {
+            r.key(
+                &format!("listener[{i}].http3"),
+                "only a tls = true listener without proxy_protocol serves HTTP/3",
+            );
+        }
+        let retry = l.http3_retry.as_deref().unwrap_or("under_load");
+        if !matches!(retry, "under_load" | "always") {
+            r.key(
+                &format!("listener[{i}].http3_retry"),
+                format!("'{retry}': expected \"under_load\" or \"always\""),
+            );
+        }
         listeners.push(Listener {
             addr,
             tls: l.tls,
             proxy_protocol: l.proxy_protocol,
             redirect_https: l.redirect_https,
+            http3: l.http3,
+            http3_retry_always: retry == "always",
         });
     }
     listeners

@@ -146,6 +146,10 @@ pub struct Listener {
     /// `tls = false` only: answer every request (but ACME's HTTP-01 challenges) with a
     /// redirect to HTTPS.
     pub redirect_https: bool,
+    /// `tls = true` only: HTTP/3 on the same UDP port.
+    pub http3: bool,
+    /// Every QUIC client's address is validated with a Retry, not only under load.
+    pub http3_retry_always: bool,
 }
 
 #[derive(Debug, Clone, Default)]

@@ -123,6 +123,13 @@ pub struct RawListener {
     pub proxy_protocol: bool,
     #[serde(default)]
     pub redirect_https: bool,
+    /// Also serve HTTP/3 (QUIC) on the same UDP port (a TLS listener only).
+    #[serde(default)]
+    pub http3: bool,
+    /// When a QUIC client's address is checked with a Retry before any state is kept:
+    /// `under_load` (default) or `always`.
+    #[serde(default)]
+    pub http3_retry: Option<String>,
 }
 
 /// `[tls]`: certificate files, or a self-signed fallback for testing.

@@ -92,6 +92,9 @@ pub struct Metrics {
     /// `ipgate_upgrades_total{result}`: `ok` is counted by the process that took over,
     /// `failed` by the one that stayed.
     pub upgrades: IntCounterVec,
+    /// `ipgate_quic_retries_total`: QUIC Initials answered with a Retry (the address
+    /// checked before any state is kept).
+    pub quic_retries: IntCounter,
 }
 
 /// The feeds' metrics, by list.
@@ -253,11 +256,7 @@ const DURATION_BUCKETS: &[f64] = &[
 impl Metrics {
     pub fn new() -> Metrics {
         let reg = Reg(Registry::new());
-        let connections_rejected = reg.counter_vec(
-            "ipgate_connections_rejected_total",
-            "Client connections closed right after accept, by reason.",
-            &["reason"],
-        );
+        let connections_rejected = connections_rejected(&reg);
         let would_block = would_block(&reg);
         Metrics {
             timed_out: reg.counter_vec(
@@ -348,6 +347,7 @@ impl Metrics {
             feed: FeedMetrics::new(&reg),
             start_time: start_time(&reg),
             upgrades: upgrades(&reg),
+            quic_retries: quic_retries(&reg),
             registry: reg.0,
         }
     }
@@ -364,6 +364,21 @@ impl Metrics {
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         out
     }
+}
+
+fn connections_rejected(reg: &Reg) -> IntCounterVec {
+    reg.counter_vec(
+        "ipgate_connections_rejected_total",
+        "Client connections closed right after accept, by reason.",
+        &["reason"],
+    )
+}
+
+fn quic_retries(reg: &Reg) -> IntCounter {
+    reg.counter(
+        "ipgate_quic_retries_total",
+        "QUIC Initials answered with a Retry (http3_retry, or under load).",
+    )
 }
 
 fn upgrades(reg: &Reg) -> IntCounterVec {

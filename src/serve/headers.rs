@@ -251,27 +251,6 @@ pub fn format_ip(ip: IpAddr, buf: &mut [u8; 64]) -> &str {
     std::str::from_utf8(&buf[..len]).unwrap_or("")
 }
 
-/// While the gateway drains (shutting down or handing over to an upgrade), an HTTP/1
-/// response closes its connection, so the client's next request goes to a new connection
-/// and the process that serves on. HTTP/2 connections get a GOAWAY instead, and a 101 keeps
-/// its `Connection: upgrade`.
-pub fn closing<B>(
-    state: &crate::state::AppState,
-    version: http::Version,
-    mut resp: http::Response<B>,
-) -> http::Response<B> {
-    if state.draining.load(std::sync::atomic::Ordering::Relaxed)
-        && version < http::Version::HTTP_2
-        && resp.status() != http::StatusCode::SWITCHING_PROTOCOLS
-    {
-        resp.headers_mut().insert(
-            http::header::CONNECTION,
-            http::HeaderValue::from_static("close"),
-        );
-    }
-    resp
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

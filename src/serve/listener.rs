@@ -21,7 +21,8 @@ use crate::decide::clients::{client_key, ClientSlot, ConnSlot};
 use crate::decide::policy::Verdict;
 use crate::observe::access_log::LoggedIp;
 use crate::serve::client_addr;
-use crate::serve::proxy::{self, ConnInfo, Context};
+use crate::serve::conn::ConnInfo;
+use crate::serve::proxy::{self, Context};
 use crate::state::AppState;
 
 /// A listening socket whose accepted connections are not registered with the event loop
@@ -61,6 +62,7 @@ pub async fn accept_loop(
     mut stop: watch::Receiver<bool>,
 ) {
     let state = &worker.state;
+    let port = listener.local_addr().map(|a| a.port()).ok();
     let listener = match Acceptor::new(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -68,6 +70,11 @@ pub async fn accept_loop(
             return;
         }
     };
+    // `h3=":PORT"`: HTTP/3 on this listener's port, for a day.
+    let alt_svc =
+        conf.http3.then_some(port).flatten().and_then(|port| {
+            http::HeaderValue::from_str(&format!("h3=\":{port}\"; ma=86400")).ok()
+        });
     loop {
         let accepted = tokio::select! {
             biased;
@@ -114,6 +121,7 @@ pub async fn accept_loop(
         let tls = conf.tls;
         let redirect = conf.redirect_https;
         let proxy_protocol = conf.proxy_protocol;
+        let conn_alt_svc = alt_svc.clone();
         // The first request head is due this long after accept, TLS and PROXY header included.
         let head_by =
             tokio::time::Instant::now() + state.snapshot.load().config.limits.header_read_timeout;
@@ -134,7 +142,8 @@ pub async fn accept_loop(
                 client: client_slot,
             });
             state.metrics.connections_open.inc();
-            let info = ConnInfo::new(client, tls, redirect, slot);
+            let mut info = ConnInfo::new(client, tls, redirect, slot);
+            info.alt_svc = conn_alt_svc;
             if tls {
                 serve_tls(&worker, &builder, tcp, info, watcher, head_by).await;
             } else {
@@ -167,7 +176,7 @@ fn reset(tcp: mio::net::TcpStream) {
 /// Whether a client may open another connection: not blocked, and under
 /// `limits.max_connections_per_client` (allow-listed clients and trusted proxies are exempt,
 /// so a front proxy is never capped for its users). `Err` carries the rejection to count.
-fn admit_client(
+pub(super) fn admit_client(
     state: &AppState,
     client: std::net::IpAddr,
 ) -> Result<Option<ClientSlot>, &prometheus::IntCounter> {
@@ -279,7 +288,7 @@ async fn serve_tls(
 /// HTTP/1.1 heads once it knows the protocol, but not a connection that sends nothing, or
 /// part of the HTTP/2 preface.
 /// An HTTP/2 connection without an open stream for `limits.http2_idle_timeout` is closed.
-async fn serve<I>(
+pub(super) async fn serve<I>(
     worker: &Arc<Context>,
     builder: &auto::Builder<TokioExecutor>,
     io: TokioIo<I>,

@@ -16,7 +16,7 @@ use hyper::body::Incoming;
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::debug;
 
-use crate::decide::clients::{ConnSlot, InFlight, Upload};
+use crate::decide::clients::{InFlight, Upload};
 use crate::decide::jail::Watched;
 use crate::observe::access_log::{Entry, LoggedIp};
 use crate::observe::metrics::outcome;
@@ -24,7 +24,8 @@ use crate::serve::admission::{self, Client};
 pub use crate::serve::answer::{Body, Error};
 use crate::serve::body::UpstreamBody;
 use crate::serve::challenge;
-use crate::serve::headers::{self, format_ip, Forwarding};
+use crate::serve::conn::ConnInfo;
+use crate::serve::headers::{self, Forwarding};
 use crate::serve::https;
 use crate::serve::overview;
 use crate::serve::request::{self, Invalid};
@@ -40,36 +41,6 @@ pub struct Context {
     pub stop: tokio::sync::watch::Receiver<bool>,
     /// The thread's upgraded connections, which shutdown waits for (up to the grace period).
     pub upgrades: tokio_util::task::TaskTracker,
-}
-
-/// What the request path knows about the connection a request came on.
-#[derive(Debug, Clone)]
-pub struct ConnInfo {
-    /// The client at connection level: the peer, or the PROXY header's source.
-    pub client: IpAddr,
-    pub tls: bool,
-    /// The listener answers with redirects to HTTPS (`redirect_https`).
-    pub redirect: bool,
-    /// `client` as a header value, formatted once per connection (cloning it per request
-    /// is a reference count, not an allocation).
-    pub client_value: HeaderValue,
-    /// The connection's slots; an upgrade spliced from it holds them too.
-    pub slot: Arc<ConnSlot>,
-}
-
-impl ConnInfo {
-    pub fn new(client: IpAddr, tls: bool, redirect: bool, slot: Arc<ConnSlot>) -> ConnInfo {
-        let mut buf = [0u8; 64];
-        let client_value = HeaderValue::from_str(format_ip(client, &mut buf))
-            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
-        ConnInfo {
-            client,
-            tls,
-            redirect,
-            client_value,
-            slot,
-        }
-    }
 }
 
 /// What a response holds until its body ends (or, for an upgrade, what the spliced
@@ -107,7 +78,7 @@ pub async fn handle(
     let start = Instant::now();
     let snap = state.snapshot.load_full();
     let method = req.method().clone();
-    let version = req.version();
+    let version = conn.version(req.version());
     let uri = req.uri().clone();
 
     let host_value = request::host(&req);
@@ -194,7 +165,7 @@ pub async fn handle(
         }
     };
     logged.log(state, &snap, client.ip, &resp, site_name, outcome);
-    let resp = headers::closing(state, version, for_method(&method, resp));
+    let resp = crate::serve::conn::finish(state, &conn, version, for_method(&method, resp));
     Ok((resp, held))
 }
 

@@ -24,6 +24,9 @@ use crate::state::AppState;
 /// The client listeners of one worker: its own socket for each configured listener.
 pub type Sockets = Vec<(std::net::TcpListener, config::Listener)>;
 
+/// The UDP sockets of the listeners with `http3 = true` (all served by the first worker).
+pub type Quic = Vec<(std::net::UdpSocket, config::Listener)>;
+
 /// Binds `count` listening sockets on `addr` (port 0: a free port, the same for all). More
 /// than one share the port through SO_REUSEPORT; a single one is bound without it, so a port
 /// another process holds is always an error.
@@ -56,7 +59,27 @@ pub fn bind(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::Tcp
 /// Listening sockets passed in by systemd's socket activation (`LISTEN_FDS`) or by the
 /// process this one upgrades, each to be taken by the listener whose address it is bound to,
 /// or whose name it has (`LISTEN_FDNAMES`; see [`socket_name`]).
-pub struct Inherited(Vec<Option<(std::net::TcpListener, String)>>);
+pub struct Inherited(Vec<Option<(Held, String)>>);
+
+/// An inherited socket: a TCP listener, or the UDP socket of an HTTP/3 listener.
+enum Held {
+    Tcp(std::net::TcpListener),
+    Udp(std::net::UdpSocket),
+}
+
+impl Held {
+    fn local_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Held::Tcp(l) => l.local_addr().ok(),
+            Held::Udp(u) => u.local_addr().ok(),
+        }
+    }
+}
+
+/// The name under which an upgrade passes an HTTP/3 listener's UDP socket.
+pub fn quic_socket_name(index: usize, addr: SocketAddr) -> String {
+    format!("quic{index}@{addr}").replace(':', "_")
+}
 
 /// The name under which an upgrade passes a listener's sockets: its place in the config and
 /// its configured address, so a listener on port 0 (a free port) finds its own again.
@@ -104,17 +127,23 @@ impl Inherited {
             .collect();
         let mut fds = listenfd::ListenFd::from_env();
         let list = (0..fds.len())
-            .map(|i| match fds.take_tcp_listener(i) {
-                Ok(Some(l)) if socket2::SockRef::from(&l).is_listener().unwrap_or(false) => {
-                    Some((l, names.get(i).cloned().unwrap_or_default()))
-                }
-                Ok(_) => {
-                    warn!(fd = i + 3, "an inherited socket is not listening (Accept=yes?): not served");
-                    None
-                }
-                Err(e) => {
-                    warn!(fd = i + 3, error = %e, "an inherited file descriptor is not a TCP listening socket: left alone");
-                    None
+            .map(|i| {
+                let name = names.get(i).cloned().unwrap_or_default();
+                match fds.take_tcp_listener(i) {
+                    Ok(Some(l)) if socket2::SockRef::from(&l).is_listener().unwrap_or(false) => {
+                        Some((Held::Tcp(l), name))
+                    }
+                    Ok(_) => {
+                        warn!(fd = i + 3, "an inherited socket is not listening (Accept=yes?): not served");
+                        None
+                    }
+                    Err(e) => match fds.take_udp_socket(i) {
+                        Ok(Some(u)) => Some((Held::Udp(u), name)),
+                        _ => {
+                            warn!(fd = i + 3, error = %e, "an inherited file descriptor is not a TCP or UDP socket: left alone");
+                            None
+                        }
+                    },
                 }
             })
             .collect();
@@ -124,15 +153,32 @@ impl Inherited {
     /// Every inherited socket named `name` or bound to `addr` (each is taken once): one
     /// from systemd, or a worker's each from the process this one upgrades.
     pub fn take(&mut self, addr: SocketAddr, name: &str) -> Vec<std::net::TcpListener> {
-        self.0
-            .iter_mut()
-            .filter(|held| {
-                held.as_ref().is_some_and(|(l, n)| {
-                    n == name || (addr.port() != 0 && l.local_addr().ok() == Some(addr))
-                })
+        let mut taken = Vec::new();
+        for held in &mut self.0 {
+            let ours = held.as_ref().is_some_and(|(h, n)| {
+                matches!(h, Held::Tcp(_))
+                    && (n == name || (addr.port() != 0 && h.local_addr() == Some(addr)))
+            });
+            if let Some((Held::Tcp(l), _)) = held.take_if(|_| ours) {
+                taken.push(l);
+            }
+        }
+        taken
+    }
+
+    /// The inherited UDP socket named `name` (an HTTP/3 listener's, from the process this
+    /// one upgrades), or bound to `addr`.
+    pub fn take_udp(&mut self, addr: SocketAddr, name: &str) -> Option<std::net::UdpSocket> {
+        let held = self.0.iter_mut().find(|held| {
+            held.as_ref().is_some_and(|(h, n)| {
+                matches!(h, Held::Udp(_))
+                    && (n == name || (addr.port() != 0 && h.local_addr() == Some(addr)))
             })
-            .filter_map(|held| held.take().map(|(l, _)| l))
-            .collect()
+        })?;
+        match held.take() {
+            Some((Held::Udp(u), _)) => Some(u),
+            _ => None,
+        }
     }
 
     /// The addresses of inherited sockets no listener took.
@@ -140,7 +186,7 @@ impl Inherited {
         self.0
             .iter()
             .flatten()
-            .filter_map(|(l, _)| l.local_addr().ok())
+            .filter_map(|(h, _)| h.local_addr())
             .collect()
     }
 }
@@ -176,7 +222,7 @@ pub fn share(
 
 /// Runs one worker thread until `stop` turns true and its connections have finished (or
 /// `limits.shutdown_grace` is over). Blocks the calling thread.
-pub fn run(state: Arc<AppState>, sockets: Sockets, stop: watch::Receiver<bool>) {
+pub fn run(state: Arc<AppState>, sockets: Sockets, quic: Quic, stop: watch::Receiver<bool>) {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -198,7 +244,13 @@ pub fn run(state: Arc<AppState>, sockets: Sockets, stop: watch::Receiver<bool>) 
         let loops = sockets.into_iter().map(|(socket, conf)| {
             listener::accept_loop(worker.clone(), socket, conf, &graceful, stop.clone())
         });
-        futures_util::future::join_all(loops).await;
+        let quic = quic.into_iter().map(|(socket, conf)| {
+            crate::serve::quic::serve(worker.clone(), socket, conf, &graceful, stop.clone())
+        });
+        tokio::join!(
+            futures_util::future::join_all(loops),
+            futures_util::future::join_all(quic)
+        );
         if worker
             .state
             .handed_over
