@@ -8,14 +8,17 @@ use std::time::Duration;
 
 use common::*;
 
-/// Chromium's flags for a sandboxed test run: no network of its own, a fresh profile.
-fn chromium(profile: &std::path::Path, port: u16) -> tokio::process::Command {
+/// Chromium's flags for a sandboxed test run: no network of its own, a fresh profile, and
+/// QUIC off unless asked for.
+fn chromium(profile: &std::path::Path, port: u16, quic: bool) -> tokio::process::Command {
     let mut c = tokio::process::Command::new("chromium");
+    if !quic {
+        c.arg("--disable-quic");
+    }
     c.args([
         "--headless",
         "--no-sandbox",
         "--disable-gpu",
-        "--disable-quic",
         "--no-first-run",
         "--disable-background-networking",
         "--disable-component-update",
@@ -42,7 +45,7 @@ challenge = "always"
     let profile = tempfile::tempdir().unwrap();
     let port = gw.tls.port();
     let url = format!("https://a.test:{port}/welcome?from=browser");
-    let run = chromium(profile.path(), port)
+    let run = chromium(profile.path(), port, false)
         .args(["--virtual-time-budget=30000", "--dump-dom"])
         .arg(&url)
         .output();
@@ -69,4 +72,53 @@ challenge = "always"
         admin_call(gw.admin, "GET", "/v1/entries?list=pass", None, Some(&token)).await;
     assert_eq!(passes[0]["target"], "127.0.0.1/32");
     gw.shutdown().await;
+}
+
+/// Chromium loads a page over HTTP/3 (QUIC forced on for the gateway's origin): the
+/// gateway's access log says `HTTP/3` for it, and the upstream's answer is the page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_loads_a_page_over_http3() {
+    let port = free_port();
+    let h3 = format!("[[listener]]\naddr = \"127.0.0.1:{port}\"\ntls = true\nhttp3 = true\n");
+    let files = GatewayBuilder::new()
+        .extra(&h3)
+        .access_log(true)
+        .files()
+        .await;
+    let gw = files.start("info");
+    let profile = tempfile::tempdir().unwrap();
+    let url = format!("https://a.test:{port}/over-h3");
+    // Chromium's QUIC does not honour --ignore-certificate-errors: the leaf's key is trusted
+    // by its SPKI hash instead (openssl: the public key, DER, SHA-256, base64).
+    let spki = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("openssl x509 -in \"$0\" -pubkey -noout | openssl pkey -pubin -outform der | openssl dgst -sha256 -binary | base64")
+        .arg(files.dir.path().join("a.crt"))
+        .output()
+        .expect("openssl");
+    let spki = String::from_utf8_lossy(&spki.stdout).trim().to_string();
+    let mut c = chromium(profile.path(), port, true);
+    let run = c
+        .arg(format!("--ignore-certificate-errors-spki-list={spki}"))
+        .arg("--enable-quic")
+        .arg(format!("--origin-to-force-quic-on=a.test:{port}"))
+        .args(["--virtual-time-budget=10000", "--dump-dom"])
+        .arg(&url)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(90), run)
+        .await
+        .expect("chromium did not finish in 90 s")
+        .expect("chromium is not installed: run scripts/test, which installs it");
+    let dom = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        dom.contains(r#""uri":"/over-h3""#),
+        "the page did not load:\n{dom}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let log = gw.output.text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("/over-h3") && l.contains("\"proto\":\"HTTP/3\"")),
+        "not over HTTP/3:\n{log}"
+    );
 }
