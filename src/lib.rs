@@ -160,7 +160,7 @@ impl Gateway {
         let quic = listen_quic(&config, &bound, &mut inherited, &mut handed)?;
         for (kind, l) in [("admin", &admin), ("demo", &demo)] {
             if let (Some(l), Some(addr)) = (l, config_addr(&config, kind)) {
-                hand(&mut handed, l, serve::worker::local_socket_name(kind, addr));
+                hand(&mut handed, l, serve::worker::socket_name(kind, addr));
             }
         }
         for addr in inherited.unused() {
@@ -412,7 +412,8 @@ fn listen(
     let mut bound = Vec::with_capacity(config.listeners.len());
     let mut workers: Vec<serve::worker::Sockets> = (0..n).map(|_| Vec::new()).collect();
     for (i, l) in config.listeners.iter().enumerate() {
-        let taken = inherited.take(l.addr, &serve::worker::socket_name(i, l.addr));
+        let name = serve::worker::socket_name(&format!("listener{i}"), l.addr);
+        let taken = inherited.take(l.addr, &name);
         let per_worker = if taken.is_empty() {
             serve::worker::bind(l.addr, n).map(|v| v.into_iter().map(|s| vec![s]).collect())
         } else {
@@ -427,7 +428,7 @@ fn listen(
         bound.push(first.and_then(|s| s.local_addr().ok()).unwrap_or(l.addr));
         for (w, sockets) in workers.iter_mut().zip(per_worker) {
             for socket in sockets {
-                hand(&mut handed, &socket, serve::worker::socket_name(i, l.addr));
+                hand(&mut handed, &socket, name.clone());
                 w.push((socket, l.clone()));
             }
         }
@@ -447,7 +448,7 @@ fn listen_quic(
     for (i, l) in config.listeners.iter().enumerate().filter(|(_, l)| l.http3) {
         // The TCP socket's address: its port when the config says 0.
         let addr = bound.get(i).copied().unwrap_or(l.addr);
-        let name = serve::worker::quic_socket_name(i, l.addr);
+        let name = serve::worker::socket_name(&format!("quic{i}"), l.addr);
         let socket = match inherited.take_udp(addr, &name) {
             Some(u) => u,
             None => serve::quic::bind(addr).map_err(|source| StartError::Bind { addr, source })?,
@@ -474,7 +475,7 @@ async fn local(
     kind: &str,
     addr: SocketAddr,
 ) -> Result<TcpListener, StartError> {
-    let name = serve::worker::local_socket_name(kind, addr);
+    let name = serve::worker::socket_name(kind, addr);
     match inherited.take(addr, &name).into_iter().next() {
         Some(l) => from_std(addr, l),
         None => bind(addr).await,

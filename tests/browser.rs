@@ -33,6 +33,16 @@ fn chromium(profile: &std::path::Path, port: u16, quic: bool) -> tokio::process:
     c
 }
 
+/// Chromium's DOM of `url` once loaded (and its scripts run), with its whole output.
+async fn dump_dom(c: &mut tokio::process::Command, url: &str) -> (String, std::process::Output) {
+    let run = c.arg("--dump-dom").arg(url).output();
+    let out = tokio::time::timeout(Duration::from_secs(90), run)
+        .await
+        .expect("chromium did not finish in 90 s")
+        .expect("chromium is not installed: run scripts/test, which installs it");
+    (String::from_utf8_lossy(&out.stdout).into_owned(), out)
+}
+
 #[tokio::test]
 async fn chromium_solves_the_challenge_and_lands_on_the_page_it_asked_for() {
     let sites = r#"
@@ -45,15 +55,8 @@ challenge = "always"
     let profile = tempfile::tempdir().unwrap();
     let port = gw.tls.port();
     let url = format!("https://a.test:{port}/welcome?from=browser");
-    let run = chromium(profile.path(), port, false)
-        .args(["--virtual-time-budget=30000", "--dump-dom"])
-        .arg(&url)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(90), run)
-        .await
-        .expect("chromium did not finish in 90 s")
-        .expect("chromium is not installed: run scripts/test, which installs it");
-    let dom = String::from_utf8_lossy(&out.stdout);
+    let mut c = chromium(profile.path(), port, false);
+    let (dom, out) = dump_dom(c.arg("--virtual-time-budget=30000"), &url).await;
     // The upstream echoes the request it got: the page the browser first asked for.
     assert!(
         dom.contains(r#""uri":"/welcome?from=browser""#),
@@ -98,18 +101,11 @@ async fn chromium_loads_a_page_over_http3() {
         .expect("openssl");
     let spki = String::from_utf8_lossy(&spki.stdout).trim().to_string();
     let mut c = chromium(profile.path(), port, true);
-    let run = c
-        .arg(format!("--ignore-certificate-errors-spki-list={spki}"))
+    c.arg(format!("--ignore-certificate-errors-spki-list={spki}"))
         .arg("--enable-quic")
         .arg(format!("--origin-to-force-quic-on=a.test:{port}"))
-        .args(["--virtual-time-budget=10000", "--dump-dom"])
-        .arg(&url)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(90), run)
-        .await
-        .expect("chromium did not finish in 90 s")
-        .expect("chromium is not installed: run scripts/test, which installs it");
-    let dom = String::from_utf8_lossy(&out.stdout);
+        .arg("--virtual-time-budget=10000");
+    let (dom, out) = dump_dom(&mut c, &url).await;
     assert!(
         dom.contains(r#""uri":"/over-h3""#),
         "the page did not load:\n{dom}\n{}",

@@ -197,14 +197,7 @@ async fn http3_takes_the_same_path_is_logged_and_is_advertised() {
     assert_eq!(status, 200, "{v}\n{}", gw.output.text());
     let _new = KillOnDrop(v["pid"].as_u64().unwrap() as u32);
     let old = gw.pid();
-    let gone = eventually(Duration::from_secs(10), || async move {
-        std::fs::read_to_string(format!("/proc/{old}/stat")).map_or(true, |s| {
-            s.rsplit(')')
-                .next()
-                .is_some_and(|r| r.trim_start().starts_with('Z'))
-        })
-    })
-    .await;
+    let gone = eventually(Duration::from_secs(10), || async move { !running(old) }).await;
     assert!(gone, "the old process did not exit");
     let endpoint = client_with(&files.ca.ca_der, "127.0.0.1", wait, false);
     let served = eventually(Duration::from_secs(5), || async {

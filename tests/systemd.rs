@@ -112,50 +112,91 @@ async fn sockets_from_socket_activation_are_served_and_not_bound_again() {
         .expect("a TLS handshake on the inherited socket");
 }
 
+/// What the gateway tells systemd, read from a notification socket the test makes, as
+/// systemd's.
+struct Notices {
+    socket: UnixDatagram,
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+    /// The notices heard since the last `clear`.
+    heard: Vec<String>,
+}
+
+impl Notices {
+    fn new() -> Notices {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify.sock");
+        let socket = UnixDatagram::bind(&path).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        Notices {
+            socket,
+            _dir: dir,
+            path,
+            heard: Vec::new(),
+        }
+    }
+
+    /// Reads notices until one holds `what` (panics after 20 s of silence).
+    fn until(&mut self, what: &str) {
+        let mut buf = [0u8; 512];
+        while !self.heard.iter().any(|h| h.contains(what)) {
+            let n = self
+                .socket
+                .recv(&mut buf)
+                .unwrap_or_else(|e| panic!("no {what} within 20 s ({e}): heard {:?}", self.heard));
+            self.heard
+                .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    }
+
+    fn clear(&mut self) {
+        self.heard.clear();
+    }
+
+    /// `ipgate run -c CONFIG` as systemd would start it with `Type=notify` and a watchdog:
+    /// systemd names the process the watchdog is for, the shell's PID, which exec keeps.
+    fn start(&self, config: &std::path::Path, stderr: Stdio) -> Child {
+        Command::new("sh")
+            .arg("-c")
+            .arg(r#"WATCHDOG_PID=$$ exec "$0" run -c "$1""#)
+            .arg(env!("CARGO_BIN_EXE_ipgate"))
+            .arg(config)
+            .env("NOTIFY_SOCKET", &self.path)
+            .env("WATCHDOG_USEC", "400000")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap()
+    }
+}
+
 #[test]
 fn systemd_hears_ready_the_watchdog_and_stopping() {
-    let dir = tempfile::tempdir().unwrap();
-    let socket_path = dir.path().join("notify.sock");
-    let notify = UnixDatagram::bind(&socket_path).unwrap();
-    notify
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
+    let mut notices = Notices::new();
     let files = tokio::runtime::Runtime::new()
         .unwrap()
         .block_on(GatewayBuilder::new().files());
-    // systemd names the process the watchdog is for: the shell's PID, which exec keeps.
-    let mut child = Command::new("sh")
-        .arg("-c")
-        .arg(r#"WATCHDOG_PID=$$ exec "$0" run -c "$1""#)
-        .arg(env!("CARGO_BIN_EXE_ipgate"))
-        .arg(&files.config)
-        .env("NOTIFY_SOCKET", &socket_path)
-        .env("WATCHDOG_USEC", "400000")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = notices.start(&files.config, Stdio::null());
     let pid = child.id();
-    let mut heard = Vec::new();
-    let mut buf = [0u8; 512];
-    let mut until = |what: &str, heard: &mut Vec<String>| {
-        while !heard.iter().any(|h| h.contains(what)) {
-            let n = notify.recv(&mut buf).expect("no notification within 20 s");
-            heard.push(String::from_utf8_lossy(&buf[..n]).into_owned());
-        }
-    };
-    until("READY=1", &mut heard);
-    until("WATCHDOG=1", &mut heard);
-    let first = heard.iter().position(|h| h.contains("WATCHDOG=1")).unwrap();
-    heard.truncate(first);
-    until("WATCHDOG=1", &mut heard);
+    notices.until("READY=1");
+    notices.until("WATCHDOG=1");
+    let first = notices
+        .heard
+        .iter()
+        .position(|h| h.contains("WATCHDOG=1"))
+        .unwrap();
+    notices.heard.truncate(first);
+    notices.until("WATCHDOG=1");
     Command::new("kill")
         .args(["-TERM", &pid.to_string()])
         .status()
         .unwrap();
-    until("STOPPING=1", &mut heard);
+    notices.until("STOPPING=1");
     assert!(child.wait().unwrap().success());
-    assert!(heard[0].contains("READY=1"), "{heard:?}");
+    assert!(notices.heard[0].contains("READY=1"), "{:?}", notices.heard);
 }
 
 /// Across two upgrades in a row (`ipgate upgrade`), systemd hears of each new main process
@@ -163,26 +204,10 @@ fn systemd_hears_ready_the_watchdog_and_stopping() {
 /// the ones before it have exited (systemd named the first in WATCHDOG_PID).
 #[test]
 fn after_upgrades_systemd_hears_each_new_main_pid_and_its_watchdog() {
-    let dir = tempfile::tempdir().unwrap();
-    let socket_path = dir.path().join("notify.sock");
-    let notify = UnixDatagram::bind(&socket_path).unwrap();
-    notify
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
+    let mut notices = Notices::new();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let files = rt.block_on(GatewayBuilder::new().files());
-    let mut child = Command::new("sh")
-        .arg("-c")
-        .arg(r#"WATCHDOG_PID=$$ exec "$0" run -c "$1""#)
-        .arg(env!("CARGO_BIN_EXE_ipgate"))
-        .arg(&files.config)
-        .env("NOTIFY_SOCKET", &socket_path)
-        .env("WATCHDOG_USEC", "400000")
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = notices.start(&files.config, Stdio::piped());
     let rx = lines(&mut child);
     let mut seen = Vec::new();
     assert!(wait_for(&rx, "admin listening", &mut seen), "{seen:#?}");
@@ -192,17 +217,7 @@ fn after_upgrades_systemd_hears_each_new_main_pid_and_its_watchdog() {
         .and_then(|a| a.parse().ok())
         .unwrap();
     let token = std::fs::read_to_string(files.token_file()).unwrap();
-    let mut heard = Vec::new();
-    let mut buf = [0u8; 512];
-    let mut until = |what: &str, heard: &mut Vec<String>| {
-        while !heard.iter().any(|h| h.contains(what)) {
-            let n = notify
-                .recv(&mut buf)
-                .unwrap_or_else(|e| panic!("no {what} within 20 s ({e}): heard {heard:?}"));
-            heard.push(String::from_utf8_lossy(&buf[..n]).into_owned());
-        }
-    };
-    until("READY=1", &mut heard);
+    notices.until("READY=1");
     let _first = Killed(child);
     let mut newest = Vec::new();
     for round in 0..2 {
@@ -216,17 +231,11 @@ fn after_upgrades_systemd_hears_each_new_main_pid_and_its_watchdog() {
         assert_eq!(status, 200, "upgrade {round}: {v}");
         let pid = v["pid"].as_u64().unwrap() as u32;
         newest.push(KillOnDrop(pid));
-        heard.clear();
-        until(&format!("MAINPID={pid}"), &mut heard);
-        until("READY=1", &mut heard);
+        notices.clear();
+        notices.until(&format!("MAINPID={pid}"));
+        notices.until("READY=1");
         // Every process before it has exited (the first one is a zombie of ours until reaped).
-        let gone = |p: u32| {
-            std::fs::read_to_string(format!("/proc/{p}/stat")).map_or(true, |s| {
-                s.rsplit(')')
-                    .next()
-                    .is_some_and(|r| r.trim_start().starts_with('Z'))
-            })
-        };
+        let gone = |p: u32| !running(p);
         let before: Vec<u32> = newest[..newest.len() - 1].iter().map(|k| k.0).collect();
         let deadline = Instant::now() + Duration::from_secs(10);
         while !before.iter().all(|&p| gone(p)) && Instant::now() < deadline {
@@ -237,16 +246,16 @@ fn after_upgrades_systemd_hears_each_new_main_pid_and_its_watchdog() {
             "round {round}: an old process is still running"
         );
         // Only the newest runs now: two watchdog notices must come from it.
-        heard.clear();
-        until("WATCHDOG=1", &mut heard);
-        heard.clear();
-        until("WATCHDOG=1", &mut heard);
+        notices.clear();
+        notices.until("WATCHDOG=1");
+        notices.clear();
+        notices.until("WATCHDOG=1");
     }
     let last = newest.last().unwrap().0;
     Command::new("kill")
         .args(["-TERM", &last.to_string()])
         .status()
         .unwrap();
-    heard.clear();
-    until("STOPPING=1", &mut heard);
+    notices.clear();
+    notices.until("STOPPING=1");
 }

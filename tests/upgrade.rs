@@ -17,15 +17,6 @@ use http_body_util::BodyExt;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
-fn alive(pid: u32) -> bool {
-    // A zombie (exited, not yet reaped by its parent) has finished too.
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        s.rsplit(')')
-            .next()
-            .is_some_and(|r| !r.trim_start().starts_with('Z'))
-    })
-}
-
 /// `POST /v1/upgrade`; the new pid.
 async fn upgrade(admin: SocketAddr, token: &str) -> Result<u32, String> {
     let (status, body) = admin_call(admin, "POST", "/v1/upgrade", None, Some(token)).await;
@@ -42,7 +33,7 @@ async fn ban(admin: SocketAddr, token: &str, who: &str) {
 }
 
 async fn exited(pid: u32, limit: Duration) -> bool {
-    eventually(limit, || async move { !alive(pid) }).await
+    eventually(limit, || async move { !running(pid) }).await
 }
 
 fn token(files: &GatewayFiles) -> String {
@@ -66,6 +57,28 @@ impl Tally {
     fn fail(&self, what: String) {
         self.failed.lock().unwrap().push(what);
     }
+
+    /// Counts one request's outcome, then paces the client (steady, not flat out: the
+    /// upgrades need the CPUs too). False when the client should take a new connection: a
+    /// request the server refused unprocessed (above its GOAWAY's last stream, or never
+    /// sent) is sent again there, as browsers do; anything else that is not a 200 fails.
+    async fn count(
+        &self,
+        proto: &str,
+        got: Result<http::Response<hyper::body::Incoming>, hyper::Error>,
+    ) -> bool {
+        match got {
+            Ok(resp) if resp.status() == 200 => {
+                let _ = resp.into_body().collect().await;
+                self.ok.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(resp) => self.fail(format!("{proto} status {}", resp.status())),
+            Err(e) if proto == "h2" && refused_unprocessed(&e) => return false,
+            Err(e) => self.fail(format!("{proto} request: {e:?}")),
+        }
+        tokio::time::sleep(PACE).await;
+        true
+    }
 }
 
 /// HTTP/1.1 keep-alive GETs in a loop, a new connection whenever the gateway closes one
@@ -80,22 +93,20 @@ async fn h1_client(addr: SocketAddr, tally: Arc<Tally>, stop: Arc<AtomicBool>) {
                 continue;
             }
         };
-        let Ok((mut sender, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await
-        else {
-            continue;
-        };
+        let (mut sender, conn) =
+            match hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tally.fail(format!("h1 handshake: {e}"));
+                    continue;
+                }
+            };
         tokio::spawn(conn);
         while !stop.load(Ordering::Relaxed) && sender.ready().await.is_ok() {
-            match sender.send_request(get("/", "a.test")).await {
-                Ok(resp) if resp.status() == 200 => {
-                    let _ = resp.into_body().collect().await;
-                    tally.ok.fetch_add(1, Ordering::Relaxed);
-                }
-                Ok(resp) => tally.fail(format!("h1 status {}", resp.status())),
-                Err(e) => tally.fail(format!("h1 request: {e}")),
+            let got = sender.send_request(get("/", "a.test")).await;
+            if !tally.count("h1", got).await {
+                break;
             }
-            // Steady, not flat out: the upgrades need the CPUs too.
-            tokio::time::sleep(PACE).await;
         }
     }
 }
@@ -127,25 +138,21 @@ async fn h2_client(
                 continue;
             }
         };
-        let Ok((mut sender, conn)) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls)).await
-        else {
-            continue;
+        let handshake =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls)).await;
+        let (mut sender, conn) = match handshake {
+            Ok(s) => s,
+            Err(e) => {
+                tally.fail(format!("h2 handshake: {e}"));
+                continue;
+            }
         };
         tokio::spawn(conn);
         while !stop.load(Ordering::Relaxed) && sender.ready().await.is_ok() {
-            match sender.send_request(get("/", "a.test")).await {
-                Ok(resp) if resp.status() == 200 => {
-                    let _ = resp.into_body().collect().await;
-                    tally.ok.fetch_add(1, Ordering::Relaxed);
-                }
-                Ok(resp) => tally.fail(format!("h2 status {}", resp.status())),
-                // A stream the server refused unprocessed (after its GOAWAY) is retried on a
-                // new connection, as browsers do; anything else is a failure.
-                Err(e) if refused_unprocessed(&e) => break,
-                Err(e) => tally.fail(format!("h2 request: {e:?}")),
+            let got = sender.send_request(get("/", "a.test")).await;
+            if !tally.count("h2", got).await {
+                break;
             }
-            tokio::time::sleep(PACE).await;
         }
     }
 }
@@ -423,7 +430,7 @@ async fn a_websocket_and_a_long_download_finish_on_the_old_process() {
     assert_eq!(plain_get(gw.plain, "/", "a.test").await.0, 200);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(
-        alive(old),
+        running(old),
         "the old process left before its requests were done"
     );
     ws.send(Message::text("after")).await.unwrap();
@@ -465,7 +472,7 @@ async fn a_new_process_that_fails_its_config_leaves_the_old_one_serving() {
         said.contains("nosuch_table"),
         "the failure does not say why: {said}"
     );
-    assert!(alive(old));
+    assert!(running(old));
     assert_eq!(plain_get(gw.plain, "/", "a.test").await.0, 200);
     assert!(refused("127.0.3.99", gw.plain).await);
     let metrics = plain_get_admin(gw.admin).await;

@@ -76,16 +76,12 @@ impl Held {
     }
 }
 
-/// The name under which an upgrade passes an HTTP/3 listener's UDP socket.
-pub fn quic_socket_name(index: usize, addr: SocketAddr) -> String {
-    format!("quic{index}@{addr}").replace(':', "_")
-}
-
-/// The name under which an upgrade passes a listener's sockets: its place in the config and
-/// its configured address, so a listener on port 0 (a free port) finds its own again.
-/// (`:` separates the names in `LISTEN_FDNAMES`, so the address's colons become `_`.)
-pub fn socket_name(index: usize, addr: SocketAddr) -> String {
-    format!("listener{index}@{addr}").replace(':', "_")
+/// The name under which an upgrade passes a socket: what it is for (`listener0`, `quic0`,
+/// `admin`, `demo`; a listener's by its place in the config) and its configured address, so
+/// a listener on port 0 (a free port) finds its own again. (`:` separates the names in
+/// `LISTEN_FDNAMES`, so the address's colons become `_`.)
+pub fn socket_name(kind: &str, addr: SocketAddr) -> String {
+    format!("{kind}@{addr}").replace(':', "_")
 }
 
 /// `LISTEN_PID` must name the process the sockets are for, which is unknown before the
@@ -97,12 +93,6 @@ pub const UPGRADE_FROM: &str = "IPGATE_UPGRADE_FROM";
 pub fn upgrading_from() -> Option<u32> {
     let from = std::env::var(UPGRADE_FROM).ok()?.parse::<u32>().ok()?;
     (from == std::os::unix::process::parent_id()).then_some(from)
-}
-
-/// The name under which an upgrade passes the admin listener (`admin`) or the demo
-/// upstream's (`demo`) bound to `addr` as configured.
-pub fn local_socket_name(kind: &str, addr: SocketAddr) -> String {
-    format!("{kind}@{addr}").replace(':', "_")
 }
 
 impl Inherited {

@@ -676,6 +676,16 @@ impl GatewayFiles {
     }
 }
 
+/// Whether the process `pid` still runs: a zombie (exited, not yet reaped by its parent)
+/// has finished too.
+pub fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit(')')
+            .next()
+            .is_some_and(|r| !r.trim_start().starts_with('Z'))
+    })
+}
+
 /// The process with this pid is killed when this is dropped: an upgraded gateway's new
 /// process is not our child (it outlives the process that started it).
 pub struct KillOnDrop(pub u32);
