@@ -365,3 +365,115 @@ async fn a_silent_quic_connection_is_closed_by_the_first_request_timeout() {
         "{closed:?}"
     );
 }
+
+/// A POST over an HTTP/3 connection, its body sent in 16 KiB pieces, with `length` as its
+/// `Content-Length` when given: the status and the body of the answer.
+async fn post(
+    conn: quinn::Connection,
+    path: &str,
+    length: Option<&str>,
+    body: &[u8],
+) -> Result<(u16, String), String> {
+    let (mut driver, mut send) = h3::client::new(h3_quinn::Connection::new(conn))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(async move { std::future::poll_fn(|cx| driver.poll_close(cx)).await });
+    let mut req = http::Request::builder()
+        .method("POST")
+        .uri(format!("https://a.test{path}"));
+    if let Some(length) = length {
+        req = req.header("content-length", length);
+    }
+    let mut stream = send
+        .send_request(req.body(()).unwrap())
+        .await
+        .map_err(|e| e.to_string())?;
+    for piece in body.chunks(16 * 1024) {
+        if stream
+            .send_data(bytes::Bytes::copy_from_slice(piece))
+            .await
+            .is_err()
+        {
+            break; // refused mid-way: the answer says why
+        }
+    }
+    let _ = stream.finish().await;
+    let resp = stream.recv_response().await.map_err(|e| e.to_string())?;
+    let mut got = Vec::new();
+    while let Ok(Some(mut chunk)) = stream.recv_data().await {
+        got.extend_from_slice(&chunk.copy_to_bytes(chunk.remaining()));
+    }
+    Ok((
+        resp.status().as_u16(),
+        String::from_utf8_lossy(&got).into_owned(),
+    ))
+}
+
+/// What the test upstream's `/upload` answers for `body`: its length and byte sum.
+fn upload_answer(body: &[u8]) -> String {
+    let sum = body.iter().fold(0u32, |s, b| s.wrapping_add(*b as u32));
+    format!("{} {sum}", body.len())
+}
+
+/// Request bodies over HTTP/3 reach the upstream whole, small (read ahead) or large
+/// (streamed); a body longer or shorter than its `Content-Length`, or a malformed one, is
+/// refused with 400 rather than sent on as declared.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_over_http3_reach_the_upstream_whole_and_held_to_their_length() {
+    let (gw, addr) = gateway("", DEFAULT_SITES).await;
+    let wait = Duration::from_secs(5);
+    let endpoint = client(&gw, "127.0.4.50", wait, false);
+    let big: Vec<u8> = (0..300 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
+    let small = &big[..1000];
+    let cases: [(Option<&str>, &[u8], Result<String, u16>); 6] = [
+        (None, &big, Ok(upload_answer(&big))),
+        (Some("1000"), small, Ok(upload_answer(small))),
+        (Some("307200"), &big, Ok(upload_answer(&big))),
+        (Some("10"), &small[..20], Err(400)),
+        (Some("10"), &small[..5], Err(400)),
+        (Some("1x"), &small[..2], Err(400)),
+    ];
+    for (length, body, want) in cases {
+        let conn = connect(&endpoint, addr, wait).await.unwrap();
+        let (status, text) = post(conn, "/upload", length, body).await.unwrap();
+        match want {
+            Ok(answer) => {
+                assert_eq!((status, text.as_str()), (200, answer.as_str()), "{length:?}")
+            }
+            Err(code) => assert_eq!(status, code, "{length:?}: {text}"),
+        }
+    }
+    // A streamed body that runs past its length is cut, never sent on whole.
+    let conn = connect(&endpoint, addr, wait).await.unwrap();
+    let (status, text) = post(conn, "/upload", Some("100000"), &big).await.unwrap();
+    assert!(status != 200 || text != upload_answer(&big), "{status} {text}");
+}
+
+/// An HTTP/3 connection with no request open for `limits.http2_idle_timeout` is closed and
+/// counted, as an idle HTTP/2 connection is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_quic_connection_is_closed_as_an_idle_http2_one() {
+    let (gw, addr) = gateway("[limits]\nhttp2_idle_timeout = \"1s\"\n", DEFAULT_SITES).await;
+    let idle = "ipgate_connections_timed_out_total{reason=\"http2_idle\"}";
+    let before = metric(&gw.metrics().await, idle).unwrap_or(0.0);
+    let wait = Duration::from_secs(10);
+    let endpoint = client(&gw, "127.0.4.51", wait, false);
+    let conn = connect(&endpoint, addr, wait).await.unwrap();
+    // The client keeps its side open (h3's client closes when its last sender goes).
+    let (mut driver, mut send) = h3::client::new(h3_quinn::Connection::new(conn.clone()))
+        .await
+        .unwrap();
+    tokio::spawn(async move { std::future::poll_fn(|cx| driver.poll_close(cx)).await });
+    let req = http::Request::get("https://a.test/").body(()).unwrap();
+    let mut stream = send.send_request(req).await.unwrap();
+    stream.finish().await.unwrap();
+    assert_eq!(stream.recv_response().await.unwrap().status(), 200);
+    while let Ok(Some(_)) = stream.recv_data().await {}
+    let closed = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+    assert!(
+        matches!(closed, Ok(quinn::ConnectionError::ApplicationClosed(_))),
+        "{closed:?}"
+    );
+    assert_eq!(metric(&gw.metrics().await, idle), Some(before + 1.0));
+    drop(send);
+}

@@ -22,6 +22,42 @@ pub enum Error {
     Idle(Duration),
     #[error("{0}")]
     Client(#[from] hyper::Error),
+    #[error("HTTP/3: {0}")]
+    Http3(#[from] h3::error::StreamError),
+    #[error("the body is not as long as its Content-Length")]
+    Length,
+}
+
+/// A client's request body as it arrives: hyper's (HTTP/1.1, HTTP/2), or an HTTP/3 stream's
+/// (see [`crate::serve::quic`]).
+pub enum ClientBody {
+    Hyper(Incoming),
+    Http3(crate::serve::quic::RecvBody),
+}
+
+impl ClientBody {
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        match self {
+            ClientBody::Hyper(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|f| f.map_err(Error::from))),
+            ClientBody::Http3(b) => b.poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Hyper(b) => b.is_end_stream(),
+            ClientBody::Http3(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::Hyper(b) => b.size_hint(),
+            ClientBody::Http3(b) => b.size_hint(),
+        }
+    }
 }
 
 /// A client's request body on its way to the upstream: what [`UpstreamBody::read_small`]
@@ -30,14 +66,14 @@ pub struct UpstreamBody {
     /// Frames read before the upstream connection was taken, in order.
     read: VecDeque<Frame<Bytes>>,
     /// The client's body still to come; `None` once it has ended.
-    inner: Option<Incoming>,
+    inner: Option<ClientBody>,
     idle: Duration,
     timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl UpstreamBody {
     /// The client's body, streamed as it comes.
-    pub fn new(inner: Incoming, idle: Duration) -> UpstreamBody {
+    pub fn new(inner: ClientBody, idle: Duration) -> UpstreamBody {
         UpstreamBody {
             read: VecDeque::new(),
             inner: Some(inner),
@@ -85,7 +121,7 @@ impl UpstreamBody {
     /// not read ahead; one that turns out larger is sent on as it comes, after what was
     /// read. Each wait for data is bounded by `idle`.
     pub async fn read_small(
-        inner: Incoming,
+        inner: ClientBody,
         limit: usize,
         idle: Duration,
     ) -> Result<UpstreamBody, Error> {
@@ -124,13 +160,13 @@ impl UpstreamBody {
         let Some(inner) = self.inner.as_mut() else {
             return Poll::Ready(None);
         };
-        match Pin::new(inner).poll_frame(cx) {
+        match inner.poll_frame(cx) {
             Poll::Ready(frame) => {
                 self.timer = None;
                 if frame.is_none() {
                     self.inner = None;
                 }
-                Poll::Ready(frame.map(|f| f.map_err(Error::from)))
+                Poll::Ready(frame)
             }
             Poll::Pending => {
                 let idle = self.idle;
@@ -161,7 +197,7 @@ impl Body for UpstreamBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.read.is_empty() && self.inner.as_ref().is_none_or(Incoming::is_end_stream)
+        self.read.is_empty() && self.inner.as_ref().is_none_or(ClientBody::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {

@@ -23,8 +23,7 @@ pub struct ConnInfo {
     pub slot: Arc<ConnSlot>,
     /// The `Alt-Svc` a TLS listener with `http3 = true` adds to its responses.
     pub alt_svc: Option<HeaderValue>,
-    /// The requests came over HTTP/3 (carried to the request path over an in-memory
-    /// HTTP/2 connection, see `serve::quic`).
+    /// The requests came over HTTP/3 (see `serve::quic`).
     pub h3: bool,
 }
 

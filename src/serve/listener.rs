@@ -20,6 +20,7 @@ use crate::config;
 use crate::decide::clients::{client_key, ClientSlot, ConnSlot};
 use crate::decide::policy::Verdict;
 use crate::observe::access_log::LoggedIp;
+use crate::serve::body::ClientBody;
 use crate::serve::client_addr;
 use crate::serve::conn::ConnInfo;
 use crate::serve::proxy::{self, Context};
@@ -307,7 +308,7 @@ pub(super) async fn serve<I>(
     let (w, a) = (worker.clone(), activity.clone());
     let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
         let guard = Some(a.started(req.version() == http::Version::HTTP_2));
-        let reply = proxy::handle(w.clone(), info.clone(), req);
+        let reply = proxy::handle(w.clone(), info.clone(), req.map(ClientBody::Hyper));
         async move {
             let (resp, held) = reply.await?;
             let body = |body| Tracked {

@@ -12,7 +12,6 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::Either;
-use hyper::body::Incoming;
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::debug;
 
@@ -22,7 +21,7 @@ use crate::observe::access_log::{Entry, LoggedIp};
 use crate::observe::metrics::outcome;
 use crate::serve::admission::{self, Client};
 pub use crate::serve::answer::{Body, Error};
-use crate::serve::body::UpstreamBody;
+use crate::serve::body::{ClientBody, UpstreamBody};
 use crate::serve::challenge;
 use crate::serve::conn::ConnInfo;
 use crate::serve::headers::{self, Forwarding};
@@ -72,7 +71,7 @@ struct Checked<'a> {
 pub async fn handle(
     worker: Arc<Context>,
     conn: Arc<ConnInfo>,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
 ) -> Result<(Response<Body>, Held), Infallible> {
     let state = &worker.state;
     let start = Instant::now();
@@ -384,7 +383,7 @@ async fn forward(
     site: &SiteEntry,
     conn: &ConnInfo,
     checked: &Checked<'_>,
-    mut req: Request<Incoming>,
+    mut req: Request<ClientBody>,
     held: &mut Held,
 ) -> Result<Response<Body>, Error> {
     let limits = &snap.config.limits;
@@ -482,7 +481,7 @@ async fn forward(
 /// What comes before a request takes an upstream connection: a small body is read
 /// whole, then one of the site's `max_upstream_connections` is waited for (bounded).
 async fn ready_to_send(
-    body: Incoming,
+    body: ClientBody,
     limits: &crate::config::Limits,
     site: &SiteEntry,
     held: &mut Held,
@@ -492,7 +491,7 @@ async fn ready_to_send(
             .await
             .map_err(|e| match e {
                 crate::serve::body::Error::Idle(_) => Error::BodyIdle,
-                crate::serve::body::Error::Client(_) => Error::BodyFailed,
+                _ => Error::BodyFailed,
             })?;
     // A body too large to read ahead holds an upstream connection for as long as the
     // client takes to send it: a few per client (exempt clients hold no place).

@@ -6,30 +6,31 @@
 //! validated with a Retry before any state is kept. 0-RTT is refused (no early data), and
 //! migration is off: a connection is judged on the one address it was admitted from.
 //!
-//! Each request then takes the same path as on HTTP/2, whole: it is carried over an
-//! in-memory HTTP/2 connection, one per QUIC connection, into `listener::serve` with the
-//! QUIC connection's client, so the request checks, admission, rate limits, jails, the
-//! challenge, the access log (`proto` `HTTP/3`) and the metrics are the ones TCP has.
+//! Each request then takes the same path as an HTTP/2 request, whole: `proxy::handle` with
+//! the QUIC connection's client, its body read from the stream (held to its
+//! `Content-Length`), so the request checks, admission, rate limits, jails, the challenge,
+//! the access log (`proto` `HTTP/3`) and the metrics are the ones TCP has.
 
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use std::task::Poll;
+
 use bytes::{Buf, Bytes};
-use http_body_util::{BodyExt, StreamBody};
+use http::Request;
+use http_body_util::BodyExt;
 use hyper::body::Frame;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::sync::watch;
-use tracing::{debug, error, warn};
+use tokio::time::Instant;
+use tracing::{debug, error};
 
 use crate::config;
 use crate::decide::clients::ConnSlot;
 use crate::serve::conn::ConnInfo;
+use crate::serve::body::{self, ClientBody};
 use crate::serve::listener;
-use crate::serve::proxy::Context;
-
-type Bridge = hyper::client::conn::http2::SendRequest<Body>;
-type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, std::io::Error>;
+use crate::serve::proxy::{self, Context};
 
 /// The QUIC side of a TLS listener's config: its certificates (the TLS listeners'), ALPN
 /// `h3`, no early data; the idle timeout and stream limits of HTTP/2; no migration.
@@ -46,7 +47,9 @@ fn server_config(worker: &Context) -> Option<quinn::ServerConfig> {
     let limits = &snap.config.limits;
     let mut transport = quinn::TransportConfig::default();
     transport
-        .max_idle_timeout(limits.http2_idle_timeout.try_into().ok())
+        // Past the request path's own idle close (`connection`), which is counted and
+        // tells the client; this one only ends a connection whose client went away.
+        .max_idle_timeout((limits.http2_idle_timeout * 3 / 2).try_into().ok())
         .max_concurrent_bidi_streams(limits.http2_max_streams.into())
         .max_concurrent_uni_streams(8u32.into());
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
@@ -205,7 +208,9 @@ fn under_load(worker: &Context) -> bool {
     state.connections.available_permits() < max / 2
 }
 
-/// One QUIC connection: its requests, each carried into the HTTP/2 path.
+/// One QUIC connection: each request goes to the request path as an HTTP/2 request would.
+/// As on HTTP/2, the first request must come by `head_by`, and a connection with no
+/// request open for `limits.http2_idle_timeout` is closed; at a stop it gets a GOAWAY.
 async fn connection(
     worker: &Arc<Context>,
     conn: quinn::Connection,
@@ -214,10 +219,11 @@ async fn connection(
     watcher: hyper_util::server::graceful::Watcher,
 ) {
     let state = &worker.state;
-    let (max_header, head_by) = {
+    let (max_header, head_by, idle) = {
         let limits = &state.snapshot.load().config.limits;
-        let head_by = tokio::time::Instant::now() + limits.header_read_timeout;
-        (limits.max_header_bytes as u64, head_by)
+        let head_by = Instant::now() + limits.header_read_timeout;
+        let idle = limits.http2_idle_timeout;
+        (limits.max_header_bytes as u64, head_by, idle)
     };
     let quic = conn.clone();
     let mut h3 = match h3::server::builder()
@@ -231,104 +237,103 @@ async fn connection(
             return;
         }
     };
-    let (ours, theirs) = tokio::io::duplex(256 * 1024);
     let mut info = ConnInfo::new(client, true, false, slot);
     info.h3 = true;
-    let builder = state.snapshot.load().http.clone();
-    let inner = worker.clone();
-    let mut request_path = tokio::spawn(async move {
-        listener::serve(
-            &inner,
-            &builder,
-            TokioIo::new(theirs),
-            info,
-            watcher,
-            head_by,
-        )
-        .await;
-    });
-    let bridge =
-        match hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(ours)).await
-        {
-            Ok((sender, conn)) => {
-                tokio::spawn(conn);
-                sender
-            }
-            Err(e) => {
-                warn!(error = %e, "HTTP/3: cannot reach the request path");
-                return;
-            }
-        };
+    let info = Arc::new(info);
+    let requests = tokio_util::task::TaskTracker::new();
     let mut stop = worker.stop.clone();
     let mut open = true;
+    // Checked a few times per timeout, with no timer per request.
+    let tick = (idle / 4).max(std::time::Duration::from_millis(1));
+    let (mut started, mut seen, mut quiet) = (0u64, 0u64, 0u32);
+    let timer = tokio::time::sleep_until(head_by.min(Instant::now() + tick));
+    tokio::pin!(timer);
     loop {
-        let resolver = tokio::select! {
-            r = h3.accept() => r,
-            // The request path closed its side (no first request in time, idle, a stalled
-            // write): so does the QUIC connection, and its slots go.
-            _ = &mut request_path => {
-                quic.close(0u32.into(), b"");
-                break;
+        tokio::select! {
+            r = h3.accept() => match r {
+                Ok(Some(resolver)) => {
+                    started += 1;
+                    requests.spawn(request(worker.clone(), info.clone(), resolver));
+                }
+                Ok(None) | Err(_) => break,
+            },
+            () = &mut timer => {
+                let now = Instant::now();
+                let reason = if started == 0 {
+                    (now >= head_by).then_some("first_request")
+                } else {
+                    quiet = if requests.is_empty() && started == seen { quiet + 1 } else { 0 };
+                    seen = started;
+                    (tick * quiet >= idle).then_some("http2_idle")
+                };
+                if let Some(reason) = reason {
+                    state.metrics.timed_out.with_label_values(&[reason]).inc();
+                    quic.close(NO_ERROR, b"");
+                    break;
+                }
+                let next = now + tick;
+                timer.as_mut().reset(if started == 0 { next.min(head_by) } else { next });
             }
             () = stopped(&mut stop), if open => {
                 // GOAWAY: the requests under way finish, no new one starts.
                 open = false;
                 let _ = h3.shutdown(0).await;
-                continue;
             }
-        };
-        match resolver {
-            Ok(Some(resolver)) => {
-                tokio::spawn(request(resolver, bridge.clone()));
-            }
-            Ok(None) | Err(_) => break,
         }
     }
+    requests.close();
+    requests.wait().await;
+    drop(watcher);
 }
+
+/// HTTP/3's "no error" (RFC 9114 §8.1), to close a connection with.
+const NO_ERROR: quinn::VarInt = quinn::VarInt::from_u32(0x100);
 
 async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
-/// One request: its head and body into the bridge, the response back.
+/// One request: its head (within `limits.header_read_timeout`) and body into the request
+/// path, the response back, each write within `limits.write_idle_timeout`.
 async fn request(
+    worker: Arc<Context>,
+    conn: Arc<ConnInfo>,
     resolver: h3::server::RequestResolver<h3_quinn::Connection, Bytes>,
-    mut bridge: Bridge,
 ) {
-    let Ok((req, stream)) = resolver.resolve_request().await else {
+    let (head_timeout, write_idle) = {
+        let limits = &worker.state.snapshot.load().config.limits;
+        (limits.header_read_timeout, limits.write_idle_timeout)
+    };
+    let Ok(Ok((req, stream))) = tokio::time::timeout(head_timeout, resolver.resolve_request()).await
+    else {
         return;
     };
     let (mut send, recv) = stream.split();
-    let body = futures_util::stream::unfold(recv, |mut recv| async move {
-        match recv.recv_data().await {
-            Ok(Some(mut data)) => {
-                let bytes = data.copy_to_bytes(data.remaining());
-                Some((Ok(Frame::data(bytes)), recv))
-            }
-            Ok(None) => None,
-            Err(e) => Some((Err(std::io::Error::other(e.to_string())), recv)),
-        }
-    });
     let (mut parts, ()) = req.into_parts();
-    parts.version = http::Version::HTTP_2;
-    let req = http::Request::from_parts(parts, StreamBody::new(body).boxed_unsync());
-    let resp = match bridge.ready().await {
-        Ok(()) => bridge.send_request(req).await,
-        Err(e) => Err(e),
+    let Ok(left) = content_length(&parts.headers) else {
+        let mut r = http::Response::new(());
+        *r.status_mut() = http::StatusCode::BAD_REQUEST;
+        let _ = send.send_response(r).await;
+        let _ = send.finish().await;
+        return;
     };
-    let resp = match resp {
+    // Framed as HTTP/2 is (pseudo-headers, split cookies); logged as HTTP/3.
+    parts.version = http::Version::HTTP_2;
+    let body = ClientBody::Http3(RecvBody {
+        stream: recv,
+        left,
+        ended: false,
+    });
+    let (resp, held) = match proxy::handle(worker.clone(), conn, Request::from_parts(parts, body))
+        .await
+    {
         Ok(r) => r,
-        Err(e) => {
-            debug!(error = %e, "HTTP/3 request lost on the way to the request path");
-            let mut r = http::Response::new(());
-            *r.status_mut() = http::StatusCode::BAD_GATEWAY;
-            let _ = send.send_response(r).await;
-            let _ = send.finish().await;
-            return;
-        }
+        Err(never) => match never {},
     };
     let (mut parts, mut body) = resp.into_parts();
-    parts.version = http::Version::HTTP_3;
+    for name in CONNECTION_SPECIFIC {
+        parts.headers.remove(name);
+    }
     if send
         .send_response(http::Response::from_parts(parts, ()))
         .await
@@ -337,18 +342,108 @@ async fn request(
         return;
     }
     while let Some(frame) = body.frame().await {
-        match frame {
-            Ok(frame) => {
-                if let Ok(data) = frame.into_data() {
-                    if send.send_data(data).await.is_err() {
-                        return;
-                    }
-                }
+        let Ok(frame) = frame else {
+            send.stop_stream(h3::error::Code::H3_INTERNAL_ERROR);
+            return;
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        match tokio::time::timeout(write_idle, send.send_data(data)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return,
+            Err(_) => {
+                let timed_out = &worker.state.metrics.timed_out;
+                timed_out.with_label_values(&["write_idle"]).inc();
+                send.stop_stream(h3::error::Code::H3_REQUEST_CANCELLED);
+                return;
             }
-            Err(_) => return,
         }
     }
     let _ = send.finish().await;
+    drop(held);
+}
+
+/// Fields HTTP/3 forbids (RFC 9114 §4.2): the upstream's are gone already, the gateway's
+/// own answers may carry one.
+const CONNECTION_SPECIFIC: [http::header::HeaderName; 4] = [
+    http::header::CONNECTION,
+    http::header::TRANSFER_ENCODING,
+    http::header::UPGRADE,
+    http::header::HeaderName::from_static("keep-alive"),
+];
+
+/// The request's `Content-Length`, if it has one; more than one, or one that is not a
+/// number, is malformed (RFC 9114 §4.1.2).
+fn content_length(headers: &http::HeaderMap) -> Result<Option<u64>, ()> {
+    let mut values = headers.get_all(http::header::CONTENT_LENGTH).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(());
+    }
+    let digits = value.as_bytes();
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return Err(());
+    }
+    std::str::from_utf8(digits)
+        .ok()
+        .and_then(|d| d.parse().ok())
+        .map(Some)
+        .ok_or(())
+}
+
+/// An HTTP/3 request's body as the request path reads it: the stream's data, held to the
+/// request's `Content-Length` when it has one.
+pub struct RecvBody {
+    stream: h3::server::RequestStream<h3_quinn::RecvStream, Bytes>,
+    /// What `Content-Length` declared that has not come yet.
+    left: Option<u64>,
+    ended: bool,
+}
+
+impl RecvBody {
+    pub fn poll_frame(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, body::Error>>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        match std::task::ready!(self.stream.poll_recv_data(cx)) {
+            Ok(Some(mut data)) => {
+                let bytes = data.copy_to_bytes(data.remaining());
+                if let Some(left) = self.left.as_mut() {
+                    match left.checked_sub(bytes.len() as u64) {
+                        Some(l) => *left = l,
+                        None => return Poll::Ready(Some(Err(body::Error::Length))),
+                    }
+                }
+                Poll::Ready(Some(Ok(Frame::data(bytes))))
+            }
+            Ok(None) => {
+                self.ended = true;
+                if self.left.is_some_and(|l| l > 0) {
+                    return Poll::Ready(Some(Err(body::Error::Length)));
+                }
+                Poll::Ready(None)
+            }
+            Err(e) => Poll::Ready(Some(Err(body::Error::from(e)))),
+        }
+    }
+
+    pub fn is_end_stream(&self) -> bool {
+        self.ended
+    }
+
+    pub fn size_hint(&self) -> hyper::body::SizeHint {
+        match self.left {
+            Some(left) if !self.ended => hyper::body::SizeHint::with_exact(left),
+            Some(_) => hyper::body::SizeHint::with_exact(0),
+            None => hyper::body::SizeHint::default(),
+        }
+    }
 }
 
 /// The UDP socket of an `http3` listener, on the TCP socket's address (its port, when the
