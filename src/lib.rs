@@ -197,6 +197,10 @@ impl Gateway {
         let loaded = store.load(decide::clock::now_ms()).await?;
         let mut state = AppState::new(snapshot, metrics, admin_token, store);
         state.https_port = https_port(&workers);
+        if upgrading {
+            // HTTP/3 waits for the old process's QUIC connections (see `QuicTurn`).
+            state.quic.ours.send_replace(false);
+        }
         let n = loaded.len();
         for (action, target, entry) in loaded {
             state.temp.table(&action).insert(target, entry);

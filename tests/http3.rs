@@ -192,9 +192,15 @@ async fn http3_takes_the_same_path_is_logged_and_is_advertised() {
     assert!(resp.headers().get("alt-svc").is_none());
 
     // An upgrade passes the UDP socket on: the new process answers HTTP/3 on the same port.
+    // A request under way on the old process's QUIC connection finishes there first.
+    let held = connect(&endpoint, addr, wait).await.unwrap();
+    let under_way = tokio::spawn(exchange(held, "GET", "/slow?ms=700"));
+    tokio::time::sleep(Duration::from_millis(100)).await;
     let token = std::fs::read_to_string(files.token_file()).unwrap();
     let (status, v) = admin_call(gw.admin, "POST", "/v1/upgrade", None, Some(token.trim())).await;
     assert_eq!(status, 200, "{v}\n{}", gw.output.text());
+    let finished = under_way.await.unwrap();
+    assert_eq!(finished.map(|g| g.0), Ok(200), "{}", gw.output.text());
     let _new = KillOnDrop(v["pid"].as_u64().unwrap() as u32);
     let old = gw.pid();
     let gone = eventually(Duration::from_secs(10), || async move { !running(old) }).await;
@@ -306,6 +312,29 @@ async fn a_retry_checks_the_address_when_asked_for_and_0rtt_is_refused() {
     }
 }
 
+/// A client that has a QUIC connection open proves its address with a Retry before its
+/// next one takes a connection slot (forged Initials cannot use up a client's slots); its
+/// first connection needs none, and both serve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_with_a_connection_open_is_sent_a_retry_for_its_next() {
+    let (gw, addr) = gateway("", DEFAULT_SITES).await;
+    let retries =
+        || async { metric(&gw.metrics().await, "ipgate_quic_retries_total").unwrap_or(0.0) };
+    let wait = Duration::from_secs(2);
+    let endpoint = client(&gw, "127.0.4.32", wait, false);
+    let before = retries().await;
+    let first = connect(&endpoint, addr, wait).await.unwrap();
+    assert_eq!(retries().await, before, "a first connection needs no Retry");
+    let second = connect(&endpoint, addr, wait).await.unwrap();
+    assert_eq!(
+        retries().await,
+        before + 1.0,
+        "no Retry for the second connection"
+    );
+    assert_eq!(exchange(second, "GET", "/").await.unwrap().0, 200);
+    assert_eq!(exchange(first, "GET", "/").await.unwrap().0, 200);
+}
+
 /// aioquic's client (PyPI), a QUIC stack other than the gateway's own: `tests/data/h3_get.py`.
 fn aioquic_get(gw: &TestGateway, addr: SocketAddr, path: &str) -> std::process::Output {
     let ca = gw.dir.path().join("ca-for-aioquic.pem");
@@ -415,6 +444,9 @@ fn upload_answer(body: &[u8]) -> String {
     format!("{} {sum}", body.len())
 }
 
+/// A body to send: its `Content-Length`, its bytes, and the upstream's answer or the status.
+type Case<'a> = (Option<&'a str>, &'a [u8], Result<String, u16>);
+
 /// Request bodies over HTTP/3 reach the upstream whole, small (read ahead) or large
 /// (streamed); a body longer or shorter than its `Content-Length`, or a malformed one, is
 /// refused with 400 rather than sent on as declared.
@@ -425,7 +457,7 @@ async fn bodies_over_http3_reach_the_upstream_whole_and_held_to_their_length() {
     let endpoint = client(&gw, "127.0.4.50", wait, false);
     let big: Vec<u8> = (0..300 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
     let small = &big[..1000];
-    let cases: [(Option<&str>, &[u8], Result<String, u16>); 6] = [
+    let cases: [Case; 6] = [
         (None, &big, Ok(upload_answer(&big))),
         (Some("1000"), small, Ok(upload_answer(small))),
         (Some("307200"), &big, Ok(upload_answer(&big))),
@@ -438,7 +470,11 @@ async fn bodies_over_http3_reach_the_upstream_whole_and_held_to_their_length() {
         let (status, text) = post(conn, "/upload", length, body).await.unwrap();
         match want {
             Ok(answer) => {
-                assert_eq!((status, text.as_str()), (200, answer.as_str()), "{length:?}")
+                assert_eq!(
+                    (status, text.as_str()),
+                    (200, answer.as_str()),
+                    "{length:?}"
+                )
             }
             Err(code) => assert_eq!(status, code, "{length:?}: {text}"),
         }
@@ -446,7 +482,10 @@ async fn bodies_over_http3_reach_the_upstream_whole_and_held_to_their_length() {
     // A streamed body that runs past its length is cut, never sent on whole.
     let conn = connect(&endpoint, addr, wait).await.unwrap();
     let (status, text) = post(conn, "/upload", Some("100000"), &big).await.unwrap();
-    assert!(status != 200 || text != upload_answer(&big), "{status} {text}");
+    assert!(
+        status != 200 || text != upload_answer(&big),
+        "{status} {text}"
+    );
 }
 
 /// An HTTP/3 connection with no request open for `limits.http2_idle_timeout` is closed and

@@ -2,8 +2,9 @@
 //!
 //! The policy comes before the handshake: an Initial from a blocked source is dropped
 //! unanswered (`Incoming::ignore`) and counted as a rejected connection; a client over its
-//! connection cap likewise; under load (or always, `http3_retry = "always"`) the address is
-//! validated with a Retry before any state is kept. 0-RTT is refused (no early data), and
+//! connection cap likewise; under load (or always, `http3_retry = "always"`), and for a
+//! client that has a connection open already, the address is validated with a Retry before
+//! any state is kept, so forged Initials cannot take a client's connection slots. 0-RTT is refused (no early data), and
 //! migration is off: a connection is judged on the one address it was admitted from.
 //!
 //! Each request then takes the same path as an HTTP/2 request, whole: `proxy::handle` with
@@ -12,6 +13,7 @@
 //! the access log (`proto` `HTTP/3`) and the metrics are the ones TCP has.
 
 use std::net::IpAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use std::task::Poll;
@@ -27,8 +29,8 @@ use tracing::{debug, error};
 
 use crate::config;
 use crate::decide::clients::ConnSlot;
-use crate::serve::conn::ConnInfo;
 use crate::serve::body::{self, ClientBody};
+use crate::serve::conn::ConnInfo;
 use crate::serve::listener;
 use crate::serve::proxy::{self, Context};
 
@@ -69,8 +71,9 @@ fn quic_tls(tls: &rustls::ServerConfig) -> rustls::ServerConfig {
 }
 
 /// Serves HTTP/3 on `socket` until `stop` turns true. At a shutdown each connection is
-/// asked to finish (GOAWAY) within `limits.shutdown_grace`; after a handover to an upgraded
-/// process the endpoint closes at once, since the new process reads the same socket.
+/// asked to finish (GOAWAY) within `limits.shutdown_grace`. An upgrade's new process
+/// starts once the old one has closed its QUIC connections; the old one, after the
+/// handover, gives its connections up to [`HANDOVER`] to finish, then closes them.
 pub async fn serve(
     worker: Arc<Context>,
     socket: std::net::UdpSocket,
@@ -78,6 +81,13 @@ pub async fn serve(
     graceful: &GracefulShutdown,
     mut stop: watch::Receiver<bool>,
 ) {
+    let turn = &worker.state.quic;
+    let mut ours = turn.ours.subscribe();
+    tokio::select! {
+        _ = stop.wait_for(|s| *s) => return,
+        // Bounded: an old process that never says so has exited long before.
+        _ = tokio::time::timeout(HANDOVER * 5, ours.wait_for(|o| *o)) => {}
+    }
     let mut tls_in_use = tls_ptr(&worker);
     let Some(server) = server_config(&worker) else {
         return;
@@ -95,6 +105,7 @@ pub async fn serve(
             return;
         }
     };
+    turn.open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     loop {
         let incoming = tokio::select! {
             biased;
@@ -115,18 +126,26 @@ pub async fn serve(
         }
         admit(&worker, incoming, &conf, graceful);
     }
-    if worker
-        .state
-        .handed_over
-        .load(std::sync::atomic::Ordering::Relaxed)
-    {
-        endpoint.close(0u32.into(), b"upgraded");
-    } else {
-        // No new connection; those open finish their requests (each got a GOAWAY) within
-        // the grace the worker gives its connections.
-        endpoint.set_server_config(None);
+    // No new connection; those open finish their requests (each got a GOAWAY).
+    endpoint.set_server_config(None);
+    if worker.state.handed_over.load(Ordering::Relaxed) {
+        // The new process serves HTTP/3 once these are closed.
+        let grace = worker.state.snapshot.load().config.limits.shutdown_grace;
+        let finished = async {
+            while endpoint.open_connections() > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        };
+        let _ = tokio::time::timeout(HANDOVER.min(grace), finished).await;
+        endpoint.close(NO_ERROR, b"upgraded");
+        let _ = tokio::time::timeout(HANDOVER, endpoint.wait_idle()).await;
     }
+    // Otherwise those open finish within the grace the worker gives its connections.
+    turn.open.fetch_sub(1, Ordering::Relaxed);
 }
+
+/// How long, after a handover, the old process's QUIC connections have to finish.
+pub const HANDOVER: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Which TLS config the snapshot holds (it changes with a reload or a new certificate).
 fn tls_ptr(worker: &Context) -> usize {
@@ -153,7 +172,9 @@ fn admit(
         incoming.ignore();
         return;
     }
-    if !incoming.remote_address_validated() && (conf.http3_retry_always || under_load(worker)) {
+    if !incoming.remote_address_validated()
+        && (conf.http3_retry_always || under_load(worker) || holds_a_connection(state, client))
+    {
         match incoming.retry() {
             Ok(()) => state.metrics.quic_retries.inc(),
             Err(e) => e.into_incoming().ignore(),
@@ -199,6 +220,15 @@ fn admit(
         connection(&worker, conn, client, slot, watcher).await;
         state.metrics.connections_open.dec();
     });
+}
+
+/// Whether `client` has a connection open already. Its next one proves its address with a
+/// Retry first: otherwise Initials with its address forged by someone else could take its
+/// per-client connection slots for the length of a handshake timeout.
+fn holds_a_connection(state: &crate::state::AppState, client: IpAddr) -> bool {
+    let prefix = state.snapshot.load().config.rate_limit.ipv6_prefix;
+    let key = crate::decide::clients::client_key(client, prefix);
+    state.conn_counts.count(key) > 0
 }
 
 /// Under load: more than half the connection slots taken.
@@ -304,7 +334,8 @@ async fn request(
         let limits = &worker.state.snapshot.load().config.limits;
         (limits.header_read_timeout, limits.write_idle_timeout)
     };
-    let Ok(Ok((req, stream))) = tokio::time::timeout(head_timeout, resolver.resolve_request()).await
+    let Ok(Ok((req, stream))) =
+        tokio::time::timeout(head_timeout, resolver.resolve_request()).await
     else {
         return;
     };
@@ -324,12 +355,11 @@ async fn request(
         left,
         ended: false,
     });
-    let (resp, held) = match proxy::handle(worker.clone(), conn, Request::from_parts(parts, body))
-        .await
-    {
-        Ok(r) => r,
-        Err(never) => match never {},
-    };
+    let (resp, held) =
+        match proxy::handle(worker.clone(), conn, Request::from_parts(parts, body)).await {
+            Ok(r) => r,
+            Err(never) => match never {},
+        };
     let (mut parts, mut body) = resp.into_parts();
     for name in CONNECTION_SPECIFIC {
         parts.headers.remove(name);

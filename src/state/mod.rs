@@ -36,6 +36,26 @@ use crate::state::store::Store;
 
 pub use crate::state::snapshot::{http_builder, SiteEntry, Snapshot};
 
+/// Whose turn it is to serve HTTP/3 on the UDP sockets an upgrade passes on: a QUIC
+/// connection's packets must all reach the process that holds it, so the old process
+/// finishes (or closes) its QUIC connections before the new one starts reading.
+pub struct QuicTurn {
+    /// This process's QUIC endpoints still open.
+    pub open: std::sync::atomic::AtomicUsize,
+    /// Whether this process may start its own (false in an upgrade's new process until
+    /// the old one has closed its endpoints, or exited).
+    pub ours: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for QuicTurn {
+    fn default() -> Self {
+        QuicTurn {
+            open: Default::default(),
+            ours: tokio::sync::watch::Sender::new(true),
+        }
+    }
+}
+
 /// What every task shares: the snapshot in force, metrics, connection counts, the temporary
 /// entries and their store.
 pub struct AppState {
@@ -53,6 +73,8 @@ pub struct AppState {
     /// Set when an upgrade's successor serves: the workers give their keep-alive
     /// connections a last call (each closes after its next response) before closing them.
     pub handed_over: AtomicBool,
+    /// HTTP/3 across an upgrade (one UDP socket, read by one process at a time).
+    pub quic: QuicTurn,
     pub admin_token: Option<String>,
     pub temp: TempEntries,
     /// Durable home of the temporary entries and the offense history.
@@ -95,6 +117,7 @@ impl AppState {
             in_flight: Arc::default(),
             draining: AtomicBool::new(false),
             handed_over: AtomicBool::new(false),
+            quic: QuicTurn::default(),
             admin_token,
             temp: TempEntries::default(),
             fleet_id,

@@ -15,6 +15,13 @@
 //!    grace, passes the entries it enforced after closing the store (one JSON line each)
 //!    and exits; the new process writes them to the store.
 //!
+//! HTTP/3 takes turns instead: all the packets of a QUIC connection must reach the process
+//! that holds it, and both would read the one UDP socket. The old process sends its QUIC
+//! connections a GOAWAY, takes no new one, lets their requests finish for up to 2 s (within
+//! the shutdown grace), closes them and says `quic released`; only then (or when it has
+//! exited) does the new process serve HTTP/3. A client that starts a QUIC connection in
+//! between has its Initial go unanswered and sends it again (or uses TCP meanwhile).
+//!
 //! If the new process fails before `serving`, the old one takes the store back, restarts
 //! its fleet task and serves on; the command says why.
 
@@ -22,6 +29,7 @@ mod spawn;
 pub mod successor;
 
 use std::os::fd::OwnedFd;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,6 +52,8 @@ const LOADED: &str = "loaded";
 const CLOSED: &str = "closed";
 const SERVING: &str = "serving";
 const ERROR: &str = "error";
+/// Said by the old process once its QUIC endpoints are closed: HTTP/3 is the new one's.
+const QUIC_RELEASED: &str = "quic released";
 
 /// The longest the new process may take to load config, lists and certificates.
 const LOAD_WAIT: Duration = Duration::from_secs(120);
@@ -239,13 +249,22 @@ impl Upgrader {
     /// Passes the entries enforced here since the store was closed (jail bans of requests
     /// still in flight) as they come, every 50 ms, so the new process enforces them too,
     /// and a later change there (an unban) is not undone by them.
+    /// Also says when this process's QUIC endpoints have closed, so the new one serves
+    /// HTTP/3 from then on.
     async fn pass_gap_now_and_then(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_millis(50));
+        let mut quic_open = true;
         loop {
             tick.tick().await;
             let mut control = self.control.lock().await;
             let Some(w) = control.as_mut() else { return };
-            if self.send_gap(w).await.is_err() {
+            let mut said = self.send_gap(w).await.map(drop);
+            let handed = self.state.handed_over.load(Ordering::Relaxed);
+            if quic_open && handed && self.state.quic.open.load(Ordering::Relaxed) == 0 {
+                quic_open = false;
+                said = w.write_all(format!("{QUIC_RELEASED}\n").as_bytes()).await;
+            }
+            if said.is_err() {
                 *control = None;
                 return;
             }

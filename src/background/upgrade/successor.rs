@@ -88,6 +88,11 @@ async fn take_gap(state: Arc<AppState>, control: tokio::net::UnixStream) {
     let mut lines = tokio::io::BufReader::new(control).lines();
     let mut taken = 0;
     while let Ok(Some(line)) = lines.next_line().await {
+        if line == super::QUIC_RELEASED {
+            info!("upgrade: the old process closed its QUIC connections; HTTP/3 served here");
+            state.quic.ours.send_replace(true);
+            continue;
+        }
         let Ok(gap) = serde_json::from_str::<Gap>(&line) else {
             warn!(line = %line, "upgrade: cannot read an entry the old process passed");
             continue;
@@ -101,6 +106,8 @@ async fn take_gap(state: Arc<AppState>, control: tokio::net::UnixStream) {
         }
         taken += 1;
     }
+    // The old process is gone: its QUIC endpoints with it.
+    state.quic.ours.send_replace(true);
     if taken > 0 {
         info!(
             entries = taken,
