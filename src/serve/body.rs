@@ -11,7 +11,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::time::Sleep;
 
@@ -29,10 +29,70 @@ pub enum Error {
 }
 
 /// A client's request body as it arrives: hyper's (HTTP/1.1, HTTP/2), or an HTTP/3 stream's
-/// (see [`crate::serve::quic`]).
+/// (see `serve::quic`).
 pub enum ClientBody {
     Hyper(Incoming),
-    Http3(crate::serve::quic::RecvBody),
+    Http3(H3Body),
+}
+
+/// An HTTP/3 request's body as the request path reads it: the stream's data, held to the
+/// request's `Content-Length` when it has one.
+pub struct H3Body {
+    stream: h3::server::RequestStream<h3_quinn::RecvStream, Bytes>,
+    /// What `Content-Length` declared that has not come yet.
+    left: Option<u64>,
+    ended: bool,
+}
+
+impl H3Body {
+    pub fn new(
+        stream: h3::server::RequestStream<h3_quinn::RecvStream, Bytes>,
+        left: Option<u64>,
+    ) -> H3Body {
+        H3Body {
+            stream,
+            left,
+            ended: false,
+        }
+    }
+
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        match std::task::ready!(self.stream.poll_recv_data(cx)) {
+            Ok(Some(mut data)) => {
+                let bytes = data.copy_to_bytes(data.remaining());
+                if let Some(left) = self.left.as_mut() {
+                    match left.checked_sub(bytes.len() as u64) {
+                        Some(l) => *left = l,
+                        None => return Poll::Ready(Some(Err(Error::Length))),
+                    }
+                }
+                Poll::Ready(Some(Ok(Frame::data(bytes))))
+            }
+            Ok(None) => {
+                self.ended = true;
+                if self.left.is_some_and(|l| l > 0) {
+                    return Poll::Ready(Some(Err(Error::Length)));
+                }
+                Poll::Ready(None)
+            }
+            Err(e) => Poll::Ready(Some(Err(Error::from(e)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.left {
+            Some(left) if !self.ended => SizeHint::with_exact(left),
+            Some(_) => SizeHint::with_exact(0),
+            None => SizeHint::default(),
+        }
+    }
 }
 
 impl ClientBody {

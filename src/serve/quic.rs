@@ -16,12 +16,9 @@ use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use std::task::Poll;
-
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use http::Request;
 use http_body_util::BodyExt;
-use hyper::body::Frame;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -29,7 +26,7 @@ use tracing::{debug, error};
 
 use crate::config;
 use crate::decide::clients::ConnSlot;
-use crate::serve::body::{self, ClientBody};
+use crate::serve::body::{ClientBody, H3Body};
 use crate::serve::conn::ConnInfo;
 use crate::serve::listener;
 use crate::serve::proxy::{self, Context};
@@ -350,11 +347,7 @@ async fn request(
     };
     // Framed as HTTP/2 is (pseudo-headers, split cookies); logged as HTTP/3.
     parts.version = http::Version::HTTP_2;
-    let body = ClientBody::Http3(RecvBody {
-        stream: recv,
-        left,
-        ended: false,
-    });
+    let body = ClientBody::Http3(H3Body::new(recv, left));
     let (resp, held) =
         match proxy::handle(worker.clone(), conn, Request::from_parts(parts, body)).await {
             Ok(r) => r,
@@ -422,58 +415,6 @@ fn content_length(headers: &http::HeaderMap) -> Result<Option<u64>, ()> {
         .and_then(|d| d.parse().ok())
         .map(Some)
         .ok_or(())
-}
-
-/// An HTTP/3 request's body as the request path reads it: the stream's data, held to the
-/// request's `Content-Length` when it has one.
-pub struct RecvBody {
-    stream: h3::server::RequestStream<h3_quinn::RecvStream, Bytes>,
-    /// What `Content-Length` declared that has not come yet.
-    left: Option<u64>,
-    ended: bool,
-}
-
-impl RecvBody {
-    pub fn poll_frame(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, body::Error>>> {
-        if self.ended {
-            return Poll::Ready(None);
-        }
-        match std::task::ready!(self.stream.poll_recv_data(cx)) {
-            Ok(Some(mut data)) => {
-                let bytes = data.copy_to_bytes(data.remaining());
-                if let Some(left) = self.left.as_mut() {
-                    match left.checked_sub(bytes.len() as u64) {
-                        Some(l) => *left = l,
-                        None => return Poll::Ready(Some(Err(body::Error::Length))),
-                    }
-                }
-                Poll::Ready(Some(Ok(Frame::data(bytes))))
-            }
-            Ok(None) => {
-                self.ended = true;
-                if self.left.is_some_and(|l| l > 0) {
-                    return Poll::Ready(Some(Err(body::Error::Length)));
-                }
-                Poll::Ready(None)
-            }
-            Err(e) => Poll::Ready(Some(Err(body::Error::from(e)))),
-        }
-    }
-
-    pub fn is_end_stream(&self) -> bool {
-        self.ended
-    }
-
-    pub fn size_hint(&self) -> hyper::body::SizeHint {
-        match self.left {
-            Some(left) if !self.ended => hyper::body::SizeHint::with_exact(left),
-            Some(_) => hyper::body::SizeHint::with_exact(0),
-            None => hyper::body::SizeHint::default(),
-        }
-    }
 }
 
 /// The UDP socket of an `http3` listener, on the TCP socket's address (its port, when the
