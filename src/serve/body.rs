@@ -32,7 +32,8 @@ pub enum Error {
 /// (see `serve::quic`).
 pub enum ClientBody {
     Hyper(Incoming),
-    Http3(H3Body),
+    /// Boxed: it is larger than hyper's, and would grow every request's future.
+    Http3(Box<H3Body>),
 }
 
 /// An HTTP/3 request's body as the request path reads it: the stream's data, held to the

@@ -347,7 +347,7 @@ async fn request(
     };
     // Framed as HTTP/2 is (pseudo-headers, split cookies); logged as HTTP/3.
     parts.version = http::Version::HTTP_2;
-    let body = ClientBody::Http3(H3Body::new(recv, left));
+    let body = ClientBody::Http3(Box::new(H3Body::new(recv, left)));
     let (resp, held) =
         match proxy::handle(worker.clone(), conn, Request::from_parts(parts, body)).await {
             Ok(r) => r,
