@@ -516,3 +516,64 @@ async fn an_idle_quic_connection_is_closed_as_an_idle_http2_one() {
     assert_eq!(metric(&gw.metrics().await, idle), Some(before + 1.0));
     drop(send);
 }
+
+/// `limits.max_header_bytes` holds over HTTP/3: the gateway announces it in its SETTINGS
+/// (RFC 9114 §4.2.2), so h3's client refuses to send a larger header section (h3's server
+/// would answer one with 431); a small one is served on the same connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_header_size_limit_is_announced_and_held() {
+    let (gw, addr) = gateway("[limits]\nmax_header_bytes = 8192\n", DEFAULT_SITES).await;
+    let wait = Duration::from_secs(2);
+    let endpoint = client(&gw, "127.0.4.52", wait, false);
+    let conn = connect(&endpoint, addr, wait).await.unwrap();
+    let (mut driver, mut send) = h3::client::new(h3_quinn::Connection::new(conn))
+        .await
+        .unwrap();
+    tokio::spawn(async move { std::future::poll_fn(|cx| driver.poll_close(cx)).await });
+    let req = |big: usize| {
+        http::Request::get("https://a.test/")
+            .header("x-big", "a".repeat(big))
+            .body(())
+            .unwrap()
+    };
+    match send.send_request(req(16384)).await {
+        Err(h3::error::StreamError::HeaderTooBig { max_size, .. }) => assert_eq!(max_size, 8192),
+        other => panic!(
+            "a 16 KiB header section was not held back: {:?}",
+            other.err()
+        ),
+    }
+    let mut stream = send.send_request(req(100)).await.unwrap();
+    stream.finish().await.unwrap();
+    assert_eq!(stream.recv_response().await.unwrap().status(), 200);
+}
+
+/// At a stop (SIGTERM) an HTTP/3 request under way finishes, no new QUIC connection is taken,
+/// and the process exits cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_a_stop_a_request_under_way_finishes_and_no_new_connection_is_taken() {
+    let port = free_port();
+    let h3 = H3.replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+    let files = GatewayBuilder::new().extra(&h3).files().await;
+    let gw = files.start("info");
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let wait = Duration::from_secs(1);
+    let endpoint = client_with(&files.ca.ca_der, "127.0.0.1", wait, false);
+    let served = eventually(Duration::from_secs(5), || async {
+        connect(&endpoint, addr, wait).await.is_ok()
+    })
+    .await;
+    assert!(served, "{}", gw.output.text());
+    let conn = connect(&endpoint, addr, wait).await.unwrap();
+    let under_way = tokio::spawn(exchange(conn, "GET", "/slow?ms=1000"));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    gw.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        connect(&endpoint, addr, wait).await.is_err(),
+        "a new QUIC connection was taken after SIGTERM"
+    );
+    let finished = under_way.await.unwrap();
+    assert_eq!(finished.map(|g| g.0), Ok(200), "{}", gw.output.text());
+    assert!(gw.wait().await.success());
+}
