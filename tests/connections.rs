@@ -687,3 +687,93 @@ async fn a_burst_over_the_cap_of_requests_in_flight_waits_its_turn() {
     assert!(most <= 2, "{most} in flight at the upstream at once");
     gw.shutdown().await;
 }
+
+/// Whether a connection from `local`, after sending `first`, is left open with nothing sent
+/// back for `wait` (held, not reset).
+async fn held_unanswered(
+    local: &str,
+    addr: std::net::SocketAddr,
+    first: &[u8],
+    wait: Duration,
+) -> bool {
+    let Ok(mut tcp) = try_connect_from(local, addr).await else {
+        return false;
+    };
+    let _ = tcp.write_all(first).await;
+    let mut buf = [0u8; 16];
+    tokio::time::timeout(wait, tcp.read(&mut buf))
+        .await
+        .is_err()
+}
+
+/// A client that keeps reconnecting over its cap (a silent holder reopening each connection
+/// it loses) is not fed resets: past 64 refusals in a second its next over-cap connections
+/// are held unread (no TLS, no answer) instead, counted as refused and in
+/// `ipgate_tarpit_connections`. The first refusals are resets at accept, as before; another
+/// client is served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_reconnecting_over_its_cap_is_held_unread_instead_of_reset() {
+    let gw = GatewayBuilder::new()
+        .extra("[limits]\nmax_connections_per_client = 2\n")
+        .spawn()
+        .await;
+    let _held = [
+        connect_from("127.0.0.31", gw.plain).await,
+        connect_from("127.0.0.31", gw.plain).await,
+    ];
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            metric(&gw.metrics().await, "ipgate_connections_open") == Some(2.0)
+        })
+        .await
+    );
+    assert!(
+        refused("127.0.0.31", gw.plain).await,
+        "the first over-cap connection is reset"
+    );
+    // Reconnecting as fast as it is refused: resets, then a held connection. (The count
+    // restarts with each second, so allow for one second boundary.)
+    let mut resets = 1;
+    let mut tarpitted = false;
+    for _ in 0..300 {
+        match try_connect_from("127.0.0.31", gw.plain).await {
+            Err(_) => resets += 1,
+            Ok(tcp) => {
+                let mut tcp = tcp;
+                let mut buf = [0u8; 1];
+                match tokio::time::timeout(Duration::from_millis(200), tcp.read(&mut buf)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) => resets += 1,
+                    Ok(Ok(_)) => panic!("an over-cap connection was answered"),
+                    Err(_) => {
+                        tarpitted = true;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    assert!(tarpitted, "never held after {resets} resets");
+    assert!(resets >= 64, "held after only {resets} resets");
+    // Held ones get no answer, on TLS either (never a handshake).
+    assert!(
+        held_unanswered(
+            "127.0.0.31",
+            gw.tls,
+            CLIENT_HELLO_START,
+            Duration::from_millis(500)
+        )
+        .await
+    );
+    let held = metric(&gw.metrics().await, "ipgate_tarpit_connections").unwrap_or(0.0);
+    assert!(held >= 2.0, "{held} held");
+    let per_client = r#"ipgate_connections_rejected_total{reason="per_client"}"#;
+    let refused_n = metric(&gw.metrics().await, per_client).unwrap_or(0.0);
+    assert!(
+        refused_n >= resets as f64 + 2.0,
+        "{refused_n} counted for {resets} resets and 2 held"
+    );
+    // Another client is served meanwhile.
+    let c = connect_from("127.0.0.32", gw.plain).await;
+    assert_eq!(get_on(c, "/", "a.test", &[]).await.0, 200);
+    gw.shutdown().await;
+}

@@ -242,6 +242,10 @@ pub struct ConnCounts {
 
 struct Held {
     slots: u32,
+    /// Connections refused over the cap in the second `refused_in` (seconds since the
+    /// epoch, truncated): a client that keeps reconnecting is told apart.
+    refused: u32,
+    refused_in: u32,
     /// Shared by the client's slots, so a request takes its place with one atomic add and
     /// no map lookup.
     gate: Arc<Gate>,
@@ -352,19 +356,28 @@ impl Drop for Upload {
 }
 
 impl ConnCounts {
-    /// A slot for `key`, or `None` when the client holds `cap` slots already.
-    pub fn acquire(self: &Arc<Self>, key: ClientKey, cap: u32) -> Option<ClientSlot> {
+    /// A slot for `key`; when the client holds `cap` slots already, how many times it has
+    /// been refused this second (this time included).
+    pub fn acquire(self: &Arc<Self>, key: ClientKey, cap: u32) -> Result<ClientSlot, u32> {
         let mut held = self.map.entry(key).or_insert_with(|| Held {
             slots: 0,
+            refused: 0,
+            refused_in: 0,
             gate: Arc::default(),
         });
         if held.slots >= cap {
-            return None;
+            let second = (crate::decide::clock::now_ms() / 1000) as u32;
+            if held.refused_in != second {
+                held.refused_in = second;
+                held.refused = 0;
+            }
+            held.refused = held.refused.saturating_add(1);
+            return Err(held.refused);
         }
         held.slots += 1;
         let gate = held.gate.clone();
         drop(held);
-        Some(ClientSlot {
+        Ok(ClientSlot {
             counts: self.clone(),
             key,
             gate,
@@ -439,9 +452,10 @@ mod tests {
         let (a, b) = (client_key("192.0.2.1".parse().unwrap(), 64), 7);
         let first = counts.acquire(a, 2).unwrap();
         let second = counts.acquire(a, 2).unwrap();
-        assert!(counts.acquire(a, 2).is_none());
+        assert_eq!(counts.acquire(a, 2).err(), Some(1));
+        assert_eq!(counts.acquire(a, 2).err(), Some(2), "refusals are counted");
         let other = counts.acquire(b, 2);
-        assert!(other.is_some(), "another client is not affected");
+        assert!(other.is_ok(), "another client is not affected");
         drop(first);
         let third = counts.acquire(a, 2).unwrap();
         drop((second, third, other));

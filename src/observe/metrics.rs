@@ -37,16 +37,22 @@ pub struct Rejections {
     pub per_client: IntCounter,
     pub untrusted_proxy: IntCounter,
     pub proxy_header: IntCounter,
+    /// `ipgate_tarpit_connections`: over-cap connections held unread (`serve::tarpit`).
+    pub tarpit: IntGauge,
 }
 
 impl Rejections {
-    fn new(v: &IntCounterVec) -> Rejections {
+    fn new(reg: &Reg, v: &IntCounterVec) -> Rejections {
         Rejections {
             blocked: v.with_label_values(&["blocked"]),
             max_connections: v.with_label_values(&["max_connections"]),
             per_client: v.with_label_values(&["per_client"]),
             untrusted_proxy: v.with_label_values(&["untrusted_proxy"]),
             proxy_header: v.with_label_values(&["proxy_header"]),
+            tarpit: reg.gauge(
+                "ipgate_tarpit_connections",
+                "Over-cap connections of clients that keep reconnecting, held unread until reset.",
+            ),
         }
     }
 }
@@ -267,7 +273,7 @@ impl Metrics {
             ),
             would_block_rate_limit: would_block.with_label_values(&["rate_limit"]),
             would_block,
-            rejected: Rejections::new(&connections_rejected),
+            rejected: Rejections::new(&reg, &connections_rejected),
             connections_rejected,
             requests: reg.counter_vec(
                 "ipgate_requests_total",

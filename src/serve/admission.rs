@@ -128,7 +128,7 @@ pub fn admit(
             let slot = state
                 .in_flight
                 .acquire(key, u32::MAX)
-                .ok_or(Refusal::Busy)?;
+                .map_err(|_| Refusal::Busy)?;
             match slot.enter(cap) {
                 Some(f) => (Some(f.keeping(slot)), None),
                 None => (None, Some((slot.gate().clone(), Some(slot)))),

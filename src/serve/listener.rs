@@ -24,6 +24,7 @@ use crate::serve::body::ClientBody;
 use crate::serve::client_addr;
 use crate::serve::conn::ConnInfo;
 use crate::serve::proxy::{self, Context};
+use crate::serve::tarpit::{self, Tarpit};
 use crate::state::AppState;
 
 /// A listening socket whose accepted connections are not registered with the event loop
@@ -76,10 +77,15 @@ pub async fn accept_loop(
         conf.http3.then_some(port).flatten().and_then(|port| {
             http::HeaderValue::from_str(&format!("h3=\":{port}\"; ma=86400")).ok()
         });
+    let mut tarpit = Tarpit::new(tarpit::CAPACITY, state.metrics.rejected.tarpit.clone());
     loop {
         let accepted = tokio::select! {
             biased;
             _ = stop.wait_for(|s| *s) => return,
+            () = tarpit.due(), if tarpit.holds() => {
+                tarpit.expire();
+                continue;
+            }
             a = listener.accept() => a,
         };
         let (tcp, peer) = match accepted {
@@ -100,9 +106,13 @@ pub async fn accept_loop(
         } else {
             match admit_client(state, client) {
                 Ok(slot) => slot,
-                Err(reason) => {
-                    reason.inc();
-                    reset(tcp);
+                Err(rejected) => {
+                    rejected.reason.inc();
+                    if rejected.repeated {
+                        tarpit.hold(tcp);
+                    } else {
+                        reset(tcp);
+                    }
                     continue;
                 }
             }
@@ -115,44 +125,69 @@ pub async fn accept_loop(
         let Some(tcp) = register(tcp) else {
             continue;
         };
-        let watcher = graceful.watcher();
-        let worker = worker.clone();
-        // Per connection, so a reload's limits apply to the next connection.
-        let builder = state.snapshot.load().http.clone();
-        let tls = conf.tls;
-        let redirect = conf.redirect_https;
-        let proxy_protocol = conf.proxy_protocol;
-        let conn_alt_svc = alt_svc.clone();
-        // The first request head is due this long after accept, TLS and PROXY header included.
-        let head_by =
-            tokio::time::Instant::now() + state.snapshot.load().config.limits.header_read_timeout;
-        tokio::spawn(async move {
-            let state = &worker.state;
-            let mut tcp = tcp;
-            let mut client = client;
-            let mut client_slot = client_slot;
-            if proxy_protocol {
-                match proxied_client(state, &mut tcp, client).await {
-                    Some((c, slot)) => (client, client_slot) = (c, slot),
-                    None => return,
-                }
-            }
-            // Held for as long as the connection, or its upgrade, lives.
-            let slot = Arc::new(ConnSlot {
-                _permit: permit,
-                client: client_slot,
-            });
-            state.metrics.connections_open.inc();
-            let mut info = ConnInfo::new(client, tls, redirect, slot);
-            info.alt_svc = conn_alt_svc;
-            if tls {
-                serve_tls(&worker, &builder, tcp, info, watcher, head_by).await;
-            } else {
-                serve(&worker, &builder, TokioIo::new(tcp), info, watcher, head_by).await;
-            }
-            state.metrics.connections_open.dec();
-        });
+        start(
+            &worker,
+            &conf,
+            tcp,
+            client,
+            client_slot,
+            permit,
+            &alt_svc,
+            graceful,
+        );
     }
+}
+
+/// Serves an admitted connection in a task of its own.
+#[allow(clippy::too_many_arguments)]
+fn start(
+    worker: &Arc<Context>,
+    conf: &config::Listener,
+    tcp: TcpStream,
+    client: std::net::IpAddr,
+    client_slot: Option<ClientSlot>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    alt_svc: &Option<http::HeaderValue>,
+    graceful: &GracefulShutdown,
+) {
+    let state = &worker.state;
+    let watcher = graceful.watcher();
+    let worker = worker.clone();
+    // Per connection, so a reload's limits apply to the next connection.
+    let builder = state.snapshot.load().http.clone();
+    let tls = conf.tls;
+    let redirect = conf.redirect_https;
+    let proxy_protocol = conf.proxy_protocol;
+    let conn_alt_svc = alt_svc.clone();
+    // The first request head is due this long after accept, TLS and PROXY header included.
+    let head_by =
+        tokio::time::Instant::now() + state.snapshot.load().config.limits.header_read_timeout;
+    tokio::spawn(async move {
+        let state = &worker.state;
+        let mut tcp = tcp;
+        let mut client = client;
+        let mut client_slot = client_slot;
+        if proxy_protocol {
+            match proxied_client(state, &mut tcp, client).await {
+                Some((c, slot)) => (client, client_slot) = (c, slot),
+                None => return,
+            }
+        }
+        // Held for as long as the connection, or its upgrade, lives.
+        let slot = Arc::new(ConnSlot {
+            _permit: permit,
+            client: client_slot,
+        });
+        state.metrics.connections_open.inc();
+        let mut info = ConnInfo::new(client, tls, redirect, slot);
+        info.alt_svc = conn_alt_svc;
+        if tls {
+            serve_tls(&worker, &builder, tcp, info, watcher, head_by).await;
+        } else {
+            serve(&worker, &builder, TokioIo::new(tcp), info, watcher, head_by).await;
+        }
+        state.metrics.connections_open.dec();
+    });
 }
 
 /// An admitted connection: a normal close again (a reset would drop a response still in the
@@ -180,11 +215,14 @@ fn reset(tcp: mio::net::TcpStream) {
 pub(super) fn admit_client(
     state: &AppState,
     client: std::net::IpAddr,
-) -> Result<Option<ClientSlot>, &prometheus::IntCounter> {
+) -> Result<Option<ClientSlot>, Rejected<'_>> {
     let snap = state.snapshot.load();
     let verdict = snap.policy.decide(&state.temp, client);
     if let Verdict::Block(_) = verdict {
-        return Err(&state.metrics.rejected.blocked);
+        return Err(Rejected {
+            reason: &state.metrics.rejected.blocked,
+            repeated: false,
+        });
     }
     if matches!(verdict, Verdict::Allow(_)) || snap.trusted.contains(client) {
         return Ok(None);
@@ -192,9 +230,19 @@ pub(super) fn admit_client(
     let key = client_key(client, snap.config.rate_limit.ipv6_prefix);
     let cap = snap.config.limits.max_connections_per_client;
     match state.conn_counts.acquire(key, cap) {
-        Some(slot) => Ok(Some(slot)),
-        None => Err(&state.metrics.rejected.per_client),
+        Ok(slot) => Ok(Some(slot)),
+        Err(refused) => Err(Rejected {
+            reason: &state.metrics.rejected.per_client,
+            repeated: refused > tarpit::REPEATED,
+        }),
     }
+}
+
+/// Why a connection is refused: the counter to count it in, and whether its client keeps
+/// reconnecting over its cap (see [`tarpit`]).
+pub(super) struct Rejected<'a> {
+    pub reason: &'a prometheus::IntCounter,
+    pub repeated: bool,
 }
 
 /// On a `proxy_protocol` listener: the client named by the PROXY header of a trusted peer,
@@ -229,8 +277,9 @@ async fn proxied_client(
     };
     match admit_client(state, client) {
         Ok(slot) => Some((client, slot)),
-        Err(reason) => {
-            reason.inc();
+        // Closed, never held: the connection is the trusted proxy's.
+        Err(rejected) => {
+            rejected.reason.inc();
             None
         }
     }

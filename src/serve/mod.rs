@@ -3,7 +3,8 @@
 //!   upstream pool; a connection never leaves the thread that accepted it.
 //! - `listener`: accepts, enforces the connection caps, closes blocked clients before TLS
 //!   ([`client_addr`]: the peer or the PROXY header's source), runs the TLS handshake and
-//!   serves HTTP/1.1 and HTTP/2 under the limits.
+//!   serves HTTP/1.1 and HTTP/2 under the limits; `tarpit` holds the over-cap connections
+//!   of a client that keeps reconnecting; `quic`: HTTP/3.
 //! - `proxy`: one request: checks it ([`request`]: one valid host, the path in normal form,
 //!   the client behind trusted proxies), picks the site, asks `admission`, rewrites the
 //!   headers (`headers`), reads small bodies ahead and times idle ones (`body`), forwards
@@ -33,5 +34,6 @@ pub(crate) mod proxy;
 pub(crate) mod quic;
 pub mod request;
 pub(crate) mod splice;
+pub(crate) mod tarpit;
 pub(crate) mod upstream;
 pub mod worker;

@@ -180,8 +180,8 @@ fn admit(
     }
     let client_slot = match listener::admit_client(state, client) {
         Ok(slot) => slot,
-        Err(reason) => {
-            reason.inc();
+        Err(rejected) => {
+            rejected.reason.inc();
             incoming.ignore();
             return;
         }
