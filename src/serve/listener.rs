@@ -357,7 +357,13 @@ pub(super) async fn serve<I>(
     let (w, a) = (worker.clone(), activity.clone());
     let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
         let guard = Some(a.started(req.version() == http::Version::HTTP_2));
-        let reply = proxy::handle(w.clone(), info.clone(), req.map(ClientBody::Hyper));
+        // Boxed: the request path's future is large, and hyper moves the service's future
+        // (into an HTTP/2 stream's task, say); a pointer moves cheaper than kilobytes.
+        let reply = Box::pin(proxy::handle(
+            w.clone(),
+            info.clone(),
+            req.map(ClientBody::Hyper),
+        ));
         async move {
             let (resp, held) = reply.await?;
             let body = |body| Tracked {
