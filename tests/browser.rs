@@ -77,8 +77,9 @@ challenge = "always"
     gw.shutdown().await;
 }
 
-/// Chromium loads a page over HTTP/3 (QUIC forced on for the gateway's origin): the
-/// gateway's access log says `HTTP/3` for it, and the upstream's answer is the page.
+/// Chromium loads a page over HTTP/3 (QUIC forced on for the gateway's origin): Chromium's
+/// own net log shows a QUIC session with ALPN `h3` to the gateway, the gateway's access log
+/// says `HTTP/3` for it, and the upstream's answer is the page.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chromium_loads_a_page_over_http3() {
     let port = free_port();
@@ -100,8 +101,10 @@ async fn chromium_loads_a_page_over_http3() {
         .output()
         .expect("openssl");
     let spki = String::from_utf8_lossy(&spki.stdout).trim().to_string();
+    let net_log = profile.path().join("net-log.json");
     let mut c = chromium(profile.path(), port, true);
-    c.arg(format!("--ignore-certificate-errors-spki-list={spki}"))
+    c.arg(format!("--log-net-log={}", net_log.display()))
+        .arg(format!("--ignore-certificate-errors-spki-list={spki}"))
         .arg("--enable-quic")
         .arg(format!("--origin-to-force-quic-on=a.test:{port}"))
         .arg("--virtual-time-budget=10000");
@@ -116,5 +119,34 @@ async fn chromium_loads_a_page_over_http3() {
         log.lines()
             .any(|l| l.contains("/over-h3") && l.contains("\"proto\":\"HTTP/3\"")),
         "not over HTTP/3:\n{log}"
+    );
+    // Chromium's net log: a QUIC session to the gateway, and the page's request headers
+    // sent over QUIC (events are numbered; their names are in the log's constants).
+    let net: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&net_log).unwrap()).unwrap();
+    let kind = |name: &str| net["constants"]["logEventTypes"][name].as_u64().unwrap();
+    let (session, sent) = (
+        kind("QUIC_SESSION"),
+        kind("HTTP_TRANSACTION_QUIC_SEND_REQUEST_HEADERS"),
+    );
+    let events = net["events"].as_array().unwrap();
+    let to_gateway = events.iter().any(|e| {
+        e["type"].as_u64() == Some(session)
+            && e["params"]["host"] == "a.test"
+            && e["params"]["port"].as_u64() == Some(u64::from(port))
+    });
+    let page_over_quic = events.iter().any(|e| {
+        e["type"].as_u64() == Some(sent)
+            && e["params"]["headers"]
+                .as_array()
+                .is_some_and(|h| h.iter().any(|h| h == ":path: /over-h3"))
+    });
+    assert!(
+        to_gateway,
+        "no QUIC session to the gateway in Chromium's net log"
+    );
+    assert!(
+        page_over_quic,
+        "the page was not asked for over QUIC (HTTP/3)"
     );
 }

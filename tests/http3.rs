@@ -518,8 +518,8 @@ async fn an_idle_quic_connection_is_closed_as_an_idle_http2_one() {
 }
 
 /// `limits.max_header_bytes` holds over HTTP/3: the gateway announces it in its SETTINGS
-/// (RFC 9114 §4.2.2), so h3's client refuses to send a larger header section (h3's server
-/// would answer one with 431); a small one is served on the same connection.
+/// (RFC 9114 §4.2.2), so h3's client refuses to send a larger header section, and answers
+/// one sent anyway with 431; a small one is served on the same connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_header_size_limit_is_announced_and_held() {
     let (gw, addr) = gateway("[limits]\nmax_header_bytes = 8192\n", DEFAULT_SITES).await;
@@ -536,16 +536,20 @@ async fn the_header_size_limit_is_announced_and_held() {
             .body(())
             .unwrap()
     };
-    match send.send_request(req(16384)).await {
-        Err(h3::error::StreamError::HeaderTooBig { max_size, .. }) => assert_eq!(max_size, 8192),
-        other => panic!(
-            "a 16 KiB header section was not held back: {:?}",
-            other.err()
-        ),
-    }
     let mut stream = send.send_request(req(100)).await.unwrap();
     stream.finish().await.unwrap();
     assert_eq!(stream.recv_response().await.unwrap().status(), 200);
+    // The client holds it back once it has the gateway's SETTINGS; before, the gateway
+    // answers 431 itself.
+    match send.send_request(req(16384)).await {
+        Err(h3::error::StreamError::HeaderTooBig { max_size, .. }) => assert_eq!(max_size, 8192),
+        Ok(mut stream) => {
+            let _ = stream.finish().await;
+            let status = stream.recv_response().await.map(|r| r.status().as_u16());
+            assert_eq!(status.ok(), Some(431), "a 16 KiB header section was taken");
+        }
+        Err(e) => panic!("{e}"),
+    }
 }
 
 /// At a stop (SIGTERM) an HTTP/3 request under way finishes, no new QUIC connection is taken,
@@ -576,4 +580,46 @@ async fn at_a_stop_a_request_under_way_finishes_and_no_new_connection_is_taken()
     let finished = under_way.await.unwrap();
     assert_eq!(finished.map(|g| g.0), Ok(200), "{}", gw.output.text());
     assert!(gw.wait().await.success());
+}
+
+/// A client whose address changes mid-connection is not followed there (migration is off):
+/// its packets from the new address are dropped, so the connection serves no more; a new
+/// connection from the new address is judged afresh (here: it is blocked).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_moves_to_another_address_is_not_followed() {
+    let extra = "[lists.bad]\naction = \"block\"\nentries = [\"127.0.4.71\"]\n";
+    let (gw, addr) = gateway(extra, DEFAULT_SITES).await;
+    let wait = Duration::from_secs(2);
+    let endpoint = client(&gw, "127.0.4.70", wait, false);
+    let conn = connect(&endpoint, addr, wait).await.unwrap();
+    let (mut driver, mut send) = h3::client::new(h3_quinn::Connection::new(conn.clone()))
+        .await
+        .unwrap();
+    tokio::spawn(async move { std::future::poll_fn(|cx| driver.poll_close(cx)).await });
+    let req = || http::Request::get("https://a.test/").body(()).unwrap();
+    let mut stream = send.send_request(req()).await.unwrap();
+    stream.finish().await.unwrap();
+    assert_eq!(stream.recv_response().await.unwrap().status(), 200);
+    while let Ok(Some(_)) = stream.recv_data().await {}
+    // The client moves to a blocked address.
+    endpoint
+        .rebind(std::net::UdpSocket::bind("127.0.4.71:0").unwrap())
+        .unwrap();
+    let moved = async {
+        let mut stream = send.send_request(req()).await.map_err(|e| e.to_string())?;
+        stream.finish().await.map_err(|e| e.to_string())?;
+        stream
+            .recv_response()
+            .await
+            .map(|r| r.status())
+            .map_err(|e| e.to_string())
+    };
+    let got = tokio::time::timeout(Duration::from_secs(4), moved).await;
+    assert!(
+        !matches!(got, Ok(Ok(_))),
+        "a request from the new address was served: {got:?}"
+    );
+    // A new connection from there is judged on that address.
+    let there = client(&gw, "127.0.4.71", wait, false);
+    assert!(connect(&there, addr, wait).await.is_err());
 }

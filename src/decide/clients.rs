@@ -246,6 +246,9 @@ struct Held {
     /// epoch, truncated): a client that keeps reconnecting is told apart.
     refused: u32,
     refused_in: u32,
+    /// The count of the second before `refused_in`, when that was the one just before: a
+    /// client that goes on reconnecting stays told apart across a second's turn.
+    refused_before: u32,
     /// Shared by the client's slots, so a request takes its place with one atomic add and
     /// no map lookup.
     gate: Arc<Gate>,
@@ -357,22 +360,25 @@ impl Drop for Upload {
 
 impl ConnCounts {
     /// A slot for `key`; when the client holds `cap` slots already, how many times it has
-    /// been refused this second (this time included).
+    /// been refused this second (this time included), or in the second before if more.
     pub fn acquire(self: &Arc<Self>, key: ClientKey, cap: u32) -> Result<ClientSlot, u32> {
         let mut held = self.map.entry(key).or_insert_with(|| Held {
             slots: 0,
             refused: 0,
             refused_in: 0,
+            refused_before: 0,
             gate: Arc::default(),
         });
         if held.slots >= cap {
             let second = (crate::decide::clock::now_ms() / 1000) as u32;
             if held.refused_in != second {
+                let last = held.refused_in.wrapping_add(1) == second;
+                held.refused_before = if last { held.refused } else { 0 };
                 held.refused_in = second;
                 held.refused = 0;
             }
             held.refused = held.refused.saturating_add(1);
-            return Err(held.refused);
+            return Err(held.refused.max(held.refused_before));
         }
         held.slots += 1;
         let gate = held.gate.clone();
