@@ -43,21 +43,39 @@ pub struct H3Body {
     /// What `Content-Length` declared that has not come yet.
     left: Option<u64>,
     ended: bool,
+    /// What the first look at the stream found, not yet handed on.
+    first: Option<Result<Frame<Bytes>, Error>>,
 }
 
 impl H3Body {
+    /// The body of a request whose head just came. Its stream is looked at once, without
+    /// waiting: a client usually ends a request without a body in the packet of its head,
+    /// and a body known to be empty is not mistaken for an upload.
     pub fn new(
         stream: h3::server::RequestStream<h3_quinn::RecvStream, Bytes>,
         left: Option<u64>,
     ) -> H3Body {
-        H3Body {
+        let mut body = H3Body {
             stream,
             left,
             ended: false,
+            first: None,
+        };
+        let mut look = Context::from_waker(std::task::Waker::noop());
+        if let Poll::Ready(Some(frame)) = body.poll_stream(&mut look) {
+            body.first = Some(frame);
         }
+        body
     }
 
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        match self.first.take() {
+            Some(frame) => Poll::Ready(Some(frame)),
+            None => self.poll_stream(cx),
+        }
+    }
+
+    fn poll_stream(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
         if self.ended {
             return Poll::Ready(None);
         }
@@ -84,14 +102,22 @@ impl H3Body {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.ended
+        self.ended && self.first.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
+        let first = match &self.first {
+            Some(Ok(frame)) => frame.data_ref().map_or(0, |d| d.len() as u64),
+            _ => 0,
+        };
         match self.left {
-            Some(left) if !self.ended => SizeHint::with_exact(left),
-            Some(_) => SizeHint::with_exact(0),
-            None => SizeHint::default(),
+            Some(left) if !self.ended => SizeHint::with_exact(left + first),
+            Some(_) => SizeHint::with_exact(first),
+            None => {
+                let mut hint = SizeHint::default();
+                hint.set_lower(first);
+                hint
+            }
         }
     }
 }

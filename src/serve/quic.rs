@@ -237,7 +237,8 @@ fn under_load(worker: &Context) -> bool {
 
 /// One QUIC connection: each request goes to the request path as an HTTP/2 request would.
 /// As on HTTP/2, the first request must come by `head_by`, and a connection with no
-/// request open for `limits.http2_idle_timeout` is closed; at a stop it gets a GOAWAY.
+/// request open for `limits.http2_idle_timeout` is closed; at a stop it gets a GOAWAY, and
+/// is closed once its requests under way are done.
 async fn connection(
     worker: &Arc<Context>,
     conn: quinn::Connection,
@@ -286,6 +287,16 @@ async fn connection(
             },
             () = &mut timer => {
                 let now = Instant::now();
+                if !open {
+                    // Stopping: closed as soon as the requests under way are done (the client
+                    // need not answer the GOAWAY).
+                    if requests.is_empty() {
+                        quic.close(NO_ERROR, b"");
+                        break;
+                    }
+                    timer.as_mut().reset(now + DRAIN_CHECK);
+                    continue;
+                }
                 let reason = if started == 0 {
                     (now >= head_by).then_some("first_request")
                 } else {
@@ -305,6 +316,7 @@ async fn connection(
                 // GOAWAY: the requests under way finish, no new one starts.
                 open = false;
                 let _ = h3.shutdown(0).await;
+                timer.as_mut().reset(Instant::now());
             }
         }
     }
@@ -313,6 +325,9 @@ async fn connection(
     drop(watcher);
 }
 
+/// How often a stopping connection checks whether its requests are done.
+const DRAIN_CHECK: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// HTTP/3's "no error" (RFC 9114 §8.1), to close a connection with.
 const NO_ERROR: quinn::VarInt = quinn::VarInt::from_u32(0x100);
 
@@ -320,17 +335,45 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
+/// One write to the client (the head, data, the end) within `limits.write_idle_timeout`,
+/// so a client that grants no flow-control credit holds nothing for longer: true when done;
+/// false when it failed or stalled (a stall resets the stream and is counted).
+macro_rules! in_time {
+    ($worker:expr, $send:ident, $write:expr) => {{
+        let write_idle = $worker
+            .state
+            .snapshot
+            .load()
+            .config
+            .limits
+            .write_idle_timeout;
+        match tokio::time::timeout(write_idle, $write).await {
+            Ok(Ok(())) => true,
+            Ok(Err(_)) => false,
+            Err(_) => {
+                let timed_out = &$worker.state.metrics.timed_out;
+                timed_out.with_label_values(&["write_idle"]).inc();
+                $send.stop_stream(h3::error::Code::H3_REQUEST_CANCELLED);
+                false
+            }
+        }
+    }};
+}
+
 /// One request: its head (within `limits.header_read_timeout`) and body into the request
-/// path, the response back, each write within `limits.write_idle_timeout`.
+/// path, the response back, each write within `limits.write_idle_timeout` (`in_time!`).
 async fn request(
     worker: Arc<Context>,
     conn: Arc<ConnInfo>,
     resolver: h3::server::RequestResolver<h3_quinn::Connection, Bytes>,
 ) {
-    let (head_timeout, write_idle) = {
-        let limits = &worker.state.snapshot.load().config.limits;
-        (limits.header_read_timeout, limits.write_idle_timeout)
-    };
+    let head_timeout = worker
+        .state
+        .snapshot
+        .load()
+        .config
+        .limits
+        .header_read_timeout;
     let Ok(Ok((req, stream))) =
         tokio::time::timeout(head_timeout, resolver.resolve_request()).await
     else {
@@ -341,8 +384,9 @@ async fn request(
     let Ok(left) = content_length(&parts.headers) else {
         let mut r = http::Response::new(());
         *r.status_mut() = http::StatusCode::BAD_REQUEST;
-        let _ = send.send_response(r).await;
-        let _ = send.finish().await;
+        if in_time!(worker, send, send.send_response(r)) {
+            in_time!(worker, send, send.finish());
+        }
         return;
     };
     // Framed as HTTP/2 is (pseudo-headers, split cookies); logged as HTTP/3.
@@ -357,11 +401,8 @@ async fn request(
     for name in CONNECTION_SPECIFIC {
         parts.headers.remove(name);
     }
-    if send
-        .send_response(http::Response::from_parts(parts, ()))
-        .await
-        .is_err()
-    {
+    let head = http::Response::from_parts(parts, ());
+    if !in_time!(worker, send, send.send_response(head)) {
         return;
     }
     while let Some(frame) = body.frame().await {
@@ -372,18 +413,11 @@ async fn request(
         let Ok(data) = frame.into_data() else {
             continue;
         };
-        match tokio::time::timeout(write_idle, send.send_data(data)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) => return,
-            Err(_) => {
-                let timed_out = &worker.state.metrics.timed_out;
-                timed_out.with_label_values(&["write_idle"]).inc();
-                send.stop_stream(h3::error::Code::H3_REQUEST_CANCELLED);
-                return;
-            }
+        if !in_time!(worker, send, send.send_data(data)) {
+            return;
         }
     }
-    let _ = send.finish().await;
+    in_time!(worker, send, send.finish());
     drop(held);
 }
 

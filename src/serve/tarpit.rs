@@ -6,8 +6,9 @@
 //! registered with the event loop (so it costs no CPU while held), and reset after
 //! [`HOLD`]. It never reaches TLS, and it is counted as refused (`per_client`) as before.
 //!
-//! Each worker's tarpit holds at most [`CAPACITY`] connections; when full, the oldest is
-//! reset to make room, so the descriptors it takes stay bounded.
+//! Each listener of each worker has a tarpit, and together they hold at most [`CAPACITY`]
+//! connections (the gauge counts them all); when full, a tarpit's oldest is reset to make
+//! room, so the descriptors they take stay bounded, whatever the number of workers.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -20,7 +21,7 @@ use tokio::time::{Instant, Sleep};
 pub const REPEATED: u32 = 64;
 /// How long a held connection is kept before it is reset.
 pub const HOLD: Duration = Duration::from_secs(30);
-/// Connections one worker holds at most.
+/// Connections the whole process holds at most.
 pub const CAPACITY: usize = 1024;
 
 /// One worker's held connections, oldest first (all are held for the same time, so they
@@ -34,7 +35,8 @@ pub struct Tarpit {
 }
 
 impl Tarpit {
-    /// A tarpit for at most `capacity` connections ([`CAPACITY`] on a listener).
+    /// A tarpit within a budget of `capacity` connections, counted by `gauge` across every
+    /// tarpit sharing it ([`CAPACITY`] on the listeners).
     pub fn new(capacity: usize, gauge: IntGauge) -> Tarpit {
         Tarpit {
             held: VecDeque::new(),
@@ -44,15 +46,19 @@ impl Tarpit {
         }
     }
 
-    /// Holds `tcp` for [`HOLD`], resetting the oldest when full.
+    /// Holds `tcp` for [`HOLD`], resetting the oldest when the budget is spent.
     pub fn hold(&mut self, tcp: mio::net::TcpStream) {
         let now = Instant::now();
+        // The budget is the whole process's (the gauge counts every listener's tarpit):
+        // when it is spent, this tarpit's oldest makes room, or the new one is reset.
+        if self.gauge.get() >= self.capacity as i64 {
+            if self.held.pop_front().is_none() {
+                return;
+            }
+            self.gauge.dec();
+        }
         if self.held.is_empty() {
             self.due.as_mut().reset(now + HOLD);
-        }
-        if self.held.len() >= self.capacity {
-            self.held.pop_front();
-            self.gauge.dec();
         }
         self.held.push_back((now + HOLD, tcp));
         self.gauge.inc();
@@ -138,6 +144,13 @@ mod tests {
         tarpit.hold(c);
         assert_eq!(gauge.get(), 2);
         assert!(reset(&mut a_client), "the oldest was not reset");
+        // Another tarpit in the same budget, holding none: its new one is reset at once.
+        let mut other = Tarpit::new(2, gauge.clone());
+        let (d, mut d_client) = accepted(&listener);
+        other.hold(d);
+        assert!(!other.holds());
+        assert_eq!(gauge.get(), 2);
+        assert!(reset(&mut d_client), "held past the budget");
         // Not due yet, then due one after the other.
         tokio::time::advance(HOLD - Duration::from_millis(1001)).await;
         tarpit.expire();

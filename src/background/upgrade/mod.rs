@@ -259,16 +259,26 @@ impl Upgrader {
             let mut control = self.control.lock().await;
             let Some(w) = control.as_mut() else { return };
             let mut said = self.send_gap(w).await.map(drop);
-            let handed = self.state.handed_over.load(Ordering::Relaxed);
-            if quic_open && handed && self.state.quic.open.load(Ordering::Relaxed) == 0 {
+            if quic_open && self.quic_released() {
                 quic_open = false;
-                said = w.write_all(format!("{QUIC_RELEASED}\n").as_bytes()).await;
+                let line = format!("{QUIC_RELEASED}\n");
+                said = said.and(w.write_all(line.as_bytes()).await);
             }
             if said.is_err() {
                 *control = None;
                 return;
             }
         }
+    }
+
+    /// Whether this process is done with HTTP/3 after a handover: its QUIC endpoints are
+    /// closed, and it had its turn (a process upgraded again before its predecessor released
+    /// the socket has none open, yet the predecessor may still serve on it).
+    fn quic_released(&self) -> bool {
+        let quic = &self.state.quic;
+        self.state.handed_over.load(Ordering::Relaxed)
+            && *quic.ours.borrow()
+            && quic.open.load(Ordering::Relaxed) == 0
     }
 
     /// Writes the entries not written here, one JSON line each; how many.
@@ -296,6 +306,10 @@ impl Upgrader {
 
     /// At exit: passes what is left of the gap, then closes the line.
     pub async fn pass_gap(&self) {
+        // The line's end tells the new process it may serve HTTP/3: not before this one had
+        // its turn (bounded, as the new process's own wait is).
+        let mut ours = self.state.quic.ours.subscribe();
+        let _ = tokio::time::timeout(Duration::from_secs(10), ours.wait_for(|o| *o)).await;
         let Some(mut control) = self.control.lock().await.take() else {
             return;
         };
