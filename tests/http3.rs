@@ -199,9 +199,10 @@ async fn http3_takes_the_same_path_is_logged_and_is_advertised() {
     let token = std::fs::read_to_string(files.token_file()).unwrap();
     let (status, v) = admin_call(gw.admin, "POST", "/v1/upgrade", None, Some(token.trim())).await;
     assert_eq!(status, 200, "{v}\n{}", gw.output.text());
+    // The new process is stopped however the test ends.
+    let _new = KillOnDrop(v["pid"].as_u64().unwrap() as u32);
     let finished = under_way.await.unwrap();
     assert_eq!(finished.map(|g| g.0), Ok(200), "{}", gw.output.text());
-    let _new = KillOnDrop(v["pid"].as_u64().unwrap() as u32);
     let old = gw.pid();
     let gone = eventually(Duration::from_secs(10), || async move { !running(old) }).await;
     assert!(gone, "the old process did not exit");
