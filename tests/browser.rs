@@ -78,8 +78,8 @@ challenge = "always"
 }
 
 /// Chromium loads a page over HTTP/3 (QUIC forced on for the gateway's origin): Chromium's
-/// own net log shows a QUIC session with ALPN `h3` to the gateway, the gateway's access log
-/// says `HTTP/3` for it, and the upstream's answer is the page.
+/// own net log shows a QUIC session to the gateway and the page's request sent over it, the
+/// gateway's access log says `HTTP/3` for it, and the upstream's answer is the page.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chromium_loads_a_page_over_http3() {
     let port = free_port();

@@ -75,12 +75,21 @@ async fn connect(
     }
 }
 
-/// One request over an HTTP/3 connection.
-async fn exchange(conn: quinn::Connection, method: &str, path: &str) -> Result<Got, String> {
-    let (mut driver, mut send) = h3::client::new(h3_quinn::Connection::new(conn))
+/// An HTTP/3 client on `conn`, its connection driven in the background; the connection
+/// stays open while the returned sender lives.
+async fn h3_client(
+    conn: quinn::Connection,
+) -> Result<h3::client::SendRequest<h3_quinn::OpenStreams, bytes::Bytes>, String> {
+    let (mut driver, send) = h3::client::new(h3_quinn::Connection::new(conn))
         .await
         .map_err(|e| e.to_string())?;
     tokio::spawn(async move { std::future::poll_fn(|cx| driver.poll_close(cx)).await });
+    Ok(send)
+}
+
+/// One request over an HTTP/3 connection.
+async fn exchange(conn: quinn::Connection, method: &str, path: &str) -> Result<Got, String> {
+    let mut send = h3_client(conn).await?;
     let req = http::Request::builder()
         .method(method)
         .uri(format!("https://a.test{path}"))
@@ -404,10 +413,7 @@ async fn post(
     length: Option<&str>,
     body: &[u8],
 ) -> Result<(u16, String), String> {
-    let (mut driver, mut send) = h3::client::new(h3_quinn::Connection::new(conn))
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(async move { std::future::poll_fn(|cx| driver.poll_close(cx)).await });
+    let mut send = h3_client(conn).await?;
     let mut req = http::Request::builder()
         .method("POST")
         .uri(format!("https://a.test{path}"));
@@ -502,10 +508,7 @@ async fn an_idle_quic_connection_is_closed_as_an_idle_http2_one() {
     let endpoint = client(&gw, "127.0.4.51", wait, false);
     let conn = connect(&endpoint, addr, wait).await.unwrap();
     // The client keeps its side open (h3's client closes when its last sender goes).
-    let (mut driver, mut send) = h3::client::new(h3_quinn::Connection::new(conn.clone()))
-        .await
-        .unwrap();
-    tokio::spawn(async move { std::future::poll_fn(|cx| driver.poll_close(cx)).await });
+    let mut send = h3_client(conn.clone()).await.unwrap();
     let req = http::Request::get("https://a.test/").body(()).unwrap();
     let mut stream = send.send_request(req).await.unwrap();
     stream.finish().await.unwrap();
@@ -529,10 +532,7 @@ async fn the_header_size_limit_is_announced_and_held() {
     let wait = Duration::from_secs(2);
     let endpoint = client(&gw, "127.0.4.52", wait, false);
     let conn = connect(&endpoint, addr, wait).await.unwrap();
-    let (mut driver, mut send) = h3::client::new(h3_quinn::Connection::new(conn))
-        .await
-        .unwrap();
-    tokio::spawn(async move { std::future::poll_fn(|cx| driver.poll_close(cx)).await });
+    let mut send = h3_client(conn).await.unwrap();
     let req = |big: usize| {
         http::Request::get("https://a.test/")
             .header("x-big", "a".repeat(big))
@@ -575,10 +575,7 @@ async fn at_a_stop_a_request_under_way_finishes_and_no_new_connection_is_taken()
     let under_way = tokio::spawn(exchange(conn, "GET", "/slow?ms=1000"));
     // A connection with no request open, whose client keeps it.
     let idle = connect(&endpoint, addr, wait).await.unwrap();
-    let (mut driver, _keep) = h3::client::new(h3_quinn::Connection::new(idle.clone()))
-        .await
-        .unwrap();
-    tokio::spawn(async move { std::future::poll_fn(|cx| driver.poll_close(cx)).await });
+    let _keep = h3_client(idle.clone()).await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     gw.signal("TERM");
     // It is closed at once, not at the end of the grace.
@@ -606,10 +603,7 @@ async fn a_connection_that_moves_to_another_address_is_not_followed() {
     let wait = Duration::from_secs(2);
     let endpoint = client(&gw, "127.0.4.70", wait, false);
     let conn = connect(&endpoint, addr, wait).await.unwrap();
-    let (mut driver, mut send) = h3::client::new(h3_quinn::Connection::new(conn.clone()))
-        .await
-        .unwrap();
-    tokio::spawn(async move { std::future::poll_fn(|cx| driver.poll_close(cx)).await });
+    let mut send = h3_client(conn.clone()).await.unwrap();
     let req = || http::Request::get("https://a.test/").body(()).unwrap();
     let mut stream = send.send_request(req()).await.unwrap();
     stream.finish().await.unwrap();

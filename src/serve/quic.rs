@@ -28,6 +28,7 @@ use crate::config;
 use crate::decide::clients::ConnSlot;
 use crate::serve::body::{ClientBody, H3Body};
 use crate::serve::conn::ConnInfo;
+use crate::serve::headers;
 use crate::serve::listener;
 use crate::serve::proxy::{self, Context};
 
@@ -339,15 +340,8 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 /// so a client that grants no flow-control credit holds nothing for longer: true when done;
 /// false when it failed or stalled (a stall resets the stream and is counted).
 macro_rules! in_time {
-    ($worker:expr, $send:ident, $write:expr) => {{
-        let write_idle = $worker
-            .state
-            .snapshot
-            .load()
-            .config
-            .limits
-            .write_idle_timeout;
-        match tokio::time::timeout(write_idle, $write).await {
+    ($worker:expr, $write_idle:expr, $send:ident, $write:expr) => {{
+        match tokio::time::timeout($write_idle, $write).await {
             Ok(Ok(())) => true,
             Ok(Err(_)) => false,
             Err(_) => {
@@ -367,13 +361,10 @@ async fn request(
     conn: Arc<ConnInfo>,
     resolver: h3::server::RequestResolver<h3_quinn::Connection, Bytes>,
 ) {
-    let head_timeout = worker
-        .state
-        .snapshot
-        .load()
-        .config
-        .limits
-        .header_read_timeout;
+    let (head_timeout, write_idle) = {
+        let limits = &worker.state.snapshot.load().config.limits;
+        (limits.header_read_timeout, limits.write_idle_timeout)
+    };
     let Ok(Ok((req, stream))) =
         tokio::time::timeout(head_timeout, resolver.resolve_request()).await
     else {
@@ -384,8 +375,8 @@ async fn request(
     let Ok(left) = content_length(&parts.headers) else {
         let mut r = http::Response::new(());
         *r.status_mut() = http::StatusCode::BAD_REQUEST;
-        if in_time!(worker, send, send.send_response(r)) {
-            in_time!(worker, send, send.finish());
+        if in_time!(worker, write_idle, send, send.send_response(r)) {
+            in_time!(worker, write_idle, send, send.finish());
         }
         return;
     };
@@ -398,11 +389,11 @@ async fn request(
             Err(never) => match never {},
         };
     let (mut parts, mut body) = resp.into_parts();
-    for name in CONNECTION_SPECIFIC {
-        parts.headers.remove(name);
-    }
+    // HTTP/3 forbids connection-specific fields (RFC 9114 §4.2): the upstream's are gone
+    // already, the gateway's own answers may carry one.
+    headers::strip_hop_by_hop(&mut parts.headers);
     let head = http::Response::from_parts(parts, ());
-    if !in_time!(worker, send, send.send_response(head)) {
+    if !in_time!(worker, write_idle, send, send.send_response(head)) {
         return;
     }
     while let Some(frame) = body.frame().await {
@@ -413,22 +404,13 @@ async fn request(
         let Ok(data) = frame.into_data() else {
             continue;
         };
-        if !in_time!(worker, send, send.send_data(data)) {
+        if !in_time!(worker, write_idle, send, send.send_data(data)) {
             return;
         }
     }
-    in_time!(worker, send, send.finish());
+    in_time!(worker, write_idle, send, send.finish());
     drop(held);
 }
-
-/// Fields HTTP/3 forbids (RFC 9114 §4.2): the upstream's are gone already, the gateway's
-/// own answers may carry one.
-const CONNECTION_SPECIFIC: [http::header::HeaderName; 4] = [
-    http::header::CONNECTION,
-    http::header::TRANSFER_ENCODING,
-    http::header::UPGRADE,
-    http::header::HeaderName::from_static("keep-alive"),
-];
 
 /// The request's `Content-Length`, if it has one; more than one, or one that is not a
 /// number, is malformed (RFC 9114 §4.1.2).
