@@ -8,8 +8,10 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 use crate::serve::admission::Client;
 
+const HOPS: usize = 9;
 /// Hop-by-hop headers (RFC 9110 7.6.1, plus the legacy ones proxies still see).
-const HOP_BY_HOP: [HeaderName; 8] = [
+/// `Connection` first: [`strip_hop_by_hop`] reads the names it lists.
+const HOP_BY_HOP: [HeaderName; HOPS] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -18,7 +20,11 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TE,
     header::TRAILER,
     header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
+
+/// A field named `close`, which a `Connection: close` makes hop-by-hop like any other.
+const CLOSE: HeaderName = HeaderName::from_static("close");
 
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -138,31 +144,49 @@ pub fn join_cookies(headers: &mut HeaderMap) {
 }
 
 /// Removes the hop-by-hop headers and every header the `Connection` header names.
+///
+/// One pass over the message's few names finds which hop-by-hop headers are there; only
+/// those are removed (a removal hashes the name, and most messages carry none or one).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.contains_key(header::CONNECTION) {
-        // The usual tokens (keep-alive, close, upgrade) name headers removed below anyway;
-        // skipping them keeps the common request free of an allocation here.
+    let mut present = [false; HOPS];
+    let mut any = false;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present[i] = true;
+            any = true;
+        }
+    }
+    if !any {
+        return;
+    }
+    if present[0] {
+        // The usual tokens are looked at apart, which keeps the common message free of an
+        // allocation here: `keep-alive` and `upgrade` name headers removed below anyway.
+        let mut close = false;
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
+            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+            .map(<[u8]>::trim_ascii)
             .filter(|t| {
-                !["keep-alive", "close", "upgrade"]
-                    .iter()
-                    .any(|c| t.eq_ignore_ascii_case(c))
+                if t.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                    return false;
+                }
+                !t.eq_ignore_ascii_case(b"keep-alive") && !t.eq_ignore_ascii_case(b"upgrade")
             })
-            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .filter_map(|t| HeaderName::from_bytes(t).ok())
             .collect();
         for name in named {
             headers.remove(name);
         }
+        if close {
+            headers.remove(CLOSE);
+        }
     }
-    for name in &HOP_BY_HOP {
+    for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
         headers.remove(name);
     }
-    headers.remove(header::UPGRADE);
 }
 
 /// Sets X-Forwarded-For: from an untrusted peer, the peer alone, and the other
@@ -284,6 +308,36 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-end-to-end"));
+    }
+
+    /// Each hop-by-hop header is removed whatever else the message holds: alone, repeated,
+    /// or beside a `Connection` whose value has a byte outside ASCII (the names it lists are
+    /// still removed, `close` among them), and a message with none keeps all its fields.
+    #[test]
+    fn strips_each_hop_by_hop_header_in_any_company() {
+        for name in HOP_BY_HOP.iter() {
+            let mut h = HeaderMap::new();
+            h.append(name, HeaderValue::from_static("1"));
+            h.append(name, HeaderValue::from_static("2"));
+            h.insert("x-end-to-end", HeaderValue::from_static("1"));
+            strip_hop_by_hop(&mut h);
+            assert!(!h.contains_key(name), "{name}");
+            assert_eq!(h.len(), 1, "{name}");
+        }
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_bytes(b"x-hop,\xe9t\xe9, Close").unwrap(),
+        );
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        h.insert("close", HeaderValue::from_static("listed by Connection"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.is_empty(), "{h:?}");
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("a.test"));
+        h.insert("x-end-to-end", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 2);
     }
 
     /// The headers forwarded for a request that arrived with every client-address header
