@@ -21,7 +21,14 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -r
 trap cleanup EXIT
 # KEEP=DIR keeps every callgrind output there (callgrind_annotate DIR/FILE to see where).
 keep=${KEEP:-}
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# N free loopback ports, distinct (all held open until each is known, so no two are the same).
+ports() {
+    python3 -c 'import socket, sys
+s = [socket.socket() for _ in range(int(sys.argv[1]))]
+for x in s: x.bind(("127.0.0.1", 0))
+print(" ".join(str(x.getsockname()[1]) for x in s))' "$1"
+}
+port() { ports 1; }
 
 backend=$(port)
 cat >"$work/nginx.conf" <<CONF
@@ -36,7 +43,8 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -su
 # count BIN REQUESTS MODE -> total instructions of the gateway process
 count() {
     local bin=$1 n=$2 mode=$3 plain tls admin out
-    plain=$(port) tls=$(port) admin=$(port) out="$work/cg.$RANDOM"
+    read -r plain tls admin < <(ports 3)
+    out="$work/cg.$RANDOM"
     mkdir -p "$out"
     printf 'x%.0s' {1..40} >"$out/token"
     cat >"$out/ipgate.toml" <<CONF
