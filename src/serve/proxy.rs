@@ -117,7 +117,10 @@ pub async fn handle(
     let asked = (&method, host, path.as_ref(), uri.query().is_some());
     let admitted = match admit(state, &snap, site, &conn, client, asked) {
         // Boxed: the wait is rare, and its timer would grow every request's future.
-        Ok(a) if a.queued.is_some() => Box::pin(take_place(a, &snap.config.limits)).await,
+        Ok(a) if a.queued.is_some() => {
+            let wait = Box::pin(take_place(a, &snap.config.limits));
+            wait.await
+        }
         other => other,
     };
     let mut held = Held::default();
@@ -131,11 +134,15 @@ pub async fn handle(
         (None, Ok(_)) => refuse(state, None, Error::NoSite),
         (Some(site), Ok(_)) if overview::at(&snap, &method, &path, conn.redirect) => {
             site.metrics.overview.inc();
-            let resp = overview::answer(state, &snap, req.headers(), client.ip).await;
+            // Boxed, as the challenge's page below: rare paths whose futures would otherwise
+            // size every request's future.
+            let answer = Box::pin(overview::answer(state, &snap, req.headers(), client.ip));
+            let resp = answer.await;
             (resp, site.site.name.as_str(), outcome::OVERVIEW)
         }
         (Some(site), Ok(_)) if path.starts_with(challenge::PREFIX) => {
-            let resp = challenge::own(state, &snap, site, &path, &uri, client.ip).await;
+            let answer = Box::pin(challenge::own(state, &snap, site, &path, &uri, client.ip));
+            let resp = answer.await;
             (resp, site.site.name.as_str(), outcome::CHALLENGED)
         }
         (Some(site), Ok(_)) if conn.redirect && !path.starts_with(https::ACME_CHALLENGE) => {
@@ -153,10 +160,15 @@ pub async fn handle(
                 path_changed: matches!(path, Cow::Owned(_)),
                 path: &path,
             };
-            // Boxed: the forwarding future is ~2.5 KiB, and hyper moves the request future
-            // (into its dispatcher, into a task per HTTP/2 stream); one allocation is cheaper.
-            let forwarding = forward(&worker, &snap, site, &conn, &checked, req, &mut held);
-            let result = Box::pin(forwarding).await;
+            // Boxed: the forwarding future is ~1.9 KiB and only this path needs it. Made and
+            // boxed in a block of its own: a future held in a local until the `.await` (even
+            // moved out) keeps its whole size in this future's state (which was 4 KiB, all
+            // copied into its box for every request).
+            let forwarding = {
+                let f = forward(&worker, &snap, site, &conn, &checked, req, &mut held);
+                Box::pin(f)
+            };
+            let result = forwarding.await;
             site.metrics.duration.observe(start.elapsed().as_secs_f64());
             let request = (&method, host, path.as_ref());
             let seen = (!admitted.exempt).then_some((client.ip, request));
@@ -390,53 +402,59 @@ async fn forward(
     let upgrade = request::websocket_upgrade(&req);
     let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
     let is_upgrade = upgrade.is_some();
-    let (mut parts, body) = req.into_parts();
+    // The request is made ready in a block of its own: its parts and the upstream request are
+    // then gone from this future's state while the answer is awaited.
+    let (sending, measured) = {
+        let (mut parts, body) = req.into_parts();
 
-    headers::strip_hop_by_hop(&mut parts.headers);
-    if let Some(token) = upgrade {
-        parts
-            .headers
-            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        parts.headers.insert(header::UPGRADE, token);
-    }
-    headers::add_forwarding_headers(
-        &mut parts.headers,
-        &Forwarding {
-            client: checked.client,
-            chain: checked.chain.as_deref(),
-            conn_client: conn.client,
-            conn_client_value: &conn.client_value,
-            tls: conn.tls,
-            host: checked.host,
-        },
-    );
-    if checked.host.is_none() {
-        // HTTP/1.0 without Host: HTTP/1.1 upstreams need one.
-        if let Ok(v) = HeaderValue::from_str(site.upstream.as_str()) {
-            parts.headers.insert(header::HOST, v);
+        headers::strip_hop_by_hop(&mut parts.headers);
+        if let Some(token) = upgrade {
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            parts.headers.insert(header::UPGRADE, token);
         }
-    }
-    if parts.version == Version::HTTP_2 {
-        headers::join_cookies(&mut parts.headers);
-    }
+        headers::add_forwarding_headers(
+            &mut parts.headers,
+            &Forwarding {
+                client: checked.client,
+                chain: checked.chain.as_deref(),
+                conn_client: conn.client,
+                conn_client_value: &conn.client_value,
+                tls: conn.tls,
+                host: checked.host,
+            },
+        );
+        if checked.host.is_none() {
+            // HTTP/1.0 without Host: HTTP/1.1 upstreams need one.
+            if let Ok(v) = HeaderValue::from_str(site.upstream.as_str()) {
+                parts.headers.insert(header::HOST, v);
+            }
+        }
+        if parts.version == Version::HTTP_2 {
+            headers::join_cookies(&mut parts.headers);
+        }
 
-    // Origin-form to the upstream, with the path that was matched.
-    if checked.path_changed || parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
-        parts.uri = origin_form(checked.path, parts.uri.query());
-    }
-    // Upstreams speak HTTP/1.1 whatever the client spoke.
-    parts.version = Version::HTTP_11;
-    let body = ready_to_send(body, limits, site, held).await?;
-    // Auto mode measures the upstream: answers awaited at once, and how long they take (not
-    // for a body that streams as slowly as its client sends it, nor an upgrade).
-    let timed = !body.is_streaming() && !is_upgrade;
-    let upstream_req = Request::from_parts(parts, body);
-    let measured = site.tracks_load().then(|| site.load.sent(timed));
-    let sent = tokio::time::timeout(
-        site.site.upstream_timeout,
-        worker.upstream.send(&site.upstream, upstream_req),
-    )
-    .await;
+        // Origin-form to the upstream, with the path that was matched.
+        if checked.path_changed || parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+            parts.uri = origin_form(checked.path, parts.uri.query());
+        }
+        // Upstreams speak HTTP/1.1 whatever the client spoke.
+        parts.version = Version::HTTP_11;
+        let body = ready_to_send(body, limits, site, held).await?;
+        // Auto mode measures the upstream: answers awaited at once, and how long they take
+        // (not for a body that streams as slowly as its client sends it, nor an upgrade).
+        let timed = !body.is_streaming() && !is_upgrade;
+        let upstream_req = Request::from_parts(parts, body);
+        let measured = site.tracks_load().then(|| site.load.sent(timed));
+        let sending = tokio::time::timeout(
+            site.site.upstream_timeout,
+            worker.upstream.send(&site.upstream, upstream_req),
+        );
+        (sending, measured)
+    };
+    let sent = sending.await;
+
     if let (Some(m), Ok(Ok(_))) = (measured, &sent) {
         m.answered();
     }

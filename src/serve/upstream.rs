@@ -76,6 +76,8 @@ impl Pool {
         mut req: Request<UpstreamBody>,
     ) -> Result<Response<Incoming>, Error> {
         while let Some((mut sender, idle_for)) = self.checkout(upstream) {
+            // Boxed: rarely made, and inline it would add a request's size to every
+            // request's future.
             let again = (idle_for >= RACE_IDLE).then(|| replay(&req)).flatten();
             match sender.try_send_request(req).await {
                 Ok(resp) => {
@@ -88,15 +90,17 @@ impl Pool {
                     // Closed before a response byte: the keep-alive race (module docs).
                     (None, Some(again)) if e.error().is_incomplete_message() => {
                         debug!("upstream closed an idle connection as it was reused: sent again");
-                        req = again;
+                        req = *again;
                     }
                     (None, _) => return Err(Error::Protocol(e.into_error())),
                 },
             }
         }
         // Boxed: the connect future (DNS, TCP, handshake) is large and rarely needed; kept
-        // inline it would be copied with every request's future.
-        let mut sender = Box::pin(connect(upstream)).await?;
+        // inline it would be copied with every request's future. Boxed in a statement of
+        // its own: a temporary lives to the end of its statement, across the `.await`.
+        let connecting = Box::pin(connect(upstream));
+        let mut sender = connecting.await?;
         let resp = sender.send_request(req).await.map_err(Error::Protocol)?;
         self.give_back(upstream, sender);
         Ok(resp)
@@ -151,7 +155,7 @@ impl Pool {
 }
 
 /// A copy of an idempotent request (RFC 9110 9.2.2) whose body is all here, to send again.
-fn replay(req: &Request<UpstreamBody>) -> Option<Request<UpstreamBody>> {
+fn replay(req: &Request<UpstreamBody>) -> Option<Box<Request<UpstreamBody>>> {
     if !req.method().is_idempotent() {
         return None;
     }
@@ -160,7 +164,7 @@ fn replay(req: &Request<UpstreamBody>) -> Option<Request<UpstreamBody>> {
     *again.uri_mut() = req.uri().clone();
     *again.version_mut() = req.version();
     *again.headers_mut() = req.headers().clone();
-    Some(again)
+    Some(Box::new(again))
 }
 
 async fn connect(upstream: &Authority) -> Result<http1::SendRequest<UpstreamBody>, Error> {
