@@ -561,6 +561,18 @@ fn version_str(v: Version) -> &'static str {
 mod tests {
     use super::*;
 
+    /// Every request's future is boxed and held while it is in flight: a rarely taken path's
+    /// future kept inline, or one held in a local across an `.await`, grows it (4 KiB once).
+    #[test]
+    fn the_request_future_stays_small() {
+        const LIMIT: usize = 1600;
+        fn size<A, B, C, F>(_: fn(A, B, C) -> F) -> usize {
+            std::mem::size_of::<F>()
+        }
+        let handle_size = size(handle);
+        assert!(handle_size <= LIMIT, "{handle_size} bytes");
+    }
+
     #[test]
     fn errors_map_to_statuses() {
         assert_eq!(Error::NoSite.status(), StatusCode::MISDIRECTED_REQUEST);
