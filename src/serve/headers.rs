@@ -189,6 +189,31 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// A request's header fields as the upstream gets them: hop-by-hop ones stripped (a
+/// WebSocket upgrade's `upgrade` token put back), the forwarding headers set, a Host for an
+/// HTTP/1.0 request without one (`default_host`, the upstream's), and HTTP/2 cookies joined
+/// for HTTP/1.1.
+pub fn for_upstream(
+    headers: &mut HeaderMap,
+    (version, upgrade, default_host): (http::Version, Option<HeaderValue>, &str),
+    f: &Forwarding<'_>,
+) {
+    strip_hop_by_hop(headers);
+    if let Some(token) = upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, token);
+    }
+    add_forwarding_headers(headers, f);
+    if f.host.is_none() {
+        if let Ok(v) = HeaderValue::from_str(default_host) {
+            headers.insert(header::HOST, v);
+        }
+    }
+    if version == http::Version::HTTP_2 {
+        join_cookies(headers);
+    }
+}
+
 /// Sets X-Forwarded-For: from an untrusted peer, the peer alone, and the other
 /// client-address headers removed; from a trusted one, the believable chain (the client and
 /// the trusted proxies after it) with the peer appended. Sets X-Real-IP to the client as
