@@ -153,7 +153,7 @@ pub async fn handle(
                 path_changed: matches!(path, Cow::Owned(_)),
                 path: &path,
             };
-            // Boxed, never held in a local (that keeps its size in this future's state).
+            // Boxed, never held in a local (that can keep its size in this future's state).
             let result = Box::pin(forward(
                 &worker, &snap, site, &conn, &checked, req, &mut held,
             ))

@@ -97,10 +97,8 @@ impl Pool {
             }
         }
         // Boxed: the connect future (DNS, TCP, handshake) is large and rarely needed; kept
-        // inline it would be copied with every request's future. Boxed in a statement of
-        // its own: a temporary lives to the end of its statement, across the `.await`.
-        let connecting = Box::pin(connect(upstream));
-        let mut sender = connecting.await?;
+        // inline it would be copied with every request's future.
+        let mut sender = Box::pin(connect(upstream)).await?;
         let resp = sender.send_request(req).await.map_err(Error::Protocol)?;
         self.give_back(upstream, sender);
         Ok(resp)
