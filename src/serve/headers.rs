@@ -149,14 +149,12 @@ pub fn join_cookies(headers: &mut HeaderMap) {
 /// those are removed (a removal hashes the name, and most messages carry none or one).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let mut present = [false; HOPS];
-    let mut any = false;
     for name in headers.keys() {
         if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
             present[i] = true;
-            any = true;
         }
     }
-    if !any {
+    if !present.contains(&true) {
         return;
     }
     if present[0] {
@@ -195,7 +193,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// for HTTP/1.1.
 pub fn for_upstream(
     headers: &mut HeaderMap,
-    (version, upgrade, default_host): (http::Version, Option<HeaderValue>, &str),
+    version: http::Version,
+    upgrade: Option<HeaderValue>,
+    default_host: &str,
     f: &Forwarding<'_>,
 ) {
     strip_hop_by_hop(headers);

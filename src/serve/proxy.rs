@@ -398,7 +398,9 @@ async fn forward(
 
         headers::for_upstream(
             &mut parts.headers,
-            (parts.version, upgrade, site.upstream.as_str()),
+            parts.version,
+            upgrade,
+            site.upstream.as_str(),
             &Forwarding {
                 client: checked.client,
                 chain: checked.chain.as_deref(),
